@@ -1,0 +1,59 @@
+"""Acceptance rules of speculative decoding, as pure functions over one verified block per row.
+
+Indexing: the verified block is `[anchor, d_1 .. d_K]` (K = B-1). `target_logits[:, j]` is the target's
+next-token distribution after block position j, so draft slot k is checked against `target_logits[:, k-1]`,
+and `target_logits[:, K]` gives the bonus token when the whole block is accepted.
+
+- Greedy (temperature 0): accept the longest prefix with `d_k == argmax p(. | prefix)`; the next token is the
+  target's argmax at the first mismatch (the correction) or after the last slot (the bonus).
+- Sampling (temperature T > 0, lossless): accept `d_k` with probability `min(1, p_k(d_k) / q_k(d_k))`; at the
+  first rejection sample from `normalise(max(p_k - q_k, 0))`; if all K are accepted sample the bonus from p.
+  `p` and `q` are the temperature-T softmaxes. The output is distributed exactly as sampling from the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Acceptance:
+    """accepted: (b,) number r of draft tokens kept; next_token: (b,) the target's correction/bonus token."""
+
+    accepted: Tensor
+    next_token: Tensor
+
+
+def accept_greedy(target_logits: Tensor, draft: Tensor) -> Acceptance:
+    """target_logits (b, K+1, V), draft (b, K)."""
+    choice = target_logits.argmax(-1)
+    accepted = (choice[:, :-1] == draft).long().cumprod(1).sum(1)
+    return Acceptance(accepted, choice.gather(1, accepted[:, None])[:, 0])
+
+
+def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: torch.Generator | None) -> Acceptance:
+    """target_logits (b, K+1, V), draft_logits (b, K, V) the drafter's logits the drafts were sampled from."""
+    p = torch.softmax(target_logits / temperature, -1)
+    q = torch.softmax(draft_logits / temperature, -1)
+    p_d = p[:, :-1].gather(2, draft[..., None])[..., 0]
+    q_d = q.gather(2, draft[..., None])[..., 0]
+    u = torch.rand(p_d.shape, generator=gen, device=p_d.device)
+    accepted = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, written without dividing by q
+    rows = torch.arange(draft.shape[0], device=draft.device)
+    p_next = p[rows, accepted]
+    q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # slot K+1 (bonus) has no q: residual = p
+    residual = (p_next - q_pad[rows, accepted]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return Acceptance(accepted, torch.multinomial(residual, 1, generator=gen)[:, 0])
+
+
+def sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+    """argmax at temperature 0, else one sample per row of softmax(logits / T). logits (..., V) -> (...)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
+    return flat.view(probs.shape[:-1])

@@ -1,0 +1,146 @@
+"""The speculative decoder. It is also the Draft-OPD rollout engine: every call returns rollout traces.
+
+One round is `draft -> verify -> accept -> commit` (`speculative_round`); `generate` is the loop around it.
+The drafter drafts one block per row from the current anchor, the target verifies `[anchor, d_1..d_K]` in one
+forward, the acceptance rule keeps `r` drafts plus one target token, and the commit trims the target cache
+(rejected slots become holes) and the drafter's projected context follows the same slots.
+
+`autoregressive_generate` is the baseline: the same Target path with blocks of one token.
+Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import DecodeConfig
+from ..models.dflash import DFlashDrafter, DraftContext
+from ..models.target import Target, TargetState
+from .accept import Acceptance, accept_greedy, accept_sampling, sample
+from .trace import Generation, RolloutTrace, Timing
+
+
+@dataclass
+class Draft:
+    """tokens (b, K) proposed; logits (b, K, V) they were drawn from."""
+
+    tokens: Tensor
+    logits: Tensor
+
+
+@dataclass
+class Round:
+    draft: Draft
+    acceptance: Acceptance
+    target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits
+
+
+def draft_block(drafter: DFlashDrafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen) -> Draft:
+    logits = drafter.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0]
+    return Draft(sample(logits, temperature, gen), logits)
+
+
+def speculative_round(target: Target, drafter: DFlashDrafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
+                      temperature: float, gen, timing: Timing) -> tuple[Round, DraftContext]:
+    """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
+    Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
+    t0 = time.perf_counter()
+    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), temperature, gen)
+    t1 = time.perf_counter()
+    verified = target.verify(state, torch.cat([anchor[:, None], draft.tokens], 1), drafter.spec.target_layer_ids)
+    t2 = time.perf_counter()
+    width = verified.features.shape[1]
+    new_ctx = drafter.project_context(verified.features, state.positions[:, -width:], state.valid[:, -width:])
+    t3 = time.perf_counter()
+    acceptance = accept(verified.logits, draft, temperature, gen)
+    target.commit(state, acceptance.accepted + 1)
+    ctx = ctx.extend(new_ctx).sync(state.valid)
+    logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, draft.tokens[..., None])[..., 0]
+    timing.draft_s += (t1 - t0) + (t3 - t2)
+    timing.verify_s += t2 - t1
+    timing.other_s += time.perf_counter() - t3
+    return Round(draft, acceptance, logp), ctx
+
+
+def accept(target_logits: Tensor, draft: Draft, temperature: float, gen) -> Acceptance:
+    if temperature <= 0:
+        return accept_greedy(target_logits, draft.tokens)
+    return accept_sampling(target_logits, draft.logits, draft.tokens, temperature, gen)
+
+
+@torch.no_grad()
+def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig()) -> Generation:
+    """Speculative generation for a batch of prompts; lossless at every temperature."""
+    target.check_prompts(prompts, cfg.max_new_tokens + drafter.block_size)
+    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
+    t0 = time.perf_counter()
+    state, out = target.prefill(prompts, drafter.spec.target_layer_ids)
+    ctx = drafter.project_context(out.features, state.positions, state.valid.clone())
+    anchor = sample(out.logits[:, -1], cfg.temperature, gen)
+    _append(traces, [[int(t)] for t in anchor], target.eos_ids, cfg)
+    timing.prefill_s = time.perf_counter() - t0
+    while not all(t.finish for t in traces):
+        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing)
+        t1 = time.perf_counter()
+        _record(traces, rnd)
+        committed = [d[:r].tolist() + [int(n)] for d, r, n in zip(rnd.draft.tokens, rnd.acceptance.accepted, rnd.acceptance.next_token)]
+        _append(traces, committed, target.eos_ids, cfg)
+        anchor = rnd.acceptance.next_token
+        timing.rounds += 1
+        timing.other_s += time.perf_counter() - t1
+    return Generation(traces, timing)
+
+
+@torch.no_grad()
+def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig()) -> Generation:
+    """Baseline: one target forward per token through the same prefill/verify/commit path."""
+    target.check_prompts(prompts, cfg.max_new_tokens)
+    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
+    t0 = time.perf_counter()
+    state, out = target.prefill(prompts)
+    token = sample(out.logits[:, -1], cfg.temperature, gen)
+    _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
+    timing.prefill_s = time.perf_counter() - t0
+    while not all(t.finish for t in traces):
+        t1 = time.perf_counter()
+        out = target.verify(state, token[:, None])
+        t2 = time.perf_counter()
+        token = sample(out.logits[:, -1], cfg.temperature, gen)
+        _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
+        timing.verify_s += t2 - t1
+        timing.other_s += time.perf_counter() - t2
+        timing.rounds += 1
+    return Generation(traces, timing)
+
+
+def _record(traces: list[RolloutTrace], rnd: Round) -> None:
+    draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0]
+    for b, trace in enumerate(traces):
+        if trace.finish:
+            continue
+        trace.anchors.append(len(trace.tokens) - 1)
+        trace.drafts.append(rnd.draft.tokens[b].cpu())
+        trace.accepted.append(int(rnd.acceptance.accepted[b]))
+        trace.target_logp.append(rnd.target_logp[b].cpu())
+        trace.draft_logp.append(draft_logp[b].cpu())
+
+
+def _append(traces: list[RolloutTrace], committed: list[list[int]], eos_ids: set[int], cfg: DecodeConfig) -> None:
+    """Append each row's committed tokens, cutting at EOS and at max_new_tokens."""
+    for trace, tokens in zip(traces, committed):
+        if trace.finish:
+            continue
+        for token in tokens:
+            trace.output.append(token)
+            if cfg.stop_at_eos and token in eos_ids:
+                trace.finish = "eos"
+                break
+            if len(trace.output) >= cfg.max_new_tokens:
+                trace.finish = "length"
+                break

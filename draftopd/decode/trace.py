@@ -1,0 +1,66 @@
+"""Rollout traces: what one speculative generation leaves behind, for metrics and for Draft-OPD training.
+
+Positions are logical indices into `prompt + output`. Round m drafted from the anchor at position
+`anchors[m]` (the token there is the previous round's correction/bonus token, or the first token the target
+produced after the prompt), proposed `drafts[m] = d_1 .. d_K`, and the target accepted `accepted[m]` of them.
+The committed text after round m is `d_1 .. d_r` followed by the target's own token at position
+`anchors[m] + r + 1`, which is the next round's anchor.
+
+`target_logp[m, k-1] = log p(d_k | x, y_<=a_m, d_<k)` at temperature 1, read from the verify logits of that
+round (no second forward). For k <= r these are accepted tokens, for k > r the rejected stream.
+`draft_logp[m, k-1] = log q_k(d_k)`, what the drafter gave its own proposal at drafting time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutTrace:
+    prompt: list[int]
+    output: list[int] = field(default_factory=list)
+    anchors: list[int] = field(default_factory=list)
+    drafts: list[Tensor] = field(default_factory=list)       # each (K,) long
+    accepted: list[int] = field(default_factory=list)
+    target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
+    draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
+    finish: str = ""  # "eos" | "length"
+
+    @property
+    def rounds(self) -> int:
+        return len(self.anchors)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def stacked(self) -> dict[str, Tensor]:
+        """Round fields as tensors: anchors (M,), drafts (M, K), accepted (M,), target_logp / draft_logp (M, K)."""
+        return {"anchors": torch.tensor(self.anchors, dtype=torch.long), "drafts": torch.stack(self.drafts),
+                "accepted": torch.tensor(self.accepted, dtype=torch.long), "target_logp": torch.stack(self.target_logp),
+                "draft_logp": torch.stack(self.draft_logp)}
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of a generation call, split by phase (for the whole batch)."""
+
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+    prefill_s: float = 0.0
+    rounds: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.draft_s + self.verify_s + self.other_s + self.prefill_s
+
+
+@dataclass
+class Generation:
+    traces: list[RolloutTrace]
+    timing: Timing

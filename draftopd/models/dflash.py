@@ -1,0 +1,240 @@
+"""DFlash drafter `q`: a block-diffusion drafter conditioned on the target's hidden states.
+
+Algorithmic choices (see shared/docs/drafters.md):
+- Context: target hidden states of `target_layer_ids` (output-id convention), concatenated, then
+  `fc: Linear(len(layers)*H -> H, no bias)` and RMSNorm `hidden_norm`. The context is not updated layer to
+  layer: every layer projects it with its own k/v projections ("KV injection") and places those keys and
+  values before the block's own.
+- Block: `[anchor, MASK x (B-1)]` at logical positions `a .. a+B-1`; one non-causal forward fills all
+  slots; slot k (1..B-1) predicts the token at position a+k. MASK is a learned vector owned by the drafter.
+- Visibility: a block sees context slots whose logical position is strictly before its anchor, and its own
+  block bidirectionally, never another block. Training (many blocks per sequence) and inference (one block
+  per row) use the same `draft_logits` call, so they are the same computation by construction.
+- Embedding and LM head are the target's own, frozen, and never stored in the drafter checkpoint.
+- Layers are Qwen3-style: RMSNorm, attention with per-head q_norm/k_norm and RoPE, SwiGLU MLP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DrafterConfig, dflash_default_layers
+from .target import Target
+
+
+class DrafterError(ValueError):
+    """A drafter checkpoint that cannot be used with this target (one clear line)."""
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A fully resolved drafter shape, including the target shape it was built for (saved as config.json)."""
+
+    hidden_size: int
+    vocab_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]  # output-id convention: hidden_states[i + 1]
+    num_layers: int
+    block_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+
+    @staticmethod
+    def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
+        tcfg = target.model.config
+        heads = cfg.num_heads or tcfg.num_attention_heads
+        layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
+        if max(layer_ids) >= target.num_layers or min(layer_ids) < 0:
+            raise DrafterError(f"target_layer_ids {layer_ids} outside the target's {target.num_layers} layers")
+        return DrafterSpec(
+            hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_target_layers=target.num_layers,
+            target_layer_ids=tuple(layer_ids), num_layers=cfg.num_layers, block_size=cfg.block_size, num_heads=heads,
+            num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
+            head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
+            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary embedding, HF rotate-half layout. x: (b, heads, n, d); positions: (b, n)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.float()[:, None, :, None] * inv_freq  # (b, 1, n, d/2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
+
+
+@dataclass
+class DraftContext:
+    """Projected target context, one (keys, values) per drafter layer: (b, kv_heads, slots, head_dim) each,
+    RoPE already applied at the slots' logical `positions` (b, slots); `valid` (b, slots) marks real tokens."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    positions: Tensor
+    valid: Tensor
+
+    def extend(self, other: "DraftContext") -> "DraftContext":
+        cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
+        return DraftContext([cat(a, b) for a, b in zip(self.keys, other.keys)], [cat(a, b) for a, b in zip(self.values, other.values)],
+                            torch.cat([self.positions, other.positions], 1), torch.cat([self.valid, other.valid], 1))
+
+    def sync(self, valid: Tensor) -> "DraftContext":
+        """Follow the target cache after a commit: same slots, same holes."""
+        n = valid.shape[1]
+        return DraftContext([k[..., :n, :] for k in self.keys], [v[..., :n, :] for v in self.values], self.positions[:, :n], valid.clone())
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, s: DrafterSpec):
+        super().__init__()
+        self.s = s
+        h, q_dim, kv_dim = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.input_layernorm = RMSNorm(h, s.rms_norm_eps)
+        self.q_proj, self.k_proj = nn.Linear(h, q_dim, bias=False), nn.Linear(h, kv_dim, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(h, kv_dim, bias=False), nn.Linear(q_dim, h, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps), RMSNorm(s.head_dim, s.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, s.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, s.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, s.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(s.intermediate_size, h, bias=False)
+
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        return x.view(*x.shape[:2], heads, self.s.head_dim).transpose(1, 2)
+
+    def keys_values(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        k = rope(self.k_norm(self._heads(self.k_proj(x), self.s.num_kv_heads)), positions, self.s.rope_theta)
+        return k, self._heads(self.v_proj(x), self.s.num_kv_heads)
+
+    def forward(self, h: Tensor, ctx_k: Tensor, ctx_v: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        x = self.input_layernorm(h)
+        q = rope(self.q_norm(self._heads(self.q_proj(x), self.s.num_heads)), positions, self.s.rope_theta)
+        k, v = self.keys_values(x, positions)
+        k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)
+        groups = self.s.num_heads // self.s.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.o_proj(attn.transpose(1, 2).reshape(*h.shape[:2], -1))
+        x = self.post_attention_layernorm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDrafter(nn.Module):
+    """The drafter. Holds a reference to the target for its frozen embedding and LM head (not a submodule)."""
+
+    def __init__(self, spec: DrafterSpec, target: Target):
+        super().__init__()
+        check_compatible(spec, target)
+        self.spec = spec
+        self.target = target
+        h = spec.hidden_size
+        self.fc = nn.Linear(len(spec.target_layer_ids) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(h, spec.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(target.model.get_input_embeddings().weight.detach().float().mean(0).clone())
+        self.to(device=target.device)
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    def project_context(self, features: Tensor, positions: Tensor, valid: Tensor) -> DraftContext:
+        """Target features (b, n, len(layers)*H) at logical `positions` -> per-layer context keys/values."""
+        x = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        kvs = [layer.keys_values(x, positions) for layer in self.layers]
+        return DraftContext([k for k, _ in kvs], [v for _, v in kvs], positions, valid)
+
+    def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor) -> Tensor:
+        """Fill one block per anchor. anchor_tokens/positions: (b, n_blocks) -> logits (b, n_blocks, B-1, V),
+        where [..., k-1, :] is slot k's distribution over the token at anchor position + k."""
+        b, n_blocks = anchor_tokens.shape
+        size = self.spec.block_size
+        slot = torch.arange(size, device=anchor_tokens.device)
+        h = self.mask_embedding.expand(b, n_blocks, size, -1).clone()
+        h[:, :, 0] = self.target.embed(anchor_tokens).to(h.dtype)
+        positions = (anchor_positions[..., None] + slot).reshape(b, n_blocks * size)
+        mask = self.block_mask(ctx, anchor_positions)
+        h = h.reshape(b, n_blocks * size, -1)
+        for layer, k, v in zip(self.layers, ctx.keys, ctx.values):
+            h = layer(h, k, v, mask, positions)
+        logits = self.target.lm_head(self.norm(h).to(self.target.dtype)).float()
+        return logits.view(b, n_blocks, size, -1)[:, :, 1:]
+
+    def block_mask(self, ctx: DraftContext, anchor_positions: Tensor) -> Tensor:
+        """(b, 1, n_blocks*B, slots + n_blocks*B) bool: context strictly before the anchor; own block only."""
+        b, n_blocks = anchor_positions.shape
+        size = self.spec.block_size
+        sees_ctx = ctx.valid[:, None, :] & (ctx.positions[:, None, :] < anchor_positions[..., None])  # (b, nb, slots)
+        sees_ctx = sees_ctx.repeat_interleave(size, dim=1)
+        block_id = torch.arange(n_blocks, device=anchor_positions.device).repeat_interleave(size)
+        own = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)
+        return torch.cat([sees_ctx, own], dim=2)[:, None]
+
+
+def check_compatible(spec: DrafterSpec, target: Target) -> None:
+    """Refuse a drafter built for another target (hidden size, vocabulary, layer count)."""
+    want = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, "num_target_layers": target.num_layers}
+    got = {k: getattr(spec, k) for k in want}
+    if got != want:
+        diff = ", ".join(f"{k} {got[k]} vs target {want[k]}" for k in want if got[k] != want[k])
+        raise DrafterError(f"drafter does not match target '{target.name}': {diff}")
+
+
+def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int = 0) -> DFlashDrafter:
+    torch.manual_seed(seed)
+    return DFlashDrafter(DrafterSpec.resolve(cfg, target), target)
+
+
+def save_drafter(drafter: DFlashDrafter, folder: str | Path, extra: dict | None = None) -> None:
+    """config.json (spec + `extra`) and model.safetensors (drafter weights only, no target embedding/head)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architecture": "DFlashDrafter", "draftopd_spec": asdict(drafter.spec), "target": drafter.target.name, **(extra or {})}
+    tmp = folder / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_drafter(folder: str | Path, target: Target) -> DFlashDrafter:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        spec = DrafterSpec(**{**config["draftopd_spec"], "target_layer_ids": tuple(config["draftopd_spec"]["target_layer_ids"])})
+        weights = load_file(str(folder / "model.safetensors"))
+    except FileNotFoundError as err:
+        raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename).name}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, OSError, Exception) as err:
+        raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
+    drafter = DFlashDrafter(spec, target)
+    missing, unexpected = drafter.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise DrafterError(f"drafter checkpoint at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return drafter
