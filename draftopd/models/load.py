@@ -32,7 +32,9 @@ def cache_dir() -> Path:
 def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Target:
     """Load a target by embedded name, local folder or hub id; raises TargetError with one clear line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if name_or_path in EMBEDDED:
         folder = embedded_folder(name_or_path)
     elif Path(name_or_path).exists():
