@@ -47,6 +47,7 @@ class DecodeConfig:
     temperature: float = 0.0  # 0 = greedy; > 0 = lossless speculative sampling
     stop_at_eos: bool = True
     seed: int = 0
+    record_draft_logits: bool = False  # keep every round's full drafter logits in the trace (tests, debugging)
 
 
 @dataclass(frozen=True)

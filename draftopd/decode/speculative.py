@@ -87,7 +87,7 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
     while not all(t.finish for t in traces):
         rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing)
         t1 = time.perf_counter()
-        _record(traces, rnd)
+        _record(traces, rnd, cfg.record_draft_logits)
         committed = [d[:r].tolist() + [int(n)] for d, r, n in zip(rnd.draft.tokens, rnd.acceptance.accepted, rnd.acceptance.next_token)]
         _append(traces, committed, target.eos_ids, cfg)
         anchor = rnd.acceptance.next_token
@@ -119,7 +119,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
     return Generation(traces, timing)
 
 
-def _record(traces: list[RolloutTrace], rnd: Round) -> None:
+def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
     draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0]
     for b, trace in enumerate(traces):
         if trace.finish:
@@ -129,6 +129,8 @@ def _record(traces: list[RolloutTrace], rnd: Round) -> None:
         trace.accepted.append(int(rnd.acceptance.accepted[b]))
         trace.target_logp.append(rnd.target_logp[b].cpu())
         trace.draft_logp.append(draft_logp[b].cpu())
+        if keep_logits:
+            trace.draft_logits.append(rnd.draft.logits[b].cpu())
 
 
 def _append(traces: list[RolloutTrace], committed: list[list[int]], eos_ids: set[int], cfg: DecodeConfig) -> None:

@@ -28,6 +28,7 @@ class RolloutTrace:
     accepted: list[int] = field(default_factory=list)
     target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
     draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
+    draft_logits: list[Tensor] = field(default_factory=list)  # each (K, V), only with record_draft_logits
     finish: str = ""  # "eos" | "length"
 
     @property

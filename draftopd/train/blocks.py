@@ -1,0 +1,80 @@
+"""Batched block forwards shared by SFT and Draft-OPD replay.
+
+A training batch is a set of whole sequences (prompt + response), right-padded. The frozen target scores
+them once (teacher-forced) to get the context features; the drafter then fills one block per anchor, all
+anchors of all sequences in one `draft_logits` call: the same function inference uses, with each block
+seeing only context strictly before its anchor and only its own block.
+Labels: slot k of the block at anchor a is labelled with the sequence token at position a + k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..models.dflash import DFlashDrafter
+from ..models.target import TargetOutput
+
+
+@dataclass
+class SequenceBatch:
+    """tokens/valid: (b, T) right-padded; response_start/lengths: (b,) first response position, true length."""
+
+    tokens: Tensor
+    valid: Tensor
+    response_start: Tensor
+    lengths: Tensor
+
+
+@dataclass
+class BlockLabels:
+    """labels (b, n, K) sequence tokens at anchor + k; mask (b, n, K) True where that position exists;
+    slots (K,) 1-based slot index."""
+
+    labels: Tensor
+    mask: Tensor
+    slots: Tensor
+
+
+def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: int, device="cpu") -> SequenceBatch:
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for b, s in enumerate(sequences):
+        tokens[b, : len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in sequences])
+    valid = torch.arange(width)[None, :] < lengths[:, None]
+    return SequenceBatch(tokens.to(device), valid.to(device), torch.tensor(response_starts, device=device), lengths.to(device))
+
+
+def score_batch(drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
+    """One teacher-forced target forward: logits and the drafter's context features for every position."""
+    return drafter.target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
+
+
+def block_logits(drafter: DFlashDrafter, batch: SequenceBatch, features: Tensor, anchors: Tensor) -> Tensor:
+    """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context."""
+    positions = torch.arange(batch.tokens.shape[1], device=anchors.device).expand_as(batch.tokens)
+    ctx = drafter.project_context(features, positions, batch.valid)
+    return drafter.draft_logits(ctx, batch.tokens.gather(1, anchors), anchors)
+
+
+def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, block_size: int) -> BlockLabels:
+    slots = torch.arange(1, block_size, device=anchors.device)
+    pos = anchors[..., None] + slots  # (b, n, K)
+    mask = anchor_valid[..., None] & (pos < batch.lengths[:, None, None])
+    labels = batch.tokens.gather(1, pos.clamp(max=batch.tokens.shape[1] - 1).flatten(1)).view_as(pos)
+    return BlockLabels(labels, mask, slots)
+
+
+def sample_anchors(batch: SequenceBatch, per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Up to `per_seq` distinct anchors per sequence among response positions [response_start, length-2]
+    (each has at least one label). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
+    rows, valid_rows = [], []
+    for start, length in zip(batch.response_start.tolist(), batch.lengths.tolist()):
+        candidates = torch.arange(start, max(start, length - 1))
+        pick = candidates[torch.randperm(len(candidates), generator=gen)[:per_seq]].sort().values
+        rows.append(torch.cat([pick, torch.zeros(per_seq - len(pick), dtype=torch.long)]))
+        valid_rows.append(torch.arange(per_seq) < len(pick))
+    return torch.stack(rows).to(batch.tokens.device), torch.stack(valid_rows).to(batch.tokens.device)

@@ -1,0 +1,120 @@
+"""DFlash SFT on target-regenerated sequences: the baseline Draft-OPD is measured against.
+
+Per step: take the next `batch_size` sequences (a seeded permutation per epoch), score them once with the
+frozen target (online features, no offline cache), sample `anchors_per_seq` anchors among response
+positions, fill every block in one drafter forward, and minimise the slot-weighted loss
+`sum_k w_k * l(slot k) / sum_k w_k` with `w_k = exp(-(k-1)/decay)` over labels that exist, where `l` is
+hard-label cross-entropy against the sequence token or the soft forward KL to the target distribution.
+Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
+full-batch loss. A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a
+killed run resumed with `resume=True` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import SFTConfig
+from ..models.dflash import DFlashDrafter
+from .blocks import block_labels, block_logits, pad_batch, sample_anchors, score_batch
+from .common import (Compute, MetricsWriter, build_optimizer, latest_checkpoint, load_trainer_state, param_counts,
+                     rng_state, save_checkpoint, set_rng_state)
+from .losses import sft_slot_weights, sft_token_loss
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # weighted loss numerator (with grad)
+    weight_sum: float
+    slot_correct: torch.Tensor  # (K,) correct argmax per slot
+    slot_count: torch.Tensor  # (K,) labels per slot
+    target_tokens: int
+    draft_tokens: int
+
+
+def sft_micro_batch(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
+    """Forward one micro-batch of examples (objects with prompt_ids, response_ids) -> loss numerator and stats."""
+    batch = pad_batch([list(e.prompt_ids) + list(e.response_ids) for e in examples], [len(e.prompt_ids) for e in examples],
+                      drafter.target.pad_id, drafter.target.device)
+    scored = score_batch(drafter, batch)
+    anchors, anchor_valid = sample_anchors(batch, cfg.anchors_per_seq, gen)
+    logits = block_logits(drafter, batch, scored.features, anchors)
+    lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
+    target_logits = None
+    if cfg.loss == "kl":  # the target's distribution of the token at anchor + k is its logits at anchor + k - 1
+        pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)
+        target_logits = scored.logits.gather(1, pos.flatten(1)[..., None].expand(-1, -1, scored.logits.shape[-1])).view_as(logits)
+    per_token = sft_token_loss(logits, lab.labels, target_logits, kind=cfg.loss)
+    weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * lab.mask
+    correct = (logits.argmax(-1) == lab.labels) & lab.mask
+    return StepResult((per_token * weights).sum(), float(weights.sum()), correct.sum((0, 1)), lab.mask.sum((0, 1)),
+                      int(batch.lengths.sum()), int(anchor_valid.sum()) * drafter.block_size)
+
+
+def slot_decay(cfg: SFTConfig, block_size: int) -> float:
+    return cfg.slot_decay if cfg.slot_decay is not None else (7.0 if block_size >= 16 else 4.0)
+
+
+def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
+              progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill)."""
+    out_dir = Path(out_dir)
+    opt, sched = build_optimizer(drafter, cfg.optim, cfg.steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    compute, step, data_pos = Compute(), 0, 0
+    if resume and (ckpt := latest_checkpoint(out_dir)):
+        state = load_trainer_state(ckpt, drafter)
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["anchor_rng"]), set_rng_state(state["rng"])
+        compute, step, data_pos = Compute(**state["compute"]), state["step"], state["data_pos"]
+    target_params, draft_params = param_counts(drafter)
+    metrics = MetricsWriter(out_dir / "metrics.jsonl")
+    drafter.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
+    while step < cfg.steps and (stop_after is None or step < stop_after):
+        t0 = time.perf_counter()
+        results = []
+        for _ in range(cfg.grad_accum):
+            micro = [examples[i] for i in _order(len(examples), cfg.seed, data_pos, cfg.batch_size)]
+            data_pos += cfg.batch_size
+            results.append(sft_micro_batch(drafter, micro, cfg, gen))
+        total_weight = sum(r.weight_sum for r in results)
+        loss = sum(r.loss_sum for r in results) / max(total_weight, 1e-9)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
+        opt.step(), sched.step()
+        step += 1
+        for r in results:
+            compute.add_target(r.target_tokens, target_params)
+            compute.add_draft_train(r.draft_tokens, draft_params)
+        correct, count = sum(r.slot_correct for r in results), sum(r.slot_count for r in results)
+        row = {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
+               **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
+               **compute.metrics(), "time/step_s": time.perf_counter() - t0}
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics.write(step, row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc1=f"{row['train/acc_slot_1']:.2f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "anchor_rng": gen.get_state(),
+                     "rng": rng_state(), "compute": vars(compute).copy(), "step": step, "data_pos": data_pos}
+            save_checkpoint(out_dir / "last", drafter, state, {"trainer": "sft", "step": step, "flops": compute.flops})
+    bar.close()
+    drafter.eval()
+    return out_dir / "last"
+
+
+def _order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices start..start+count of an endless stream of per-epoch seeded permutations of range(n)."""
+    out = []
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[i]))
+    return out
