@@ -75,6 +75,7 @@ class SFTConfig:
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
+    max_flops: float | None = None  # stop once this much compute is spent (compute-matched runs)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 

@@ -126,6 +126,26 @@ class Target:
         """Teacher-forced forward over whole (left-padded) sequences, no cache kept (training features)."""
         return self._forward(_empty_state(None, valid), sequences, valid, layers)
 
+    @torch.no_grad()
+    def score_blocks(self, tokens: Tensor, anchors: Tensor, blocks: Tensor) -> Tensor:
+        """Re-verify drafted blocks of one sequence in a single forward, no cache.
+
+        tokens (T,) the committed sequence; blocks (M, n) the inputs `[anchor token, d_1 .. d_{n-1}]` that round m
+        verified at positions anchors[m] .. anchors[m]+n-1. Each block sees the sequence strictly before its
+        anchor and itself causally. Returns logits (M, n, V): [m, j] = p(. | prefix, block[m, :j+1]).
+        """
+        length, (rounds, n) = tokens.shape[0], blocks.shape
+        ids = torch.cat([tokens, blocks.flatten()])[None]
+        positions = torch.cat([torch.arange(length, device=tokens.device), (anchors[:, None] + torch.arange(n, device=tokens.device)).flatten()])
+        block_id = torch.cat([torch.full((length,), -1, device=tokens.device), torch.arange(rounds, device=tokens.device).repeat_interleave(n)])
+        q, kv = torch.arange(ids.shape[1], device=tokens.device)[:, None], torch.arange(ids.shape[1], device=tokens.device)[None, :]
+        in_seq, same_block = block_id[None, :] == -1, block_id[:, None] == block_id[None, :]
+        limit = torch.cat([torch.arange(1, length + 1, device=tokens.device), anchors.repeat_interleave(n)])  # query sees seq < limit
+        sees_prefix = in_seq & (positions[None, :] < limit[:, None])
+        mask = (sees_prefix | (same_block & (kv <= q)))[None, None]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None], use_cache=False, logits_to_keep=rounds * n)
+        return out.logits[0].float().view(rounds, n, -1)
+
     # ---- internals ------------------------------------------------------------------------------------
     def _forward(self, state: TargetState, ids: Tensor, new_valid: Tensor, layers: tuple[int, ...]) -> TargetOutput:
         valid = torch.cat([state.valid, new_valid], dim=1)

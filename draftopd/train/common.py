@@ -114,3 +114,12 @@ def load_trainer_state(folder: Path, drafter: DFlashDrafter) -> dict:
     loaded = load_drafter(folder, drafter.target)
     drafter.load_state_dict(loaded.state_dict())
     return torch.load(folder / "trainer.pt", weights_only=False)
+
+
+def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start..start+count of an endless stream of per-epoch seeded permutations of range(n)."""
+    out = []
+    for pos in range(start, start + count):
+        epoch, i = divmod(pos, n)
+        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[i]))
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
 from .blocks import block_labels, block_logits, pad_batch, sample_anchors, score_batch
-from .common import (Compute, MetricsWriter, build_optimizer, latest_checkpoint, load_trainer_state, param_counts,
+from .common import (Compute, MetricsWriter, build_optimizer, data_order, latest_checkpoint, load_trainer_state, param_counts,
                      rng_state, save_checkpoint, set_rng_state)
 from .losses import sft_slot_weights, sft_token_loss
 
@@ -61,8 +62,10 @@ def slot_decay(cfg: SFTConfig, block_size: int) -> float:
 
 
 def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, stop_after: int | None = None) -> Path:
-    """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill)."""
+              progress: bool = True, stop_after: int | None = None,
+              on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
+    """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill);
+    `cfg.max_flops` ends the run once that much compute is spent (compute-matched comparisons)."""
     out_dir = Path(out_dir)
     opt, sched = build_optimizer(drafter, cfg.optim, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -77,11 +80,11 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     drafter.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
-    while step < cfg.steps and (stop_after is None or step < stop_after):
+    while step < cfg.steps and (stop_after is None or step < stop_after) and (cfg.max_flops is None or compute.flops < cfg.max_flops):
         t0 = time.perf_counter()
         results = []
         for _ in range(cfg.grad_accum):
-            micro = [examples[i] for i in _order(len(examples), cfg.seed, data_pos, cfg.batch_size)]
+            micro = [examples[i] for i in data_order(len(examples), cfg.seed, data_pos, cfg.batch_size)]
             data_pos += cfg.batch_size
             results.append(sft_micro_batch(drafter, micro, cfg, gen))
         total_weight = sum(r.weight_sum for r in results)
@@ -98,23 +101,17 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
         row = {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
                **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
                **compute.metrics(), "time/step_s": time.perf_counter() - t0}
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
             metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc1=f"{row['train/acc_slot_1']:.2f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        done = step == cfg.steps or (cfg.max_flops is not None and compute.flops >= cfg.max_flops)
+        if step % cfg.save_every == 0 or done:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "anchor_rng": gen.get_state(),
                      "rng": rng_state(), "compute": vars(compute).copy(), "step": step, "data_pos": data_pos}
             save_checkpoint(out_dir / "last", drafter, state, {"trainer": "sft", "step": step, "flops": compute.flops})
+        if on_step is not None:
+            on_step(step, drafter, compute)
     bar.close()
     drafter.eval()
     return out_dir / "last"
-
-
-def _order(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Indices start..start+count of an endless stream of per-epoch seeded permutations of range(n)."""
-    out = []
-    for pos in range(start, start + count):
-        epoch, i = divmod(pos, n)
-        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[i]))
-    return out

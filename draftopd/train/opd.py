@@ -1,0 +1,223 @@
+"""Draft-OPD: on-policy distillation for the drafter.  prompt -> rollout -> anchors -> replay -> loss -> update.
+
+One optimizer step (`train_opd`, the story function):
+1. **rollout**: `rollouts_per_step` batches of prompts are decoded by the speculative decoder itself
+   (`decode.speculative.generate`, the same code path as inference) with the *current* drafter. Each trace
+   records anchors, drafted blocks, accepted counts and the target's log-probs of every drafted token given
+   the draft prefix, read from the verify logits.
+2. **anchors**: segments at the rollout's error positions (or random ones, ablation) -> `anchors.py`.
+3. **replay**: per micro-batch of traces, one teacher-forced target forward over the final sequences gives
+   the context features and `p` on the true prefix; the drafter re-fills every segment's block in one
+   batched forward with gradients (`blocks.block_logits`, the function inference drafts with, so the replayed
+   logits equal the rollout's for the same weights).
+4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
+   rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
+   by gamma^(k-1)), each KL direction and exact/estimate form a switch (`losses.py`). The step's token
+   counts are computed before the replay so accumulated micro-batches normalise by tokens.
+5. **update**: one AdamW step; the next rollout uses the new weights (always on-policy).
+
+Which target computation is reused: in "estimate" mode the rejected stream's `log p` comes straight from the
+rollout's verify logits (no second forward); the accepted stream and the context features come from one
+teacher-forced forward per sequence, which costs about one verify round's worth of tokens per sequence and
+is much cheaper than keeping V-sized verify logits per round. "exact" mode needs `p`'s full distribution on
+the draft prefixes, which the rollout does not keep, so it re-verifies every segment in one forward
+(`Target.score_blocks`); so does the random-anchor ablation, whose blocks were never verified.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..config import DecodeConfig, OptimConfig
+from ..decode.speculative import generate
+from ..decode.stats import summarize
+from ..decode.trace import Generation, RolloutTrace, Timing
+from ..models.dflash import DFlashDrafter
+from .anchors import Segments, make_segments
+from .blocks import SequenceBatch, block_labels, block_logits, pad_batch, score_batch
+from .common import (Compute, MetricsWriter, build_optimizer, data_order, latest_checkpoint, load_trainer_state,
+                     param_counts, rng_state, save_checkpoint, set_rng_state)
+from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact, stream_sums
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    steps: int = 20
+    prompts_per_rollout: int = 4  # one rollout batch (a ragged batch through the speculative decoder)
+    rollouts_per_step: int = 2  # rollout batches accumulated into one optimizer step
+    replay_batch: int = 4  # traces per replay micro-batch
+    max_new_tokens: int = 96
+    temperature: float = 0.0  # rollout temperature (the paper: greedy)
+    anchors: str = "error"  # "error" (the method) or "random" (ablation)
+    save_every: int = 10
+    seed: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+
+
+@dataclass
+class ReplayBatch:
+    """Padded segments of a micro-batch of traces: anchors/accepted/valid (b, M); drafts/target_logp (b, M, K)."""
+
+    seq: SequenceBatch
+    anchors: torch.Tensor
+    accepted: torch.Tensor
+    valid: torch.Tensor
+    drafts: torch.Tensor | None
+    target_logp: torch.Tensor | None
+
+
+@dataclass
+class ReplayResult:
+    acc: StreamSums
+    rej: StreamSums
+    target_tokens: int
+    draft_tokens: int
+
+
+def stream_masks(accepted: torch.Tensor, valid: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor, cfg: LossConfig):
+    """Accepted stream: slots k <= r+1 whose label exists. Rejected: slots k > r (the drafter's rejected proposals),
+    weighted gamma^(k-1). Shapes (b, M, K)."""
+    r = accepted[..., None]
+    acc = label_mask & (slots <= r + 1)
+    rej = valid[..., None] & (slots > r) & cfg.use_rejected
+    return acc, rej, decay_weights(slots, cfg.gamma) * rej
+
+
+def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size: int, cfg: LossConfig) -> tuple[float, float]:
+    """The whole step's accepted-token count and rejected weight sum (token-normalised accumulation)."""
+    acc_n, rej_w = 0.0, 0.0
+    slots = torch.arange(1, block_size)
+    for trace, seg in zip(traces, segments):
+        exists = (seg.anchors[:, None] + slots) < len(trace.tokens)
+        acc, _, w = stream_masks(seg.accepted, torch.ones_like(seg.accepted, dtype=torch.bool), exists, slots, cfg)
+        acc_n, rej_w = acc_n + float(acc.sum()), rej_w + float(w.sum())
+    return acc_n, rej_w
+
+
+def collate(drafter: DFlashDrafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
+    seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], drafter.target.pad_id, drafter.target.device)
+    width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
+    pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs])  # noqa: E731
+    valid = pad([torch.ones(len(s.anchors), dtype=torch.bool) for s in segments], (), False)
+    has_drafts = segments[0].drafts is not None
+    return ReplayBatch(seq, pad([s.anchors for s in segments], (), 0), pad([s.accepted for s in segments], (), 0), valid,
+                       pad([s.drafts for s in segments], (k,), 0) if has_drafts else None,
+                       pad([s.target_logp for s in segments], (k,), 0.0) if has_drafts else None)
+
+
+def reverify(drafter: DFlashDrafter, rb: ReplayBatch) -> torch.Tensor:
+    """Target logits of every drafted slot given its draft prefix: (b, M, K, V), one forward per sequence."""
+    out = []
+    for b in range(rb.seq.tokens.shape[0]):
+        n = int(rb.valid[b].sum())
+        blocks = torch.cat([rb.seq.tokens[b, rb.anchors[b, :n]][:, None], rb.drafts[b, :n, :-1]], 1)
+        logits = drafter.target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, :n], blocks)
+        out.append(torch.cat([logits, logits.new_zeros(rb.anchors.shape[1] - n, *logits.shape[1:])]))
+    return torch.stack(out)
+
+
+def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
+    """Replay the drafter at every segment with gradients and return the two streams' loss sums."""
+    scored = score_batch(drafter, rb.seq)
+    if rb.drafts is None:  # random anchors: propose with the current drafter, then have the target verify it
+        with torch.no_grad():
+            rb.drafts = block_logits(drafter, rb.seq, scored.features, rb.anchors).argmax(-1)
+    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors)  # (b, M, K, V), with grad
+    lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
+    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
+    pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
+    p_acc = _gather_positions(scored.logits, pos)
+    p_rej = reverify(drafter, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
+    q_logp = torch.log_softmax(q_logits, -1)
+    if cfg.mode == "exact":
+        acc_tok = kl_exact(p_acc, q_logits, cfg.acc_direction)
+        rej_tok = kl_exact(p_rej, q_logits, cfg.rej_direction)
+    else:
+        p_acc_logp = torch.log_softmax(p_acc, -1).gather(-1, lab.labels[..., None])[..., 0]
+        p_rej_logp = rb.target_logp if p_rej is None else torch.log_softmax(p_rej, -1).gather(-1, rb.drafts[..., None])[..., 0]
+        acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp)
+        rej_tok = kl_estimate(p_rej_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp)
+    return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
+                        int(rb.seq.lengths.sum()), int(rb.valid.sum()) * drafter.block_size)
+
+
+def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (b, T, V), pos (b, M, K) -> (b, M, K, V)."""
+    idx = pos.flatten(1)[..., None].expand(-1, -1, x.shape[-1])
+    return x.gather(1, idx).view(*pos.shape, x.shape[-1])
+
+
+def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
+              progress: bool = True, on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
+    """Draft-OPD on `prompts` (token ids); trains `drafter` in place, returns the final checkpoint folder."""
+    out_dir = Path(out_dir)
+    opt, sched = build_optimizer(drafter, cfg.optim, cfg.steps)
+    gen, compute, step, data_pos = torch.Generator().manual_seed(cfg.seed), Compute(), 0, 0
+    if resume and (ckpt := latest_checkpoint(out_dir)):
+        state = load_trainer_state(ckpt, drafter)
+        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["anchor_rng"]), set_rng_state(state["rng"])
+        compute, step, data_pos = Compute(**state["compute"]), state["step"], state["data_pos"]
+    target_params, draft_params = param_counts(drafter)
+    metrics = MetricsWriter(out_dir / "metrics.jsonl")
+    bar = tqdm(total=cfg.steps, initial=step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        # 1. rollout with the current drafter through the speculative decoder
+        t0, traces = time.perf_counter(), []
+        drafter.eval()
+        for _ in range(cfg.rollouts_per_step):
+            batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, data_pos, cfg.prompts_per_rollout)]
+            data_pos += cfg.prompts_per_rollout
+            rollout = generate(drafter.target, drafter, batch, DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + data_pos))
+            traces += [t for t in rollout.traces if t.rounds > 0]
+            compute.add_target(sum(len(p) for p in batch) + rollout.timing.rounds * len(batch) * drafter.block_size, target_params)
+            compute.add_draft_forward(rollout.timing.rounds * len(batch) * drafter.block_size, draft_params)
+        t1 = time.perf_counter()
+        # 2. anchors, and the step's normalisers
+        segments = [make_segments(t, cfg.anchors, gen) for t in traces]
+        acc_norm, rej_norm = step_norms(traces, segments, drafter.block_size, cfg.loss)
+        # 3-4. replay and loss, accumulated over micro-batches
+        drafter.train()
+        opt.zero_grad(set_to_none=True)
+        sums = {"acc": 0.0, "rej": 0.0, "total": 0.0}
+        for i in range(0, len(traces), cfg.replay_batch):
+            rb = collate(drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
+            res = replay(drafter, rb, cfg.loss)
+            loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
+            loss.backward()
+            sums["total"] += float(loss.detach())
+            sums["acc"] += float(res.acc.loss_sum.detach()) / max(acc_norm, 1e-9)
+            sums["rej"] += float(res.rej.loss_sum.detach()) / max(rej_norm, 1e-9)
+            compute.add_target(res.target_tokens, target_params)
+            compute.add_draft_train(res.draft_tokens, draft_params)
+        t2 = time.perf_counter()
+        # 5. update
+        grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
+        opt.step(), sched.step()
+        step += 1
+        t3 = time.perf_counter()
+        stats = summarize(Generation(traces, Timing()), drafter.block_size)
+        row = {"rollout/tau": stats.tau, "rollout/slot_acc_1": stats.slot_acceptance[0], "rollout/sequences": len(traces),
+               "loss/total": sums["total"], "loss/acc": sums["acc"], "loss/rej": sums["rej"],
+               "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
+               "train/lr": sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1,
+               "time/update_s": t3 - t2, **compute.metrics()}
+        metrics.write(step, row)
+        bar.update(1)
+        bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{sums['total']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "anchor_rng": gen.get_state(),
+                     "rng": rng_state(), "compute": vars(compute).copy(), "step": step, "data_pos": data_pos}
+            save_checkpoint(out_dir / "last", drafter, state, {"trainer": "draft-opd", "step": step, "flops": compute.flops})
+        if on_step is not None:
+            on_step(step, drafter, compute)
+    bar.close()
+    drafter.eval()
+    return out_dir / "last"

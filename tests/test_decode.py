@@ -1,0 +1,466 @@
+"""Tests for the speculative decoder: acceptance rules, greedy identity, lossless sampling, rollout traces,
+and the Target's ragged cache and input checks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import full_logits, hf_greedy, make_drafter, random_prompts
+from draftopd.config import DecodeConfig
+from draftopd.decode import speculative as S
+from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling
+from draftopd.decode.speculative import Draft, autoregressive_generate, generate
+from draftopd.models.load import load_target
+from draftopd.models.target import Target, TargetError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_NEW = 32  # new tokens per greedy run: several rounds even with blocks of 16
+PROMPT_LENGTHS = [1, 9, 4, 17, 6, 12, 3, 20, 7, 14]  # 10 prompts; ragged batches of 4 mix short and long
+RAGGED_GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 3]]
+
+
+# ============================================================================ acceptance rules (hand-made)
+
+
+def _onehot_logits(tokens: list[list[int]], vocab: int, scale: float = 10.0) -> torch.Tensor:
+    return F.one_hot(torch.tensor(tokens), vocab).float() * scale
+
+
+def test_accept_greedy_all_accepted_takes_bonus_from_last_position() -> None:
+    target = _onehot_logits([[3, 1, 4, 2]], 6)  # argmax after anchor, d1, d2, d3
+    acc = accept_greedy(target, torch.tensor([[3, 1, 4]]))
+    assert acc.accepted.tolist() == [3]
+    assert acc.next_token.tolist() == [2]
+
+
+def test_accept_greedy_first_mismatch_gives_correction_and_ignores_later_matches() -> None:
+    target = _onehot_logits([[3, 1, 4, 2], [3, 1, 4, 2], [3, 1, 4, 2]], 6)
+    draft = torch.tensor([[3, 5, 4],   # mismatch at slot 2 (slot 3 matches, but comes after a rejection)
+                          [0, 1, 4],   # mismatch at slot 1
+                          [3, 1, 0]])  # mismatch at slot 3
+    acc = accept_greedy(target, draft)
+    assert acc.accepted.tolist() == [1, 0, 2]
+    assert acc.next_token.tolist() == [1, 3, 4]  # the target's argmax at the first mismatch
+
+
+def test_accept_sampling_identical_p_q_accepts_everything_and_samples_bonus_from_p() -> None:
+    g = torch.Generator().manual_seed(0)
+    draft = torch.tensor([[2, 0, 5]] * 64)
+    target = _onehot_logits([[2, 0, 5, 4]] * 64, 6, scale=50.0)  # p is (numerically) one-hot
+    acc = accept_sampling(target, target[:, :-1], draft, 1.0, g)
+    assert acc.accepted.tolist() == [3] * 64
+    assert acc.next_token.tolist() == [4] * 64
+
+
+def test_accept_sampling_rejects_impossible_draft_and_corrects_from_residual() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 500, 6
+    p_logits = torch.tensor([0.0, 1.0, 2.0, -1e9, 0.5, 1.5])  # token 3 impossible under p
+    target = p_logits.expand(rows, 3, vocab).clone()
+    draft_logits = torch.full((rows, 2, vocab), 0.0)
+    draft_logits[:, 0, 3] = 30.0  # q peaked on the impossible token
+    draft = torch.full((rows, 2), 3)
+    acc = accept_sampling(target, draft_logits, draft, 1.0, g)
+    assert acc.accepted.tolist() == [0] * rows
+    assert 3 not in acc.next_token.tolist()
+    # residual max(p - q, 0) with q ~ one-hot on 3 is p itself on the other tokens
+    freq = torch.bincount(acc.next_token, minlength=vocab).float() / rows
+    assert (freq - torch.softmax(p_logits, -1)).abs().max() < 0.07
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; cells expected below `min_expected` are merged into one."""
+    n = counts.sum().double()
+    expected = probs.double().flatten() * n
+    counts = counts.double().flatten()
+    big = expected >= min_expected
+    if (~big).any():
+        counts = torch.cat([counts[big], counts[~big].sum()[None]])
+        expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = counts.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat / 2))
+
+
+def test_accept_sampling_unit_is_lossless_per_slot() -> None:
+    """First committed token ~ p_0; given slot 1 accepted, the second ~ p_1 (p fixed per slot here)."""
+    g = torch.Generator().manual_seed(1)
+    rows, vocab = 40_000, 5
+    p_logits = torch.tensor([[0.3, -1.0, 1.2, 0.0, 0.8], [1.0, 0.2, -0.5, 0.9, -2.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    q_logits = torch.tensor([[2.5, -1.0, -1.0, 0.5, 0.0], [-1.0, 0.0, 2.0, 0.0, 1.0]])
+    draft = torch.multinomial(torch.softmax(q_logits, -1).repeat(rows, 1), 1, generator=g).view(rows, 2)
+    acc = accept_sampling(p_logits.expand(rows, -1, -1), q_logits.expand(rows, -1, -1), draft, 1.0, g)
+    first = torch.where(acc.accepted >= 1, draft[:, 0], acc.next_token)
+    p = torch.softmax(p_logits, -1)
+    assert _chi2_pvalue(torch.bincount(first, minlength=vocab), p[0]) > 1e-4
+    kept = acc.accepted >= 1
+    second = torch.where(acc.accepted >= 2, draft[:, 1], acc.next_token)[kept]
+    assert _chi2_pvalue(torch.bincount(second, minlength=vocab), p[1]) > 1e-4
+
+
+# ============================================================================ greedy: identical to the target
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(llama_target, qwen3_target):
+    """Per arch: 10 prompts and their greedy continuations by HF generate (N_NEW + 16 tokens, for oracles)."""
+    refs = {}
+    for arch, target in (("llama", llama_target), ("qwen3", qwen3_target)):
+        prompts = random_prompts(target.vocab_size, PROMPT_LENGTHS, seed=11)
+        refs[arch] = [(p, hf_greedy(target, p, N_NEW + 16)) for p in prompts]
+    return refs
+
+
+def _arch(target: Target) -> str:
+    return target.name.split("-", 1)[1]
+
+
+def _perturb(drafter, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _drafter(target: Target, kind: str, block_size: int):
+    drafter = make_drafter(target, block_size=block_size, seed=0)
+    if kind == "perturbed":
+        _perturb(drafter, 0.5, seed=7)
+    return drafter
+
+
+class OracleDrafts:
+    """Replaces `draft_block`: runs the real drafter (its context plumbing stays exercised) but proposes the
+    target's true greedy continuation, corrupted at one random slot per row and round (or not at all), so rows
+    accept ragged, often long, prefixes. Records the number of leading correct drafts per (row, anchor)."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, seed: int):
+        self.sequences, self.vocab = sequences, vocab
+        self.rng = random.Random(seed)
+        self.expected: dict[tuple[int, int], int] = {}
+        self.real = S.draft_block
+
+    def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen) -> Draft:
+        real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen)
+        k = real.tokens.shape[1]
+        tokens = real.tokens.clone()
+        for b, seq in enumerate(self.sequences):
+            a = int(anchor_pos[b])
+            if a + 1 + k > len(seq):  # a finished row running past its reference: anything goes
+                continue
+            assert int(anchor[b]) == seq[a], "anchor is not the target's greedy token at its position"
+            truth = seq[a + 1: a + 1 + k]
+            reject = self.rng.choice([k + 1] * k + list(range(1, k + 1)))  # half the time: accept all
+            row = list(truth)
+            if reject <= k:
+                row[reject - 1] = (truth[reject - 1] + self.rng.randrange(1, self.vocab)) % self.vocab
+                row[reject:] = [self.rng.randrange(self.vocab) for _ in row[reject:]]
+            tokens[b] = torch.tensor(row)
+            self.expected[(b, a)] = reject - 1
+        return Draft(tokens, F.one_hot(tokens, self.vocab).float() * 20.0)
+
+
+def _check_greedy(target: Target, drafter, refs, groups: list[list[int]], oracle: bool, monkeypatch) -> list[int]:
+    cfg = DecodeConfig(max_new_tokens=N_NEW, stop_at_eos=False)
+    accepted: list[int] = []
+    for group in groups:
+        prompts = [refs[i][0] for i in group]
+        if oracle:
+            spy = OracleDrafts([refs[i][0] + refs[i][1] for i in group], target.vocab_size, seed=sum(group))
+            monkeypatch.setattr(S, "draft_block", spy)
+        out = generate(target, drafter, prompts, cfg)
+        for b, (i, trace) in enumerate(zip(group, out.traces)):
+            assert trace.output == refs[i][1][:N_NEW], f"prompt {i} (len {len(refs[i][0])}) diverges from HF greedy"
+            assert trace.finish == "length"
+            accepted += trace.accepted
+            if oracle:
+                assert trace.accepted == [spy.expected[(b, a)] for a in trace.anchors]
+        if oracle:
+            monkeypatch.undo()
+    return accepted
+
+
+@pytest.mark.parametrize("kind", ["untrained", "perturbed", "oracle"])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_greedy_ragged_batches_equal_hf_generate(target, greedy_refs, block_size, kind, monkeypatch) -> None:
+    refs = greedy_refs[_arch(target)]
+    drafter = _drafter(target, "untrained" if kind == "oracle" else kind, block_size)
+    accepted = _check_greedy(target, drafter, refs, RAGGED_GROUPS, kind == "oracle", monkeypatch)
+    if kind == "oracle":  # long and ragged acceptance really happened
+        assert max(accepted) == block_size - 1 and 0 in accepted and len(set(accepted)) > 3
+
+
+@pytest.mark.parametrize("kind", ["untrained", "oracle"])
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_greedy_batch_of_one_equals_hf_generate(target, greedy_refs, block_size, kind, monkeypatch) -> None:
+    refs = greedy_refs[_arch(target)]
+    drafter = _drafter(target, "untrained", block_size)
+    indices = range(len(refs)) if kind == "untrained" else [0, 3, 7]
+    _check_greedy(target, drafter, refs, [[i] for i in indices], kind == "oracle", monkeypatch)
+
+
+def test_autoregressive_baseline_equals_hf_generate(target, greedy_refs) -> None:
+    refs = greedy_refs[_arch(target)]
+    for group in RAGGED_GROUPS[:2]:
+        out = autoregressive_generate(target, [refs[i][0] for i in group], DecodeConfig(max_new_tokens=N_NEW, stop_at_eos=False))
+        assert [t.output for t in out.traces] == [refs[i][1][:N_NEW] for i in group]
+
+
+def test_greedy_small_vocab_perturbed_drafter_accepts_raggedly(small_vocab_target) -> None:
+    """Vocab 8: a perturbed real drafter's drafts match often, rows accept different counts in one round."""
+    target = small_vocab_target
+    prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
+    refs = [hf_greedy(target, p, 40) for p in prompts]
+    drafter = _drafter(target, "perturbed", 8)
+    out = generate(target, drafter, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
+    assert [t.output for t in out.traces] == refs
+    per_round = [[t.accepted[m] for t in out.traces] for m in range(min(t.rounds for t in out.traces))]
+    assert any(max(r) > 0 for r in per_round), "no draft token was ever accepted"
+    assert any(len(set(r)) > 1 for r in per_round), "rows never accepted different numbers of tokens"
+
+
+def test_greedy_stops_at_eos_per_row(small_vocab_target) -> None:
+    """With stop_at_eos, each row is the HF greedy text cut right after its first EOS."""
+    target = small_vocab_target
+    eos = target.vocab_size - 1
+    prompts = random_prompts(target.vocab_size, [3, 6, 9, 4, 7, 2], seed=8)
+    refs = [hf_greedy(target, p, 30) for p in prompts]
+    out = generate(target, _drafter(target, "perturbed", 8), prompts, DecodeConfig(max_new_tokens=30))
+    for ref, trace in zip(refs, out.traces):
+        want = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert trace.output == want
+        assert trace.finish == ("eos" if eos in ref else "length")
+
+
+# ============================================================================ sampling: lossless
+
+
+SAMPLING_PROMPT = [1, 5, 2, 6, 3]
+SAMPLING_ROWS = 4000
+
+
+@torch.no_grad()
+def _exact_joint3(target: Target, prompt: list[int], temperature: float) -> torch.Tensor:
+    """Target's exact distribution of the first 3 sampled tokens, (V, V, V), by full forwards."""
+    v, n = target.vocab_size, len(prompt)
+    seqs = torch.tensor([prompt + [a, b] for a in range(v) for b in range(v)])
+    p = torch.softmax(target.model(seqs).logits.float() / temperature, -1)
+    p1 = p[0, n - 1]
+    p2 = p[::v, n]  # (a, b)
+    p3 = p[:, n + 1].view(v, v, v)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def _sampled_joint3(target: Target, drafter, temperature: float, seed: int) -> torch.Tensor:
+    out = generate(target, drafter, [SAMPLING_PROMPT] * SAMPLING_ROWS,
+                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed))
+    tokens = torch.tensor([t.output for t in out.traces])
+    v = target.vocab_size
+    return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
+
+
+def _poor_drafter(target: Target):
+    drafter = make_drafter(target, block_size=4, seed=2)
+    with torch.no_grad():
+        drafter.norm.weight.mul_(3.0)  # sharpen q: peaked, and mostly not where p is
+    return drafter
+
+
+def _always_accept(target_logits, draft_logits, draft, temperature, gen) -> Acceptance:
+    k = draft.shape[1]
+    bonus = torch.multinomial(torch.softmax(target_logits[:, k] / temperature, -1), 1, generator=gen)[:, 0]
+    return Acceptance(torch.full((draft.shape[0],), k), bonus)
+
+
+def _correction_from_p(target_logits, draft_logits, draft, temperature, gen) -> Acceptance:
+    """Right acceptance test, wrong correction: samples from p instead of the residual max(p - q, 0)."""
+    p = torch.softmax(target_logits / temperature, -1)
+    q = torch.softmax(draft_logits / temperature, -1)
+    p_d = p[:, :-1].gather(2, draft[..., None])[..., 0]
+    q_d = q.gather(2, draft[..., None])[..., 0]
+    accepted = (torch.rand(p_d.shape, generator=gen) * q_d < p_d).long().cumprod(1).sum(1)
+    rows = torch.arange(draft.shape[0])
+    return Acceptance(accepted, torch.multinomial(p[rows, accepted], 1, generator=gen)[:, 0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampling_is_lossless(small_vocab_target, temperature) -> None:
+    """4000 rows of one prompt, 3 tokens each: the joint of (t1, t2, t3) fits the target's exact one.
+    t2 and t3 always pass through the acceptance rule (block size 4: accepted drafts, corrections, bonus)."""
+    target = small_vocab_target
+    drafter = _poor_drafter(target)
+    counts = _sampled_joint3(target, drafter, temperature, seed=1)
+    assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, temperature)) > 1e-4
+
+
+@pytest.mark.parametrize("broken", [_always_accept, _correction_from_p])
+def test_sampling_check_catches_broken_acceptance(small_vocab_target, broken, monkeypatch) -> None:
+    """The same statistic with a wrong rule plugged into the decoder is rejected outright."""
+    target = small_vocab_target
+    drafter = _poor_drafter(target)
+    monkeypatch.setattr(S, "accept_sampling", broken)
+    counts = _sampled_joint3(target, drafter, 1.0, seed=1)
+    assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) < 1e-8
+
+
+def test_sampling_is_reproducible_with_seed(small_vocab_target) -> None:
+    target = small_vocab_target
+    drafter = make_drafter(target, block_size=4)
+    prompts = random_prompts(target.vocab_size, [3, 7, 5], seed=2)
+    run = lambda seed: [t.output for t in generate(target, drafter, prompts, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed)).traces]  # noqa: E731
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+# ============================================================================ rollout traces
+
+
+def _trace_runs(request, mode: str):
+    """(target, drafter, prompts, cfg, oracle-or-None) for each trace-checking mode."""
+    if mode == "greedy-qwen3":
+        target = request.getfixturevalue("qwen3_target")
+        return target, make_drafter(target, 8), random_prompts(target.vocab_size, [4, 13, 1, 8], seed=21), DecodeConfig(max_new_tokens=30, stop_at_eos=False)
+    if mode == "sampling-small-vocab":
+        target = request.getfixturevalue("small_vocab_target")
+        drafter = _drafter(target, "perturbed", 8)
+        return target, drafter, random_prompts(target.vocab_size, [6, 2, 9, 5], seed=22), DecodeConfig(max_new_tokens=30, temperature=1.0, stop_at_eos=False, seed=5)
+    target = request.getfixturevalue("llama_target")  # oracle drafts: long ragged acceptance, 31 new tokens
+    return target, make_drafter(target, 8), random_prompts(target.vocab_size, [7, 3, 15, 10], seed=23), DecodeConfig(max_new_tokens=31, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("mode", ["greedy-qwen3", "sampling-small-vocab", "oracle-llama"])
+def test_trace_consistency(request, mode, monkeypatch) -> None:
+    target, drafter, prompts, cfg = _trace_runs(request, mode)
+    if mode == "oracle-llama":
+        seqs = [p + hf_greedy(target, p, cfg.max_new_tokens + drafter.block_size) for p in prompts]
+        monkeypatch.setattr(S, "draft_block", OracleDrafts(seqs, target.vocab_size, seed=4))
+    out = generate(target, drafter, prompts, cfg)
+    k = drafter.block_size - 1
+    layers = drafter.spec.target_layer_ids
+    accepted_any = False
+    for prompt, trace in zip(prompts, out.traces):
+        n = len(prompt)
+        m_rounds = trace.rounds
+        assert m_rounds == len(trace.drafts) == len(trace.accepted) == len(trace.target_logp) == len(trace.draft_logp) >= 1
+        assert trace.tokens == prompt + trace.output
+        # lengths: first token from prefill, then accepted + 1 per round; only the last round may be cut
+        committed = [r + 1 for r in trace.accepted]
+        assert len(trace.output) == cfg.max_new_tokens
+        assert 1 + sum(committed[:-1]) < cfg.max_new_tokens <= 1 + sum(committed)
+        # anchors
+        assert trace.anchors[0] == n
+        for m in range(m_rounds - 1):
+            assert trace.anchors[m + 1] == trace.anchors[m] + trace.accepted[m] + 1
+        for m in range(m_rounds):
+            a, r = trace.anchors[m], trace.accepted[m]
+            d = trace.drafts[m].tolist()
+            assert len(d) == k and 0 <= r <= k
+            accepted_any |= r > 0
+            # the committed text after the anchor starts with the accepted drafts
+            assert trace.tokens[a + 1: a + 1 + r] == d[:r][: len(trace.tokens) - a - 1]
+            # target_logp: one fresh full forward over prefix + all drafts covers every slot (causal)
+            seq = trace.tokens[: a + 1] + d
+            logp = torch.log_softmax(full_logits(target, seq), -1)
+            want = logp[torch.arange(a, a + k), torch.tensor(d)]
+            torch.testing.assert_close(trace.target_logp[m], want, atol=1e-4, rtol=0)
+            if cfg.temperature == 0 and a + r + 1 < len(trace.tokens):  # the target's own token after the drafts
+                assert trace.tokens[a + r + 1] == int(logp[a + r].argmax())
+            if mode == "oracle-llama":  # the oracle's drafts do not come from the drafter
+                continue
+            # draft_logp: the drafter re-run on a fresh, hole-free context of the committed prefix
+            fresh = target.score(torch.tensor([trace.tokens[:a]]), torch.ones(1, a, dtype=torch.bool), layers)
+            ctx = drafter.project_context(fresh.features, torch.arange(a)[None], torch.ones(1, a, dtype=torch.bool))
+            with torch.no_grad():
+                q = drafter.draft_logits(ctx, torch.tensor([[trace.tokens[a]]]), torch.tensor([[a]]))[0, 0]
+            want_q = torch.log_softmax(q, -1)[torch.arange(k), torch.tensor(d)]
+            torch.testing.assert_close(trace.draft_logp[m], want_q, atol=1e-4, rtol=0)
+    if mode != "greedy-qwen3":
+        assert accepted_any
+
+
+def test_trace_stacked_shapes(small_vocab_target) -> None:
+    target = small_vocab_target
+    drafter = make_drafter(target, 4)
+    trace = generate(target, drafter, [[1, 2, 3]], DecodeConfig(max_new_tokens=10, stop_at_eos=False)).traces[0]
+    s = trace.stacked()
+    m = trace.rounds
+    assert s["anchors"].shape == (m,) and s["accepted"].shape == (m,)
+    assert s["drafts"].shape == s["target_logp"].shape == s["draft_logp"].shape == (m, 3)
+
+
+# ============================================================================ Target: ragged cache, bad input
+
+
+def test_prefill_ragged_state_and_logits(llama_target) -> None:
+    target = llama_target
+    prompts = random_prompts(target.vocab_size, [5, 1, 9, 3], seed=31)
+    state, out = target.prefill(prompts)
+    assert state.lengths.tolist() == [len(p) for p in prompts]
+    assert state.valid.sum(1).tolist() == [len(p) for p in prompts]
+    for b, p in enumerate(prompts):
+        assert state.positions[b][state.valid[b]].tolist() == list(range(len(p)))
+        torch.testing.assert_close(out.logits[b, -1], full_logits(target, p)[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_verify_commit_with_holes_matches_full_forward(qwen3_target) -> None:
+    """Two blocks verified and committed raggedly; a third verify equals fresh full forwards per row."""
+    target = qwen3_target
+    prompts = random_prompts(target.vocab_size, [4, 10, 2], seed=32)
+    g = torch.Generator().manual_seed(0)
+    state, _ = target.prefill(prompts)
+    texts = [list(p) for p in prompts]
+    for keep in ([3, 1, 5], [2, 5, 1]):
+        block = torch.randint(0, target.vocab_size, (3, 5), generator=g)
+        target.verify(state, block)
+        target.commit(state, torch.tensor(keep))
+        for b in range(3):
+            texts[b] += block[b, : keep[b]].tolist()
+        assert state.lengths.tolist() == [len(t) for t in texts]
+        assert state.valid.sum(1).tolist() == [len(t) for t in texts]
+    block = torch.randint(0, target.vocab_size, (3, 4), generator=g)
+    out = target.verify(state, block)
+    for b in range(3):
+        want = full_logits(target, texts[b] + block[b].tolist())[-4:]
+        torch.testing.assert_close(out.logits[b], want, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_prompt_raises(llama_target) -> None:
+    drafter = make_drafter(llama_target, 8)
+    with pytest.raises(TargetError, match="empty prompt"):
+        generate(llama_target, drafter, [[1, 2], []])
+    with pytest.raises(TargetError, match="empty prompt"):
+        llama_target.prefill([[]])
+    with pytest.raises(TargetError):
+        llama_target.prefill([])
+    with pytest.raises(TargetError, match="empty prompt"):
+        autoregressive_generate(llama_target, [[]])
+
+
+def test_prompt_longer_than_context_raises(llama_target) -> None:
+    limit = llama_target.max_positions
+    drafter = make_drafter(llama_target, 8)
+    with pytest.raises(TargetError, match="context"):
+        llama_target.prefill([[1] * (limit + 1)])
+    with pytest.raises(TargetError, match="context"):  # prompt fits, prompt + new tokens does not
+        generate(llama_target, drafter, [[1, 2], [1] * (limit - 10)], DecodeConfig(max_new_tokens=20))
+    with pytest.raises(TargetError, match="context"):
+        autoregressive_generate(llama_target, [[1] * (limit - 10)], DecodeConfig(max_new_tokens=20))
+
+
+def test_token_outside_vocab_raises(llama_target) -> None:
+    with pytest.raises(TargetError, match="vocabulary"):
+        llama_target.prefill([[1, llama_target.vocab_size]])
+    with pytest.raises(TargetError, match="vocabulary"):
+        llama_target.prefill([[-1, 2]])
+
+
+def test_load_target_errors(tmp_path) -> None:
+    with pytest.raises(TargetError, match="no-such-model"):
+        load_target("no-such-model")
+    with pytest.raises(TargetError, match="config.json"):
+        load_target(str(tmp_path))

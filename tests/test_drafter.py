@@ -1,0 +1,272 @@
+"""Tests for the DFlash drafter: what a block can see, blocks in one call vs separate calls, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_drafter
+from draftopd.config import DrafterConfig, dflash_default_layers
+from draftopd.models.dflash import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter
+from draftopd.models.load import tiny_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SLOTS = 24
+ANCHORS = [3, 10, 17]  # logical anchor positions of the blocks in one call
+
+
+@pytest.fixture(scope="module")
+def drafter(llama_target):
+    """Two drafter layers (each projects the same context with its own k/v), blocks of 8."""
+    return make_drafter(llama_target, block_size=8, seed=1, num_layers=2)
+
+
+def _features(drafter, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    width = len(drafter.spec.target_layer_ids) * drafter.spec.hidden_size
+    return torch.randn(batch, SLOTS, width, generator=g)
+
+
+def _layout(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row 0: plain positions 0..SLOTS-1. Row 1: like a decoding cache, 3 left pads (position 0, invalid) and two
+    holes (rejected slots whose positions the next committed slots reuse)."""
+    positions = torch.arange(SLOTS).repeat(batch, 1)
+    valid = torch.ones(batch, SLOTS, dtype=torch.bool)
+    if batch > 1:
+        row = [0, 0, 0] + list(range(0, 8)) + [8, 9] + list(range(8, SLOTS - 13 + 8))  # pads, 0..7, holes 8 9, 8..
+        positions[1] = torch.tensor(row[:SLOTS])
+        valid[1, :3] = False
+        valid[1, 11:13] = False
+    return positions, valid
+
+
+def _logits(drafter, features, positions, valid, anchor_tokens, anchors=ANCHORS) -> torch.Tensor:
+    with torch.no_grad():
+        ctx = drafter.project_context(features, positions, valid)
+        anchor_pos = torch.tensor(anchors).repeat(features.shape[0], 1)
+        return drafter.draft_logits(ctx, anchor_tokens, anchor_pos)
+
+
+def _anchor_tokens(batch: int = 2) -> torch.Tensor:
+    return torch.tensor([[5, 17, 42]] * batch)[:, : len(ANCHORS)]
+
+
+def test_draft_logits_shape(drafter) -> None:
+    positions, valid = _layout()
+    out = _logits(drafter, _features(drafter), positions, valid, _anchor_tokens())
+    assert out.shape == (2, len(ANCHORS), drafter.block_size - 1, drafter.spec.vocab_size)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_block_ignores_context_at_or_after_its_anchor(drafter, row) -> None:
+    positions, valid = _layout()
+    feats = _features(drafter)
+    base = _logits(drafter, feats, positions, valid, _anchor_tokens())
+    for j, a in enumerate(ANCHORS):
+        noisy = feats.clone()
+        late = positions[row] >= a  # including the anchor's own position
+        noisy[row, late] += 5.0 * torch.randn_like(noisy[row, late])
+        out = _logits(drafter, noisy, positions, valid, _anchor_tokens())
+        torch.testing.assert_close(out[row, j], base[row, j], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[1 - row], base[1 - row], atol=0, rtol=0)  # other row untouched
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_block_sees_every_valid_context_slot_before_its_anchor(drafter, row) -> None:
+    positions, valid = _layout()
+    feats = _features(drafter)
+    base = _logits(drafter, feats, positions, valid, _anchor_tokens())
+    for j, a in enumerate(ANCHORS):
+        for slot in torch.nonzero(valid[row] & (positions[row] < a))[:, 0].tolist():
+            noisy = feats.clone()
+            noisy[row, slot] += 5.0 * torch.randn_like(noisy[row, slot])
+            out = _logits(drafter, noisy, positions, valid, _anchor_tokens())
+            assert (out[row, j] - base[row, j]).abs().max() > 1e-4, f"block at {a} blind to slot {slot} (position {int(positions[row, slot])})"
+
+
+def test_block_ignores_invalid_slots(drafter) -> None:
+    """Pads and holes (valid False) are invisible even at positions before the anchor."""
+    positions, valid = _layout()
+    feats = _features(drafter)
+    base = _logits(drafter, feats, positions, valid, _anchor_tokens())
+    noisy = feats.clone()
+    noisy[~valid] += 5.0 * torch.randn_like(noisy[~valid])
+    torch.testing.assert_close(_logits(drafter, noisy, positions, valid, _anchor_tokens()), base, atol=1e-6, rtol=0)
+
+
+def test_blocks_do_not_see_each_other(drafter) -> None:
+    positions, valid = _layout()
+    feats = _features(drafter)
+    tokens = _anchor_tokens()
+    base = _logits(drafter, feats, positions, valid, tokens)
+    for j in range(len(ANCHORS)):
+        changed = tokens.clone()
+        changed[:, j] = (changed[:, j] + 1) % drafter.spec.vocab_size
+        out = _logits(drafter, feats, positions, valid, changed)
+        assert (out[:, j] - base[:, j]).abs().max() > 1e-4  # a block does see its own anchor
+        others = [i for i in range(len(ANCHORS)) if i != j]
+        torch.testing.assert_close(out[:, others], base[:, others], atol=1e-6, rtol=0)
+
+
+def test_many_anchors_in_one_call_equal_separate_calls(drafter) -> None:
+    """The training forward (many blocks per sequence, batch of rows) equals the inference forward (one block,
+    one row) block by block."""
+    positions, valid = _layout()
+    feats = _features(drafter)
+    tokens = _anchor_tokens()
+    together = _logits(drafter, feats, positions, valid, tokens)
+    for b in range(2):
+        for j, a in enumerate(ANCHORS):
+            alone = _logits(drafter, feats[b: b + 1], positions[b: b + 1], valid[b: b + 1], tokens[b: b + 1, j: j + 1], anchors=[a])
+            torch.testing.assert_close(together[b: b + 1, j: j + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_inference_context_equals_training_context(drafter, llama_target) -> None:
+    """A context truncated to the slots before the anchor (inference) gives the same block as the full
+    sequence's context (training), and extending a context slot by slot equals projecting it at once."""
+    positions, valid = _layout(1)
+    feats = _features(drafter, batch=1)
+    a = ANCHORS[1]
+    full = _logits(drafter, feats, positions, valid, _anchor_tokens(1)[:, 1:2], anchors=[a])
+    cut = _logits(drafter, feats[:, :a], positions[:, :a], valid[:, :a], _anchor_tokens(1)[:, 1:2], anchors=[a])
+    torch.testing.assert_close(full, cut, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ctx = drafter.project_context(feats[:, :5], positions[:, :5], valid[:, :5])
+        ctx = ctx.extend(drafter.project_context(feats[:, 5:a], positions[:, 5:a], valid[:, 5:a]))
+        pieces = drafter.draft_logits(ctx, _anchor_tokens(1)[:, 1:2], torch.tensor([[a]]))
+    assert isinstance(ctx, DraftContext)
+    torch.testing.assert_close(pieces, full, atol=1e-5, rtol=0)
+
+
+def test_block_mask_shape_and_rule(drafter) -> None:
+    positions, valid = _layout()
+    with torch.no_grad():
+        ctx = drafter.project_context(_features(drafter), positions, valid)
+    anchors = torch.tensor([ANCHORS, ANCHORS])
+    mask = drafter.block_mask(ctx, anchors)
+    size, nb = drafter.block_size, len(ANCHORS)
+    assert mask.shape == (2, 1, nb * size, SLOTS + nb * size)
+    for b in range(2):
+        for j, a in enumerate(ANCHORS):
+            rows = mask[b, 0, j * size: (j + 1) * size]
+            assert (rows[:, :SLOTS] == (valid[b] & (positions[b] < a))).all()
+            own = torch.zeros(nb * size, dtype=torch.bool)
+            own[j * size: (j + 1) * size] = True
+            assert (rows[:, SLOTS:] == own).all()
+
+
+# ============================================================================ construction and checkpoints
+
+
+def test_default_layer_rule() -> None:
+    assert dflash_default_layers(36, 5) == (1, 9, 17, 25, 33)
+    assert dflash_default_layers(4, 1) == (2,)
+
+
+def test_drafter_does_not_own_target_weights(drafter, llama_target) -> None:
+    keys = set(drafter.state_dict())
+    assert not any(k.startswith("target") or "embed_tokens" in k or "lm_head" in k for k in keys)
+    assert all(p.data_ptr() != llama_target.model.get_input_embeddings().weight.data_ptr() for p in drafter.parameters())
+
+
+def test_target_layer_ids_out_of_range_raise(llama_target) -> None:
+    with pytest.raises(DrafterError, match="target_layer_ids"):
+        new_drafter(llama_target, DrafterConfig(target_layer_ids=(1, llama_target.num_layers)))
+
+
+def test_save_load_round_trip_identical_logits(drafter, llama_target, tmp_path) -> None:
+    save_drafter(drafter, tmp_path / "ckpt", extra={"step": 7})
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["step"] == 7 and config["target"] == llama_target.name
+    loaded = load_drafter(tmp_path / "ckpt", llama_target)
+    assert loaded.spec == drafter.spec
+    positions, valid = _layout()
+    feats = _features(drafter)
+    want = _logits(drafter, feats, positions, valid, _anchor_tokens())
+    got = _logits(loaded, feats, positions, valid, _anchor_tokens())
+    assert torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def saved(drafter, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drafter") / "ckpt"
+    save_drafter(drafter, folder)
+    return folder
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(hidden_size=48), "hidden_size 32 vs target 48"),
+    (dict(vocab_size=32), "vocab_size 64 vs target 32"),
+    (dict(num_layers=3), "num_target_layers 4 vs target 3"),
+])
+def test_load_against_mismatched_target_raises(saved, change, words) -> None:
+    other = tiny_target("llama", **change)
+    with pytest.raises(DrafterError, match=words):
+        load_drafter(saved, other)
+
+
+def _copy(saved, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((saved / name).read_bytes())
+    return folder
+
+
+def test_truncated_weights_raise(saved, llama_target, tmp_path) -> None:
+    folder = _copy(saved, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DrafterError, match="corrupt"):
+        load_drafter(folder, llama_target)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"architecture": "DFlashDrafter"}', "[]", ""])
+def test_garbage_config_raises(saved, llama_target, tmp_path, text) -> None:
+    folder = _copy(saved, tmp_path)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(DrafterError, match="corrupt"):
+        load_drafter(folder, llama_target)
+
+
+def test_missing_folder_or_config_raises(saved, llama_target, tmp_path) -> None:
+    with pytest.raises(DrafterError, match="no drafter checkpoint.*config.json"):
+        load_drafter(tmp_path / "nowhere", llama_target)
+    folder = _copy(saved, tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(DrafterError, match="no drafter checkpoint.*config.json"):
+        load_drafter(folder, llama_target)
+
+
+@pytest.mark.xfail(reason="load_drafter: safetensors' FileNotFoundError has filename=None, so the handler's "
+                          "Path(err.filename) raises TypeError instead of DrafterError", strict=True, raises=TypeError)
+def test_missing_weights_file_raises(saved, llama_target, tmp_path) -> None:
+    folder = _copy(saved, tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(DrafterError, match="model.safetensors"):
+        load_drafter(folder, llama_target)
+
+
+def test_weights_of_another_drafter_shape_raise(saved, llama_target, tmp_path) -> None:
+    """config.json and weights from different drafters: fewer layers (missing keys) is refused."""
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["draftopd_spec"]["num_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DrafterError, match="wrong weights"):
+        load_drafter(folder, llama_target)
+
+
+@pytest.mark.xfail(reason="load_drafter: load_state_dict(strict=False) raises RuntimeError on a shape mismatch, "
+                          "which escapes as RuntimeError instead of DrafterError", strict=True, raises=RuntimeError)
+def test_weights_with_wrong_shapes_raise_drafter_error(saved, llama_target, tmp_path) -> None:
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["draftopd_spec"]["intermediate_size"] *= 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DrafterError):
+        load_drafter(folder, llama_target)

@@ -1,0 +1,119 @@
+"""Tests for draftopd.data.regenerate on a tiny random target (pre-tokenized prompts, no tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from draftopd.config import DecodeConfig, DrafterConfig
+from draftopd.data.prompts import DataError, Prompt
+from draftopd.data.regenerate import SFTExample, load_regenerated, regenerate
+from draftopd.decode.speculative import autoregressive_generate
+from draftopd.models.dflash import new_drafter
+from draftopd.models.load import tiny_target
+
+CFG = DecodeConfig(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def _prompts(n: int, seed: int = 1, lengths=(5, 9, 3, 12, 7, 4, 10)) -> tuple[list[Prompt], list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [Prompt(f"p{i}", "unit", (("user", f"prompt {i}"),)) for i in range(n)]
+    ids = [torch.randint(0, 63, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+    return prompts, ids
+
+
+def _records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_writes_records_equal_to_autoregressive(target, tmp_path):
+    prompts, ids = _prompts(5)
+    out = tmp_path / "sub" / "regen.jsonl"
+    summary = regenerate(target, prompts, out, CFG, batch_size=2, prompt_ids=ids, progress=False)
+    assert (summary.written, summary.skipped_done, summary.skipped_too_long) == (5, 0, 0)
+    records = _records(out)
+    assert [r["id"] for r in records] == [p.id for p in prompts]
+    assert summary.tokens == sum(len(r["response_ids"]) for r in records)
+    for batch_index, start in enumerate(range(0, 5, 2)):
+        want = autoregressive_generate(target, ids[start:start + 2], CFG)
+        for r, p, trace in zip(records[start:start + 2], ids[start:start + 2], want.traces):
+            assert set(r) == {"id", "source", "prompt_ids", "response_ids", "finish", "settings"}
+            assert r["source"] == "unit" and r["prompt_ids"] == p
+            assert r["response_ids"] == trace.output and r["finish"] == trace.finish in ("eos", "length")
+            assert r["settings"] == {"target": target.name, "max_new_tokens": 12, "temperature": 0.0,
+                                     "seed": batch_index, "chat_template": None}
+    for p, r in zip(ids, records):  # batching does not change greedy text
+        assert autoregressive_generate(target, [p], CFG).traces[0].output == r["response_ids"]
+
+
+def test_rerun_skips_done_and_torn_line(target, tmp_path):
+    prompts, ids = _prompts(6)
+    out = tmp_path / "regen.jsonl"
+    regenerate(target, prompts[:3], out, CFG, prompt_ids=ids[:3], progress=False)
+    full = out.read_text()
+    out.write_text(full + '{"id": "p3", "source": "unit", "prompt_i')  # a kill mid-write
+    summary = regenerate(target, prompts, out, CFG, batch_size=4, prompt_ids=ids, progress=False)
+    assert (summary.written, summary.skipped_done) == (3, 3)
+    records = _records(out)  # every line parses: the torn one is gone
+    assert [r["id"] for r in records] == [f"p{i}" for i in range(6)]
+    again = regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
+    assert (again.written, again.skipped_done, again.tokens) == (0, 6, 0)
+    assert len(_records(out)) == 6
+
+
+def test_too_long_prompts_are_skipped(target, tmp_path):
+    prompts, ids = _prompts(3)
+    ids[1] = [1] * 40
+    out = tmp_path / "regen.jsonl"
+    summary = regenerate(target, prompts, out, CFG, prompt_ids=ids, max_prompt_tokens=20, progress=False)
+    assert (summary.written, summary.skipped_too_long) == (2, 1)
+    assert [r["id"] for r in _records(out)] == ["p0", "p2"]
+
+
+def test_drafter_gives_identical_output(target, tmp_path):
+    prompts, ids = _prompts(4)
+    drafter = new_drafter(target, DrafterConfig(block_size=8))
+    plain, spec = tmp_path / "ar.jsonl", tmp_path / "spec.jsonl"
+    regenerate(target, prompts, plain, CFG, batch_size=3, prompt_ids=ids, progress=False)
+    regenerate(target, prompts, spec, CFG, batch_size=3, prompt_ids=ids, drafter=drafter, progress=False)
+    assert _records(plain) == _records(spec)
+
+
+def test_no_tokenizer_without_prompt_ids_is_an_error(target, tmp_path):
+    prompts, _ = _prompts(1)
+    with pytest.raises(DataError, match="no tokenizer"):
+        regenerate(target, prompts, tmp_path / "x.jsonl", CFG, progress=False)
+
+
+def test_load_regenerated(target, tmp_path):
+    prompts, ids = _prompts(3)
+    out = tmp_path / "regen.jsonl"
+    regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
+    good = _records(out)
+    bad = ["not json", json.dumps({**good[0], "id": "empty", "response_ids": []}), json.dumps({"id": "x"}),
+           json.dumps({**good[0], "prompt_ids": ["a"], "id": "strs"}), json.dumps(good[1])]  # last: repeated id
+    out.write_text(out.read_text() + "\n".join(bad) + "\n\n")
+    data = load_regenerated(out)
+    assert data.skipped == 5
+    assert [e.id for e in data.examples] == ["p0", "p1", "p2"]
+    assert data.examples[0] == SFTExample("p0", tuple(ids[0]), tuple(good[0]["response_ids"]))
+
+
+def test_load_regenerated_empty_raises(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no usable training examples"):
+        load_regenerated(empty)
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{\n" + json.dumps({"id": "a", "prompt_ids": [1], "response_ids": []}) + "\n")
+    with pytest.raises(DataError, match="no usable training examples"):
+        load_regenerated(junk)
+    with pytest.raises(DataError):
+        load_regenerated(tmp_path / "missing.jsonl")
