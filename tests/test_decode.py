@@ -230,6 +230,7 @@ def test_greedy_stops_at_eos_per_row(small_vocab_target) -> None:
     eos = target.vocab_size - 1
     prompts = random_prompts(target.vocab_size, [3, 6, 9, 4, 7, 2], seed=8)
     refs = [hf_greedy(target, p, 30) for p in prompts]
+    assert 0 < sum(eos in r for r in refs) < len(refs)  # both kinds of rows in the batch
     out = generate(target, _drafter(target, "perturbed", 8), prompts, DecodeConfig(max_new_tokens=30))
     for ref, trace in zip(refs, out.traces):
         want = ref[: ref.index(eos) + 1] if eos in ref else ref

@@ -230,11 +230,14 @@ def load_drafter(folder: str | Path, target: Target) -> DFlashDrafter:
         spec = DrafterSpec(**{**config["draftopd_spec"], "target_layer_ids": tuple(config["draftopd_spec"]["target_layer_ids"])})
         weights = load_file(str(folder / "model.safetensors"))
     except FileNotFoundError as err:
-        raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename).name}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, OSError, Exception) as err:
+        raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename or 'model.safetensors').name}") from None
+    except Exception as err:  # json, key, type and safetensors header errors all mean a corrupt checkpoint
         raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
     drafter = DFlashDrafter(spec, target)
-    missing, unexpected = drafter.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = drafter.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        raise DrafterError(f"drafter checkpoint at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise DrafterError(f"drafter checkpoint at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return drafter

@@ -93,8 +93,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tiny_target(arch: str = "llama", vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 4, seed: int = 0, max_positions: int = 512) -> Target:
-    """A small randomly initialised target (Llama or Qwen3 config) for tests; no tokenizer."""
+def tiny_target(arch: str = "llama", vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
+                max_positions: int = 512, sharpness: float = 4.0) -> Target:
+    """A small randomly initialised target (Llama or Qwen3 config) for tests; no tokenizer. `sharpness` scales the
+    output head: larger values make the next-token distribution peakier, like a trained LM on predictable text."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
@@ -105,5 +107,5 @@ def tiny_target(arch: str = "llama", vocab_size: int = 64, hidden_size: int = 32
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():  # sharpen the random init so greedy text has structure a drafter can learn
-        model.get_output_embeddings().weight.mul_(4.0)
+        model.get_output_embeddings().weight.mul_(sharpness)
     return Target(model, None, name=f"tiny-{arch}")
