@@ -103,17 +103,37 @@ def save_checkpoint(folder: Path, drafter: DFlashDrafter, trainer_state: dict, e
     shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The `last` checkpoint of a run folder, if a previous run left one."""
-    last = out_dir / "last"
-    return last if (last / "trainer.pt").exists() else None
+@dataclass
+class TrainerState:
+    """Everything beside the weights that a resumed run needs: optimizer, schedule, the trainer's RNG
+    (anchor sampling), the global RNG, compute spent, optimizer steps taken and data items consumed."""
 
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator
+    compute: Compute
+    step: int = 0
+    data_pos: int = 0
 
-def load_trainer_state(folder: Path, drafter: DFlashDrafter) -> dict:
-    """Load drafter weights in place and return the trainer state saved beside them."""
-    loaded = load_drafter(folder, drafter.target)
-    drafter.load_state_dict(loaded.state_dict())
-    return torch.load(folder / "trainer.pt", weights_only=False)
+    @staticmethod
+    def start(drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
+        """Fresh state, or the state of `out_dir/last` (weights loaded into `drafter`) when resuming."""
+        opt, sched = build_optimizer(drafter, optim, steps)
+        torch.manual_seed(seed)
+        state = TrainerState(opt, sched, torch.Generator().manual_seed(seed), Compute())
+        last = out_dir / "last"
+        if resume and (last / "trainer.pt").exists():
+            drafter.load_state_dict(load_drafter(last, drafter.target).state_dict())
+            saved = torch.load(last / "trainer.pt", weights_only=False)
+            opt.load_state_dict(saved["optimizer"]), sched.load_state_dict(saved["scheduler"])
+            state.gen.set_state(saved["anchor_rng"]), set_rng_state(saved["rng"])
+            state.compute, state.step, state.data_pos = Compute(**saved["compute"]), saved["step"], saved["data_pos"]
+        return state
+
+    def save(self, out_dir: Path, drafter: DFlashDrafter, trainer: str) -> None:
+        saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
+                 "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
+        save_checkpoint(out_dir / "last", drafter, saved, {"trainer": trainer, "step": self.step, "flops": self.compute.flops})
 
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:

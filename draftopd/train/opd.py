@@ -41,8 +41,7 @@ from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.dflash import DFlashDrafter
 from .anchors import Segments, make_segments
 from .blocks import SequenceBatch, block_labels, block_logits, pad_batch, score_batch
-from .common import (Compute, MetricsWriter, build_optimizer, data_order, latest_checkpoint, load_trainer_state,
-                     param_counts, rng_state, save_checkpoint, set_rng_state)
+from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
 from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact, stream_sums
 
 
@@ -158,34 +157,30 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
               progress: bool = True, on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
     """Draft-OPD on `prompts` (token ids); trains `drafter` in place, returns the final checkpoint folder."""
     out_dir = Path(out_dir)
-    opt, sched = build_optimizer(drafter, cfg.optim, cfg.steps)
-    gen, compute, step, data_pos = torch.Generator().manual_seed(cfg.seed), Compute(), 0, 0
-    if resume and (ckpt := latest_checkpoint(out_dir)):
-        state = load_trainer_state(ckpt, drafter)
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["anchor_rng"]), set_rng_state(state["rng"])
-        compute, step, data_pos = Compute(**state["compute"]), state["step"], state["data_pos"]
+    st = TrainerState.start(drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    compute = st.compute
     target_params, draft_params = param_counts(drafter)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
-    bar = tqdm(total=cfg.steps, initial=step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
-    while step < cfg.steps:
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
+    while st.step < cfg.steps:
         # 1. rollout with the current drafter through the speculative decoder
         t0, traces = time.perf_counter(), []
         drafter.eval()
         for _ in range(cfg.rollouts_per_step):
-            batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, data_pos, cfg.prompts_per_rollout)]
-            data_pos += cfg.prompts_per_rollout
-            rollout = generate(drafter.target, drafter, batch, DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + data_pos))
+            batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, st.data_pos, cfg.prompts_per_rollout)]
+            st.data_pos += cfg.prompts_per_rollout
+            decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + st.data_pos)
+            rollout = generate(drafter.target, drafter, batch, decode)
             traces += [t for t in rollout.traces if t.rounds > 0]
             compute.add_target(sum(len(p) for p in batch) + rollout.timing.rounds * len(batch) * drafter.block_size, target_params)
             compute.add_draft_forward(rollout.timing.rounds * len(batch) * drafter.block_size, draft_params)
         t1 = time.perf_counter()
         # 2. anchors, and the step's normalisers
-        segments = [make_segments(t, cfg.anchors, gen) for t in traces]
+        segments = [make_segments(t, cfg.anchors, st.gen) for t in traces]
         acc_norm, rej_norm = step_norms(traces, segments, drafter.block_size, cfg.loss)
         # 3-4. replay and loss, accumulated over micro-batches
         drafter.train()
-        opt.zero_grad(set_to_none=True)
+        st.opt.zero_grad(set_to_none=True)
         sums = {"acc": 0.0, "rej": 0.0, "total": 0.0}
         for i in range(0, len(traces), cfg.replay_batch):
             rb = collate(drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
@@ -200,22 +195,21 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
         t2 = time.perf_counter()
         # 5. update
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
-        opt.step(), sched.step()
-        step += 1
+        st.opt.step(), st.sched.step()
+        st.step += 1
+        step = st.step
         t3 = time.perf_counter()
         stats = summarize(Generation(traces, Timing()), drafter.block_size)
         row = {"rollout/tau": stats.tau, "rollout/slot_acc_1": stats.slot_acceptance[0], "rollout/sequences": len(traces),
                "loss/total": sums["total"], "loss/acc": sums["acc"], "loss/rej": sums["rej"],
                "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
-               "train/lr": sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1,
+               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1,
                "time/update_s": t3 - t2, **compute.metrics()}
         metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{sums['total']:.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "anchor_rng": gen.get_state(),
-                     "rng": rng_state(), "compute": vars(compute).copy(), "step": step, "data_pos": data_pos}
-            save_checkpoint(out_dir / "last", drafter, state, {"trainer": "draft-opd", "step": step, "flops": compute.flops})
+            st.save(out_dir, drafter, "draft-opd")
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()

@@ -23,8 +23,7 @@ from tqdm import tqdm
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
 from .blocks import block_labels, block_logits, pad_batch, sample_anchors, score_batch
-from .common import (Compute, MetricsWriter, build_optimizer, data_order, latest_checkpoint, load_trainer_state, param_counts,
-                     rng_state, save_checkpoint, set_rng_state)
+from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
 
@@ -67,38 +66,32 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
     """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill);
     `cfg.max_flops` ends the run once that much compute is spent (compute-matched comparisons)."""
     out_dir = Path(out_dir)
-    opt, sched = build_optimizer(drafter, cfg.optim, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    compute, step, data_pos = Compute(), 0, 0
-    if resume and (ckpt := latest_checkpoint(out_dir)):
-        state = load_trainer_state(ckpt, drafter)
-        opt.load_state_dict(state["optimizer"]), sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["anchor_rng"]), set_rng_state(state["rng"])
-        compute, step, data_pos = Compute(**state["compute"]), state["step"], state["data_pos"]
+    st = TrainerState.start(drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    compute = st.compute
     target_params, draft_params = param_counts(drafter)
     metrics = MetricsWriter(out_dir / "metrics.jsonl")
     drafter.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="sft", disable=not progress, dynamic_ncols=True)
-    while step < cfg.steps and (stop_after is None or step < stop_after) and (cfg.max_flops is None or compute.flops < cfg.max_flops):
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress, dynamic_ncols=True)
+    while st.step < cfg.steps and (stop_after is None or st.step < stop_after) and (cfg.max_flops is None or compute.flops < cfg.max_flops):
         t0 = time.perf_counter()
         results = []
         for _ in range(cfg.grad_accum):
-            micro = [examples[i] for i in data_order(len(examples), cfg.seed, data_pos, cfg.batch_size)]
-            data_pos += cfg.batch_size
-            results.append(sft_micro_batch(drafter, micro, cfg, gen))
+            micro = [examples[i] for i in data_order(len(examples), cfg.seed, st.data_pos, cfg.batch_size)]
+            st.data_pos += cfg.batch_size
+            results.append(sft_micro_batch(drafter, micro, cfg, st.gen))
         total_weight = sum(r.weight_sum for r in results)
         loss = sum(r.loss_sum for r in results) / max(total_weight, 1e-9)
-        opt.zero_grad(set_to_none=True)
+        st.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
-        opt.step(), sched.step()
-        step += 1
+        st.opt.step(), st.sched.step()
+        st.step += 1
+        step = st.step
         for r in results:
             compute.add_target(r.target_tokens, target_params)
             compute.add_draft_train(r.draft_tokens, draft_params)
         correct, count = sum(r.slot_correct for r in results), sum(r.slot_count for r in results)
-        row = {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": sched.get_last_lr()[0],
+        row = {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": st.sched.get_last_lr()[0],
                **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
                **compute.metrics(), "time/step_s": time.perf_counter() - t0}
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
@@ -107,9 +100,7 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc1=f"{row['train/acc_slot_1']:.2f}")
         done = step == cfg.steps or (cfg.max_flops is not None and compute.flops >= cfg.max_flops)
         if step % cfg.save_every == 0 or done:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "anchor_rng": gen.get_state(),
-                     "rng": rng_state(), "compute": vars(compute).copy(), "step": step, "data_pos": data_pos}
-            save_checkpoint(out_dir / "last", drafter, state, {"trainer": "sft", "step": step, "flops": compute.flops})
+            st.save(out_dir, drafter, "sft")
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()
