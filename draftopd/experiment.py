@@ -31,6 +31,7 @@ from .train.opd import OPDConfig, train_opd
 from .train.sft import train_sft
 
 ABLATIONS = {
+    "full": {},
     "no-decay": {"gamma": 1.0},
     "reverse-both": {"acc_direction": "reverse"},
     "forward-both": {"rej_direction": "forward"},
@@ -57,6 +58,7 @@ class ExperimentConfig:
     curve_every: int = 2
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_prompts=2, max_new_tokens=48))
     ablations: tuple[str, ...] = ()
+    ablation_steps: int | None = None  # Draft-OPD steps of each ablation row (None = opd.steps)
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
@@ -91,12 +93,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                          "per_set": {r.name: {"tau": r.tau, "speedup": r.speedup} for r in report.rows}}
     # 5. ablations: Draft-OPD variants from the same SFT start, same steps
     ablations = {}
-    for name in cfg.ablations:
-        variant = _ablation_config(cfg.opd, name)
+    for name in (("full",) + tuple(a for a in cfg.ablations if a != "full")) if cfg.ablations else ():
+        variant = replace(_ablation_config(cfg.opd, name), steps=cfg.ablation_steps or cfg.opd.steps)
         drafter, _ = _run_opd(sft, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress)
         ablations[name] = {"curve_tau": curve_tau(drafter)}
-    if cfg.ablations:
-        ablations["full"] = {"curve_tau": curves["opd"][-1]["tau"]}
     summary = {"config": _jsonable(asdict(cfg)), "results": results, "curves": curves, "ablations": ablations,
                "plot": str(plot_curves(curves, out / "tau_vs_compute.png")), "sft_checkpoint": str(sft_dir)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

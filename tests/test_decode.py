@@ -137,20 +137,27 @@ def _drafter(target: Target, kind: str, block_size: int):
 class OracleDrafts:
     """Replaces `draft_block`: runs the real drafter (its context plumbing stays exercised) but proposes the
     target's true greedy continuation, corrupted at one random slot per row and round (or not at all), so rows
-    accept ragged, often long, prefixes. Records the number of leading correct drafts per (row, anchor)."""
+    accept ragged, often long, prefixes. Records the number of leading correct drafts per (sequence, anchor).
+    Finished rows leave the batch, so it also wraps `_active` to know which sequence each batch row is."""
 
     def __init__(self, sequences: list[list[int]], vocab: int, seed: int):
         self.sequences, self.vocab = sequences, vocab
         self.rng = random.Random(seed)
         self.expected: dict[tuple[int, int], int] = {}
-        self.real = S.draft_block
+        self.real, self.real_active = S.draft_block, S._active
+        self.rows = list(range(len(sequences)))
+
+    def active(self, traces, current):
+        rows = self.real_active(traces, current)
+        self.rows = rows.traces
+        return rows
 
     def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen) -> Draft:
         real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen)
         k = real.tokens.shape[1]
         tokens = real.tokens.clone()
-        for b, seq in enumerate(self.sequences):
-            a = int(anchor_pos[b])
+        for b, i in enumerate(self.rows):
+            seq, a = self.sequences[i], int(anchor_pos[b])
             if a + 1 + k > len(seq):  # a finished row running past its reference: anything goes
                 continue
             assert int(anchor[b]) == seq[a], "anchor is not the target's greedy token at its position"
@@ -161,7 +168,7 @@ class OracleDrafts:
                 row[reject - 1] = (truth[reject - 1] + self.rng.randrange(1, self.vocab)) % self.vocab
                 row[reject:] = [self.rng.randrange(self.vocab) for _ in row[reject:]]
             tokens[b] = torch.tensor(row)
-            self.expected[(b, a)] = reject - 1
+            self.expected[(i, a)] = reject - 1
         return Draft(tokens, F.one_hot(tokens, self.vocab).float() * 20.0)
 
 
@@ -173,13 +180,14 @@ def _check_greedy(target: Target, drafter, refs, groups: list[list[int]], oracle
         if oracle:
             spy = OracleDrafts([refs[i][0] + refs[i][1] for i in group], target.vocab_size, seed=sum(group))
             monkeypatch.setattr(S, "draft_block", spy)
+            monkeypatch.setattr(S, "_active", spy.active)
         out = generate(target, drafter, prompts, cfg)
         for b, (i, trace) in enumerate(zip(group, out.traces)):
             assert trace.output == refs[i][1][:N_NEW], f"prompt {i} (len {len(refs[i][0])}) diverges from HF greedy"
             assert trace.finish == "length"
             accepted += trace.accepted
             if oracle:
-                assert trace.accepted == [spy.expected[(b, a)] for a in trace.anchors]
+                assert trace.accepted == [spy.expected[(b, a)] for a in trace.anchors]  # b: index in the group
         if oracle:
             monkeypatch.undo()
     return accepted
@@ -339,7 +347,9 @@ def test_trace_consistency(request, mode, monkeypatch) -> None:
     target, drafter, prompts, cfg = _trace_runs(request, mode)
     if mode == "oracle-llama":
         seqs = [p + hf_greedy(target, p, cfg.max_new_tokens + drafter.block_size) for p in prompts]
-        monkeypatch.setattr(S, "draft_block", OracleDrafts(seqs, target.vocab_size, seed=4))
+        spy = OracleDrafts(seqs, target.vocab_size, seed=4)
+        monkeypatch.setattr(S, "draft_block", spy)
+        monkeypatch.setattr(S, "_active", spy.active)
     out = generate(target, drafter, prompts, cfg)
     k = drafter.block_size - 1
     layers = drafter.spec.target_layer_ids

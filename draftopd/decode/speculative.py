@@ -84,16 +84,33 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
     anchor = sample(out.logits[:, -1], cfg.temperature, gen)
     _append(traces, [[int(t)] for t in anchor], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
-    while not all(t.finish for t in traces):
+    rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
+    state, ctx, anchor = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index]
+    while rows.traces:
         rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing)
         t1 = time.perf_counter()
-        _record(traces, rnd, cfg.record_draft_logits)
+        live = [traces[i] for i in rows.traces]
+        _record(live, rnd, cfg.record_draft_logits)
         committed = [d[:r].tolist() + [int(n)] for d, r, n in zip(rnd.draft.tokens, rnd.acceptance.accepted, rnd.acceptance.next_token)]
-        _append(traces, committed, target.eos_ids, cfg)
-        anchor = rnd.acceptance.next_token
+        _append(live, committed, target.eos_ids, cfg)
+        rows = _active(traces, rows.traces)
+        state, ctx, anchor = target.select_rows(state, rows.index), ctx.select(rows.index), rnd.acceptance.next_token[rows.index]
         timing.rounds += 1
         timing.other_s += time.perf_counter() - t1
     return Generation(traces, timing)
+
+
+@dataclass
+class Rows:
+    """The rows still decoding: `traces` their trace indices, `index` their rows in the previous batch."""
+
+    traces: list[int]
+    index: Tensor
+
+
+def _active(traces: list[RolloutTrace], current: list[int]) -> Rows:
+    keep = [b for b, i in enumerate(current) if not traces[i].finish]
+    return Rows([current[b] for b in keep], torch.tensor(keep, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -107,12 +124,16 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
     token = sample(out.logits[:, -1], cfg.temperature, gen)
     _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
-    while not all(t.finish for t in traces):
+    rows = _active(traces, list(range(len(traces))))
+    state, token = target.select_rows(state, rows.index), token[rows.index]
+    while rows.traces:
         t1 = time.perf_counter()
         out = target.verify(state, token[:, None])
         t2 = time.perf_counter()
         token = sample(out.logits[:, -1], cfg.temperature, gen)
-        _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
+        _append([traces[i] for i in rows.traces], [[int(t)] for t in token], target.eos_ids, cfg)
+        rows = _active(traces, rows.traces)
+        state, token = target.select_rows(state, rows.index), token[rows.index]
         timing.verify_s += t2 - t1
         timing.other_s += time.perf_counter() - t2
         timing.rounds += 1

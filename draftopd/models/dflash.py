@@ -101,6 +101,12 @@ class DraftContext:
         return DraftContext([cat(a, b) for a, b in zip(self.keys, other.keys)], [cat(a, b) for a, b in zip(self.values, other.values)],
                             torch.cat([self.positions, other.positions], 1), torch.cat([self.valid, other.valid], 1))
 
+    def select(self, index: Tensor) -> "DraftContext":
+        """Keep only the batch rows `index` (no-op when all rows stay)."""
+        if len(index) == self.valid.shape[0]:
+            return self
+        return DraftContext([k[index] for k in self.keys], [v[index] for v in self.values], self.positions[index], self.valid[index])
+
     def sync(self, valid: Tensor) -> "DraftContext":
         """Follow the target cache after a commit: same slots, same holes."""
         n = valid.shape[1]

@@ -121,6 +121,15 @@ class Target:
             state.valid = state.valid[:, : state.slots - drop]
             state.positions = state.positions[:, : state.slots]
 
+    def select_rows(self, state: TargetState, index: Tensor) -> TargetState:
+        """Keep only the rows `index` of the batch (finished rows leave); a no-op when all rows stay."""
+        if len(index) == state.valid.shape[0]:
+            return state
+        index = index.to(state.valid.device)
+        if state.cache is not None and len(index) > 0:
+            state.cache.batch_select_indices(index)
+        return TargetState(state.cache, state.valid[index], state.positions[index], state.lengths[index], state.last_block)
+
     @torch.no_grad()
     def score(self, sequences: Tensor, valid: Tensor, layers: tuple[int, ...] = ()) -> TargetOutput:
         """Teacher-forced forward over whole (left-padded) sequences, no cache kept (training features)."""

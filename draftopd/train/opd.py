@@ -18,8 +18,9 @@ One optimizer step (`train_opd`, the story function):
 
 Which target computation is reused: in "estimate" mode the rejected stream's `log p` comes straight from the
 rollout's verify logits (no second forward); the accepted stream and the context features come from one
-teacher-forced forward per sequence, which costs about one verify round's worth of tokens per sequence and
-is much cheaper than keeping V-sized verify logits per round. "exact" mode needs `p`'s full distribution on
+teacher-forced forward per sequence: T tokens in one batched pass, against the rollout's (T / tau) * B tokens
+in T / tau sequential passes, and far less memory than keeping V-sized verify logits for every round
+(`time/replay_teacher_s` against `time/rollout_s` in metrics.jsonl measures it). "exact" mode needs `p`'s full distribution on
 the draft prefixes, which the rollout does not keep, so it re-verifies every segment in one forward
 (`Target.score_blocks`); so does the random-anchor ablation, whose blocks were never verified.
 """
@@ -78,6 +79,7 @@ class ReplayResult:
     rej: StreamSums
     target_tokens: int
     draft_tokens: int
+    teacher_s: float  # time in the target's replay forwards (teacher-forced score + re-verify)
 
 
 def stream_masks(accepted: torch.Tensor, valid: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor, cfg: LossConfig):
@@ -124,7 +126,9 @@ def reverify(drafter: DFlashDrafter, rb: ReplayBatch) -> torch.Tensor:
 
 def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
     """Replay the drafter at every segment with gradients and return the two streams' loss sums."""
+    t0 = time.perf_counter()
     scored = score_batch(drafter, rb.seq)
+    teacher_s = time.perf_counter() - t0
     if rb.drafts is None:  # random anchors: propose with the current drafter, then have the target verify it
         with torch.no_grad():
             rb.drafts = block_logits(drafter, rb.seq, scored.features, rb.anchors).argmax(-1)
@@ -133,7 +137,9 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     p_acc = _gather_positions(scored.logits, pos)
+    t0 = time.perf_counter()
     p_rej = reverify(drafter, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
+    teacher_s += time.perf_counter() - t0
     q_logp = torch.log_softmax(q_logits, -1)
     if cfg.mode == "exact":
         acc_tok = kl_exact(p_acc, q_logits, cfg.acc_direction)
@@ -144,7 +150,8 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
         acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp)
         rej_tok = kl_estimate(p_rej_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp)
     return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
-                        int(rb.seq.lengths.sum()), int(rb.valid.sum()) * drafter.block_size)
+                        int(rb.seq.lengths.sum()) + (int(rb.valid.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
+                        int(rb.valid.sum()) * drafter.block_size, teacher_s)
 
 
 def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -181,13 +188,14 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
         # 3-4. replay and loss, accumulated over micro-batches
         drafter.train()
         st.opt.zero_grad(set_to_none=True)
-        sums = {"acc": 0.0, "rej": 0.0, "total": 0.0}
+        sums = {"acc": 0.0, "rej": 0.0, "total": 0.0, "teacher_s": 0.0}
         for i in range(0, len(traces), cfg.replay_batch):
             rb = collate(drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
             res = replay(drafter, rb, cfg.loss)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
             loss.backward()
             sums["total"] += float(loss.detach())
+            sums["teacher_s"] += res.teacher_s
             sums["acc"] += float(res.acc.loss_sum.detach()) / max(acc_norm, 1e-9)
             sums["rej"] += float(res.rej.loss_sum.detach()) / max(rej_norm, 1e-9)
             compute.add_target(res.target_tokens, target_params)
@@ -203,7 +211,7 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
         row = {"rollout/tau": stats.tau, "rollout/slot_acc_1": stats.slot_acceptance[0], "rollout/sequences": len(traces),
                "loss/total": sums["total"], "loss/acc": sums["acc"], "loss/rej": sums["rej"],
                "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
-               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1,
+               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": sums["teacher_s"],
                "time/update_s": t3 - t2, **compute.metrics()}
         metrics.write(step, row)
         bar.update(1)
