@@ -1,0 +1,99 @@
+"""The `draftopd` command line on a tiny local target folder: the pipeline end to end and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from draftopd.cli import main
+from draftopd.config import DrafterConfig
+from draftopd.models.dflash import new_drafter, save_drafter
+from draftopd.models.load import tiny_target
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a Hugging Face folder with a word-level ChatML tokenizer (64 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-target")
+    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] + [f"w{i}" for i in range(58)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML
+    target = tiny_target(vocab_size=64, hidden_size=32, num_layers=4, sharpness=30.0)
+    target.model.config.eos_token_id = 2
+    target.model.generation_config.eos_token_id = 2
+    target.model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc: int, err: str, fragment: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("draftopd: error:") and fragment in lines[0], err
+
+
+def test_generate_prints_text_and_stats(target_dir, capsys):
+    rc, out, _ = run(capsys, "generate", "--target", target_dir, "--prompt", "w1 w2 w3", "--max-new-tokens", 12, "--draft-block-size", 8)
+    assert rc == 0 and "tau:" in out and "per-slot acceptance:" in out and "tokens/s:" in out
+    rc, out, _ = run(capsys, "generate", "--target", target_dir, "--prompt", "w1 w2 w3", "--max-new-tokens", 12, "--json")
+    result = json.loads(out)
+    assert rc == 0 and len(result["texts"]) == 1 and result["stats"]["tau"] >= 1.0 and len(result["stats"]["slot_acceptance"]) == 15
+
+
+def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % 50}" for j in range(5))}) for i in range(12)))
+    data = tmp_path / "data.jsonl"
+    rc, out, err = run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
+                       "--max-new-tokens", 16, "--no-stop-at-eos", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["written"] == 12 and len(data.read_text().splitlines()) == 12
+    rc, out, err = run(capsys, "sft", "--target", target_dir, "--data", data, "--out", tmp_path / "sft", "--steps", 3,
+                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-block-size", 8, "--json")
+    assert rc == 0, err
+    sft_ckpt = json.loads(out)["checkpoint"]
+    assert (Path(sft_ckpt) / "model.safetensors").exists()
+    rc, out, err = run(capsys, "opd", "--target", target_dir, "--drafter", sft_ckpt, "--prompts", prompts, "--out", tmp_path / "opd",
+                       "--steps", 2, "--prompts-per-rollout", 2, "--max-new-tokens", 12, "--anchors", "random", "--json")
+    assert rc == 0, err
+    lines = (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "rollout/tau" in json.loads(lines[0])
+
+
+def test_bad_inputs_give_one_line_errors(target_dir, tmp_path, capsys):
+    rc, _, err = run(capsys, "generate", "--target", "no-such-model", "--prompt", "hi")
+    assert_one_line_error(rc, err, "unknown target")
+    rc, _, err = run(capsys, "generate", "--target", target_dir, "--prompt", "   ")
+    assert_one_line_error(rc, err, "empty prompt")
+    rc, _, err = run(capsys, "generate", "--target", target_dir, "--prompt", " ".join(["w1"] * 600))
+    assert_one_line_error(rc, err, "exceeds the target's context")
+    other = new_drafter(tiny_target(vocab_size=64, hidden_size=48, num_layers=4), DrafterConfig(block_size=8))
+    save_drafter(other, tmp_path / "other")
+    rc, _, err = run(capsys, "generate", "--target", target_dir, "--drafter", tmp_path / "other", "--prompt", "w1")
+    assert_one_line_error(rc, err, "does not match target")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    rc, _, err = run(capsys, "generate", "--target", target_dir, "--drafter", tmp_path / "corrupt", "--prompt", "w1")
+    assert_one_line_error(rc, err, "corrupt drafter checkpoint")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--data", tmp_path / "empty.jsonl", "--out", tmp_path / "s")
+    assert_one_line_error(rc, err, "no usable training examples")
+    rc, _, err = run(capsys, "demo", "--ablations", "nonsense")
+    assert_one_line_error(rc, err, "unknown ablation")
