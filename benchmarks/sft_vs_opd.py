@@ -4,8 +4,8 @@
 
 Same pipeline as `draftopd demo` (draftopd/experiment.py). `--scale demo` is the demo's size;
 `--scale full` fits in about an hour on 2 CPU cores (240 regenerated ShareGPT answers of up to 96 tokens,
-a 2-layer block-8 drafter, 400 SFT steps, 20 Draft-OPD steps against equal-compute continued SFT, 4 prompts
-per evaluation set; ablation rows, if asked for, run 8 Draft-OPD steps each from the same SFT start). Prints the results
+a 2-layer block-8 drafter, 400 SFT steps, 20 Draft-OPD steps against equal-compute continued SFT, 3 prompts
+per evaluation set; ablation rows, if asked for, run 6 Draft-OPD steps each from the same SFT start). Prints the results
 table and writes summary.json, eval_*.json, curves.json and tau_vs_compute.png under --out.
 """
 
@@ -26,7 +26,7 @@ FULL = ExperimentConfig(
     sft=SFTConfig(steps=400, batch_size=4, anchors_per_seq=24, save_every=50, optim=OptimConfig(lr=1e-3)),
     opd=OPDConfig(steps=20, prompts_per_rollout=4, rollouts_per_step=1, max_new_tokens=96, save_every=5,
                   loss=LossConfig(mode="exact"), optim=OptimConfig(lr=5e-4)),
-    continued_sft_lr=5e-4, curve_prompts=8, curve_every=5, eval=EvalConfig(num_prompts=4, max_new_tokens=96), ablation_steps=8)
+    continued_sft_lr=5e-4, curve_prompts=8, curve_every=5, eval=EvalConfig(num_prompts=3, max_new_tokens=96), ablation_steps=6)
 
 
 def main() -> None:
