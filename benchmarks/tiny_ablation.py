@@ -38,8 +38,8 @@ class Example:
     response_ids: tuple[int, ...]
 
 
-def run_seed(seed: int, sft_steps: int, opd_steps: int, work: Path) -> dict[str, float]:
-    target = tiny_target(vocab_size=64, hidden_size=64, num_layers=4, sharpness=30.0, seed=seed)
+def run_seed(seed: int, sft_steps: int, opd_steps: int, sharpness: float, work: Path) -> dict[str, float]:
+    target = tiny_target(vocab_size=64, hidden_size=64, num_layers=4, sharpness=sharpness, seed=seed)
     rng = random.Random(seed)
     prompts = [[rng.randrange(60) for _ in range(rng.randint(3, 10))] for _ in range(96)]
     answers = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False)).traces
@@ -50,6 +50,10 @@ def run_seed(seed: int, sft_steps: int, opd_steps: int, work: Path) -> dict[str,
 
     start = new_drafter(target, DrafterConfig(block_size=8), seed=seed)
     train_sft(start, train, SFTConfig(steps=sft_steps, batch_size=8, anchors_per_seq=16, seed=seed, optim=OptimConfig(lr=3e-3)), work / f"sft{seed}", progress=False)
+    seq = torch.tensor([list(train[0].prompt_ids + train[0].response_ids)])
+    with torch.no_grad():
+        p_top = torch.softmax(target.model(seq).logits[0, len(train[0].prompt_ids) - 1:-1], -1).max(-1).values.mean()
+    print(f"seed {seed}: mean target probability of its greedy tokens {float(p_top):.2f}", flush=True)
     result = {"sft start": tau(start)}
     base = OPDConfig(steps=opd_steps, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32, seed=seed,
                      loss=LossConfig(mode="exact"), optim=OptimConfig(lr=2e-3))
@@ -70,10 +74,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sft-steps", type=int, default=30)
     parser.add_argument("--opd-steps", type=int, default=12)
+    parser.add_argument("--sharpness", type=float, default=30.0, help="target head scale: 30 gives greedy p ~0.6, 100 ~0.9")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as work:
-        results = [run_seed(s, args.sft_steps, args.opd_steps, Path(work)) for s in args.seeds]
+        results = [run_seed(s, args.sft_steps, args.opd_steps, args.sharpness, Path(work)) for s in args.seeds]
     print(f"| variant | {' | '.join(f'seed {s}' for s in args.seeds)} | mean |")
     print("|---|" + "---|" * (len(args.seeds) + 1))
     for name in results[0]:
