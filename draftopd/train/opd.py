@@ -136,16 +136,16 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
-    p_acc = _gather_positions(scored.logits, pos)
     t0 = time.perf_counter()
     p_rej = reverify(drafter, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
     teacher_s += time.perf_counter() - t0
-    q_logp = torch.log_softmax(q_logits, -1)
     if cfg.mode == "exact":
-        acc_tok = kl_exact(p_acc, q_logits, cfg.acc_direction)
+        acc_tok = kl_exact(_gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
         rej_tok = kl_exact(p_rej, q_logits, cfg.rej_direction)
     else:
-        p_acc_logp = torch.log_softmax(p_acc, -1).gather(-1, lab.labels[..., None])[..., 0]
+        q_logp = torch.log_softmax(q_logits, -1)
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
+        p_acc_logp = torch.log_softmax(scored.logits, -1)[rows, pos, lab.labels]
         p_rej_logp = rb.target_logp if p_rej is None else torch.log_softmax(p_rej, -1).gather(-1, rb.drafts[..., None])[..., 0]
         acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp)
         rej_tok = kl_estimate(p_rej_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp)
