@@ -109,7 +109,7 @@ def test_accumulation_normalises_by_tokens(setup, mode):
             res = replay(drafter, collate(drafter, [traces[i] for i in g], [segs[i] for i in g]), cfg)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total, drafter.fc.weight.grad.clone()
 
     full, g_full = grads([[0, 1, 2, 3]])
