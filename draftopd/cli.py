@@ -191,19 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(gen, DecodeConfig)
     gen.set_defaults(func=cmd_generate, printer=print_generate)
 
-    from .config import EvalConfig, OptimConfig, SFTConfig
+    from .config import EvalConfig, OptimConfig, PromptConfig, SFTConfig
     from .train.losses import LossConfig
     from .train.opd import OPDConfig
 
     reg = sub.add_parser("regenerate", help="the target answers training prompts (JSONL with token ids)")
     _target_args(reg)
-    reg.add_argument("--prompts", default="sharegpt", help="named set (sharegpt, mt-bench, gsm8k, humaneval) or a JSONL path")
-    reg.add_argument("--split", default="train", choices=["train", "heldout", "all"])
-    reg.add_argument("--limit", type=int, default=200)
     reg.add_argument("--out", default="runs/regenerated.jsonl")
-    reg.add_argument("--batch-size", type=int, default=8)
-    reg.add_argument("--max-prompt-tokens", type=int, default=512)
     reg.add_argument("--raw", action="store_true")
+    add_config_args(reg, PromptConfig)
     reg.add_argument("--json", action="store_true")
     add_config_args(reg, DecodeConfig)
     reg.set_defaults(func=cmd_regenerate, printer=print_table)
@@ -227,9 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     opd = sub.add_parser("opd", help="Draft-OPD training from a drafter checkpoint (resumable)")
     _target_args(opd)
-    opd.add_argument("--prompts", default="sharegpt")
-    opd.add_argument("--limit", type=int, default=200)
-    opd.add_argument("--max-prompt-tokens", type=int, default=512)
+    add_config_args(opd, PromptConfig, skip=("split", "batch_size"))
     opd.add_argument("--raw", action="store_true")
     opd.add_argument("--out", default="runs/opd")
     opd.add_argument("--resume", action="store_true")

@@ -40,6 +40,17 @@ class DrafterConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """Which prompts a command reads, and how regeneration batches them."""
+
+    prompts: str = "sharegpt"  # named set (sharegpt, mt-bench, gsm8k, humaneval) or a JSONL path
+    split: str = "train"  # train | heldout | all (seeded hash split)
+    limit: int = 200
+    max_prompt_tokens: int = 512  # longer rendered prompts are skipped and counted
+    batch_size: int = 8  # regeneration batch (a ragged batch through the decoder)
+
+
+@dataclass(frozen=True)
 class DecodeConfig:
     """Speculative / autoregressive decoding settings."""
 

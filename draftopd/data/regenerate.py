@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DecodeConfig
+from ..config import DecodeConfig, PromptConfig
 from ..decode.speculative import autoregressive_generate, generate
 from .prompts import DataError, Prompt, render_prompt
 
@@ -99,7 +99,7 @@ def _existing_ids(path: Path) -> set[str]:
 
 
 def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeConfig, *, drafter=None,
-               batch_size: int = 4, chat_template: bool = True, max_prompt_tokens: int = 512, progress: bool = True,
+               batch_size: int = PromptConfig.batch_size, chat_template: bool = True, max_prompt_tokens: int = PromptConfig.max_prompt_tokens, progress: bool = True,
                prompt_ids: Sequence[Sequence[int]] | None = None) -> RegenerateSummary:
     """Have `target` answer `prompts` in batches, appending one JSON line per prompt to `out_path`.
 
