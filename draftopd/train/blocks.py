@@ -78,3 +78,9 @@ def sample_anchors(batch: SequenceBatch, per_seq: int, gen: torch.Generator) -> 
         rows.append(torch.cat([pick, torch.zeros(per_seq - len(pick), dtype=torch.long)]))
         valid_rows.append(torch.arange(per_seq) < len(pick))
     return torch.stack(rows).to(batch.tokens.device), torch.stack(valid_rows).to(batch.tokens.device)
+
+
+def gather_positions(x: Tensor, pos: Tensor) -> Tensor:
+    """Rows of x (b, T, V) at positions pos (b, M, K) -> (b, M, K, V)."""
+    idx = pos.flatten(1)[..., None].expand(-1, -1, x.shape[-1])
+    return x.gather(1, idx).view(*pos.shape, x.shape[-1])

@@ -138,8 +138,11 @@ class TrainerState:
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
     """Items start..start+count of an endless stream of per-epoch seeded permutations of range(n)."""
+    perms: dict[int, list[int]] = {}
     out = []
     for pos in range(start, start + count):
         epoch, i = divmod(pos, n)
-        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[i]))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        out.append(perms[epoch][i])
     return out

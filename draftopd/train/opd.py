@@ -41,7 +41,7 @@ from ..decode.stats import summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.dflash import DFlashDrafter
 from .anchors import Segments, make_segments
-from .blocks import SequenceBatch, block_labels, block_logits, pad_batch, score_batch
+from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
 from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
 from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact, stream_sums
 
@@ -129,10 +129,9 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     t0 = time.perf_counter()
     scored = score_batch(drafter, rb.seq)
     teacher_s = time.perf_counter() - t0
-    if rb.drafts is None:  # random anchors: propose with the current drafter, then have the target verify it
-        with torch.no_grad():
-            rb.drafts = block_logits(drafter, rb.seq, scored.features, rb.anchors).argmax(-1)
     q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors)  # (b, M, K, V), with grad
+    if rb.drafts is None:  # random anchors: the drafter's own greedy proposals, re-verified by the target below
+        rb.drafts = q_logits.detach().argmax(-1)
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
@@ -140,7 +139,7 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     p_rej = reverify(drafter, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
     teacher_s += time.perf_counter() - t0
     if cfg.mode == "exact":
-        acc_tok = kl_exact(_gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
+        acc_tok = kl_exact(gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
         rej_tok = kl_exact(p_rej, q_logits, cfg.rej_direction)
     else:
         q_logp = torch.log_softmax(q_logits, -1)
@@ -152,12 +151,6 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
                         int(rb.seq.lengths.sum()) + (int(rb.valid.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
-
-
-def _gather_positions(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x (b, T, V), pos (b, M, K) -> (b, M, K, V)."""
-    idx = pos.flatten(1)[..., None].expand(-1, -1, x.shape[-1])
-    return x.gather(1, idx).view(*pos.shape, x.shape[-1])
 
 
 def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
@@ -179,8 +172,9 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
             decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + st.data_pos)
             rollout = generate(drafter.target, drafter, batch, decode)
             traces += [t for t in rollout.traces if t.rounds > 0]
-            compute.add_target(sum(len(p) for p in batch) + rollout.timing.rounds * len(batch) * drafter.block_size, target_params)
-            compute.add_draft_forward(rollout.timing.rounds * len(batch) * drafter.block_size, draft_params)
+            verified = sum(t.rounds for t in rollout.traces) * drafter.block_size  # finished rows leave the batch
+            compute.add_target(sum(len(p) for p in batch) + verified, target_params)
+            compute.add_draft_forward(verified, draft_params)
         t1 = time.perf_counter()
         # 2. anchors, and the step's normalisers
         segments = [make_segments(t, cfg.anchors, st.gen) for t in traces]

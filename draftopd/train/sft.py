@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
-from .blocks import block_labels, block_logits, pad_batch, sample_anchors, score_batch
+from .blocks import block_labels, block_logits, gather_positions, pad_batch, sample_anchors, score_batch
 from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
@@ -48,7 +48,7 @@ def sft_micro_batch(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, gen:
     target_logits = None
     if cfg.loss == "kl":  # the target's distribution of the token at anchor + k is its logits at anchor + k - 1
         pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)
-        target_logits = scored.logits.gather(1, pos.flatten(1)[..., None].expand(-1, -1, scored.logits.shape[-1])).view_as(logits)
+        target_logits = gather_positions(scored.logits, pos)
     per_token = sft_token_loss(logits, lab.labels, target_logits, kind=cfg.loss)
     weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * lab.mask
     correct = (logits.argmax(-1) == lab.labels) & lab.mask
