@@ -5,7 +5,9 @@ evaluate untrained / SFT / SFT continued / Draft-OPD (tau and speedup, side by s
 against compute -> optional ablation rows (Draft-OPD variants from the same start, same steps).
 
 Every training stage caches its output under `out_dir`, so a second run only redoes what is missing; the
-evaluations are measured again on every run, since speed ratios must come from one run on one machine.
+evaluations are measured again on every run, since speed ratios must come from one run on one machine. A
+killed run resumes each stage exactly from its last checkpoint; curves.json is written after every curve point
+(points past the checkpoint are not measured twice, resumed training reproduces the same weights).
 Compute matching: Draft-OPD runs first; continued SFT then stops at the same `compute/flops` (counted the
 same way for both: target forwards at 2*params per token, drafter training at 6*params per token).
 """
@@ -80,11 +82,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     sft_dir = train_sft(sft, examples, cfg.sft, out / "sft", resume=True, progress=progress)
     # 3. equal compute: Draft-OPD first, continued SFT stops at the same FLOPs
     curves = _load(out / "curves.json") or {"opd": [], "sft_continued": []}
-    opd, opd_flops = _run_opd(sft, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress)
-    sft_cont = _run_continued_sft(sft, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress)
+    save_curves = lambda: _save_json(out / "curves.json", curves)  # noqa: E731
+    opd, opd_flops = _run_opd(sft, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves)
+    sft_cont = _run_continued_sft(sft, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves)
     start = {"flops": 0.0, "tau": curve_tau(sft)}  # compute is counted from the SFT warm start
     curves = {"opd": [start] + [c for c in curves["opd"] if c["flops"] > 0], "sft_continued": [start] + [c for c in curves["sft_continued"] if c["flops"] > 0]}
-    (out / "curves.json").write_text(json.dumps(curves, indent=2))
+    _save_json(out / "curves.json", curves)
     # 4. evaluate the four drafters side by side
     results = {}
     for name, drafter in (("untrained", untrained), ("sft", sft), ("sft_continued", sft_cont), ("draft_opd", opd)):
@@ -100,11 +103,11 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         ablations[name] = {"curve_tau": curve_tau(drafter)}
     summary = {"config": _jsonable(asdict(cfg)), "results": results, "curves": curves, "ablations": ablations,
                "plot": str(plot_curves(curves, out / "tau_vs_compute.png")), "sft_checkpoint": str(sft_dir)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _save_json(out / "summary.json", summary)
     return summary
 
 
-def _run_opd(start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool):
+def _run_opd(start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
     drafter = copy.deepcopy(start)
     flops = {"v": 0.0}
 
@@ -112,12 +115,14 @@ def _run_opd(start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: li
         flops["v"] = compute.flops
         if curve_tau is not None and (step % every == 0 or step == cfg.steps) and not any(c["step"] == step for c in curve):
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
+            save_curve()
 
     train_opd(drafter, prompts, cfg, out, resume=True, progress=progress, on_step=on_step)
     return drafter, flops["v"] or _last_flops(out)
 
 
-def _run_continued_sft(start: DFlashDrafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool):
+def _run_continued_sft(start: DFlashDrafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
+                       save_curve):
     per_step = _last_flops(out / "sft") / max(cfg.sft.steps, 1)
     steps = max(1, math.ceil(max_flops / per_step))
     sft_cfg = replace(cfg.sft, steps=steps, max_flops=max_flops, save_every=max(1, steps // 3), optim=replace(cfg.sft.optim, lr=cfg.continued_sft_lr), seed=cfg.sft.seed + 1)
@@ -128,6 +133,7 @@ def _run_continued_sft(start: DFlashDrafter, examples, cfg: ExperimentConfig, ma
         done = compute.flops >= max_flops or step == steps
         if (step % every == 0 or done) and not any(c["step"] == step for c in curve):
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
+            save_curve()
 
     train_sft(drafter, examples, sft_cfg, out / "sft_continued", resume=True, progress=progress, on_step=on_step)
     return drafter
@@ -146,6 +152,13 @@ def _last_flops(run_dir: Path) -> float:
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def _save_json(path: Path, obj) -> None:
+    """Through a temp file and a rename: a kill never leaves half a JSON file for the next run to choke on."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
 
 
 def _jsonable(x):

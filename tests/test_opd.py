@@ -28,7 +28,7 @@ class Example:
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(tmp_path_factory):
     """Tiny learnable target, its regenerated answers, and a briefly SFT-trained drafter (the warm start).
     sharpness=30 gives greedy tokens a mean probability near 0.6, like a trained LM (the default 4 gives 0.06)."""
     target = tiny_target(vocab_size=64, hidden_size=64, num_layers=4, seed=0, sharpness=30.0)
@@ -37,7 +37,7 @@ def setup():
     gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
     examples = [Example(tuple(t.prompt), tuple(t.output)) for t in gen.traces]
     drafter = new_drafter(target, DrafterConfig(block_size=8), seed=0)
-    train_sft(drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), "/tmp/draftopd-test-sft", progress=False)
+    train_sft(drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path_factory.mktemp("sft"), progress=False)
     return target, prompts[:64], prompts[64:], drafter
 
 

@@ -1,6 +1,12 @@
 """Pieces shared by the SFT and Draft-OPD trainers: optimizer and schedule, compute counter, metrics file,
 atomic checkpoints that resume exactly (weights, optimizer, scheduler, RNG, data position).
 
+An output folder holds one run: `last/` (the checkpoint; `last.tmp`/`last.old` only while a save swaps them)
+and `metrics.jsonl`. Training from scratch into a folder that holds a run is refused (RunDirError), resuming
+refuses another trainer's run or another drafter shape, and a resume rewinds metrics.jsonl to the checkpoint,
+so any kill followed by a resume gives the files and weights of an uninterrupted run. trainer.pt is loaded
+with `weights_only=True`: only tensors, numbers, strings and containers, so a planted pickle runs nothing.
+
 Compute is counted in FLOPs with the usual 2*params per token for a forward and 6*params per token for a
 forward+backward; the drafter's count includes the target's (frozen) LM head it runs through, since on a
 large vocabulary that head dominates the drafter's cost. SFT and Draft-OPD runs are matched on this number.
@@ -12,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +75,19 @@ def param_counts(drafter: DFlashDrafter) -> tuple[int, int]:
     return target, sum(p.numel() for p in drafter.parameters()) + head
 
 
+class RunDirError(ValueError):
+    """An output folder that cannot be used as asked (a run already there, another trainer's or another drafter
+    shape's checkpoint, an unreadable checkpoint): one clear line."""
+
+
+CHECKPOINT_NAMES = ("last", "last.tmp", "last.old")  # the checkpoint and the two names a save passes through
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "trainer.pt")  # trainer.pt is written last
+
+
+def log(message: str) -> None:
+    print(f"[draftopd] {message}", file=sys.stderr, flush=True)
+
+
 class MetricsWriter:
     """Append-only `metrics.jsonl`: one JSON object per step with namespaced keys (`train/loss`, ...)."""
 
@@ -78,6 +98,23 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Keep the rows of steps <= `step` (the checkpoint a run resumes from; rows after it are redone) and
+        drop a line torn by a kill; rewritten through a temp file and a rename, so a kill here loses nothing."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)
 
 
 def rng_state() -> dict:
@@ -90,12 +127,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, drafter: DFlashDrafter, trainer_state: dict, extra: dict | None = None) -> None:
-    """Write `folder` atomically: a temp folder renamed into place, so a kill never leaves half a checkpoint."""
+    """Write `folder` atomically: a complete `folder.tmp` (trainer.pt last, itself renamed into place, so a folder
+    holding trainer.pt is complete) is swapped in. A kill at any point leaves a complete checkpoint among
+    `folder`, `folder.tmp` and `folder.old`; `recover_checkpoint` finds the newest and finishes the swap."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_drafter(drafter, tmp, extra)
-    torch.save(trainer_state, tmp / "trainer.pt")
-    old = folder.with_name(folder.name + ".old")
+    torch.save(trainer_state, tmp / "trainer.pt.tmp")
+    (tmp / "trainer.pt.tmp").replace(tmp / "trainer.pt")
+    swap_in(folder)
+
+
+def swap_in(folder: Path) -> None:
+    """`folder` -> `folder.old`, `folder.tmp` -> `folder`, drop `folder.old`."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -103,37 +148,129 @@ def save_checkpoint(folder: Path, drafter: DFlashDrafter, trainer_state: dict, e
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (all of CHECKPOINT_FILES), None if it is absent or half written.
+    A complete folder whose config.json cannot be read is an error, not skipped: falling back past it would
+    silently throw its steps away."""
+    if not all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        return None
+    try:
+        return int(json.loads((folder / "config.json").read_text())["step"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"corrupt checkpoint {folder}: config.json ({type(err).__name__}); delete that folder or choose another --out") from None
+
+
+def recover_checkpoint(out_dir: Path) -> tuple[Path, str] | None:
+    """The newest complete checkpoint among `last`, `last.tmp`, `last.old` (highest step, `last` on a tie) and
+    the name it was found under; moved to `last` when a kill interrupted a save's swap, so the next save cannot
+    delete it. None if there is none."""
+    steps = {name: checkpoint_step(out_dir / name) for name in CHECKPOINT_NAMES}
+    if steps["last"] is None and (out_dir / "last").exists():  # saves only ever rename a complete folder to `last`
+        raise RunDirError(f"{out_dir / 'last'} is not a training checkpoint (needs {', '.join(CHECKPOINT_FILES)}): choose another --out")
+    found = [(step, -i, name) for i, (name, step) in enumerate(steps.items()) if step is not None]
+    if not found:
+        return None
+    name = max(found)[2]
+    last = out_dir / "last"
+    if name == "last.tmp":
+        swap_in(last)
+    elif name == "last.old" and not last.exists():
+        (out_dir / name).rename(last)
+    else:
+        return out_dir / name, name
+    return last, name
+
+
+def check_fresh(out_dir: Path) -> None:
+    """Refuse to start a run from scratch where one exists: its first save would replace the checkpoint and its
+    metrics would append to the old run's."""
+    metrics = out_dir / "metrics.jsonl"
+    held = [n for n in CHECKPOINT_NAMES if (out_dir / n).exists()] + (["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size else [])
+    if held:
+        raise RunDirError(f"{out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it or choose another --out")
+
+
+def check_resumable(folder: Path, drafter: DFlashDrafter, trainer: str) -> None:
+    """Refuse a checkpoint written by the other trainer (an SFT run has more steps than a Draft-OPD run asks for,
+    so "resuming" it would silently do nothing) or for another drafter shape (a silent load would train another
+    model than the flags ask for)."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("trainer") != trainer:
+        raise RunDirError(f"{folder} is a {config.get('trainer')!r} checkpoint, not {trainer!r}: "
+                          "resume it with its own command or choose another --out")
+    want, got = json.loads(json.dumps(asdict(drafter.spec))), config.get("draftopd_spec") or {}
+    diff = [f"{k} {got.get(k)} (now {v})" for k, v in want.items() if got.get(k) != v]
+    if diff:
+        raise RunDirError(f"{folder} holds a drafter of another shape: {', '.join(diff)}; resume with the same drafter flags or choose another --out")
+
+
+def load_trainer_state(path: Path) -> dict:
+    """trainer.pt with `weights_only=True` (tensors, numbers, strings, containers: what `TrainerState.save` writes),
+    so a planted pickle is refused instead of run."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # an unpickling error (foreign objects), a torn or corrupt file
+        raise RunDirError(f"refusing trainer state {path}: not a checkpoint of plain tensors and numbers ({type(err).__name__}; "
+                          "nothing in it was run); delete that folder or choose another --out") from None
+
+
 @dataclass
 class TrainerState:
     """Everything beside the weights that a resumed run needs: optimizer, schedule, the trainer's RNG
-    (anchor sampling), the global RNG, compute spent, optimizer steps taken and data items consumed."""
+    (anchor sampling), the global RNG, compute spent, optimizer steps taken and data items consumed; plus the
+    run's folder, trainer name (checked on resume) and metrics file."""
 
+    trainer: str  # "sft" or "draft-opd", written into config.json
+    out_dir: Path
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator
     compute: Compute
+    metrics: MetricsWriter
     step: int = 0
     data_pos: int = 0
 
     @staticmethod
-    def start(drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
-        """Fresh state, or the state of `out_dir/last` (weights loaded into `drafter`) when resuming."""
+    def start(trainer: str, drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
+        """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
+        complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from."""
         opt, sched = build_optimizer(drafter, optim, steps)
         torch.manual_seed(seed)
-        state = TrainerState(opt, sched, torch.Generator().manual_seed(seed), Compute())
-        last = out_dir / "last"
-        if resume and (last / "trainer.pt").exists():
-            drafter.load_state_dict(load_drafter(last, drafter.target).state_dict())
-            saved = torch.load(last / "trainer.pt", weights_only=False)
-            opt.load_state_dict(saved["optimizer"]), sched.load_state_dict(saved["scheduler"])
-            state.gen.set_state(saved["anchor_rng"]), set_rng_state(saved["rng"])
-            state.compute, state.step, state.data_pos = Compute(**saved["compute"]), saved["step"], saved["data_pos"]
+        state = TrainerState(trainer, out_dir, opt, sched, torch.Generator().manual_seed(seed), Compute(), MetricsWriter(out_dir / "metrics.jsonl"))
+        if not resume:
+            check_fresh(out_dir)
+        elif (found := recover_checkpoint(out_dir)) is None:
+            log(f"nothing to resume in {out_dir}: starting from step 0")
+        else:
+            folder, name = found
+            state.restore(folder, drafter)
+            note = f"; recovered from {name}, a save cut short" if name != folder.name else ""
+            log(f"resuming from {folder} (step {state.step}{note})")
+        state.metrics.rewind(state.step)
         return state
 
-    def save(self, out_dir: Path, drafter: DFlashDrafter, trainer: str) -> None:
+    def restore(self, folder: Path, drafter: DFlashDrafter) -> None:
+        check_resumable(folder, drafter, self.trainer)
+        saved = load_trainer_state(folder / "trainer.pt")
+        weights = load_drafter(folder, drafter.target).state_dict()
+        try:
+            self.opt.load_state_dict(saved["optimizer"]), self.sched.load_state_dict(saved["scheduler"])
+            self.gen.set_state(saved["anchor_rng"]), set_rng_state(saved["rng"])
+            self.compute, self.step, self.data_pos = Compute(**saved["compute"]), saved["step"], saved["data_pos"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise RunDirError(f"trainer state {folder / 'trainer.pt'} does not fit this run ({type(err).__name__}: {first}); "
+                              "delete that folder or choose another --out") from None
+        drafter.load_state_dict(weights)
+
+    def running(self, steps: int, stop_after: int | None, max_flops: float | None = None) -> bool:
+        """Another step? Not past `steps`, nor `stop_after` (a simulated kill), nor `max_flops` of compute."""
+        return self.step < steps and (stop_after is None or self.step < stop_after) and (max_flops is None or self.compute.flops < max_flops)
+
+    def save(self, drafter: DFlashDrafter) -> None:
         saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
                  "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
-        save_checkpoint(out_dir / "last", drafter, saved, {"trainer": trainer, "step": self.step, "flops": self.compute.flops})
+        save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops})
 
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:

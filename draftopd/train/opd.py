@@ -42,7 +42,7 @@ from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.dflash import DFlashDrafter
 from .anchors import Segments, make_segments
 from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
-from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
+from .common import Compute, TrainerState, data_order, param_counts
 from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact, stream_sums
 
 
@@ -154,15 +154,16 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
 
 
 def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
-    """Draft-OPD on `prompts` (token ids); trains `drafter` in place, returns the final checkpoint folder."""
+              progress: bool = True, stop_after: int | None = None,
+              on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
+    """Draft-OPD on `prompts` (token ids); trains `drafter` in place, returns the final checkpoint folder.
+    `stop_after` ends early (a simulated kill); resume and folder rules as `train_sft`."""
     out_dir = Path(out_dir)
-    st = TrainerState.start(drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("draft-opd", drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
     compute = st.compute
     target_params, draft_params = param_counts(drafter)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
     bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
-    while st.step < cfg.steps:
+    while st.running(cfg.steps, stop_after):
         # 1. rollout with the current drafter through the speculative decoder
         t0, traces = time.perf_counter(), []
         drafter.eval()
@@ -207,11 +208,11 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
                "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
                "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": sums["teacher_s"],
                "time/update_s": t3 - t2, **compute.metrics()}
-        metrics.write(step, row)
+        st.metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{sums['total']:.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            st.save(out_dir, drafter, "draft-opd")
+            st.save(drafter)
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()

@@ -7,7 +7,8 @@ positions, fill every block in one drafter forward, and minimise the slot-weight
 hard-label cross-entropy against the sequence token or the soft forward KL to the target distribution.
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
 full-batch loss. A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a
-killed run resumed with `resume=True` continues exactly where it stopped.
+killed run resumed with `resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an
+uninterrupted run's; folder rules in `common.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
 from .blocks import block_labels, block_logits, gather_positions, pad_batch, sample_anchors, score_batch
-from .common import Compute, MetricsWriter, TrainerState, data_order, param_counts
+from .common import Compute, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
 
@@ -64,15 +65,15 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
               progress: bool = True, stop_after: int | None = None,
               on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
     """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill);
-    `cfg.max_flops` ends the run once that much compute is spent (compute-matched comparisons)."""
+    `cfg.max_flops` ends the run once that much compute is spent (compute-matched comparisons). Without `resume`
+    an `out_dir` that holds a run is refused (`common.RunDirError`)."""
     out_dir = Path(out_dir)
-    st = TrainerState.start(drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("sft", drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
     compute = st.compute
     target_params, draft_params = param_counts(drafter)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl")
     drafter.train()
     bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress, dynamic_ncols=True)
-    while st.step < cfg.steps and (stop_after is None or st.step < stop_after) and (cfg.max_flops is None or compute.flops < cfg.max_flops):
+    while st.running(cfg.steps, stop_after, cfg.max_flops):
         t0 = time.perf_counter()
         results = []
         for _ in range(cfg.grad_accum):
@@ -95,12 +96,12 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
                **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
                **compute.metrics(), "time/step_s": time.perf_counter() - t0}
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
-            metrics.write(step, row)
+            st.metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc1=f"{row['train/acc_slot_1']:.2f}")
         done = step == cfg.steps or (cfg.max_flops is not None and compute.flops >= cfg.max_flops)
         if step % cfg.save_every == 0 or done:
-            st.save(out_dir, drafter, "sft")
+            st.save(drafter)
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()
