@@ -6,7 +6,13 @@ Algorithmic choices (see shared/docs/drafters.md):
   layer: every layer projects it with its own k/v projections ("KV injection") and places those keys and
   values before the block's own.
 - Block: `[anchor, MASK x (B-1)]` at logical positions `a .. a+B-1`; one non-causal forward fills all
-  slots; slot k (1..B-1) predicts the token at position a+k. MASK is a learned vector owned by the drafter.
+  slots; slot k (1..B-1) predicts the token at position a+k. MASK is the target's embedding row
+  `mask_token_id` (the reference DFlash format, exportable exactly) or, when that is None, a learned vector.
+- Head: the target's own (frozen), or a reduced draft vocabulary as EAGLE-3 stores it: the `draft_vocab_size`
+  most frequent target tokens of the training answers, `d2t` (draft id -> target id offset) and `t2d` (mask
+  over the target vocabulary) saved with the weights, the head rows copied from the target's head at load
+  time. `forward` returns draft-vocabulary logits (training); `draft_logits` spreads them over the target
+  vocabulary with -inf elsewhere, so decoding, acceptance and replay work in target ids and stay lossless.
 - Visibility: a block sees context slots whose logical position is strictly before its anchor, and its own
   block bidirectionally, never another block. Training (many blocks per sequence) and inference (one block
   per row) use the same `draft_logits` call, so they are the same computation by construction.
@@ -48,12 +54,19 @@ class DrafterSpec:
     intermediate_size: int
     rope_theta: float
     rms_norm_eps: float
+    mask_token_id: int | None = None  # MASK = this target embedding row (reference format); None = a learned vector
+    draft_vocab_size: int | None = None  # reduced head over this many target tokens (d2t/t2d); None = the full vocabulary
 
     @staticmethod
     def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
         tcfg = target.model.config
         heads = cfg.num_heads or tcfg.num_attention_heads
         layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
+        mask_id, vocab = getattr(cfg, "mask_token_id", None), getattr(cfg, "draft_vocab_size", None)
+        if mask_id is not None and not 0 <= mask_id < target.vocab_size:
+            raise DrafterError(f"mask_token_id {mask_id} outside the target's vocabulary of {target.vocab_size}")
+        if vocab is not None and not 1 <= vocab <= target.vocab_size:
+            raise DrafterError(f"draft_vocab_size {vocab} must be in [1, {target.vocab_size}] (the target's vocabulary)")
         if max(layer_ids) >= target.num_layers or min(layer_ids) < 0:
             raise DrafterError(f"target_layer_ids {layer_ids} outside the target's {target.num_layers} layers")
         return DrafterSpec(
@@ -62,7 +75,8 @@ class DrafterSpec:
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
             intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
-            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps)
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, mask_token_id=getattr(cfg, "mask_token_id", None),
+            draft_vocab_size=getattr(cfg, "draft_vocab_size", None))
 
 
 class RMSNorm(nn.Module):
@@ -160,34 +174,92 @@ class DFlashDrafter(nn.Module):
         self.hidden_norm = RMSNorm(h, spec.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(h, spec.rms_norm_eps)
-        self.mask_embedding = nn.Parameter(target.model.get_input_embeddings().weight.detach().float().mean(0).clone())
+        if spec.mask_token_id is None:
+            self.mask_embedding = nn.Parameter(target.model.get_input_embeddings().weight.detach().float().mean(0).clone())
+        if spec.draft_vocab_size is not None:  # reduced head: draft id i is target id i + d2t[i]; t2d marks kept target ids
+            self.register_buffer("d2t", torch.zeros(spec.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(spec.vocab_size, dtype=torch.bool))
+            self.register_buffer("head_weight", torch.empty(0), persistent=False)
         self.to(device=target.device)
 
     @property
     def block_size(self) -> int:
         return self.spec.block_size
 
+    # ---- draft vocabulary -----------------------------------------------------------------------------
+    def set_draft_vocab(self, target_ids: Tensor) -> None:
+        """Keep `target_ids` (the most frequent response tokens) as the draft vocabulary, sorted by target id."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long, device=self.d2t.device).unique()  # sorted
+        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.spec.vocab_size:
+            raise DrafterError(f"draft vocabulary has target ids outside [0, {self.spec.vocab_size})")
+        if len(ids) != self.spec.draft_vocab_size:
+            raise DrafterError(f"draft vocabulary needs {self.spec.draft_vocab_size} distinct target ids, got {len(ids)}")
+        self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
+        self.t2d.zero_()[ids] = True
+        self.refresh_head()
+
+    def refresh_head(self) -> None:
+        """The reduced head's rows, copied from the target's frozen head (not stored in the checkpoint)."""
+        self.head_weight = self.target.model.get_output_embeddings().weight.detach()[self.draft_to_target(
+            torch.arange(self.spec.draft_vocab_size, device=self.d2t.device))]
+
+    def draft_to_target(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids if self.spec.draft_vocab_size is None else draft_ids + self.d2t[draft_ids]
+
+    def target_to_draft(self, target_ids: Tensor) -> Tensor:
+        """Draft id of each target id, -1 where the token is outside the draft vocabulary."""
+        if self.spec.draft_vocab_size is None:
+            return target_ids
+        index = torch.cumsum(self.t2d.long(), 0) - 1
+        return torch.where(self.t2d[target_ids], index[target_ids], -1)
+
+    # ---- the forward ----------------------------------------------------------------------------------
     def project_context(self, features: Tensor, positions: Tensor, valid: Tensor) -> DraftContext:
         """Target features (b, n, len(layers)*H) at logical `positions` -> per-layer context keys/values."""
         x = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         kvs = [layer.keys_values(x, positions) for layer in self.layers]
         return DraftContext([k for k, _ in kvs], [v for _, v in kvs], positions, valid)
 
-    def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor) -> Tensor:
-        """Fill one block per anchor. anchor_tokens/positions: (b, n_blocks) -> logits (b, n_blocks, B-1, V),
-        where [..., k-1, :] is slot k's distribution over the token at anchor position + k."""
+    def forward(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor) -> Tensor:
+        """Fill one block per anchor. anchor_tokens/positions: (b, n_blocks) -> logits (b, n_blocks, B-1, V_draft)
+        over the draft vocabulary, where [..., k-1, :] is slot k's distribution over the token at anchor position + k."""
         b, n_blocks = anchor_tokens.shape
         size = self.spec.block_size
         slot = torch.arange(size, device=anchor_tokens.device)
-        h = self.mask_embedding.expand(b, n_blocks, size, -1).clone()
+        h = self.mask_vector().to(self.fc.weight.dtype).expand(b, n_blocks, size, -1).clone()
         h[:, :, 0] = self.target.embed(anchor_tokens).to(h.dtype)
         positions = (anchor_positions[..., None] + slot).reshape(b, n_blocks * size)
         mask = self.block_mask(ctx, anchor_positions)
         h = h.reshape(b, n_blocks * size, -1)
         for layer, k, v in zip(self.layers, ctx.keys, ctx.values):
             h = layer(h, k, v, mask, positions)
-        logits = self.target.lm_head(self.norm(h).to(self.target.dtype)).float()
-        return logits.view(b, n_blocks, size, -1)[:, :, 1:]
+        return self.head(self.norm(h).view(b, n_blocks, size, -1)[:, :, 1:])
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Float logits over the draft vocabulary of hidden states (the drafter's, or the target's own final ones)."""
+        if self.spec.draft_vocab_size is None:
+            return self.target.lm_head(hidden.to(self.target.dtype)).float()
+        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight).float()
+
+    def restrict(self, target_logits: Tensor) -> Tensor:
+        """Target-vocabulary logits (..., V) -> the draft vocabulary's (..., V_draft) (a softmax renormalises)."""
+        if self.spec.draft_vocab_size is None:
+            return target_logits
+        return target_logits[..., self.draft_to_target(torch.arange(self.spec.draft_vocab_size, device=target_logits.device))]
+
+    def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor) -> Tensor:
+        """`forward` over the target's whole vocabulary (b, n_blocks, B-1, V): tokens outside a reduced draft
+        vocabulary get -inf, so sampling, acceptance and replay work in target ids whatever the head."""
+        logits = self(ctx, anchor_tokens, anchor_positions)
+        if self.spec.draft_vocab_size is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.spec.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_to_target(torch.arange(logits.shape[-1], device=logits.device)), logits)
+
+    def mask_vector(self) -> Tensor:
+        if self.spec.mask_token_id is None:
+            return self.mask_embedding
+        return self.target.embed(torch.tensor(self.spec.mask_token_id, device=self.target.device))
 
     def block_mask(self, ctx: DraftContext, anchor_positions: Tensor) -> Tensor:
         """(b, 1, n_blocks*B, slots + n_blocks*B) bool: context strictly before the anchor; own block only."""
@@ -246,4 +318,6 @@ def load_drafter(folder: str | Path, target: Target) -> DFlashDrafter:
         raise DrafterError(f"drafter checkpoint at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise DrafterError(f"drafter checkpoint at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if spec.draft_vocab_size is not None:
+        drafter.refresh_head()
     return drafter

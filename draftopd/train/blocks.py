@@ -1,7 +1,8 @@
 """Batched block forwards shared by SFT and Draft-OPD replay.
 
 A training batch is a set of whole sequences (prompt + response), right-padded. The frozen target scores
-them once (teacher-forced) to get the context features; the drafter then fills one block per anchor, all
+them once (teacher-forced) to get the context features, or the offline feature cache supplies what that
+forward would have given (`Teacher`); the drafter then fills one block per anchor, all
 anchors of all sequences in one `draft_logits` call: the same function inference uses, with each block
 seeing only context strictly before its anchor and only its own block.
 Labels: slot k of the block at anchor a is labelled with the sequence token at position a + k.
@@ -42,10 +43,42 @@ def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: in
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for b, s in enumerate(sequences):
-        tokens[b, : len(s)] = torch.tensor(s)
+        tokens[b, : len(s)] = torch.as_tensor(s)
     lengths = torch.tensor([len(s) for s in sequences])
     valid = torch.arange(width)[None, :] < lengths[:, None]
     return SequenceBatch(tokens.to(device), valid.to(device), torch.tensor(response_starts, device=device), lengths.to(device))
+
+
+@dataclass
+class Teacher:
+    """What the frozen target says about a SequenceBatch: features (b, T, L*H) for the drafter's context,
+    greedy (b, T) its argmax next token after each position, and either its logits (b, T, V) (online forward)
+    or its final hidden states (b, T, H) (feature cache), from which `logits_at` makes logits only where asked."""
+
+    features: Tensor
+    greedy: Tensor
+    logits: Tensor | None = None
+    final: Tensor | None = None
+
+    def draft_vocab_logits_at(self, drafter: DFlashDrafter, pos: Tensor) -> Tensor:
+        """The target's next-token logits after positions `pos` (b, M, K), over the drafter's vocabulary."""
+        if self.logits is not None:
+            return drafter.restrict(gather_positions(self.logits, pos))
+        return drafter.head(gather_positions(self.final, pos))
+
+
+def teach_online(drafter: DFlashDrafter, batch: SequenceBatch) -> Teacher:
+    scored = score_batch(drafter, batch)
+    return Teacher(scored.features, scored.logits.argmax(-1), logits=scored.logits)
+
+
+def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
+    """Teacher of a batch of `data.features.CachedSequence`s (padded like `batch`)."""
+    b, width = batch.tokens.shape
+    pad = lambda key, *shape: torch.stack([torch.cat([getattr(c, key), getattr(c, key).new_zeros(width - len(c.tokens), *shape)])  # noqa: E731
+                                           for c in cached]).to(device)
+    final = pad("final", cached[0].final.shape[-1]) if cached[0].final is not None else None
+    return Teacher(pad("features", cached[0].features.shape[-1]), pad("greedy"), final=final)
 
 
 def score_batch(drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
@@ -53,11 +86,13 @@ def score_batch(drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
     return drafter.target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
 
 
-def block_logits(drafter: DFlashDrafter, batch: SequenceBatch, features: Tensor, anchors: Tensor) -> Tensor:
-    """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context."""
+def block_logits(drafter: DFlashDrafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False) -> Tensor:
+    """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context; over the draft
+    vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses)."""
     positions = torch.arange(batch.tokens.shape[1], device=anchors.device).expand_as(batch.tokens)
     ctx = drafter.project_context(features, positions, batch.valid)
-    return drafter.draft_logits(ctx, batch.tokens.gather(1, anchors), anchors)
+    fill = drafter if draft_vocab else drafter.draft_logits
+    return fill(ctx, batch.tokens.gather(1, anchors), anchors)
 
 
 def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, block_size: int) -> BlockLabels:

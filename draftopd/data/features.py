@@ -1,0 +1,261 @@
+"""Offline target features: run the frozen target once over a dataset, keep what drafter training needs.
+
+Per token of every sequence (prompt + response) the cache keeps, in bf16 safetensors shards:
+- `features`: the hidden states of the drafter's target layers, concatenated (`len(layers) * H`), output-id
+  convention (id i = output of decoder layer i), exactly what `Target.verify` hands the drafter at inference;
+- `greedy`: the target's argmax next token after this position over its *whole* vocabulary (int32): the hard
+  label of fixed-text training, and what greedy verification checks a draft against;
+- `final` (optional): the target's last hidden state after its final norm, so soft labels (the target's
+  distribution) come from the frozen head at the trained positions only, never stored V-wide.
+
+SFT then trains for many epochs without running the target's decoder layers. The prefill runs the base model
+(no LM head over every position; the argmax is taken chunk by chunk) on length-sorted batches.
+
+A manifest (`manifest.json`) names the target and a fingerprint of its weights, the tokenizer's hash, layer
+ids, dtype and token counts; opening a cache for another target, layer set or tokenizer is an error.
+Resumable after kill -9: shards are formed deterministically from the example order, each is written to a
+temporary file and renamed, and the manifest lists only finished shards, so a restart redoes at most one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .prompts import DataError
+
+FORMAT = "draftopd-features-v1"
+
+
+@dataclass(frozen=True)
+class FeatureManifest:
+    """What a cache holds and what it was made from (manifest.json)."""
+
+    target: str
+    weights_hash: str
+    tokenizer_hash: str | None
+    layer_ids: tuple[int, ...]
+    hidden_size: int
+    keep_final: bool
+    dtype: str = "bfloat16"
+    shards: tuple[dict, ...] = ()  # {"file", "sequences", "tokens"} per finished shard
+    format: str = FORMAT
+
+    @property
+    def sequences(self) -> int:
+        return sum(s["sequences"] for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.hidden_size * (len(self.layer_ids) + int(self.keep_final)) + 4 + 4  # features, final, token, greedy
+
+
+@dataclass
+class CachedSequence:
+    """One cached sequence: tokens (T,), response_start, features (T, L*H) bf16, greedy (T,), final (T, H) or None."""
+
+    tokens: Tensor
+    response_start: int
+    features: Tensor
+    greedy: Tensor
+    final: Tensor | None
+
+
+def weights_hash(model) -> str:
+    """Fingerprint of a model's weights: shapes and a strided sample of every tensor (cheap, order-sensitive)."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        digest.update(f"{name}{tuple(p.shape)}".encode())
+        digest.update(sample)
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer) -> str | None:
+    if tokenizer is None:
+        return None
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def expected_manifest(target, layer_ids: tuple[int, ...], keep_final: bool) -> FeatureManifest:
+    return FeatureManifest(target.name, weights_hash(target.model), tokenizer_hash(target.tokenizer), tuple(layer_ids),
+                           target.hidden_size, keep_final)
+
+
+def _check_same(found: FeatureManifest, want: FeatureManifest, folder: Path) -> None:
+    for key in ("format", "weights_hash", "tokenizer_hash", "layer_ids", "hidden_size", "keep_final"):
+        if getattr(found, key) != getattr(want, key):
+            raise DataError(f"feature cache {folder} was made with {key}={getattr(found, key)!r}, this run needs "
+                            f"{getattr(want, key)!r} (target '{want.target}'); use another --features folder")
+
+
+def read_manifest(folder: str | Path) -> FeatureManifest:
+    path = Path(folder) / "manifest.json"
+    try:
+        raw = json.loads(path.read_text())
+        return FeatureManifest(**{**raw, "layer_ids": tuple(raw["layer_ids"]), "shards": tuple(raw["shards"])})
+    except FileNotFoundError:
+        raise DataError(f"no feature cache at {folder} (missing manifest.json): run `draftopd features` first") from None
+    except (ValueError, TypeError, KeyError) as err:
+        raise DataError(f"corrupt feature cache manifest {path}: {type(err).__name__}: {err}") from None
+
+
+def _write_manifest(folder: Path, manifest: FeatureManifest) -> None:
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(asdict(manifest), indent=2))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def shard_plan(lengths: list[int], shard_tokens: int) -> list[range]:
+    """Consecutive example ranges of about `shard_tokens` tokens each (deterministic, so a resume re-forms them)."""
+    plans, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        total += n
+        if total >= shard_tokens:
+            plans.append(range(start, i + 1))
+            start, total = i + 1, 0
+    if start < len(lengths):
+        plans.append(range(start, len(lengths)))
+    return plans
+
+
+@torch.no_grad()
+def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, ...], keep_final: bool,
+                     batch_tokens: int = 4096) -> list[dict[str, Tensor]]:
+    """Run the target's base model over `sequences` (length-sorted batches of about `batch_tokens` padded tokens)."""
+    from ..models.target import _capture
+
+    base = target.model.model
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[dict[str, Tensor] | None] = [None] * len(sequences)
+    i = 0
+    while i < len(order):
+        width = len(sequences[order[i]])
+        j = i + 1
+        while j < len(order) and (j - i + 1) * len(sequences[order[j]]) <= batch_tokens:
+            j += 1
+        batch = [sequences[k] for k in order[i:j]]
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), target.pad_id, dtype=torch.long, device=target.device)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(batch):
+            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s, device=target.device), 1
+        captured: dict[int, Tensor] = {}
+        hooks = [base.layers[lid].register_forward_hook(_capture(captured, lid)) for lid in layer_ids]
+        try:
+            final = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        feats = torch.cat([captured[lid] for lid in layer_ids], -1)
+        for b, k in enumerate(order[i:j]):
+            n = len(batch[b])
+            greedy = torch.cat([target.lm_head(c).argmax(-1) for c in final[b, :n].split(256)])
+            out[k] = {"features": feats[b, :n].to(torch.bfloat16).cpu(), "greedy": greedy.int().cpu(),
+                      **({"final": final[b, :n].to(torch.bfloat16).cpu()} if keep_final else {})}
+        i = j
+    return out  # type: ignore[return-value]
+
+
+def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: tuple[int, ...], *, keep_final: bool = True,
+                        shard_tokens: int = 65536, batch_tokens: int = 4096, progress: bool = True) -> FeatureManifest:
+    """Cache features of `examples` (objects with prompt_ids, response_ids) in `out_dir`; resumes a partial cache."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    if not examples:
+        raise DataError("no examples to cache features for")
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    want = expected_manifest(target, layer_ids, keep_final)
+    manifest = read_manifest(folder) if (folder / "manifest.json").exists() else want
+    _check_same(manifest, want, folder)
+    seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples]
+    plan = shard_plan([len(s) for s in seqs], shard_tokens)
+    done = len(manifest.shards)
+    bar = tqdm(total=sum(len(s) for s in seqs), initial=sum(s["tokens"] for s in manifest.shards), desc="features",
+               unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for index, rows in enumerate(plan[done:], start=done):
+        cached = prefill_features(target, [seqs[i] for i in rows], layer_ids, keep_final, batch_tokens)
+        lengths = torch.tensor([len(seqs[i]) for i in rows])
+        tensors = {"tokens": torch.tensor([t for i in rows for t in seqs[i]], dtype=torch.int32),
+                   "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+                   "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
+                   **{key: torch.cat([c[key] for c in cached]) for key in cached[0]}}
+        name = f"shard-{index:05d}.safetensors"
+        save_file(tensors, str(folder / (name + ".tmp")))
+        os.replace(folder / (name + ".tmp"), folder / name)
+        manifest = FeatureManifest(**{**asdict(manifest), "layer_ids": tuple(layer_ids),
+                                      "shards": manifest.shards + ({"file": name, "sequences": len(rows), "tokens": int(lengths.sum())},)})
+        _write_manifest(folder, manifest)
+        bar.update(int(lengths.sum()))
+        bar.set_postfix(tok_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
+    bar.close()
+    return manifest
+
+
+@dataclass
+class FeatureCache:
+    """Read side: sequences by index, shards memory-mapped on first use (safetensors `safe_open`)."""
+
+    folder: Path
+    manifest: FeatureManifest
+    _index: list[tuple[int, int]] = field(default_factory=list)  # sequence -> (shard, row)
+    _open: dict[int, object] = field(default_factory=dict)
+    _offsets: dict[int, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def open(folder: str | Path, target, layer_ids: tuple[int, ...], need_final: bool = False) -> "FeatureCache":
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        _check_same(manifest, expected_manifest(target, layer_ids, manifest.keep_final), folder)
+        if need_final and not manifest.keep_final:
+            raise DataError(f"feature cache {folder} has no final hidden states (soft labels need them): rebuild it with them")
+        if manifest.sequences == 0:
+            raise DataError(f"feature cache {folder} is empty")
+        cache = FeatureCache(folder, manifest)
+        cache._index = [(s, r) for s, shard in enumerate(manifest.shards) for r in range(shard["sequences"])]
+        return cache
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _shard(self, s: int):
+        if s not in self._open:
+            from safetensors import safe_open
+
+            path = self.folder / self.manifest.shards[s]["file"]
+            try:
+                handle = safe_open(str(path), framework="pt")
+                offsets = handle.get_tensor("offsets")
+            except Exception as err:  # missing or truncated shard
+                raise DataError(f"feature cache shard {path} is unreadable ({type(err).__name__}: {err}): rebuild the cache") from None
+            if int(offsets[-1]) != self.manifest.shards[s]["tokens"]:
+                raise DataError(f"feature cache shard {path} does not match the manifest: rebuild the cache")
+            self._open[s], self._offsets[s] = handle, offsets
+        return self._open[s], self._offsets[s]
+
+    def __getitem__(self, i: int) -> CachedSequence:
+        s, row = self._index[i]
+        handle, offsets = self._shard(s)
+        a, b = int(offsets[row]), int(offsets[row + 1])
+        get = lambda key: handle.get_slice(key)[a:b]  # noqa: E731
+        try:
+            return CachedSequence(get("tokens").long(), int(handle.get_slice("response_start")[row : row + 1][0]), get("features"),
+                                  get("greedy").long(), get("final") if self.manifest.keep_final else None)
+        except Exception as err:
+            raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None
