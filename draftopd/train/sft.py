@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
-from .blocks import block_labels, block_logits, gather_positions, pad_batch, sample_anchors, score_batch
+from ..data.features import CachedSequence
+from .blocks import block_labels, block_logits, pad_batch, sample_anchors, teach_cached, teach_online
 from .common import Compute, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
@@ -38,23 +39,27 @@ class StepResult:
     draft_tokens: int
 
 
-def sft_micro_batch(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
-    """Forward one micro-batch of examples (objects with prompt_ids, response_ids) -> loss numerator and stats."""
-    batch = pad_batch([list(e.prompt_ids) + list(e.response_ids) for e in examples], [len(e.prompt_ids) for e in examples],
-                      drafter.target.pad_id, drafter.target.device)
-    scored = score_batch(drafter, batch)
+def sft_micro_batch(drafter: DFlashDrafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
+    """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
+    online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
+    draft vocabulary; labels outside a reduced vocabulary are skipped."""
+    cached = isinstance(items[0], CachedSequence)
+    seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
+    starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
+    batch = pad_batch(seqs, starts, drafter.target.pad_id, drafter.target.device)
+    teacher = teach_cached(items, batch, drafter.target.device) if cached else teach_online(drafter, batch)
     anchors, anchor_valid = sample_anchors(batch, cfg.anchors_per_seq, gen)
-    logits = block_logits(drafter, batch, scored.features, anchors)
+    logits = block_logits(drafter, batch, teacher.features, anchors, draft_vocab=True)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
-    target_logits = None
-    if cfg.loss == "kl":  # the target's distribution of the token at anchor + k is its logits at anchor + k - 1
-        pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)
-        target_logits = gather_positions(scored.logits, pos)
-    per_token = sft_token_loss(logits, lab.labels, target_logits, kind=cfg.loss)
-    weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * lab.mask
-    correct = (logits.argmax(-1) == lab.labels) & lab.mask
-    return StepResult((per_token * weights).sum(), float(weights.sum()), correct.sum((0, 1)), lab.mask.sum((0, 1)),
-                      int(batch.lengths.sum()), int(anchor_valid.sum()) * drafter.block_size)
+    pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
+    labels = drafter.target_to_draft(lab.labels if cfg.labels == "text" else teacher.greedy.gather(1, pos.flatten(1)).view_as(pos))
+    mask = lab.mask & (labels >= 0)
+    target_logits = teacher.draft_vocab_logits_at(drafter, pos) if cfg.loss == "kl" else None
+    per_token = sft_token_loss(logits, labels.clamp(min=0), target_logits, kind=cfg.loss)
+    weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * mask
+    correct = (logits.argmax(-1) == labels) & mask
+    return StepResult((per_token * weights).sum(), float(weights.sum()), correct.sum((0, 1)), mask.sum((0, 1)),
+                      0 if cached else int(batch.lengths.sum()), int(anchor_valid.sum()) * drafter.block_size)
 
 
 def slot_decay(cfg: SFTConfig, block_size: int) -> float:
