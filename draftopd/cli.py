@@ -1,7 +1,10 @@
 """`draftopd` command line. Flags are generated from the frozen config dataclasses, so defaults live only there.
 
-Every user-facing failure (unknown target, drafter/target mismatch, corrupt checkpoint, empty or too-long
-prompt, empty dataset) ends as one `draftopd: error: ...` line and exit status 2, not a traceback.
+Every user-facing failure (a bad flag, unknown target, drafter/target mismatch, corrupt checkpoint, empty or
+too-long prompt, empty dataset, an output path that cannot be written) ends as one `draftopd: error: ...` line on
+stderr and exit status 2, not a traceback: the project's errors are all ValueErrors, bad paths raise OSError,
+and argparse's own errors go through the same line (`Parser.error`). Each command builds and so validates its
+configs, and checks its input and output paths, before it loads any model.
 """
 
 from __future__ import annotations
@@ -10,17 +13,28 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_TARGET, DecodeConfig, DrafterConfig
+from .config import DEFAULT_TARGET, DecodeConfig, DrafterConfig, PromptConfig
 
 
 class UserError(ValueError):
     """Bad input detected by the CLI itself."""
 
 
-def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """One `--prefix-field-name` flag per dataclass field; defaults come from `defaults` (a dataclass or an instance)."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad number, missing argument) are one `draftopd: error:` line, not a usage block."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One `--prefix-field-name` flag per dataclass field; defaults come from `defaults` (a dataclass or an instance),
+    the prefix from its `flag_prefix` (the name its errors use) unless given."""
+    prefix = getattr(defaults, "flag_prefix", "") if prefix is None else prefix
     instance = defaults if not isinstance(defaults, type) else None
     for f in dataclasses.fields(defaults):
         if f.name in skip:
@@ -47,21 +61,23 @@ def _scalar_type(default: Any, annotation: Any):
     return type(default) if default is not None else str
 
 
-def build_config(defaults: Any, args: argparse.Namespace, prefix: str = "", **overrides):
-    """The dataclass `defaults` (class or instance) with every field that has a flag taken from `args`."""
+def build_config(defaults: Any, args: argparse.Namespace, prefix: str | None = None, **overrides):
+    """The dataclass `defaults` (class or instance) with every field that has a flag taken from `args` (validated:
+    a bad value raises `config.ConfigError` naming its flag)."""
+    prefix = getattr(defaults, "flag_prefix", "") if prefix is None else prefix
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(defaults) if hasattr(args, prefix + f.name)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     base = defaults() if isinstance(defaults, type) else defaults
     return dataclasses.replace(base, **{**values, **overrides})
 
 
-# ---- generate -------------------------------------------------------------------------------------------
+# ---- generate ----------------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> dict:
     from .data.prompts import Prompt, load_prompts, render_prompt
     from .decode.speculative import autoregressive_generate, generate
     from .decode.stats import summarize
 
-    target, drafter = load_pair(args.target, args.drafter, build_config(DrafterConfig, args, "draft_"))
+    cfg, drafter_cfg = build_config(DecodeConfig, args), build_config(DrafterConfig, args)
     if args.prompt_file:
         prompts = load_prompts(args.prompt_file).prompts
     elif args.prompt is not None:
@@ -70,8 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         prompts = [Prompt(id="cli", source="cli", messages=(("user", args.prompt),))]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE.jsonl")
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
-    cfg = build_config(DecodeConfig, args)
     gen = autoregressive_generate(target, ids, cfg) if args.autoregressive else generate(target, drafter, ids, cfg)
     stats = summarize(gen, None if args.autoregressive else drafter.block_size)
     texts = [target.tokenizer.decode(t.output, skip_special_tokens=True) for t in gen.traces]
@@ -91,9 +107,8 @@ def print_generate(result: dict) -> None:
 
 def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterConfig):
     from .models.dflash import load_drafter, new_drafter
-    from .models.load import load_target
 
-    target = load_target(target_name)
+    target = _target(target_name)
     drafter = load_drafter(drafter_path, target) if drafter_path else new_drafter(target, drafter_cfg)
     return target, drafter
 
@@ -101,33 +116,44 @@ def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterCo
 # ---- regenerate / sft / eval / opd / demo ---------------------------------------------------------------
 def cmd_regenerate(args: argparse.Namespace) -> dict:
     from .data.prompts import load_prompts
-    from .data.regenerate import regenerate
+    from .data.regenerate import check_output, regenerate
 
-    target, drafter = load_pair(args.target, args.drafter, build_config(DrafterConfig, args, "draft_")) if args.drafter else (_target(args.target), None)
-    prompts = load_prompts(args.prompts, split=args.split, limit=args.limit, seed=args.seed).prompts
-    summary = regenerate(target, prompts, args.out, build_config(DecodeConfig, args), drafter=drafter, batch_size=_positive(args.batch_size, "--batch-size"),
-                         chat_template=not args.raw, max_prompt_tokens=args.max_prompt_tokens)
+    pcfg, cfg, drafter_cfg = build_config(PromptConfig, args), build_config(DecodeConfig, args), build_config(DrafterConfig, args)
+    writable_file(args.out, "--out")
+    check_output(args.out)
+    prompts = load_prompts(pcfg.prompts, split=pcfg.split, limit=pcfg.limit, seed=cfg.seed).prompts
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg) if args.drafter else (_target(args.target), None)
+    summary = regenerate(target, prompts, args.out, cfg, drafter=drafter, batch_size=pcfg.batch_size,
+                         chat_template=not args.raw, max_prompt_tokens=pcfg.max_prompt_tokens)
     return {"out": args.out, **summary.to_dict()}
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
     from .config import OptimConfig, SFTConfig
-    from .data.regenerate import load_regenerated
+    from .data.regenerate import check_token_ids, load_regenerated
     from .train.sft import train_sft
 
-    target, drafter = load_pair(args.target, args.drafter, build_config(DrafterConfig, args, "draft_"))
+    cfg, drafter_cfg = build_config(SFTConfig, args, optim=build_config(OptimConfig, args)), build_config(DrafterConfig, args)
+    writable_dir(args.out, "--out")
     data = load_regenerated(args.data)
-    cfg = build_config(SFTConfig, args, optim=build_config(OptimConfig, args, "optim_"))
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    check_token_ids(data, target.vocab_size, args.data)
     final = train_sft(drafter, data.examples, cfg, args.out, resume=args.resume)
     return {"checkpoint": str(final), "examples": len(data.examples), "skipped": data.skipped}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
     from .config import EvalConfig
+    from .data.prompts import check_source
     from .eval.evaluate import evaluate
 
-    target, drafter = load_pair(args.target, args.drafter, build_config(DrafterConfig, args, "draft_"))
-    report = evaluate(target, drafter, build_config(EvalConfig, args))
+    cfg, drafter_cfg = build_config(EvalConfig, args), build_config(DrafterConfig, args)
+    for name in cfg.sets:
+        check_source(name)
+    if args.out:
+        writable_file(args.out, "--out")
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    report = evaluate(target, drafter, cfg)
     report.config["drafter"] = args.drafter or "untrained"
     if args.out:
         report.save(args.out)
@@ -139,14 +165,17 @@ def cmd_opd(args: argparse.Namespace) -> dict:
     from .train.losses import LossConfig
     from .train.opd import OPDConfig, train_opd
 
-    target, drafter = load_pair(args.target, args.drafter, build_config(DrafterConfig, args, "draft_"))
-    prompts = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in load_prompts(args.prompts, split="train", limit=args.limit, seed=args.seed).prompts]
-    prompts = [p for p in prompts if len(p) <= args.max_prompt_tokens]
-    if not prompts:
-        raise UserError(f"no prompts of at most {args.max_prompt_tokens} tokens in {args.prompts}")
-    cfg = build_config(OPDConfig(), args, loss=build_config(LossConfig, args, "loss_"), optim=build_config(OPDConfig().optim, args, "optim_"))
-    final = train_opd(drafter, prompts, cfg, args.out, resume=args.resume)
-    return {"checkpoint": str(final), "prompts": len(prompts)}
+    pcfg, drafter_cfg = build_config(PromptConfig, args), build_config(DrafterConfig, args)
+    cfg = build_config(OPDConfig(), args, loss=build_config(LossConfig, args), optim=build_config(OPDConfig().optim, args))
+    writable_dir(args.out, "--out")
+    prompts = load_prompts(pcfg.prompts, split="train", limit=pcfg.limit, seed=cfg.seed).prompts
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
+    ids = [p for p in ids if len(p) <= pcfg.max_prompt_tokens]
+    if not ids:
+        raise UserError(f"no prompts of at most {pcfg.max_prompt_tokens} tokens in {pcfg.prompts}")
+    final = train_opd(drafter, ids, cfg, args.out, resume=args.resume)
+    return {"checkpoint": str(final), "prompts": len(ids)}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict:
@@ -155,6 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     unknown = set(args.ablations) - set(ABLATIONS)
     if unknown:
         raise UserError(f"unknown ablation(s) {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
+    writable_dir(args.out, "--out")
     cfg = ExperimentConfig(target=args.target, out_dir=args.out, ablations=tuple(args.ablations))
     summary = run_experiment(cfg)
     return {"table": format_results(summary), **summary}
@@ -170,15 +200,39 @@ def _target(name: str):
     return load_target(name)
 
 
-def _positive(value: int, flag: str) -> int:
-    if value < 1:
-        raise UserError(f"{flag} must be at least 1")
-    return value
+# ---- paths, checked before any model is loaded ------------------------------------------------------------
+def writable_file(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written: a directory, or a place where no file can be created."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file path")
+    _probe(Path(path).parent, path, flag)
+
+
+def writable_dir(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be written: an existing file, or a place where nothing can be created."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    _probe(Path(path), path, flag)
+
+
+def _probe(folder: Path, path: str, flag: str) -> None:
+    """Create and delete a temp file in `folder`, or in its nearest existing ancestor when it does not exist yet
+    (the command creates the missing folders). Permission bits alone are not asked: root ignores them and a
+    read-only file system does not show in them, so only trying tells."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {flag} {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {flag} {path}: {err.strerror or err}") from None
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="draftopd", description="Draft-OPD: train and measure speculative-decoding drafters")
+    parser = Parser(prog="draftopd", description="Draft-OPD: train and measure speculative-decoding drafters")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="speculative generation with a drafter (or an untrained one)")
@@ -191,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(gen, DecodeConfig)
     gen.set_defaults(func=cmd_generate, printer=print_generate)
 
-    from .config import EvalConfig, OptimConfig, PromptConfig, SFTConfig
+    from .config import EvalConfig, OptimConfig, SFTConfig
     from .train.losses import LossConfig
     from .train.opd import OPDConfig
 
@@ -211,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--resume", action="store_true", help="continue from OUT/last exactly where it stopped")
     sft.add_argument("--json", action="store_true")
     add_config_args(sft, SFTConfig)
-    add_config_args(sft, OptimConfig, prefix="optim_")
+    add_config_args(sft, OptimConfig)
     sft.set_defaults(func=cmd_sft, printer=print_table)
 
     ev = sub.add_parser("eval", help="tau, acceptance and speedup over AR on held-out prompt sets")
@@ -229,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     opd.add_argument("--resume", action="store_true")
     opd.add_argument("--json", action="store_true")
     add_config_args(opd, OPDConfig())
-    add_config_args(opd, LossConfig, prefix="loss_")
-    add_config_args(opd, OPDConfig().optim, prefix="optim_")
+    add_config_args(opd, LossConfig)
+    add_config_args(opd, OPDConfig().optim)
     opd.set_defaults(func=cmd_opd, printer=print_table)
 
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
@@ -245,25 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
     parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter)")
-    add_config_args(parser, DrafterConfig, prefix="draft_")
+    add_config_args(parser, DrafterConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data.prompts import DataError
-    from .models.dflash import DrafterError
-    from .models.target import TargetError
-
-    args = build_parser().parse_args(argv)
+    """Run one command. Every ValueError (the project's errors, ConfigError, DataError, TargetError, DrafterError,
+    RunDirError, UserError all are) and OSError (a bad path) ends as one stderr line and exit status 2."""
     try:
+        args = build_parser().parse_args(argv)
         result = args.func(args)
-    except (UserError, TargetError, DrafterError, DataError) as err:
-        print(f"draftopd: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"draftopd: error: {one_line(err)}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     elif result is not None:
         args.printer(result)
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (its type name when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -1,15 +1,80 @@
 """Every default of the project, in one place, as frozen dataclasses.
 
 The CLI builds its flags from these fields (see `cli.py`), so a default is never written twice.
+Every value is checked when a config is built (`__post_init__`), before any work starts: a bad one raises
+`ConfigError`, whose message names the CLI flag that sets it (`flag_prefix` + field name, e.g. `--draft-block-size`).
 Layer ids everywhere are the Hugging Face "output" convention: id `i` is the output of decoder layer `i`
 (0-based), i.e. `hidden_states[i + 1]` of a forward with `output_hidden_states=True`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .data.prompts import SPLITS
 
 DEFAULT_TARGET = "smollm2-135m"
+SFT_LOSSES = ("ce", "kl")
+SFT_LABELS = ("text", "greedy")
+MAX_SEED = 2**32 - 1  # seeds are offset and multiplied by the trainers; this keeps torch.manual_seed in range
+
+
+class ConfigError(ValueError):
+    """A config value out of range (one line naming the CLI flag that sets it)."""
+
+
+def flag(cfg: Any, name: str) -> str:
+    """The CLI flag of field `name` of config `cfg`: `--` + the class's `flag_prefix` + the name, dashed."""
+    return "--" + (getattr(cfg, "flag_prefix", "") + name).replace("_", "-")
+
+
+def require(cfg: Any, name: str, ok: bool, rule: str) -> None:
+    """Raise `ConfigError("--flag <rule>, got <value>")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{flag(cfg, name)} {rule}, got {getattr(cfg, name)!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_ints(cfg: Any, minimum: int, *names: str, optional: bool = False) -> None:
+    """Each field an integer >= minimum (or None when `optional`)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (optional and value is None):
+            require(cfg, name, _is_int(value) and value >= minimum, f"must be at least {minimum}" if _is_int(value) else "must be an integer")
+
+
+def check_seed(cfg: Any, name: str = "seed") -> None:
+    value = getattr(cfg, name)
+    require(cfg, name, _is_int(value) and 0 <= value <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
+
+
+def check_number(cfg: Any, name: str, low: float | None = None, high: float | None = None, *, above: bool = False,
+                 optional: bool = False) -> None:
+    """A finite number >= low (> low with `above`) and <= high; None passes when `optional`. NaN and inf never pass."""
+    value = getattr(cfg, name)
+    if optional and value is None:
+        return
+    ok = _is_number(value) and (low is None or (value > low if above else value >= low)) and (high is None or value <= high)
+    if low is not None and high is not None:
+        rule = f"must be a number in {'(' if above else '['}{low}, {high}]"
+    elif low is not None:
+        rule = f"must be a finite number {'>' if above else '>='} {low}"
+    else:
+        rule = "must be a finite number"
+    require(cfg, name, ok, rule)
+
+
+def check_choice(cfg: Any, name: str, options: tuple[str, ...]) -> None:
+    require(cfg, name, getattr(cfg, name) in options, f"must be one of {', '.join(options)}")
 
 
 def dflash_default_layers(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
@@ -37,6 +102,21 @@ class DrafterConfig:
     intermediate_size: int | None = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    mask_token_id: int | None = None  # MASK = this target embedding row (exportable to the reference format); None = learned vector
+    draft_vocab_size: int | None = None  # reduced head over the most frequent response tokens; None = the target's whole vocabulary
+
+    flag_prefix: ClassVar[str] = "draft_"
+
+    def __post_init__(self) -> None:
+        check_ints(self, 1, "num_layers")
+        check_ints(self, 2, "block_size")
+        check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "draft_vocab_size", optional=True)
+        check_ints(self, 0, "mask_token_id", optional=True)
+        ids = self.target_layer_ids
+        require(self, "target_layer_ids", ids is None or (isinstance(ids, tuple) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids)),
+                "must be one or more layer ids >= 0")
+        check_number(self, "rope_theta", 0, above=True)
+        check_number(self, "rms_norm_eps", 0, above=True)
 
 
 @dataclass(frozen=True)
@@ -49,6 +129,11 @@ class PromptConfig:
     max_prompt_tokens: int = 512  # longer rendered prompts are skipped and counted
     batch_size: int = 8  # regeneration batch (a ragged batch through the decoder)
 
+    def __post_init__(self) -> None:
+        require(self, "prompts", isinstance(self.prompts, str) and bool(self.prompts.strip()), "must name a prompt set or a file")
+        check_choice(self, "split", SPLITS)
+        check_ints(self, 1, "limit", "max_prompt_tokens", "batch_size")
+
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -59,6 +144,11 @@ class DecodeConfig:
     stop_at_eos: bool = True
     seed: int = 0
     record_draft_logits: bool = False  # keep every round's full drafter logits in the trace (tests, debugging)
+
+    def __post_init__(self) -> None:
+        check_ints(self, 1, "max_new_tokens")
+        check_number(self, "temperature", 0)
+        check_seed(self)
 
 
 @dataclass(frozen=True)
@@ -72,6 +162,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
+    flag_prefix: ClassVar[str] = "optim_"
+
+    def __post_init__(self) -> None:
+        check_number(self, "lr", 0, above=True)
+        check_number(self, "weight_decay", 0)
+        betas = self.betas
+        require(self, "betas", isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+                "must be two numbers in [0, 1)")
+        check_number(self, "warmup_fraction", 0, 1)
+        check_number(self, "min_lr_ratio", 0, 1)
+        check_number(self, "grad_clip", 0, above=True)
+
 
 @dataclass(frozen=True)
 class SFTConfig:
@@ -81,7 +183,8 @@ class SFTConfig:
     batch_size: int = 4
     grad_accum: int = 1
     anchors_per_seq: int = 32
-    loss: str = "ce"  # "ce" (hard labels) or "kl" (soft, to the target distribution)
+    loss: str = "ce"  # one of SFT_LOSSES: "ce" (hard labels) or "kl" (soft, to the target distribution)
+    labels: str = "text"  # one of SFT_LABELS: "text" (the sequence's next token: regenerated answers) or "greedy" (the target's argmax there: fixed text)
     slot_decay: float | None = None  # exp(-(k-1)/decay); None = 7 for block 16, 4 for block 8
     save_every: int = 50
     log_every: int = 1
@@ -89,13 +192,29 @@ class SFTConfig:
     max_flops: float | None = None  # stop once this much compute is spent (compute-matched runs)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def __post_init__(self) -> None:
+        check_ints(self, 1, "steps", "batch_size", "grad_accum", "anchors_per_seq", "save_every", "log_every")
+        check_choice(self, "loss", SFT_LOSSES)
+        check_choice(self, "labels", SFT_LABELS)
+        check_number(self, "slot_decay", 0, above=True, optional=True)
+        check_number(self, "max_flops", 0, above=True, optional=True)
+        check_seed(self)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation of tau and speedup."""
 
     sets: tuple[str, ...] = ("mt-bench", "gsm8k", "humaneval")
-    num_prompts: int = 8
+    num_prompts: int = 30
     max_new_tokens: int = 96
     temperature: float = 0.0
     seed: int = 0
+    bootstrap_resamples: int = 2000  # 95% percentile-bootstrap intervals over prompts (tau, speedup)
+
+    def __post_init__(self) -> None:
+        require(self, "sets", isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
+                "must be prompt set names or files")
+        check_ints(self, 1, "num_prompts", "max_new_tokens", "bootstrap_resamples")
+        check_number(self, "temperature", 0)
+        check_seed(self)

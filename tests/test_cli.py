@@ -18,11 +18,14 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 @pytest.fixture(scope="module")
 def target_dir(tmp_path_factory) -> Path:
+    return save_tiny_target(tmp_path_factory.mktemp("tiny-target"))
+
+
+def save_tiny_target(folder: Path) -> Path:
     """A tiny Llama saved as a Hugging Face folder with a word-level ChatML tokenizer (64 ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-target")
     words = ["[UNK]", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"] + [f"w{i}" for i in range(58)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -97,3 +100,28 @@ def test_bad_inputs_give_one_line_errors(target_dir, tmp_path, capsys):
     assert_one_line_error(rc, err, "no usable training examples")
     rc, _, err = run(capsys, "demo", "--ablations", "nonsense")
     assert_one_line_error(rc, err, "unknown ablation")
+
+
+def test_target_loading_never_trusts_remote_code(target_dir, tmp_path, monkeypatch):
+    """Every from_pretrained gets trust_remote_code=False (unset, transformers asks in a terminal and a yes runs
+    the folder's Python); a folder that only remote code could load is one TargetError line, no question asked."""
+    import shutil
+
+    import transformers
+
+    from draftopd.models.load import load_target
+    from draftopd.models.target import TargetError
+
+    calls = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, *a, _real=real, **kw: calls.append(kw) or _real(c, *a, **kw)))
+    load_target(str(target_dir))
+    assert len(calls) >= 3 and all(kw.get("trust_remote_code") is False for kw in calls)
+    remote = tmp_path / "remote"
+    shutil.copytree(target_dir, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "my-arch", "auto_map": {"AutoModelForCausalLM": "m.M"}}))
+    monkeypatch.setattr("sys.stdin", None)  # any question would fail loudly
+    with pytest.raises(TargetError, match="never runs code shipped with a model"):
+        load_target(str(remote))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import full_logits, hf_greedy, make_drafter, random_prompts
 from draftopd.config import DecodeConfig
 from draftopd.decode import speculative as S
-from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling
+from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling, sample
 from draftopd.decode.speculative import Draft, autoregressive_generate, generate
 from draftopd.models.load import load_target
 from draftopd.models.target import Target, TargetError
@@ -324,6 +324,37 @@ def test_sampling_is_reproducible_with_seed(small_vocab_target) -> None:
     run = lambda seed: [t.output for t in generate(target, drafter, prompts, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed)).traces]  # noqa: E731
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_per_row_generators_draw_row_by_row() -> None:
+    """A list of generators: row b's draws equal a lone draw with gen[b], whatever the other rows are."""
+    logits = torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(0))
+    draft = torch.randint(0, 9, (3, 2), generator=torch.Generator().manual_seed(1))
+    target_logits = torch.randn(3, 3, 9, generator=torch.Generator().manual_seed(2))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    batch = sample(logits, 0.8, gens())
+    acc = accept_sampling(target_logits, logits, draft, 0.8, gens())
+    for b, seed in enumerate((5, 6, 7)):
+        assert torch.equal(batch[b], sample(logits[b:b + 1], 0.8, [torch.Generator().manual_seed(seed)])[0])
+        one = accept_sampling(target_logits[b:b + 1], logits[b:b + 1], draft[b:b + 1], 0.8, [torch.Generator().manual_seed(seed)])
+        assert (acc.accepted[b], acc.next_token[b]) == (one.accepted[0], one.next_token[0])
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_row_seeds_make_each_row_independent_of_its_batch(small_vocab_target, speculative) -> None:
+    """With `row_seeds`, a sampled row is the same alone or in any batch (rows finish at different times: EOS on)."""
+    target = small_vocab_target
+    drafter = make_drafter(target, block_size=4)
+    prompts = random_prompts(target.vocab_size, [3, 7, 5, 2], seed=4)
+    seeds = [101, 202, 303, 404]
+    cfg = DecodeConfig(max_new_tokens=16, temperature=1.0)
+    run = lambda ps, ss: [t.output for t in (generate(target, drafter, ps, cfg, ss) if speculative else autoregressive_generate(target, ps, cfg, ss)).traces]  # noqa: E731
+    together = run(prompts, seeds)
+    assert together == [run([p], [s])[0] for p, s in zip(prompts, seeds)]
+    assert run(prompts[::-1], seeds[::-1]) == together[::-1]
+    assert len({len(t) for t in together}) > 1  # ragged: rows left the batch at different rounds
+    with pytest.raises(ValueError, match="row_seeds"):
+        run(prompts, seeds[:2])
 
 
 # ============================================================================ rollout traces

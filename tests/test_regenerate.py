@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 import torch
 
 from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import DataError, Prompt
-from draftopd.data.regenerate import SFTExample, load_regenerated, regenerate
+from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, record_seed, regenerate
 from draftopd.decode.speculative import autoregressive_generate
 from draftopd.models.dflash import new_drafter
 from draftopd.models.load import tiny_target
@@ -41,14 +43,14 @@ def test_writes_records_equal_to_autoregressive(target, tmp_path):
     records = _records(out)
     assert [r["id"] for r in records] == [p.id for p in prompts]
     assert summary.tokens == sum(len(r["response_ids"]) for r in records)
-    for batch_index, start in enumerate(range(0, 5, 2)):
+    for start in range(0, 5, 2):
         want = autoregressive_generate(target, ids[start:start + 2], CFG)
         for r, p, trace in zip(records[start:start + 2], ids[start:start + 2], want.traces):
             assert set(r) == {"id", "source", "prompt_ids", "response_ids", "finish", "settings"}
             assert r["source"] == "unit" and r["prompt_ids"] == p
             assert r["response_ids"] == trace.output and r["finish"] == trace.finish in ("eos", "length")
             assert r["settings"] == {"target": target.name, "max_new_tokens": 12, "temperature": 0.0,
-                                     "seed": batch_index, "chat_template": None}
+                                     "seed": 0, "record_seed": record_seed(0, r["id"]), "chat_template": None}
     for p, r in zip(ids, records):  # batching does not change greedy text
         assert autoregressive_generate(target, [p], CFG).traces[0].output == r["response_ids"]
 
@@ -58,14 +60,84 @@ def test_rerun_skips_done_and_torn_line(target, tmp_path):
     out = tmp_path / "regen.jsonl"
     regenerate(target, prompts[:3], out, CFG, prompt_ids=ids[:3], progress=False)
     full = out.read_text()
-    out.write_text(full + '{"id": "p3", "source": "unit", "prompt_i')  # a kill mid-write
+    out.write_text(full + '{"id":"p3","source":"unit","prompt_i')  # a kill mid-write
+    inode = os.stat(out).st_ino
     summary = regenerate(target, prompts, out, CFG, batch_size=4, prompt_ids=ids, progress=False)
     assert (summary.written, summary.skipped_done) == (3, 3)
+    assert os.stat(out).st_ino == inode and out.read_text().startswith(full)  # cut in place, never rewritten
     records = _records(out)  # every line parses: the torn one is gone
     assert [r["id"] for r in records] == [f"p{i}" for i in range(6)]
     again = regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
     assert (again.written, again.skipped_done, again.tokens) == (0, 6, 0)
     assert len(_records(out)) == 6
+
+
+def test_last_record_without_newline_is_kept(target, tmp_path):
+    """A kill between a record and its newline: the record counts as done and the next one starts a new line."""
+    prompts, ids = _prompts(4)
+    out = tmp_path / "regen.jsonl"
+    regenerate(target, prompts[:2], out, CFG, prompt_ids=ids[:2], progress=False)
+    out.write_text(out.read_text().rstrip("\n"))
+    summary = regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
+    assert (summary.written, summary.skipped_done) == (2, 2)
+    assert [r["id"] for r in _records(out)] == ["p0", "p1", "p2", "p3"]
+
+
+def _record_line(rid) -> str:
+    return json.dumps({"id": rid, "prompt_ids": [1, 2], "response_ids": [3]})
+
+
+FOREIGN_FILES = {  # what a user may point --out at by mistake: each must come out byte-identical
+    "prompt file": "\n".join(json.dumps({"prompt": f"question {i}"}) for i in range(3)).encode() + b"\n",
+    "one prompt, no newline": json.dumps({"id": "q1", "prompt": "question"}).encode(),
+    "notes": b"shopping list\nmilk\n",
+    "integer id": (_record_line("a") + "\n" + json.dumps({"id": 5, "prompt_ids": [1], "response_ids": [2]}) + "\n").encode(),
+    "token ids not lists": (json.dumps({"id": "a", "prompt_ids": "1 2", "response_ids": [3]}) + "\n").encode(),
+    "junk between records": (_record_line("a") + "\nnot json\n" + _record_line("b") + "\n").encode(),
+    "complete foreign last line": (_record_line("a") + "\n" + '{"id": 7}').encode(),
+    "not UTF-8": b"\xff\xfe binary\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN_FILES))
+def test_foreign_output_file_is_refused_untouched(target, tmp_path, kind):
+    prompts, ids = _prompts(3)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(FOREIGN_FILES[kind])
+    before = out.read_bytes()
+    with pytest.raises(DataError, match="refusing to append"):
+        check_output(out)
+    with pytest.raises(DataError, match="refusing to append"):
+        regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
+    assert out.read_bytes() == before
+
+
+def test_output_directory_is_refused(target, tmp_path):
+    prompts, ids = _prompts(1)
+    with pytest.raises(DataError, match="is a directory"):
+        regenerate(target, prompts, tmp_path, CFG, prompt_ids=ids, progress=False)
+
+
+def test_record_seed_is_a_stable_hash():
+    want = int.from_bytes(hashlib.blake2b("regenerate\x003\x00p7".encode(), digest_size=8).digest(), "big") >> 1
+    assert record_seed(3, "p7") == want and record_seed(3, "p8") != want and record_seed(4, "p7") != want
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_resume_at_temperature_is_exact(target, tmp_path, with_drafter):
+    """Sampling at T=0.8: a run killed after its first batch and resumed with another batch size writes exactly
+    the records of one uninterrupted run (each record's randomness depends only on the seed and its id)."""
+    prompts, ids = _prompts(12, seed=5)
+    cfg = DecodeConfig(max_new_tokens=12, temperature=0.8, seed=11)
+    drafter = new_drafter(target, DrafterConfig(block_size=4)) if with_drafter else None
+    whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
+    regenerate(target, prompts, whole, cfg, batch_size=4, prompt_ids=ids, drafter=drafter, progress=False)
+    regenerate(target, prompts[:4], resumed, cfg, batch_size=4, prompt_ids=ids[:4], drafter=drafter, progress=False)  # killed here
+    summary = regenerate(target, prompts, resumed, cfg, batch_size=5, prompt_ids=ids, drafter=drafter, progress=False)
+    assert (summary.written, summary.skipped_done) == (8, 4)
+    assert _records(resumed) == _records(whole)
+    assert len({tuple(r["response_ids"]) for r in _records(whole)}) == 12
+    assert {r["settings"]["record_seed"] for r in _records(whole)} == {record_seed(11, p.id) for p in prompts}
 
 
 def test_too_long_prompts_are_skipped(target, tmp_path):

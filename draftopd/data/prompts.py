@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["NAMED_SETS", "DataError", "Prompt", "PromptSet", "load_prompts", "render_prompt"]
+__all__ = ["NAMED_SETS", "DataError", "Prompt", "PromptSet", "check_source", "load_prompts", "render_prompt", "stable_hash"]
 
 NAMED_SETS = ("sharegpt", "mt-bench", "gsm8k", "humaneval")
 SPLITS = ("all", "train", "heldout")
@@ -282,25 +282,40 @@ def _named_set_path(name: str) -> Path:
     return path
 
 
-def _read_all(name_or_path: str) -> PromptSet:
-    """Every usable prompt of a named set or a user file, in file order."""
+def _source(name_or_path: str) -> tuple[Path, str, RecordParser]:
+    """The file, source name and record parser of a named set or a user file; DataError if there is none."""
     if name_or_path in _NAMED:
-        return _parse_file(_named_set_path(name_or_path), name_or_path,
-                           _NAMED[name_or_path].parse)
+        return _named_set_path(name_or_path), name_or_path, _NAMED[name_or_path].parse
     path = Path(name_or_path)
     if not path.is_file():
         raise DataError(f"unknown prompt set or missing file {name_or_path!r}: use one of "
                         f"{', '.join(NAMED_SETS)} or a path to an existing JSONL file")
-    return _parse_file(path, path.name, _user_record_prompt)
+    return path, path.name, _user_record_prompt
+
+
+def check_source(name_or_path: str) -> None:
+    """Raise DataError unless `name_or_path` is a named set (package installed) or an existing file (cheap:
+    reads nothing, so commands can check their inputs before loading a model)."""
+    _source(str(name_or_path))
+
+
+def _read_all(name_or_path: str) -> PromptSet:
+    """Every usable prompt of a named set or a user file, in file order."""
+    return _parse_file(*_source(name_or_path))
 
 
 # --------------------------------------------------------------------------- split / sample
 
 
-def _unit_hash(*parts: object) -> float:
-    """A deterministic number in [0, 1) from ``parts`` (independent of PYTHONHASHSEED)."""
+def stable_hash(*parts: object) -> int:
+    """A deterministic 64-bit integer from ``parts`` (blake2b: independent of PYTHONHASHSEED and process)."""
     key = "\0".join(str(part) for part in parts).encode("utf-8")
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def _unit_hash(*parts: object) -> float:
+    """A deterministic number in [0, 1) from ``parts``."""
+    return stable_hash(*parts) / 2**64
 
 
 def _in_split(prompt_id: str, split: str, heldout_fraction: float, seed: int) -> bool:

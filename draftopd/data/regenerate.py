@@ -4,16 +4,23 @@ DFlash trains the drafter on the target's own responses (not the dataset's), so 
 distribution it will be verified against. `regenerate` writes one JSON line per prompt:
 
     {"id", "source", "prompt_ids": [...], "response_ids": [...], "finish": "eos" | "length",
-     "settings": {"target", "max_new_tokens", "temperature", "seed", "chat_template"}}
+     "settings": {"target", "max_new_tokens", "temperature", "seed", "record_seed", "chat_template"}}
 
 `response_ids` is exactly what the decoder committed, so a response that ended at EOS ends with the EOS id.
 With a drafter the batches run through speculative `generate` (lossless: the same target distribution, and
 token-for-token the same text at temperature 0), else through `autoregressive_generate`.
 
-Resumable: ids already in the output file are skipped; a torn last line left by a killed run is dropped
-(the file is rewritten without it) before appending; each batch is flushed and fsynced, so a kill loses at
-most the batch in flight. Batch `i` of a run decodes with seed `cfg.seed + i` (only matters at temperature > 0),
-and that seed is what the record's settings say.
+Resumable: ids already in the output file are skipped; each batch is flushed and fsynced, so a kill loses at
+most the batch in flight. The output file is never rewritten: an existing file must hold only regenerate records
+(an object with a string `id` and `prompt_ids` / `response_ids` token lists; blank lines pass), else it is refused
+with a DataError and left byte-identical (it is someone's prompt file or notes, not a run to resume). The one
+exception is a torn last line left by a killed run (no trailing newline, not valid JSON, starting like a record),
+which is cut off in place with `os.truncate` (a complete last record missing only its newline gets one appended).
+
+Randomness (only matters at temperature > 0): every record decodes with its own generator, seeded by
+`record_seed(cfg.seed, id)` (a stable hash, not Python's salted `hash`), so a record's text depends only on the
+seed, its id and its prompt, never on the batch it ran in: a resumed run (other batches, other batch size) writes
+exactly what one uninterrupted run would. The record's settings say `seed` (the run's) and `record_seed`.
 """
 
 from __future__ import annotations
@@ -29,9 +36,12 @@ from typing import Any
 
 from ..config import DecodeConfig, PromptConfig
 from ..decode.speculative import autoregressive_generate, generate
-from .prompts import DataError, Prompt, render_prompt
+from .prompts import DataError, Prompt, render_prompt, stable_hash
 
-__all__ = ["RegenerateSummary", "SFTData", "SFTExample", "load_regenerated", "regenerate"]
+__all__ = ["RegenerateSummary", "SFTData", "SFTExample", "check_output", "check_token_ids", "load_regenerated", "record_seed",
+           "regenerate"]
+
+_RECORD_START = b'{"id":'  # how every line this module writes begins (json.dumps, compact, "id" first)
 
 
 @dataclass(frozen=True)
@@ -62,37 +72,76 @@ class SFTData:
 # --------------------------------------------------------------------------- resuming
 
 
-def _parse_line(line: str) -> dict | None:
+def _parse_line(line: str | bytes) -> dict | None:
     """A record with a string id, or None for a torn / malformed line."""
     try:
         record = json.loads(line)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or (bytes) not UTF-8
         return None
     return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
 
 
-def _existing_ids(path: Path) -> set[str]:
-    """Ids already written to `path`; rewrites the file without lines that do not parse (a torn tail)."""
+def _is_record(record: dict | None) -> bool:
+    """What `regenerate` writes: a string id and token lists (other fields are not checked)."""
+    return record is not None and _token_list(record.get("prompt_ids")) is not None and _token_list(record.get("response_ids")) is not None
+
+
+def _is_torn(line: bytes) -> bool:
+    """A line this module was writing when a kill cut it: starts like a record, no newline, not complete JSON."""
+    if not line.startswith(_RECORD_START) or line.endswith(b"\n"):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:
+        return True
+    return False
+
+
+def _scan(path: Path) -> tuple[set[str], int | None]:
+    """Ids of the regenerate records in `path`, and the byte offset of a torn last line (None if there is none).
+    Raises DataError, touching nothing, when the file holds anything else (see the module docstring)."""
+    if path.is_dir():
+        raise DataError(f"output {path} is a directory: give a file path")
     if not path.exists():
-        return set()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    good, ids = [], set()
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        record = _parse_line(line)
-        if record is not None:
-            good.append(line)
-            ids.add(record["id"])
-    clean = "".join(line + "\n" for line in good)
-    if clean != text:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(clean)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        return set(), None
+    data = path.read_bytes()
+    ids, offset = set(), 0
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        if line.strip():
+            record = _parse_line(line)
+            if _is_record(record):
+                ids.add(record["id"])
+            elif offset + len(line) == len(data) and _is_torn(line):
+                return ids, offset
+            else:
+                raise DataError(f"refusing to append to {path}: line {number} is not a regenerate record "
+                                "(a JSON object with a string id, prompt_ids and response_ids); choose another output file")
+        offset += len(line)
+    return ids, None
+
+
+def check_output(path: str | Path) -> None:
+    """Raise DataError unless `path` is absent or a regenerate output to resume (read only; nothing is changed)."""
+    _scan(Path(path))
+
+
+def _existing_ids(path: Path) -> set[str]:
+    """Ids already written to `path`; a torn last line (a killed run) is truncated away in place, and a last line
+    without its newline (a kill between a record and its newline) gets one, so appended records start a line."""
+    ids, torn = _scan(path)
+    if torn is not None:
+        os.truncate(path, torn)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
     return ids
+
+
+def record_seed(seed: int, record_id: str) -> int:
+    """The seed of one record's generator: a stable 63-bit hash of (seed, id)."""
+    return stable_hash("regenerate", seed, record_id) >> 1
 
 
 # --------------------------------------------------------------------------- regenerate
@@ -116,8 +165,8 @@ def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeC
     if prompt_ids is None and target.tokenizer is None:
         raise DataError(f"target '{target.name}' has no tokenizer: pass pre-tokenized prompt_ids")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     seen = _existing_ids(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     room = target.max_positions - cfg.max_new_tokens - (drafter.block_size if drafter is not None else 0)
     todo: list[tuple[Prompt, list[int]]] = []
@@ -140,21 +189,20 @@ def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeC
     bar = tqdm(total=len(todo), desc="regenerate", unit="prompt", disable=not progress)
     try:
         with open(out_path, "a", encoding="utf-8") as f:
-            for batch_index, start in enumerate(range(0, len(todo), batch_size)):
+            for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                batch_cfg = dataclasses.replace(cfg, seed=cfg.seed + batch_index)
                 t0 = time.perf_counter()
-                ids = [p for _, p in batch]
-                gen = generate(target, drafter, ids, batch_cfg) if drafter is not None else \
-                    autoregressive_generate(target, ids, batch_cfg)
+                ids, seeds = [p for _, p in batch], [record_seed(cfg.seed, prompt.id) for prompt, _ in batch]
+                gen = generate(target, drafter, ids, cfg, seeds) if drafter is not None else \
+                    autoregressive_generate(target, ids, cfg, seeds)
                 seconds += time.perf_counter() - t0
                 settings = {"target": target.name, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                            "seed": batch_cfg.seed, "chat_template": template_flag}
+                            "seed": cfg.seed, "chat_template": template_flag}
                 lines = []
-                for (prompt, p_ids), trace in zip(batch, gen.traces):
+                for (prompt, p_ids), trace, seed in zip(batch, gen.traces, seeds):
                     record = {"id": prompt.id, "source": prompt.source, "prompt_ids": p_ids,
                               "response_ids": [int(t) for t in trace.output], "finish": trace.finish,
-                              "settings": settings}
+                              "settings": {**settings, "record_seed": seed}}
                     lines.append(json.dumps(record, separators=(",", ":")) + "\n")
                     tokens += len(trace.output)
                 f.write("".join(lines))
@@ -201,3 +249,13 @@ def load_regenerated(path: str | Path) -> SFTData:
     if not examples:
         raise DataError(f"no usable training examples in {path} ({skipped} lines skipped)")
     return SFTData(examples, skipped)
+
+
+def check_token_ids(data: SFTData, vocab_size: int, source: str | Path) -> None:
+    """Raise DataError when an example holds a token id outside a vocabulary of `vocab_size` (data regenerated
+    with another target): one line before training, not an index error inside it."""
+    for example in data.examples:
+        top = max(max(example.prompt_ids), max(example.response_ids))
+        if top >= vocab_size:
+            raise DataError(f"{source}: record {example.id!r} has token id {top}, outside the target vocabulary of {vocab_size} "
+                            "(regenerated with another target?)")

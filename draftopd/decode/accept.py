@@ -9,14 +9,21 @@ and `target_logits[:, K]` gives the bonus token when the whole block is accepted
 - Sampling (temperature T > 0, lossless): accept `d_k` with probability `min(1, p_k(d_k) / q_k(d_k))`; at the
   first rejection sample from `normalise(max(p_k - q_k, 0))`; if all K are accepted sample the bonus from p.
   `p` and `q` are the temperature-T softmaxes. The output is distributed exactly as sampling from the target.
+
+Randomness (`gen`): one `torch.Generator` for the whole batch, or a list with one generator per row. With a list,
+row b's draws come only from `gen[b]`, so a row's samples do not depend on which other rows share its batch
+(exact resume of regeneration); the caller keeps the list aligned with the rows as finished rows leave.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+Gen = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass
@@ -34,26 +41,38 @@ def accept_greedy(target_logits: Tensor, draft: Tensor) -> Acceptance:
     return Acceptance(accepted, choice.gather(1, accepted[:, None])[:, 0])
 
 
-def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: torch.Generator | None) -> Acceptance:
+def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: Gen) -> Acceptance:
     """target_logits (b, K+1, V), draft_logits (b, K, V) the drafter's logits the drafts were sampled from."""
     p = torch.softmax(target_logits / temperature, -1)
     q = torch.softmax(draft_logits / temperature, -1)
     p_d = p[:, :-1].gather(2, draft[..., None])[..., 0]
     q_d = q.gather(2, draft[..., None])[..., 0]
-    u = torch.rand(p_d.shape, generator=gen, device=p_d.device)
+    u = uniform(p_d.shape, gen, p_d.device)
     accepted = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, written without dividing by q
     rows = torch.arange(draft.shape[0], device=draft.device)
     p_next = p[rows, accepted]
     q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # slot K+1 (bonus) has no q: residual = p
     residual = (p_next - q_pad[rows, accepted]).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-    return Acceptance(accepted, torch.multinomial(residual, 1, generator=gen)[:, 0])
+    return Acceptance(accepted, multinomial(residual, gen))
 
 
-def sample(logits: Tensor, temperature: float, gen: torch.Generator | None) -> Tensor:
+def sample(logits: Tensor, temperature: float, gen: Gen) -> Tensor:
     """argmax at temperature 0, else one sample per row of softmax(logits / T). logits (..., V) -> (...)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
-    return flat.view(probs.shape[:-1])
+    return multinomial(torch.softmax(logits / temperature, -1), gen)
+
+
+def multinomial(probs: Tensor, gen: Gen) -> Tensor:
+    """One draw from each distribution of probs (b, ..., V) -> (b, ...); per-row generators draw row by row."""
+    if isinstance(gen, Sequence):
+        return torch.stack([multinomial(row, g) for row, g in zip(probs, gen, strict=True)])
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).view(probs.shape[:-1])
+
+
+def uniform(shape: torch.Size, gen: Gen, device: torch.device) -> Tensor:
+    """U(0, 1) draws of `shape` (b, ...); per-row generators draw row by row."""
+    if isinstance(gen, Sequence):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in gen])
+    return torch.rand(shape, generator=gen, device=device)

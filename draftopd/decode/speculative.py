@@ -7,6 +7,10 @@ forward, the acceptance rule keeps `r` drafts plus one target token, and the com
 
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
+
+Randomness (temperature > 0): one generator seeded with `cfg.seed` for the batch, or, with `row_seeds`, one
+generator per row, which follows its row as finished rows leave; a row's text then depends only on its prompt and
+its seed, not on the batch it ran in (regeneration uses this to resume exactly).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 from ..config import DecodeConfig
 from ..models.dflash import DFlashDrafter, DraftContext
 from ..models.target import Target, TargetState
-from .accept import Acceptance, accept_greedy, accept_sampling, sample
+from .accept import Acceptance, Gen, accept_greedy, accept_sampling, sample
 from .trace import Generation, RolloutTrace, Timing
 
 
@@ -73,10 +77,11 @@ def accept(target_logits: Tensor, draft: Draft, temperature: float, gen) -> Acce
 
 
 @torch.no_grad()
-def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig()) -> Generation:
+def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
+             row_seeds: list[int] | None = None) -> Generation:
     """Speculative generation for a batch of prompts; lossless at every temperature."""
     target.check_prompts(prompts, cfg.max_new_tokens + drafter.block_size)
-    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    gen = generators(cfg.seed, row_seeds, len(prompts), target.device)
     timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
     t0 = time.perf_counter()
     state, out = target.prefill(prompts, drafter.spec.target_layer_ids)
@@ -85,7 +90,7 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
     _append(traces, [[int(t)] for t in anchor], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
-    state, ctx, anchor = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index]
+    state, ctx, anchor, gen = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index], _select(gen, rows.index)
     while rows.traces:
         rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing)
         t1 = time.perf_counter()
@@ -95,6 +100,7 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
         _append(live, committed, target.eos_ids, cfg)
         rows = _active(traces, rows.traces)
         state, ctx, anchor = target.select_rows(state, rows.index), ctx.select(rows.index), rnd.acceptance.next_token[rows.index]
+        gen = _select(gen, rows.index)
         timing.rounds += 1
         timing.other_s += time.perf_counter() - t1
     return Generation(traces, timing)
@@ -113,11 +119,26 @@ def _active(traces: list[RolloutTrace], current: list[int]) -> Rows:
     return Rows([current[b] for b in keep], torch.tensor(keep, dtype=torch.long))
 
 
+def generators(seed: int, row_seeds: list[int] | None, rows: int, device: torch.device) -> Gen:
+    """One generator seeded with `seed`, or one per row seeded with `row_seeds` (see the module docstring)."""
+    if row_seeds is None:
+        return torch.Generator(device=device).manual_seed(seed)
+    if len(row_seeds) != rows:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} prompts")
+    return [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+
+
+def _select(gen: Gen, index: Tensor) -> Gen:
+    """The generators of the rows still decoding (a batch-wide generator is shared by all rows)."""
+    return [gen[i] for i in index.tolist()] if isinstance(gen, list) else gen
+
+
 @torch.no_grad()
-def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig()) -> Generation:
+def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
+                            row_seeds: list[int] | None = None) -> Generation:
     """Baseline: one target forward per token through the same prefill/verify/commit path."""
     target.check_prompts(prompts, cfg.max_new_tokens)
-    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    gen = generators(cfg.seed, row_seeds, len(prompts), target.device)
     timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
     t0 = time.perf_counter()
     state, out = target.prefill(prompts)
@@ -125,7 +146,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
     _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
     rows = _active(traces, list(range(len(traces))))
-    state, token = target.select_rows(state, rows.index), token[rows.index]
+    state, token, gen = target.select_rows(state, rows.index), token[rows.index], _select(gen, rows.index)
     while rows.traces:
         t1 = time.perf_counter()
         out = target.verify(state, token[:, None])
@@ -133,7 +154,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
         token = sample(out.logits[:, -1], cfg.temperature, gen)
         _append([traces[i] for i in rows.traces], [[int(t)] for t in token], target.eos_ids, cfg)
         rows = _active(traces, rows.traces)
-        state, token = target.select_rows(state, rows.index), token[rows.index]
+        state, token, gen = target.select_rows(state, rows.index), token[rows.index], _select(gen, rows.index)
         timing.verify_s += t2 - t1
         timing.other_s += time.perf_counter() - t2
         timing.rounds += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -30,27 +31,96 @@ def cache_dir() -> Path:
 
 
 def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Target:
-    """Load a target by embedded name, local folder or hub id; raises TargetError with one clear line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a target by embedded name, local folder or hub id; raises TargetError with one clear line.
+
+    Never runs code shipped with a model: every `from_pretrained` passes `trust_remote_code=False` (left unset,
+    transformers asks in a terminal, and a yes runs the folder's Python). Any failure inside transformers (missing
+    or corrupt files, unknown architecture, bad config values, truncated weights) becomes one TargetError line, and
+    so do weights the checkpoint lacks or has in another shape (transformers would only warn and initialise them
+    randomly). Transformers' own warnings are silenced while loading, so the line is the only output.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if name_or_path in EMBEDDED:
-        folder = embedded_folder(name_or_path)
-    elif Path(name_or_path).exists():
-        folder = Path(name_or_path)
-        if not (folder / "config.json").exists():
-            raise TargetError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    elif name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        folder = name_or_path  # a hub id: allowed for users with network
-    else:
-        raise TargetError(f"unknown target '{name_or_path}': use one of {sorted(EMBEDDED)}, a local model folder, or a hub id")
+    folder = _resolve(name_or_path)
+    if isinstance(folder, Path):
+        _check_config(folder)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    except OSError as err:
-        raise TargetError(f"cannot load target '{name_or_path}' (not a local folder, and the hub is unreachable or has no such model): {str(err).splitlines()[0]}") from None
-    return Target(model.to(device), tokenizer, name=name_or_path)
+        step = "config.json"
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        step = "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        step = "weights"
+        model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
+                                                           ignore_mismatched_sizes=True, output_loading_info=True)
+        _check_loading(model, info)
+        target = Target(model.to(device), tokenizer, name=name_or_path)
+    except TargetError as err:
+        raise TargetError(f"cannot load target '{name_or_path}': {err}") from None
+    except Exception as err:  # whatever transformers raises while reading the folder is a fault of the folder
+        raise TargetError(_load_failure(name_or_path, folder, step, err)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return target
+
+
+def _resolve(name_or_path: str) -> Path | str:
+    """The folder of an embedded name or a local path, or the hub id itself."""
+    if name_or_path in EMBEDDED:
+        return embedded_folder(name_or_path)
+    if Path(name_or_path).exists():
+        folder = Path(name_or_path)
+        if not (folder / "config.json").is_file():
+            raise TargetError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        return folder
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return name_or_path  # a hub id: allowed for users with network
+    raise TargetError(f"unknown target '{name_or_path}': use one of {sorted(EMBEDDED)}, a local model folder, or a hub id")
+
+
+def _check_config(folder: Path) -> None:
+    """Refuse a config.json that is not a JSON object, or whose model type transformers does not have: only code
+    shipped with the model (`auto_map`) could load it, and that is never run."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise TargetError(f"cannot load target '{folder}': config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise TargetError(f"cannot load target '{folder}': config.json is not a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        remote = ", only the Python code shipped with it (auto_map) could load it," if "auto_map" in config else ""
+        raise TargetError(f"cannot load target '{folder}': model type {model_type!r} is not built into transformers {transformers.__version__}"
+                          f"{remote} and draftopd never runs code shipped with a model (trust_remote_code=False)")
+
+
+def _check_loading(model, info: dict) -> None:
+    """Weights the checkpoint lacks or holds in another shape would be random: refuse them (and a model without layers)."""
+    if model.config.num_hidden_layers < 1:
+        raise TargetError(f"config.json num_hidden_layers must be at least 1, got {model.config.num_hidden_layers}")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise TargetError(f"the checkpoint lacks {len(missing)} weight(s), e.g. {missing[0]} (truncated or incomplete weights?)")
+    if info["mismatched_keys"]:
+        key, found, expected = sorted(info["mismatched_keys"])[0][:3]
+        raise TargetError(f"weight {key} has shape {tuple(found)} but config.json implies {tuple(expected)}")
+
+
+def _load_failure(name: str, folder: Path | str, step: str, err: Exception) -> str:
+    """One line for an exception raised inside transformers while loading the tokenizer or the model."""
+    text = " ".join(str(err).split())
+    if "trust_remote_code" in text:
+        return f"cannot load target '{name}': it needs Python code shipped with the model, and draftopd never runs such code (trust_remote_code=False)"
+    if isinstance(folder, str) and isinstance(err, OSError):
+        return f"cannot load target '{name}' (not a local folder, and the hub is unreachable or has no such model): {text[:300]}"
+    hint = " (missing or broken tokenizer files?)" if step == "tokenizer" else ""
+    return f"cannot load the {step} of target '{name}'{hint}: {type(err).__name__}: {text[:240]}"
 
 
 def embedded_folder(name: str) -> Path:
@@ -70,8 +140,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[draftopd] converting {gguf.name} once to {folder} (dequantizing, ~20 s)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

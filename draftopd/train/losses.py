@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..config import ConfigError, check_choice, check_number
 
 KLDirection = Literal["forward", "reverse"]
 KLMode = Literal["exact", "estimate"]
@@ -184,19 +186,20 @@ class LossConfig:
     aggregation: Literal["paper", "pooled"] = "paper"
     clamp: float = 10.0
 
+    flag_prefix: ClassVar[str] = "loss_"
+
     def __post_init__(self) -> None:
-        _check_direction(self.acc_direction)
-        _check_direction(self.rej_direction)
-        if self.mode not in ("exact", "estimate"):
-            raise ValueError(f"mode must be 'exact' or 'estimate', got {self.mode!r}")
-        if self.aggregation not in ("paper", "pooled"):
-            raise ValueError(f"aggregation must be 'paper' or 'pooled', got {self.aggregation!r}")
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.lam_acc < 0 or self.lam_rej < 0:
-            raise ValueError("lam_acc and lam_rej must be >= 0")
-        if self.clamp <= 0:
-            raise ValueError(f"clamp must be > 0, got {self.clamp}")
+        """Raises `ConfigError` naming the `--loss-*` flag; both weights 0 would leave no loss to train on."""
+        check_choice(self, "acc_direction", ("forward", "reverse"))
+        check_choice(self, "rej_direction", ("forward", "reverse"))
+        check_choice(self, "mode", ("exact", "estimate"))
+        check_choice(self, "aggregation", ("paper", "pooled"))
+        check_number(self, "gamma", 0, 1, above=True)
+        check_number(self, "lam_acc", 0)
+        check_number(self, "lam_rej", 0)
+        if self.lam_acc + self.lam_rej <= 0:
+            raise ConfigError("--loss-lam-acc and --loss-lam-rej cannot both be 0")
+        check_number(self, "clamp", 0, above=True)
 
 
 def combine_streams(

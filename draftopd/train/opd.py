@@ -60,6 +60,14 @@ class OPDConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
+    def __post_init__(self) -> None:
+        from ..config import check_choice, check_ints, check_number, check_seed
+
+        check_ints(self, 1, "steps", "prompts_per_rollout", "rollouts_per_step", "replay_batch", "max_new_tokens", "save_every")
+        check_number(self, "temperature", 0)
+        check_choice(self, "anchors", ("error", "random"))
+        check_seed(self)
+
 
 @dataclass
 class ReplayBatch:

@@ -1,0 +1,296 @@
+"""Every bad input to every sub-command: exit status 2, one `draftopd: error:` line on stderr, files untouched.
+
+`CASES` is the table: an id, the command line (placeholders in braces are filled from `paths`), a fragment the
+error line must contain, and the files that must come out byte-identical. Commands are small (tiny local target,
+one training step), and validation happens before any model is loaded, so the whole table takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from draftopd.cli import main
+from test_cli import save_tiny_target
+
+G = "generate --target {target} --prompt w1 --max-new-tokens 4"
+R = "regenerate --target {target} --prompts {prompts} --split all --out {tmp}/out.jsonl --max-new-tokens 4"
+S = "sft --target {target} --data {data} --out {tmp}/sft --steps 1 --batch-size 2 --anchors-per-seq 2 --draft-block-size 4"
+E = "eval --target {target} --sets {prompts} --num-prompts 2 --max-new-tokens 4"
+O = ("opd --target {target} --prompts {prompts} --out {tmp}/opd --steps 1 --prompts-per-rollout 2 --rollouts-per-step 1 "
+     "--replay-batch 2 --max-new-tokens 4 --draft-block-size 4")
+BASES = {"generate": G, "regenerate": R, "sft": S, "eval": E, "opd": O}
+
+CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
+    # ---- generate: decode and drafter flags, prompts, targets broken in every way
+    ("gen-temperature-nan", G + " --temperature nan", "--temperature", ()),
+    ("gen-temperature-negative", G + " --temperature -1", "--temperature", ()),
+    ("gen-temperature-inf", G + " --temperature inf", "--temperature", ()),
+    ("gen-max-new-tokens-0", G + " --max-new-tokens 0", "--max-new-tokens", ()),
+    ("gen-max-new-tokens-text", G + " --max-new-tokens abc", "invalid int", ()),
+    ("gen-seed-negative", G + " --seed -1", "--seed", ()),
+    ("gen-block-size-1", G + " --draft-block-size 1", "--draft-block-size", ()),
+    ("gen-draft-layers-0", G + " --draft-num-layers 0", "--draft-num-layers", ()),
+    ("gen-rope-theta-0", G + " --draft-rope-theta 0", "--draft-rope-theta", ()),
+    ("gen-draft-heads-0", G + " --draft-num-heads 0", "--draft-num-heads", ()),
+    ("gen-layer-ids-outside", G + " --draft-target-layer-ids 99", "outside", ()),
+    ("gen-layer-ids-negative", G + " --draft-target-layer-ids -1", "--draft-target-layer-ids", ()),
+    ("gen-unknown-flag", G + " --no-such-flag", "unrecognized arguments", ()),
+    ("gen-no-prompt", "generate --target {target}", "--prompt", ()),
+    ("gen-missing-prompt-file", G + " --prompt-file {tmp}/missing.jsonl", "missing file", ()),
+    ("gen-missing-drafter", G + " --drafter {tmp}/missing", "drafter", ()),
+    ("gen-unknown-target", "generate --target {tmp}/nothing --prompt w1", "unknown target", ()),
+    ("gen-target-no-config", "generate --target {folder} --prompt w1", "no config.json", ()),
+    ("gen-target-remote-code", "generate --target {remote_code} --prompt w1", "never runs code", ()),
+    ("gen-target-unknown-type", "generate --target {unknown_type} --prompt w1", "not built into transformers", ()),
+    ("gen-target-no-tokenizer", "generate --target {no_tokenizer} --prompt w1", "tokenizer", ()),
+    ("gen-target-config-not-json", "generate --target {config_not_json} --prompt w1", "config.json", ()),
+    ("gen-target-bad-config-field", "generate --target {bad_field} --prompt w1", "hidden_size", ()),
+    ("gen-target-bad-heads", "generate --target {bad_heads} --prompt w1", "attention heads", ()),
+    ("gen-target-no-weights", "generate --target {no_weights} --prompt w1", "weights", ()),
+    ("gen-target-truncated-weights", "generate --target {truncated} --prompt w1", "weights", ()),
+    ("gen-target-garbage-weights", "generate --target {garbage} --prompt w1", "weights", ()),
+    ("gen-target-missing-tensor", "generate --target {missing_tensor} --prompt w1", "lacks", ()),
+    ("gen-target-shape-mismatch", "generate --target {shape_mismatch} --prompt w1", "shape", ()),
+    # ---- regenerate: prompt flags, and output files that are not ours to append to
+    ("regen-batch-size-0", R + " --batch-size 0", "--batch-size", ()),
+    ("regen-limit-0", R + " --limit 0", "--limit", ()),
+    ("regen-split-bogus", R + " --split bogus", "--split", ()),
+    ("regen-max-prompt-tokens-0", R + " --max-prompt-tokens 0", "--max-prompt-tokens", ()),
+    ("regen-temperature-negative", R + " --temperature -0.5", "--temperature", ()),
+    ("regen-missing-prompts", R + " --prompts {tmp}/missing.jsonl", "missing file", ()),
+    ("regen-target-unknown-type", R + " --target {unknown_type}", "not built into transformers", ()),
+    ("regen-missing-drafter", R + " --drafter {tmp}/missing", "drafter", ()),
+    ("regen-out-directory", R + " --out {folder}", "directory", ()),
+    ("regen-out-under-file", R + " --out {notes}/out.jsonl", "not a folder", ("notes",)),
+    ("regen-out-read-only", R + " --out {read_only}/out.jsonl", "cannot write", ()),
+    ("regen-out-is-prompts", R + " --out {prompts}", "refusing", ("prompts",)),
+    ("regen-out-notes", R + " --out {notes}", "refusing", ("notes",)),
+    ("regen-out-int-id", R + " --out {int_id}", "refusing", ("int_id",)),
+    ("regen-out-junk-in-middle", R + " --out {junk_in_middle}", "refusing", ("junk_in_middle",)),
+    ("regen-out-foreign-last-line", R + " --out {foreign_last_line}", "refusing", ("foreign_last_line",)),
+    ("regen-out-one-prompt-no-newline", R + " --out {one_prompt}", "refusing", ("one_prompt",)),
+    ("regen-out-not-utf8", R + " --out {binary}", "refusing", ("binary",)),
+    # ---- sft: every SFT and optimizer flag, data files
+    ("sft-steps-0", S + " --steps 0", "--steps", ()),
+    ("sft-steps-float", S + " --steps 1.5", "invalid int", ()),
+    ("sft-batch-size-0", S + " --batch-size 0", "--batch-size", ()),
+    ("sft-grad-accum-0", S + " --grad-accum 0", "--grad-accum", ()),
+    ("sft-anchors-0", S + " --anchors-per-seq 0", "--anchors-per-seq", ()),
+    ("sft-loss-bogus", S + " --loss mse", "--loss", ()),
+    ("sft-save-every-0", S + " --save-every 0", "--save-every", ()),
+    ("sft-log-every-0", S + " --log-every 0", "--log-every", ()),
+    ("sft-slot-decay-0", S + " --slot-decay 0", "--slot-decay", ()),
+    ("sft-max-flops-negative", S + " --max-flops -1", "--max-flops", ()),
+    ("sft-seed-huge", S + " --seed 99999999999", "--seed", ()),
+    ("sft-lr-0", S + " --optim-lr 0", "--optim-lr", ()),
+    ("sft-lr-nan", S + " --optim-lr nan", "--optim-lr", ()),
+    ("sft-lr-negative", S + " --optim-lr -1", "--optim-lr", ()),
+    ("sft-betas-one", S + " --optim-betas 0.9", "--optim-betas", ()),
+    ("sft-betas-above-1", S + " --optim-betas 0.9 1.5", "--optim-betas", ()),
+    ("sft-warmup-2", S + " --optim-warmup-fraction 2", "--optim-warmup-fraction", ()),
+    ("sft-min-lr-ratio-negative", S + " --optim-min-lr-ratio -0.1", "--optim-min-lr-ratio", ()),
+    ("sft-weight-decay-nan", S + " --optim-weight-decay nan", "--optim-weight-decay", ()),
+    ("sft-grad-clip-0", S + " --optim-grad-clip 0", "--optim-grad-clip", ()),
+    ("sft-block-size-1", S + " --draft-block-size 1", "--draft-block-size", ()),
+    ("sft-no-data-flag", "sft --target {target}", "--data", ()),
+    ("sft-missing-data", S + " --data {tmp}/missing.jsonl", "no regenerated data", ()),
+    ("sft-data-notes", S + " --data {notes}", "no usable training examples", ("notes",)),
+    ("sft-data-outside-vocab", S + " --data {big_vocab}", "outside the target vocabulary", ("big_vocab",)),
+    ("sft-out-is-file", S + " --out {notes}", "not a folder", ("notes",)),
+    # ---- eval
+    ("eval-num-prompts-0", E + " --num-prompts 0", "--num-prompts", ()),
+    ("eval-max-new-tokens-0", E + " --max-new-tokens 0", "--max-new-tokens", ()),
+    ("eval-temperature-nan", E + " --temperature nan", "--temperature", ()),
+    ("eval-seed-negative", E + " --seed -3", "--seed", ()),
+    ("eval-unknown-set", E + " --sets nonsense", "nonsense", ()),
+    ("eval-out-directory", E + " --out {folder}", "directory", ()),
+    ("eval-unknown-target", "eval --target {tmp}/nothing --sets {prompts}", "unknown target", ()),
+    # ---- opd: OPD, loss and optimizer flags
+    ("opd-steps-0", O + " --steps 0", "--steps", ()),
+    ("opd-prompts-per-rollout-0", O + " --prompts-per-rollout 0", "--prompts-per-rollout", ()),
+    ("opd-rollouts-per-step-0", O + " --rollouts-per-step 0", "--rollouts-per-step", ()),
+    ("opd-replay-batch-0", O + " --replay-batch 0", "--replay-batch", ()),
+    ("opd-max-new-tokens-0", O + " --max-new-tokens 0", "--max-new-tokens", ()),
+    ("opd-temperature-negative", O + " --temperature -1", "--temperature", ()),
+    ("opd-anchors-bogus", O + " --anchors bogus", "--anchors", ()),
+    ("opd-save-every-0", O + " --save-every 0", "--save-every", ()),
+    ("opd-limit-0", O + " --limit 0", "--limit", ()),
+    ("opd-max-prompt-tokens-0", O + " --max-prompt-tokens 0", "--max-prompt-tokens", ()),
+    ("opd-gamma-0", O + " --loss-gamma 0", "--loss-gamma", ()),
+    ("opd-gamma-above-1", O + " --loss-gamma 1.5", "--loss-gamma", ()),
+    ("opd-loss-mode-bogus", O + " --loss-mode approx", "--loss-mode", ()),
+    ("opd-acc-direction-bogus", O + " --loss-acc-direction sideways", "--loss-acc-direction", ()),
+    ("opd-rej-direction-bogus", O + " --loss-rej-direction both", "--loss-rej-direction", ()),
+    ("opd-aggregation-bogus", O + " --loss-aggregation mean", "--loss-aggregation", ()),
+    ("opd-lam-acc-nan", O + " --loss-lam-acc nan", "--loss-lam-acc", ()),
+    ("opd-lams-both-0", O + " --loss-lam-acc 0 --loss-lam-rej 0", "cannot both be 0", ()),
+    ("opd-clamp-0", O + " --loss-clamp 0", "--loss-clamp", ()),
+    ("opd-lr-inf", O + " --optim-lr inf", "--optim-lr", ()),
+    ("opd-missing-prompts", O + " --prompts {tmp}/missing.jsonl", "missing file", ()),
+    ("opd-missing-drafter", O + " --drafter {tmp}/missing", "drafter", ()),
+    ("opd-out-is-file", O + " --out {notes}", "not a folder", ("notes",)),
+    # ---- demo and the top level
+    ("demo-unknown-ablation", "demo --out {tmp}/demo --ablations nonsense", "unknown ablation", ()),
+    ("demo-unknown-flag", "demo --out {tmp}/demo --bogus", "unrecognized arguments", ()),
+    ("demo-out-is-file", "demo --out {notes}", "not a folder", ("notes",)),
+    ("demo-unknown-target", "demo --out {tmp}/demo --target {tmp}/nothing", "unknown target", ()),
+    ("no-command", "", "required", ()),
+    ("unknown-command", "bogus", "invalid choice", ()),
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _config(folder: Path, **change) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
+def _drop_tensor(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors.pop("model.layers.1.input_layernorm.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+BROKEN_TARGETS = {
+    "remote_code": lambda f: _config(f, model_type="my-arch", auto_map={"AutoModelForCausalLM": "modeling_mine.MyModel"}),
+    "unknown_type": lambda f: _config(f, model_type="frobnicator"),
+    "no_tokenizer": lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+    "config_not_json": lambda f: (f / "config.json").write_text("{not json"),
+    "bad_field": lambda f: _config(f, hidden_size="abc"),
+    "bad_heads": lambda f: _config(f, num_attention_heads=5),
+    "no_weights": lambda f: (f / "model.safetensors").unlink(),
+    "truncated": lambda f: _truncate(f / "model.safetensors"),
+    "garbage": lambda f: (f / "model.safetensors").write_bytes(b"\x00garbage" * 64),
+    "missing_tensor": _drop_tensor,
+    "shape_mismatch": lambda f: _config(f, vocab_size=100),
+}
+
+
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny target folder, and one copy of it broken in each way of BROKEN_TARGETS."""
+    good = save_tiny_target(tmp_path_factory.mktemp("target"))
+    found = {"target": good}
+    for name, breaker in BROKEN_TARGETS.items():
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copytree(good, folder, dirs_exist_ok=True)
+        breaker(folder)
+        found[name] = folder
+    return found
+
+
+def _record(rid, prompt=(6, 7), response=(8, 9, 2)) -> str:
+    return json.dumps({"id": rid, "source": "t", "prompt_ids": list(prompt), "response_ids": list(response), "finish": "eos"})
+
+
+@pytest.fixture
+def paths(targets, tmp_path) -> dict[str, str]:
+    """Every placeholder of CASES: targets, input files, and files that a bad --out must leave alone."""
+    prompts = "\n".join(json.dumps({"prompt": " ".join(f"w{(i * 5 + j) % 50}" for j in range(4))}) for i in range(4)) + "\n"
+    files = {
+        "prompts.jsonl": prompts,
+        "data.jsonl": "".join(_record(f"r{i}", (6 + i, 7), (8, 9 + i, 10)) + "\n" for i in range(4)),
+        "big_vocab.jsonl": _record("a") + "\n" + _record("b", response=(8, 1000)) + "\n",
+        "notes.txt": "my notes\nline two\n",
+        "int_id.jsonl": _record("a") + "\n" + _record(5) + "\n",
+        "junk_in_middle.jsonl": _record("a") + "\nnot json\n" + _record("b") + "\n",
+        "foreign_last_line.jsonl": _record("a") + "\n" + '{"id": 5}',
+        "one_prompt.jsonl": json.dumps({"id": "q1", "prompt": "w1 w2"}),
+    }
+    found = {name: str(path) for name, path in targets.items()}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        found[name.split(".")[0]] = str(tmp_path / name)
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00binary\n")
+    found["binary"] = str(tmp_path / "binary.jsonl")
+    for name in ("folder", "read_only"):
+        (tmp_path / name).mkdir()
+        found[name] = str(tmp_path / name)
+    os.chmod(tmp_path / "read_only", 0o500)
+    found["tmp"] = str(tmp_path)
+    return found
+
+
+def argv(command: str, paths: dict[str, str]) -> list[str]:
+    return [word.format(**paths) for word in command.split()]
+
+
+def snapshot(paths: dict[str, str], keys: tuple[str, ...]) -> dict[str, bytes]:
+    return {k: Path(paths[k]).read_bytes() for k in keys}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("command", list(BASES.values()), ids=list(BASES))
+def test_base_commands_succeed(command, paths, capfd):
+    """Each case is its base command plus one bad flag: the bases themselves must run."""
+    rc = main(argv(command, paths))
+    assert rc == 0, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case_id, command, fragment, keep", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case_id, command, fragment, keep, paths, capfd):
+    if case_id == "regen-out-read-only" and os.geteuid() == 0:
+        pytest.skip("root writes through permission bits")
+    before = snapshot(paths, keep)
+    rc = main(argv(command, paths))
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("draftopd: error: "), err
+    assert fragment in lines[0], lines[0]
+    assert snapshot(paths, keep) == before, "a refused command changed a file"
+
+
+def test_table_covers_every_command():
+    commands = {command.split()[0] for _, command, _, _ in CASES if command}
+    assert commands == {"generate", "regenerate", "sft", "eval", "opd", "demo", "bogus"}
+    assert len({c[0] for c in CASES}) == len(CASES) >= 100
+
+
+# --------------------------------------------------------------------------- configs, built directly
+
+
+def test_every_default_passes_validation():
+    from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, PromptConfig, SFTConfig
+    from draftopd.experiment import ExperimentConfig
+    from draftopd.train.losses import LossConfig
+    from draftopd.train.opd import OPDConfig
+
+    for cls in (DrafterConfig, PromptConfig, DecodeConfig, OptimConfig, SFTConfig, EvalConfig, LossConfig, OPDConfig, ExperimentConfig):
+        cls()
+
+
+@pytest.mark.parametrize("module, name, change, flag", [
+    ("config", "DrafterConfig", {"target_layer_ids": ()}, "--draft-target-layer-ids"),
+    ("config", "DecodeConfig", {"temperature": float("nan")}, "--temperature"),
+    ("config", "DecodeConfig", {"max_new_tokens": 2.5}, "--max-new-tokens must be an integer"),
+    ("config", "OptimConfig", {"lr": float("inf")}, "--optim-lr"),
+    ("config", "SFTConfig", {"steps": 0}, "--steps must be at least 1, got 0"),
+    ("config", "PromptConfig", {"prompts": " "}, "--prompts"),
+    ("config", "EvalConfig", {"sets": ("",)}, "--sets"),
+    ("train.losses", "LossConfig", {"gamma": float("nan")}, "--loss-gamma"),
+    ("train.opd", "OPDConfig", {"anchors": "both"}, "--anchors"),
+])
+def test_configs_check_their_values_when_built(module, name, change, flag):
+    import importlib
+
+    from draftopd.config import ConfigError
+
+    cls = getattr(importlib.import_module(f"draftopd.{module}"), name)
+    with pytest.raises(ConfigError, match=flag.replace("(", r"\(")):
+        cls(**change)
