@@ -9,9 +9,21 @@ first plain autoregressive decoding, then speculative decoding with the drafter,
   (prefill included on both sides); the ideal speedup `tau * t_AR / (t_draft + t_verify)` is what the observed
   tau would give with no engine overhead;
 * draft / verify / other milliseconds per speculative round and AR milliseconds per token (prefill excluded);
-* at temperature 0, the prompts whose speculative output differs from AR. Greedy speculative decoding is
-  lossless, so this must be 0: each mismatch prints a line starting with "MISMATCH" to stderr and is recorded.
-  At temperature > 0 outputs legitimately differ (different random streams) and `mismatches` is None.
+* 95% percentile-bootstrap intervals over prompts (`cfg.bootstrap_resamples` resamples, seeded by `cfg.seed`):
+  `tau_ci` resamples prompts and recomputes tau = sum committed tokens / sum rounds, `speedup_ci` recomputes
+  sum AR seconds / sum speculative seconds (`decode.stats.bootstrap_ratio_ci`). The "all" row resamples the pooled
+  prompts of every set;
+* at temperature 0, output equality: `match_rate` (fraction of prompts whose speculative output equals AR output),
+  `mean_first_divergence` (mean new-token index of the first difference, over mismatched prompts) and the
+  mismatched prompt ids. In float32 (and float64) greedy speculative decoding is lossless, so every prompt must
+  match: each mismatch prints a line starting with "MISMATCH" to stderr. With a lower-precision target (bf16, fp16;
+  `report.config["target_dtype"]`) a K-token verify pass legitimately rounds differently from a 1-token AR step,
+  so mismatches are reported as numbers only. At temperature > 0 outputs legitimately differ (different random
+  streams) and these fields are None.
+
+Per-prompt counts are kept (`SetResult.per_prompt`) so two drafters evaluated on the same prompts can be compared
+with a paired bootstrap (`compare_tau`: interval of tau_B / tau_A; an interval containing 1 is no evidence of a
+difference). `EvalReport.load` reads a saved report back.
 """
 
 from __future__ import annotations
@@ -22,16 +34,34 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..config import DecodeConfig, EvalConfig
 from ..data.prompts import load_prompts, render_prompt
 from ..decode.speculative import autoregressive_generate, generate
-from ..decode.stats import summarize
+from ..decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums, summarize
 from ..decode.trace import Generation, Timing
 from ..models.target import TargetError
 
-__all__ = ["EvalReport", "SetResult", "evaluate"]
+__all__ = ["EvalReport", "PromptStats", "SetResult", "TauComparison", "compare_tau", "evaluate"]
 
 _TIMING_FIELDS = ("draft_s", "verify_s", "other_s", "prefill_s", "rounds")
+_LOSSLESS_DTYPES = (torch.float32, torch.float64)  # greedy outputs must match exactly at these target dtypes
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class PromptStats:
+    """One prompt's numbers: committed = new tokens - 1 (the prefill's token is not a round's), rounds of the
+    speculative run, wall seconds of each run, and the first divergence from AR (None: equal or not checked)."""
+
+    set: str
+    id: str
+    committed: int
+    rounds: int
+    ar_seconds: float
+    spec_seconds: float
+    first_divergence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,8 +82,13 @@ class SetResult:
     spec_new_tokens: int
     ar_new_tokens: int
     rounds: int
-    mismatches: int | None  # temperature 0 only; must be 0
+    tau_ci: tuple[float, float]  # 95% percentile bootstrap over prompts
+    speedup_ci: tuple[float, float]
+    match_rate: float | None  # temperature 0 only: fraction of prompts with speculative output == AR output
+    mean_first_divergence: float | None  # mean first differing new-token index over mismatched prompts
+    mismatches: int | None  # temperature 0 only; must be 0 in float32
     mismatched_ids: tuple[str, ...] = ()
+    per_prompt: tuple[PromptStats, ...] = ()
 
 
 @dataclass
@@ -68,18 +103,71 @@ class EvalReport:
         return {"config": self.config, "rows": [dataclasses.asdict(r) for r in self.rows]}
 
     def table(self) -> str:
-        header = f"{'set':<14} {'prompts':>7} {'tau':>6} {'speedup':>8} {'spec tok/s':>11} {'AR tok/s':>9} {'mismatches':>10}"
+        """One line per row; intervals are the 95% bootstrap over prompts, e.g. `2.31 [2.10, 2.52]`."""
+        header = (f"{'set':<14} {'prompts':>7} {'tau [95% CI]':>20} {'speedup [95% CI]':>23} {'spec tok/s':>11} "
+                  f"{'AR tok/s':>9} {'match':>7} {'1st div':>7} {'mismatches':>10}")
         lines = [header, "-" * len(header)]
         for r in self.rows:
+            tau = f"{r.tau:.2f} [{r.tau_ci[0]:.2f}, {r.tau_ci[1]:.2f}]"
+            speed = f"{r.speedup:.2f}x [{r.speedup_ci[0]:.2f}, {r.speedup_ci[1]:.2f}]"
+            match = "-" if r.match_rate is None else f"{100 * r.match_rate:.0f}%"
+            div = "-" if r.mean_first_divergence is None else f"{r.mean_first_divergence:.1f}"
             mism = "-" if r.mismatches is None else str(r.mismatches)
-            lines.append(f"{r.name[:14]:<14} {r.prompts:>7} {r.tau:>6.2f} {r.speedup:>7.2f}x {r.spec_tokens_per_s:>11.1f} "
-                         f"{r.ar_tokens_per_s:>9.1f} {mism:>10}")
+            lines.append(f"{r.name[:14]:<14} {r.prompts:>7} {tau:>20} {speed:>23} {r.spec_tokens_per_s:>11.1f} "
+                         f"{r.ar_tokens_per_s:>9.1f} {match:>7} {div:>7} {mism:>10}")
         return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalReport:
+        """Inverse of `to_dict` (JSON lists back to tuples, per-prompt dicts back to PromptStats)."""
+        return cls([_set_result_from_dict(r) for r in data["rows"]], dict(data.get("config", {})))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalReport:
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _set_result_from_dict(row: dict) -> SetResult:
+    row = {k: tuple(v) if isinstance(v, list) else v for k, v in row.items()}
+    return SetResult(**{**row, "per_prompt": tuple(PromptStats(**p) for p in row.get("per_prompt", ()))})
+
+
+@dataclass(frozen=True)
+class TauComparison:
+    """Drafter B vs drafter A on the same prompts: ratio = tau_B / tau_A and its paired 95% bootstrap interval."""
+
+    set: str
+    prompts: int
+    tau_a: float
+    tau_b: float
+    ratio: float
+    ci: tuple[float, float]
+
+    @property
+    def differs(self) -> bool:
+        """False when the interval contains 1 (no evidence that the drafters differ in tau)."""
+        return not self.ci[0] <= 1.0 <= self.ci[1]
+
+
+def compare_tau(a: EvalReport, b: EvalReport, set_name: str = "all", *, resamples: int = 2000,
+                seed: int = 0) -> TauComparison:
+    """Paired bootstrap of tau_B / tau_A on row `set_name` of two reports over the same prompts (matched by set and
+    id): each resample draws one prompt index set I and computes (sum committed_B / sum rounds_B) /
+    (sum committed_A / sum rounds_A) over I. Raises ValueError when the reports hold different prompts."""
+    pa, pb = ({(p.set, p.id): p for p in r.row(set_name).per_prompt} for r in (a, b))
+    if not pa or pa.keys() != pb.keys():
+        raise ValueError(f"row '{set_name}': the reports do not hold the same prompts (or hold no per-prompt counts)")
+    keys = sorted(pa)
+    ca, ra = [pa[k].committed for k in keys], [pa[k].rounds for k in keys]
+    cb, rb = [pb[k].committed for k in keys], [pb[k].rounds for k in keys]
+    tau_a, tau_b = ratio_of_sums(ca, ra), ratio_of_sums(cb, rb)
+    ci = paired_ratio_ci(ca, ra, cb, rb, resamples=resamples, level=LEVEL, seed=seed)
+    return TauComparison(set_name, len(keys), tau_a, tau_b, tau_b / max(tau_a, 1e-12), ci)
 
 
 def _merge(gens: list[Generation]) -> Generation:
@@ -91,8 +179,31 @@ def _merge(gens: list[Generation]) -> Generation:
     return Generation([t for g in gens for t in g.traces], timing)
 
 
+def _prompt_stats(set_name: str, prompt_id: str, ar: Generation, sd: Generation, greedy: bool) -> PromptStats:
+    a, s = ar.traces[0], sd.traces[0]
+    return PromptStats(set_name, prompt_id, max(len(s.output) - 1, 0), s.rounds, ar.timing.total_s, sd.timing.total_s,
+                       first_divergence(a.output, s.output) if greedy else None)
+
+
+def _equality(stats: list[PromptStats], greedy: bool) -> dict:
+    """match_rate = matched prompts / prompts; mean_first_divergence over mismatched prompts (None if none)."""
+    if not greedy:
+        return {"match_rate": None, "mean_first_divergence": None, "mismatches": None, "mismatched_ids": ()}
+    diverged = [p for p in stats if p.first_divergence is not None]
+    mean_div = sum(p.first_divergence for p in diverged) / len(diverged) if diverged else None
+    return {"match_rate": 1 - len(diverged) / len(stats), "mean_first_divergence": mean_div,
+            "mismatches": len(diverged), "mismatched_ids": tuple(p.id for p in diverged)}
+
+
+def _intervals(stats: list[PromptStats], resamples: int, seed: int) -> dict:
+    """Bootstrap over prompts: tau = sum committed / sum rounds, speedup = sum AR s / sum speculative s."""
+    kw = dict(resamples=resamples, level=LEVEL, seed=seed)
+    return {"tau_ci": bootstrap_ratio_ci([p.committed for p in stats], [p.rounds for p in stats], **kw),
+            "speedup_ci": bootstrap_ratio_ci([p.ar_seconds for p in stats], [p.spec_seconds for p in stats], **kw)}
+
+
 def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation], block_size: int,
-                mismatched: list[str] | None) -> SetResult:
+                stats: list[PromptStats], greedy: bool, cfg: EvalConfig) -> SetResult:
     ar, sd = _merge(ar_gens), _merge(sd_gens)
     a, s = summarize(ar), summarize(sd, block_size)
     ar_ms_tok = a.ms_per_round["verify"] + a.ms_per_round["other"]
@@ -104,7 +215,7 @@ def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation],
         speedup=ar.timing.total_s / max(sd.timing.total_s, 1e-9), ideal_speedup=s.tau * ar_ms_tok / max(denom, 1e-9),
         spec_ms_per_round=spec_ms, ar_ms_per_token=ar_ms_tok, spec_seconds=sd.timing.total_s, ar_seconds=ar.timing.total_s,
         spec_new_tokens=s.new_tokens, ar_new_tokens=a.new_tokens, rounds=s.rounds,
-        mismatches=None if mismatched is None else len(mismatched), mismatched_ids=tuple(mismatched or ()))
+        **_intervals(stats, cfg.bootstrap_resamples, cfg.seed), **_equality(stats, greedy), per_prompt=tuple(stats))
 
 
 def _load_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
@@ -146,31 +257,36 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
     autoregressive_generate(target, [first], warm)  # warm-up: first calls pay allocation / kernel selection
     generate(target, drafter, [first], warm)
 
-    rows, all_ar, all_sd, all_mismatched = [], [], [], []
+    strict = target.dtype in _LOSSLESS_DTYPES
+    rows, all_ar, all_sd, all_stats = [], [], [], []
     bar = tqdm(total=sum(len(v) for v in sets.values()), desc="eval", unit="prompt", disable=not progress)
     try:
         for name, items in sets.items():
             bar.set_postfix(set=name)
-            ar_gens, sd_gens, mismatched = [], [], []
+            ar_gens, sd_gens, stats = [], [], []
             for prompt_id, ids in items:
                 a = autoregressive_generate(target, [ids], dcfg)
                 s = generate(target, drafter, [ids], dcfg)
                 ar_gens.append(a)
                 sd_gens.append(s)
-                if greedy and a.traces[0].output != s.traces[0].output:
-                    mismatched.append(prompt_id)
-                    at = next((i for i, (x, y) in enumerate(zip(a.traces[0].output, s.traces[0].output)) if x != y),
-                              min(len(a.traces[0].output), len(s.traces[0].output)))
+                stats.append(_prompt_stats(name, prompt_id, a, s, greedy))
+                if strict and stats[-1].first_divergence is not None:
                     bar.write(f"MISMATCH: set '{name}' prompt '{prompt_id}': greedy speculative output differs from "
-                              f"autoregressive at new token {at} (lossless decoding is broken)", file=sys.stderr)
+                              f"autoregressive at new token {stats[-1].first_divergence} in {_dtype_name(target.dtype)} "
+                              f"(lossless decoding is broken)", file=sys.stderr)
                 bar.update(1)
-            rows.append(_set_result(name, ar_gens, sd_gens, drafter.block_size, mismatched if greedy else None))
+            rows.append(_set_result(name, ar_gens, sd_gens, drafter.block_size, stats, greedy, cfg))
             all_ar += ar_gens
             all_sd += sd_gens
-            all_mismatched += mismatched
+            all_stats += stats
     finally:
         bar.close()
-    rows.append(_set_result("all", all_ar, all_sd, drafter.block_size, all_mismatched if greedy else None))
+    rows.append(_set_result("all", all_ar, all_sd, drafter.block_size, all_stats, greedy, cfg))
     config = {**dataclasses.asdict(cfg), "sets": list(sets), "target": target.name, "block_size": drafter.block_size,
-              "pretokenized": prompt_sets is not None}
+              "pretokenized": prompt_sets is not None, "target_dtype": _dtype_name(target.dtype),
+              "lossless_required": strict and greedy, "ci_level": LEVEL}
     return EvalReport(rows, config)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
