@@ -14,6 +14,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         prompts = [Prompt(id="cli", source="cli", messages=(("user", args.prompt),))]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE.jsonl")
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     gen = autoregressive_generate(target, ids, cfg) if args.autoregressive else generate(target, drafter, ids, cfg)
     stats = summarize(gen, None if args.autoregressive else drafter.block_size)
@@ -105,12 +106,15 @@ def print_generate(result: dict) -> None:
     print("ms per round: " + "  ".join(f"{k} {v:.1f}" for k, v in s["ms_per_round"].items()))
 
 
-def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterConfig):
+def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterConfig, args: argparse.Namespace | None = None,
+              train: bool = False):
+    """Target and drafter in the command's --dtype / --device. The drafter follows the target's dtype for decoding;
+    a drafter being trained keeps float32 weights whatever the target's dtype."""
     from .models.dflash import load_drafter, new_drafter
 
-    target = _target(target_name)
+    target = _target(target_name, args)
     drafter = load_drafter(drafter_path, target) if drafter_path else new_drafter(target, drafter_cfg)
-    return target, drafter
+    return target, drafter if train else drafter.to(target.dtype)
 
 
 # ---- regenerate / sft / eval / opd / demo ---------------------------------------------------------------
@@ -122,7 +126,7 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
     writable_file(args.out, "--out")
     check_output(args.out)
     prompts = load_prompts(pcfg.prompts, split=pcfg.split, limit=pcfg.limit, seed=cfg.seed).prompts
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg) if args.drafter else (_target(args.target), None)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args) if args.drafter else (_target(args.target, args), None)
     summary = regenerate(target, prompts, args.out, cfg, drafter=drafter, batch_size=pcfg.batch_size,
                          chat_template=not args.raw, max_prompt_tokens=pcfg.max_prompt_tokens)
     return {"out": args.out, **summary.to_dict()}
@@ -136,7 +140,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     cfg, drafter_cfg = build_config(SFTConfig, args, optim=build_config(OptimConfig, args)), build_config(DrafterConfig, args)
     writable_dir(args.out, "--out")
     data = load_regenerated(args.data)
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
     check_token_ids(data, target.vocab_size, args.data)
     final = train_sft(drafter, data.examples, cfg, args.out, resume=args.resume)
     return {"checkpoint": str(final), "examples": len(data.examples), "skipped": data.skipped}
@@ -152,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         check_source(name)
     if args.out:
         writable_file(args.out, "--out")
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     report = evaluate(target, drafter, cfg)
     report.config["drafter"] = args.drafter or "untrained"
     if args.out:
@@ -169,7 +173,7 @@ def cmd_opd(args: argparse.Namespace) -> dict:
     cfg = build_config(OPDConfig(), args, loss=build_config(LossConfig, args), optim=build_config(OPDConfig().optim, args))
     writable_dir(args.out, "--out")
     prompts = load_prompts(pcfg.prompts, split="train", limit=pcfg.limit, seed=cfg.seed).prompts
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     ids = [p for p in ids if len(p) <= pcfg.max_prompt_tokens]
     if not ids:
@@ -190,14 +194,45 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return {"table": format_results(summary), **summary}
 
 
+def cmd_features(args: argparse.Namespace) -> dict:
+    from .config import FeatureConfig
+    from .data.answers import load_answers
+    from .data.features import build_feature_cache
+    from .data.regenerate import check_token_ids, load_regenerated
+
+    cfg, drafter_cfg = build_config(FeatureConfig, args), build_config(DrafterConfig, args)
+    writable_dir(args.out, "--out")
+    data = None if cfg.data == "answers" else load_regenerated(cfg.data)
+    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
+    if data is not None:
+        check_token_ids(data, target.vocab_size, cfg.data)
+    examples = data.examples if data is not None else load_answers(target.tokenizer, limit=cfg.limit, max_response_tokens=cfg.max_response_tokens)
+    manifest = build_feature_cache(target, examples, args.out, drafter.spec.target_layer_ids, keep_final=cfg.keep_final,
+                                   shard_tokens=cfg.shard_tokens, batch_tokens=cfg.batch_tokens)
+    return {"out": args.out, "sequences": manifest.sequences, "tokens": manifest.tokens, "bytes_per_token": manifest.bytes_per_token,
+            "layer_ids": list(manifest.layer_ids)}
+
+
+def cmd_recipe(args: argparse.Namespace) -> dict:
+    from .recipe import RecipeConfig, run_recipe
+
+    base = RecipeConfig()
+    cfg = build_config(base, args, drafter=build_config(base.drafter, args), eval=build_config(base.eval, args, prefix="eval_"),
+                       sft=build_config(base.sft, args, optim=build_config(base.sft.optim, args)))
+    writable_dir(cfg.out_dir, "--out-dir")
+    return run_recipe(cfg)
+
+
 def print_table(result: dict) -> None:
     print(result.get("table") or json.dumps(result, indent=2))
 
 
-def _target(name: str):
+def _target(name: str, args: argparse.Namespace | None = None):
+    from .config import resolve_device, resolve_dtype
     from .models.load import load_target
 
-    return load_target(name)
+    device = resolve_device(getattr(args, "device", "auto"))
+    return load_target(name, dtype=resolve_dtype(getattr(args, "dtype", "auto"), device), device=device)
 
 
 # ---- paths, checked before any model is loaded ------------------------------------------------------------
@@ -287,6 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(opd, OPDConfig().optim)
     opd.set_defaults(func=cmd_opd, printer=print_table)
 
+    from .config import FeatureConfig
+    from .recipe import RecipeConfig
+
+    feat = sub.add_parser("features", help="cache the target's features of a dataset for SFT (resumable)")
+    _target_args(feat)
+    feat.add_argument("--out", default="runs/features")
+    feat.add_argument("--json", action="store_true")
+    add_config_args(feat, FeatureConfig)
+    feat.set_defaults(func=cmd_features, printer=print_table)
+
+    rec = sub.add_parser("recipe", help="from nothing to a strong drafter: answers, features, SFT, evaluation (resumable)")
+    rec.add_argument("--json", action="store_true")
+    add_config_args(rec, RecipeConfig())  # every default is the recipe's own (config.py / recipe.py)
+    add_config_args(rec, RecipeConfig().drafter)
+    add_config_args(rec, RecipeConfig().sft)
+    add_config_args(rec, RecipeConfig().sft.optim)
+    add_config_args(rec, RecipeConfig().eval, prefix="eval_")
+    rec.set_defaults(func=cmd_recipe, printer=print_table)
+
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
     demo.add_argument("--target", default=DEFAULT_TARGET)
     demo.add_argument("--out", default="runs/demo")
@@ -299,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
     parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     add_config_args(parser, DrafterConfig)
 
 

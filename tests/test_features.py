@@ -92,7 +92,7 @@ def test_sft_from_cache_matches_online_sft(llama_target, tmp_path, loss, one_thr
     build_feature_cache(llama_target, data, tmp_path, LAYERS, progress=False)
     cache = FeatureCache.open(tmp_path, llama_target, LAYERS)
     cfg = SFTConfig(batch_size=8, anchors_per_seq=8, loss=loss, labels="greedy")
-    drafter = new_drafter(llama_target, DrafterConfig(block_size=4, target_layer_ids=LAYERS, draft_vocab_size=32))
+    drafter = new_drafter(llama_target, DrafterConfig(block_size=4, target_layer_ids=LAYERS, vocab_size=32))
     drafter.set_draft_vocab(torch.arange(0, 64, 2))
     online = sft_micro_batch(drafter, data, cfg, torch.Generator().manual_seed(0))
     cached = sft_micro_batch(drafter, [cache[i] for i in range(8)], cfg, torch.Generator().manual_seed(0))
@@ -106,7 +106,7 @@ def test_sft_from_cache_matches_online_sft(llama_target, tmp_path, loss, one_thr
 
 
 def reduced_drafter(target, vocab: int, block_size: int = 4, **cfg):
-    drafter = new_drafter(target, DrafterConfig(block_size=block_size, draft_vocab_size=vocab, **cfg), seed=1)
+    drafter = new_drafter(target, DrafterConfig(block_size=block_size, vocab_size=vocab, **cfg), seed=1)
     drafter.set_draft_vocab(torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(0))[:vocab])
     return drafter.eval().requires_grad_(False)
 

@@ -208,6 +208,22 @@ def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: 
     return manifest
 
 
+def frequent_tokens(items, vocab_size: int, n: int, labels: str = "greedy") -> Tensor:
+    """The `n` most frequent label tokens over the response positions of `items` (CachedSequences, or examples
+    with prompt_ids/response_ids): the draft vocabulary. `labels` "greedy" counts the target's argmax after each
+    position (fixed-text training), "text" the sequence's own tokens (regenerated answers)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for item in items:
+        if isinstance(item, CachedSequence):
+            ids = item.greedy[item.response_start - 1 : -1] if labels == "greedy" else item.tokens[item.response_start :]
+        else:
+            ids = torch.tensor(item.response_ids, dtype=torch.long)
+        counts += torch.bincount(ids.long(), minlength=vocab_size)
+    if n > vocab_size:
+        raise DataError(f"draft vocabulary of {n} is larger than the target's {vocab_size}")
+    return counts.topk(n).indices.sort().values
+
+
 @dataclass
 class FeatureCache:
     """Read side: sequences by index, shards memory-mapped on first use (safetensors `safe_open`)."""

@@ -62,11 +62,11 @@ class DrafterSpec:
         tcfg = target.model.config
         heads = cfg.num_heads or tcfg.num_attention_heads
         layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
-        mask_id, vocab = getattr(cfg, "mask_token_id", None), getattr(cfg, "draft_vocab_size", None)
+        mask_id, vocab = cfg.mask_token_id, cfg.vocab_size
         if mask_id is not None and not 0 <= mask_id < target.vocab_size:
             raise DrafterError(f"mask_token_id {mask_id} outside the target's vocabulary of {target.vocab_size}")
         if vocab is not None and not 1 <= vocab <= target.vocab_size:
-            raise DrafterError(f"draft_vocab_size {vocab} must be in [1, {target.vocab_size}] (the target's vocabulary)")
+            raise DrafterError(f"--draft-vocab-size {vocab} must be in [1, {target.vocab_size}] (the target's vocabulary)")
         if max(layer_ids) >= target.num_layers or min(layer_ids) < 0:
             raise DrafterError(f"target_layer_ids {layer_ids} outside the target's {target.num_layers} layers")
         return DrafterSpec(
@@ -75,8 +75,7 @@ class DrafterSpec:
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
             intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
-            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, mask_token_id=getattr(cfg, "mask_token_id", None),
-            draft_vocab_size=getattr(cfg, "draft_vocab_size", None))
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, mask_token_id=mask_id, draft_vocab_size=vocab)
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +179,7 @@ class DFlashDrafter(nn.Module):
             self.register_buffer("d2t", torch.zeros(spec.draft_vocab_size, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(spec.vocab_size, dtype=torch.bool))
             self.register_buffer("head_weight", torch.empty(0), persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_head())
         self.to(device=target.device)
 
     @property
@@ -281,6 +281,21 @@ def check_compatible(spec: DrafterSpec, target: Target) -> None:
         raise DrafterError(f"drafter does not match target '{target.name}': {diff}")
 
 
+def default_mask_token(target: Target) -> int:
+    """A target embedding row for MASK, as the reference format wants: the first row past the tokenizer when the
+    table has spare rows (Qwen3), else the last added special token that is not a stop, pad or BOS token
+    (SmolLM2: 16 `<empty_output>`)."""
+    tokenizer = target.tokenizer
+    if tokenizer is None or len(tokenizer) < target.vocab_size:
+        return len(tokenizer) if tokenizer is not None else target.vocab_size - 2  # tiny test targets: EOS is the last row
+    taken = set(target.eos_ids) | {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    taken |= set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+    special = sorted(i for i in tokenizer.added_tokens_decoder if i not in taken)
+    if not special:
+        raise DrafterError(f"target '{target.name}' has no spare token row for MASK: pass --draft-mask-token-id")
+    return special[-1]
+
+
 def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int = 0) -> DFlashDrafter:
     torch.manual_seed(seed)
     return DFlashDrafter(DrafterSpec.resolve(cfg, target), target)
@@ -318,6 +333,4 @@ def load_drafter(folder: str | Path, target: Target) -> DFlashDrafter:
         raise DrafterError(f"drafter checkpoint at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise DrafterError(f"drafter checkpoint at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if spec.draft_vocab_size is not None:
-        drafter.refresh_head()
     return drafter

@@ -1,0 +1,88 @@
+"""What one speculative round costs on this machine: target verify of n tokens and one drafter block, per dtype.
+
+    python benchmarks/bench_verify.py [--drafter runs/recipe/sft/last] [--context 300] [--repeats 7]
+
+For each dtype: the target's forward over n = 1..16 new tokens on a `--context`-token KV cache (the cache is
+rolled back after every call, so each is the same forward), median of `--repeats`, as milliseconds and as a
+multiple of the one-token step (plain decoding's cost per token); then the drafter's cost per round (draft one
+block + project the new context) as a fraction of that step, and the ideal speedup `tau * t_1 / (t_verify(B) +
+t_draft)` it would give at tau = 2, 3, 4. Run it on an otherwise idle machine: timings are medians, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from draftopd.config import DrafterConfig
+from draftopd.models.dflash import load_drafter, new_drafter
+from draftopd.models.load import load_target
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls pay allocation and kernel selection
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> dict:
+    prompt = torch.randint(100, 10000, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    state, out = target.prefill([prompt], drafter.spec.target_layer_ids)
+    ctx = drafter.project_context(out.features, state.positions, state.valid.clone())
+
+    def verify(n: int):
+        target.verify(state, torch.randint(100, 10000, (1, n)), drafter.spec.target_layer_ids)
+        target.commit(state, torch.zeros(1, dtype=torch.long))  # roll back: every call sees the same cache
+
+    verify_ms = {n: median_ms(lambda n=n: verify(n), repeats) for n in sizes}
+    anchor, pos = torch.tensor([prompt[-1]]), state.lengths.clone()
+    feats = out.features[:, -drafter.block_size:]
+
+    def draft():
+        drafter.draft_logits(ctx, anchor[:, None], pos[:, None]).argmax(-1)
+        drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:])
+
+    return {"verify_ms": verify_ms, "draft_ms": median_ms(draft, repeats)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafter", help="drafter checkpoint (default: a new 2-layer block-8 drafter, 8192-token head)")
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    target = load_target(args.target)
+    if args.drafter:
+        drafter = load_drafter(args.drafter, target)
+    else:
+        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, vocab_size=8192))
+        drafter.set_draft_vocab(torch.arange(8192))
+    sizes = [1, 2, 4, 6, 8, 10, 12, 16]
+    print(f"target {args.target}, {args.context}-token cache, drafter {args.drafter or 'new'} (block {drafter.block_size}), "
+          f"{args.threads} threads, median of {args.repeats}\n")
+    print("| dtype | one token (ms) | " + " | ".join(f"verify {n}" for n in sizes[1:]) + " | draft/round (x one token) | ideal speedup at tau 2 / 3 / 4 |")
+    print("|---|---|" + "---|" * (len(sizes) - 1) + "---|---|")
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        target.model.to(dtype)
+        r = measure(target, drafter.to(dtype), args.context, sizes, args.repeats)
+        one, block = r["verify_ms"][1], r["verify_ms"].get(drafter.block_size) or r["verify_ms"][max(sizes)]
+        ideal = [tau * one / (block + r["draft_ms"]) for tau in (2, 3, 4)]
+        print(f"| {name} | {one:.1f} | " + " | ".join(f"{r['verify_ms'][n] / one:.2f}x" for n in sizes[1:])
+              + f" | {r['draft_ms'] / one:.2f} | " + " / ".join(f"{x:.2f}x" for x in ideal) + " |")
+
+
+if __name__ == "__main__":
+    main()

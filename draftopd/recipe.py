@@ -1,0 +1,103 @@
+"""From nothing to a strong drafter on a CPU budget: answers -> features -> vocabulary -> SFT -> evaluation.
+
+`draftopd recipe` runs the stages below, each cached under `out_dir` and resumable after a kill:
+
+1. **answers**: fixed text by default (existing ShareGPT answers, `data.answers`): data costs one target
+   prefill, not a decode, and the target labels it itself (its greedy token after every position);
+   optionally a regenerated JSONL (`draftopd regenerate`) instead, labelled by its own text;
+2. **features**: one batched target prefill (bf16 where the CPU supports it) into the offline feature cache;
+3. **vocabulary**: the `draft_vocab_size` most frequent label tokens (EAGLE-3 style reduced head);
+4. **SFT** from the cache for many epochs, without running the target's decoder layers;
+5. **evaluation** on held-out MT-Bench, GSM8K and HumanEval prompts, plain and speculative decoding interleaved.
+
+Timing of each stage is written to `out_dir/recipe.json`. The defaults are the choices measured in the README
+(see `benchmarks/recipe_choices.py`); every one is a flag.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice, check_ints, require
+from .data.answers import load_answers
+from .data.features import FeatureCache, build_feature_cache, frequent_tokens
+from .data.regenerate import load_regenerated
+from .eval.evaluate import evaluate
+from .models.dflash import DFlashDrafter, default_mask_token, load_drafter, new_drafter
+from .models.load import load_target
+from .train.sft import train_sft
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    target: str = DEFAULT_TARGET
+    out_dir: str = "runs/recipe"
+    data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a regenerated JSONL path
+    answers: int = 4000  # ShareGPT train-split conversations to take answers from
+    max_response_tokens: int = 320
+    feature_dtype: str = "bfloat16"  # the target's dtype while caching features
+    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, vocab_size=8192))
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=1500, batch_size=8, anchors_per_seq=64, labels="greedy",
+                                                             save_every=100, optim=OptimConfig(lr=1e-3)))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval_dtype: str = "bfloat16"
+
+    flag_prefix = ""
+
+    def __post_init__(self) -> None:
+        check_ints(self, 1, "answers", "max_response_tokens")
+        check_choice(self, "feature_dtype", ("float32", "bfloat16"))
+        check_choice(self, "eval_dtype", ("float32", "bfloat16"))
+        require(self, "data", isinstance(self.data, str) and bool(self.data), "must be 'answers' or a regenerated JSONL path")
+
+
+def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
+    """Run (or resume) every stage; returns the summary also written to `out_dir/recipe.json`."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    target = load_target(cfg.target)
+    drafter_cfg = _with_mask(cfg.drafter, target)
+    layers = new_drafter(target, drafter_cfg).spec.target_layer_ids
+    t0 = time.perf_counter()
+    examples = load_answers(target.tokenizer, limit=cfg.answers, max_response_tokens=cfg.max_response_tokens) \
+        if cfg.data == "answers" else load_regenerated(cfg.data).examples
+    times["answers_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    target.model.to(getattr(torch, cfg.feature_dtype))
+    manifest = build_feature_cache(target, examples, out / "features", layers, keep_final=cfg.sft.loss == "kl", progress=progress)
+    target.model.to(torch.float32)
+    times["features_s"] = time.perf_counter() - t0
+    cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
+    drafter = _drafter(target, drafter_cfg, cache, cfg.sft.labels)
+    t0 = time.perf_counter()
+    final = train_sft(drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
+    times["sft_s"] = time.perf_counter() - t0
+    target.model.to(getattr(torch, cfg.eval_dtype))
+    report = evaluate(target, load_drafter(final, target).to(getattr(torch, cfg.eval_dtype)), cfg.eval, progress=progress)
+    report.save(out / "eval.json")
+    summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "checkpoint": str(final), "examples": len(examples),
+               "feature_tokens": manifest.tokens, "feature_bytes_per_token": manifest.bytes_per_token, "times": times,
+               "eval": report.to_dict()}
+    (out / "recipe.json").write_text(json.dumps(summary, indent=2))
+    summary["table"] = report.table()
+    return summary
+
+
+def _with_mask(cfg: DrafterConfig, target) -> DrafterConfig:
+    """MASK as a target token row (the reference format) unless the config names one."""
+    return cfg if cfg.mask_token_id is not None else replace(cfg, mask_token_id=default_mask_token(target))
+
+
+def _drafter(target, cfg: DrafterConfig, cache: FeatureCache, labels: str) -> DFlashDrafter:
+    """A new drafter whose reduced vocabulary is the cache's most frequent labels (deterministic, so a resumed
+    run rebuilds the same one before its checkpoint loads)."""
+    drafter = new_drafter(target, cfg)
+    if cfg.vocab_size is not None:
+        drafter.set_draft_vocab(frequent_tokens(cache, target.vocab_size, cfg.vocab_size, labels))
+    return drafter
