@@ -61,12 +61,13 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    regenerated = None if cfg.data == "answers" else load_regenerated(cfg.data)  # a bad path fails before any model loads
     target = load_target(cfg.target)
     drafter_cfg = _with_mask(cfg.drafter, target)
     layers = new_drafter(target, drafter_cfg).spec.target_layer_ids
-    t0 = time.perf_counter()
-    examples = load_answers(target.tokenizer, limit=cfg.answers, max_response_tokens=cfg.max_response_tokens) \
-        if cfg.data == "answers" else load_regenerated(cfg.data).examples
+    examples = regenerated.examples if regenerated is not None else \
+        load_answers(target.tokenizer, limit=cfg.answers, max_response_tokens=cfg.max_response_tokens)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     target.model.to(getattr(torch, cfg.feature_dtype))

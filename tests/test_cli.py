@@ -125,3 +125,24 @@ def test_target_loading_never_trusts_remote_code(target_dir, tmp_path, monkeypat
     monkeypatch.setattr("sys.stdin", None)  # any question would fail loudly
     with pytest.raises(TargetError, match="never runs code shipped with a model"):
         load_target(str(remote))
+
+
+def test_features_and_recipe_commands(target_dir, tmp_path, capsys):
+    """regenerate -> features -> recipe (features again, cached; SFT from the cache; evaluation) on the tiny target."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 5 + j) % 50}" for j in range(6))}) for i in range(10)))
+    data = tmp_path / "data.jsonl"
+    assert run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
+               "--max-new-tokens", 16, "--no-stop-at-eos")[0] == 0
+    rc, out, err = run(capsys, "features", "--target", target_dir, "--data", data, "--out", tmp_path / "feat", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["sequences"] == 10 and (tmp_path / "feat" / "manifest.json").exists()
+    rc, out, err = run(capsys, "recipe", "--target", target_dir, "--data", data, "--out-dir", tmp_path / "rec", "--steps", 3,
+                       "--labels", "text", "--draft-vocab-size", 32, "--eval-sets", prompts, "--eval-num-prompts", 2,
+                       "--eval-max-new-tokens", 8, "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["feature_tokens"] > 0 and set(result["times"]) == {"answers_s", "features_s", "sft_s"}
+    assert (Path(result["checkpoint"]) / "model.safetensors").exists() and (tmp_path / "rec" / "eval.json").exists()
+    rc, _, err = run(capsys, "recipe", "--target", target_dir, "--data", tmp_path / "missing.jsonl", "--out-dir", tmp_path / "r2")
+    assert_one_line_error(rc, err, "no regenerated data")
