@@ -137,13 +137,23 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     from .data.regenerate import check_token_ids, load_regenerated
     from .train.sft import train_sft
 
+    from .data.features import FeatureCache, frequent_tokens, read_manifest
+
     cfg, drafter_cfg = build_config(SFTConfig, args, optim=build_config(OptimConfig, args)), build_config(DrafterConfig, args)
+    if (args.data is None) == (args.features is None):
+        raise UserError("give exactly one of --data FILE.jsonl (the target runs online) or --features DIR (the offline cache)")
     writable_dir(args.out, "--out")
-    data = load_regenerated(args.data)
+    data = load_regenerated(args.data) if args.data else None
+    if args.features:
+        read_manifest(args.features)  # a missing or corrupt cache fails before any model loads
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
-    check_token_ids(data, target.vocab_size, args.data)
-    final = train_sft(drafter, data.examples, cfg, args.out, resume=args.resume)
-    return {"checkpoint": str(final), "examples": len(data.examples), "skipped": data.skipped}
+    if data is not None:
+        check_token_ids(data, target.vocab_size, args.data)
+    items = data.examples if data is not None else FeatureCache.open(args.features, target, drafter.spec.target_layer_ids, need_final=cfg.loss == "kl")
+    if drafter.spec.draft_vocab_size is not None and not args.drafter:  # a new reduced head: the data's most frequent labels
+        drafter.set_draft_vocab(frequent_tokens(items, target.vocab_size, drafter.spec.draft_vocab_size, cfg.labels))
+    final = train_sft(drafter, items, cfg, args.out, resume=args.resume)
+    return {"checkpoint": str(final), "examples": len(items), "skipped": data.skipped if data is not None else 0}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -295,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="DFlash SFT of a drafter on regenerated data (resumable)")
     _target_args(sft)
-    sft.add_argument("--data", required=True, help="JSONL written by `draftopd regenerate`")
+    sft.add_argument("--data", help="JSONL written by `draftopd regenerate` (the target scores each batch online)")
+    sft.add_argument("--features", help="feature cache written by `draftopd features` (no target forward while training)")
     sft.add_argument("--out", default="runs/sft")
     sft.add_argument("--resume", action="store_true", help="continue from OUT/last exactly where it stopped")
     sft.add_argument("--json", action="store_true")

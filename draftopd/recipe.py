@@ -38,10 +38,11 @@ class RecipeConfig:
     target: str = DEFAULT_TARGET
     out_dir: str = "runs/recipe"
     data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a regenerated JSONL path
-    answers: int = 4000  # ShareGPT train-split conversations to take answers from
-    max_response_tokens: int = 320
+    answers: int = 1500  # ShareGPT train-split conversations to take answers from
+    max_response_tokens: int = 384
     feature_dtype: str = "bfloat16"  # the target's dtype while caching features
-    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, vocab_size=8192))
+    keep_final: bool = True  # cache the target's final hidden states too (soft labels, --loss kl)
+    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), vocab_size=8192))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=1500, batch_size=8, anchors_per_seq=64, labels="greedy",
                                                              save_every=100, optim=OptimConfig(lr=1e-3)))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -63,24 +64,23 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     regenerated = None if cfg.data == "answers" else load_regenerated(cfg.data)  # a bad path fails before any model loads
-    target = load_target(cfg.target)
+    target = load_target(cfg.target)  # float32: training reads only its embedding and head
     drafter_cfg = _with_mask(cfg.drafter, target)
     layers = new_drafter(target, drafter_cfg).spec.target_layer_ids
     examples = regenerated.examples if regenerated is not None else \
         load_answers(target.tokenizer, limit=cfg.answers, max_response_tokens=cfg.max_response_tokens)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    target.model.to(getattr(torch, cfg.feature_dtype))
-    manifest = build_feature_cache(target, examples, out / "features", layers, keep_final=cfg.sft.loss == "kl", progress=progress)
-    target.model.to(torch.float32)
+    manifest = build_feature_cache(load_target(cfg.target, dtype=getattr(torch, cfg.feature_dtype)), examples, out / "features", layers,
+                                   keep_final=cfg.keep_final, progress=progress)
     times["features_s"] = time.perf_counter() - t0
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
     drafter = _drafter(target, drafter_cfg, cache, cfg.sft.labels)
     t0 = time.perf_counter()
     final = train_sft(drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
     times["sft_s"] = time.perf_counter() - t0
-    target.model.to(getattr(torch, cfg.eval_dtype))
-    report = evaluate(target, load_drafter(final, target).to(getattr(torch, cfg.eval_dtype)), cfg.eval, progress=progress)
+    target = load_target(cfg.target, dtype=getattr(torch, cfg.eval_dtype))
+    report = evaluate(target, load_drafter(final, target).to(target.dtype), cfg.eval, progress=progress)
     report.save(out / "eval.json")
     summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "checkpoint": str(final), "examples": len(examples),
                "feature_tokens": manifest.tokens, "feature_bytes_per_token": manifest.bytes_per_token, "times": times,

@@ -138,7 +138,7 @@ def test_features_and_recipe_commands(target_dir, tmp_path, capsys):
     assert rc == 0, err
     assert json.loads(out)["sequences"] == 10 and (tmp_path / "feat" / "manifest.json").exists()
     rc, out, err = run(capsys, "recipe", "--target", target_dir, "--data", data, "--out-dir", tmp_path / "rec", "--steps", 3,
-                       "--labels", "text", "--draft-vocab-size", 32, "--eval-sets", prompts, "--eval-num-prompts", 2,
+                       "--labels", "text", "--draft-vocab-size", 32, "--draft-target-layer-ids", 0, 2, "--eval-sets", prompts, "--eval-num-prompts", 2,
                        "--eval-max-new-tokens", 8, "--json")
     assert rc == 0, err
     result = json.loads(out)
@@ -146,3 +146,25 @@ def test_features_and_recipe_commands(target_dir, tmp_path, capsys):
     assert (Path(result["checkpoint"]) / "model.safetensors").exists() and (tmp_path / "rec" / "eval.json").exists()
     rc, _, err = run(capsys, "recipe", "--target", target_dir, "--data", tmp_path / "missing.jsonl", "--out-dir", tmp_path / "r2")
     assert_one_line_error(rc, err, "no regenerated data")
+
+
+def test_sft_from_feature_cache_and_its_bad_inputs(target_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 3 + j) % 50}" for j in range(5))}) for i in range(8)))
+    data = tmp_path / "data.jsonl"
+    assert run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
+               "--max-new-tokens", 12, "--no-stop-at-eos")[0] == 0
+    assert run(capsys, "features", "--target", target_dir, "--data", data, "--out", tmp_path / "feat", "--draft-num-layers", 2)[0] == 0
+    rc, out, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft", "--steps", 2,
+                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-num-layers", 2, "--draft-vocab-size", 20, "--labels", "greedy", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["examples"] == 8
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft2", "--draft-num-layers", 1)
+    assert_one_line_error(rc, err, "layer_ids")  # a cache made for another layer set
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "nope", "--out", tmp_path / "sft3")
+    assert_one_line_error(rc, err, "no feature cache")
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--data", data, "--out", tmp_path / "sft4")
+    assert_one_line_error(rc, err, "exactly one of")
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft5", "--draft-num-layers", 2,
+                     "--loss", "kl")
+    assert_one_line_error(rc, err, "final hidden states")

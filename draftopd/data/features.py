@@ -73,11 +73,12 @@ class CachedSequence:
 
 
 def weights_hash(model) -> str:
-    """Fingerprint of a model's weights: shapes and a strided sample of every tensor (cheap, order-sensitive)."""
+    """Fingerprint of a model's weights: shapes and a strided sample of every tensor (cheap, order-sensitive), rounded
+    to bf16 first so the float32 and bfloat16 copies of one model agree."""
     digest = hashlib.sha256()
     for name, p in model.state_dict().items():
         flat = p.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu().numpy().tobytes()
         digest.update(f"{name}{tuple(p.shape)}".encode())
         digest.update(sample)
     return digest.hexdigest()[:16]
