@@ -103,6 +103,7 @@ class DrafterConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     mask_token_id: int | None = None  # MASK = this target embedding row (exportable to the reference format); None = learned vector
+    final_norm_init: float = 0.1  # initial weight of the drafter's final norm (see models/dflash.new_drafter)
     vocab_size: int | None = None  # reduced draft vocabulary (head over the most frequent label tokens); None = the target's whole vocabulary
 
     flag_prefix: ClassVar[str] = "draft_"
@@ -117,6 +118,7 @@ class DrafterConfig:
                 "must be one or more layer ids >= 0")
         check_number(self, "rope_theta", 0, above=True)
         check_number(self, "rms_norm_eps", 0, above=True)
+        check_number(self, "final_norm_init", 0, above=True)
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -297,8 +297,15 @@ def default_mask_token(target: Target) -> int:
 
 
 def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int = 0) -> DFlashDrafter:
+    """A fresh drafter. Its final norm starts at `cfg.final_norm_init`: at 1.0 a block's MASK and anchor embeddings
+    reach the target's (tied) head almost unchanged and come out as a very confident copy of themselves (SFT loss 35-44
+    at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
+    (README, "Strong drafters")."""
     torch.manual_seed(seed)
-    return DFlashDrafter(DrafterSpec.resolve(cfg, target), target)
+    drafter = DFlashDrafter(DrafterSpec.resolve(cfg, target), target)
+    with torch.no_grad():
+        drafter.norm.weight.fill_(cfg.final_norm_init)
+    return drafter
 
 
 def save_drafter(drafter: DFlashDrafter, folder: str | Path, extra: dict | None = None) -> None:
