@@ -152,7 +152,7 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     items = data.examples if data is not None else FeatureCache.open(args.features, target, drafter.spec.target_layer_ids, need_final=cfg.loss == "kl")
     if drafter.spec.draft_vocab_size is not None and not args.drafter:  # a new reduced head: the data's most frequent labels
         drafter.set_draft_vocab(frequent_tokens(items, target.vocab_size, drafter.spec.draft_vocab_size, cfg.labels))
-    final = train_sft(drafter, items, cfg, args.out, resume=args.resume)
+    final = train_sft(target, drafter, items, cfg, args.out, resume=args.resume)
     return {"checkpoint": str(final), "examples": len(items), "skipped": data.skipped if data is not None else 0}
 
 
@@ -188,7 +188,7 @@ def cmd_opd(args: argparse.Namespace) -> dict:
     ids = [p for p in ids if len(p) <= pcfg.max_prompt_tokens]
     if not ids:
         raise UserError(f"no prompts of at most {pcfg.max_prompt_tokens} tokens in {pcfg.prompts}")
-    final = train_opd(drafter, ids, cfg, args.out, resume=args.resume)
+    final = train_opd(target, drafter, ids, cfg, args.out, resume=args.resume)
     return {"checkpoint": str(final), "prompts": len(ids)}
 
 

@@ -79,12 +79,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     # 2. SFT warm start
     untrained = new_drafter(target, cfg.drafter, seed=cfg.sft.seed)
     sft = copy.deepcopy(untrained)
-    sft_dir = train_sft(sft, examples, cfg.sft, out / "sft", resume=True, progress=progress)
+    sft_dir = train_sft(target, sft, examples, cfg.sft, out / "sft", resume=True, progress=progress)
     # 3. equal compute: Draft-OPD first, continued SFT stops at the same FLOPs
     curves = _load(out / "curves.json") or {"opd": [], "sft_continued": []}
     save_curves = lambda: _save_json(out / "curves.json", curves)  # noqa: E731
-    opd, opd_flops = _run_opd(sft, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves)
-    sft_cont = _run_continued_sft(sft, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves)
+    opd, opd_flops = _run_opd(target, sft, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves)
+    sft_cont = _run_continued_sft(target, sft, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves)
     start = {"flops": 0.0, "tau": curve_tau(sft)}  # compute is counted from the SFT warm start
     curves = {"opd": [start] + [c for c in curves["opd"] if c["flops"] > 0], "sft_continued": [start] + [c for c in curves["sft_continued"] if c["flops"] > 0]}
     _save_json(out / "curves.json", curves)
@@ -99,7 +99,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     ablations = {}
     for name in (("full",) + tuple(a for a in cfg.ablations if a != "full")) if cfg.ablations else ():
         variant = replace(_ablation_config(cfg.opd, name), steps=cfg.ablation_steps or cfg.opd.steps)
-        drafter, _ = _run_opd(sft, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress)
+        drafter, _ = _run_opd(target, sft, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress)
         ablations[name] = {"curve_tau": curve_tau(drafter)}
     summary = {"config": _jsonable(asdict(cfg)), "results": results, "curves": curves, "ablations": ablations,
                "plot": str(plot_curves(curves, out / "tau_vs_compute.png")), "sft_checkpoint": str(sft_dir)}
@@ -107,7 +107,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _run_opd(start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
+def _run_opd(target, start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
     drafter = copy.deepcopy(start)
     flops = {"v": 0.0}
 
@@ -117,11 +117,11 @@ def _run_opd(start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: li
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
             save_curve()
 
-    train_opd(drafter, prompts, cfg, out, resume=True, progress=progress, on_step=on_step)
+    train_opd(target, drafter, prompts, cfg, out, resume=True, progress=progress, on_step=on_step)
     return drafter, flops["v"] or _last_flops(out)
 
 
-def _run_continued_sft(start: DFlashDrafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
+def _run_continued_sft(target, start: DFlashDrafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
                        save_curve):
     per_step = _last_flops(out / "sft") / max(cfg.sft.steps, 1)
     steps = max(1, math.ceil(max_flops / per_step))
@@ -135,7 +135,7 @@ def _run_continued_sft(start: DFlashDrafter, examples, cfg: ExperimentConfig, ma
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
             save_curve()
 
-    train_sft(drafter, examples, sft_cfg, out / "sft_continued", resume=True, progress=progress, on_step=on_step)
+    train_sft(target, drafter, examples, sft_cfg, out / "sft_continued", resume=True, progress=progress, on_step=on_step)
     return drafter
 
 

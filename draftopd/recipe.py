@@ -77,7 +77,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
     drafter = _drafter(target, drafter_cfg, cache, cfg.sft.labels)
     t0 = time.perf_counter()
-    final = train_sft(drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
+    final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
     times["sft_s"] = time.perf_counter() - t0
     target = load_target(cfg.target, dtype=getattr(torch, cfg.eval_dtype))
     report = evaluate(target, load_drafter(final, target).to(target.dtype), cfg.eval, progress=progress)

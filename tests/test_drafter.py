@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import make_drafter
 from draftopd.config import DrafterConfig, dflash_default_layers
 from draftopd.models.dflash import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter
 from draftopd.models.load import tiny_target
+from draftopd.models.target import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,6 +173,28 @@ def test_drafter_does_not_own_target_weights(drafter, llama_target) -> None:
     keys = set(drafter.state_dict())
     assert not any(k.startswith("target") or "embed_tokens" in k or "lm_head" in k for k in keys)
     assert all(p.data_ptr() != llama_target.model.get_input_embeddings().weight.data_ptr() for p in drafter.parameters())
+
+
+def test_drafter_holds_the_targets_frozen_tensors_not_the_target(llama_target, tmp_path) -> None:
+    """Embedding and head are the target's own tensors (shared storage, not saved); no module refers to the `Target`;
+    copying or converting a drafter leaves the target's weights where and what they are."""
+    from safetensors.torch import load_file
+
+    drafter = make_drafter(llama_target, block_size=4, vocab_size=16)
+    drafter.set_draft_vocab(torch.arange(16) * 3)
+    embed, head = llama_target.model.get_input_embeddings().weight, llama_target.model.get_output_embeddings().weight
+    assert not any(isinstance(v, Target) for m in drafter.modules() for v in vars(m).values())
+    assert drafter.embed_weight.data_ptr() == embed.data_ptr() and drafter.lm_head_weight.data_ptr() == head.data_ptr()
+    assert torch.equal(drafter.head_weight, head[torch.arange(16) * 3])
+    save_drafter(drafter, tmp_path / "ckpt")
+    saved = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert set(saved) == {name for name, _ in drafter.named_parameters()} | {"d2t", "t2d"}  # no embedding, no head
+    assert copy.deepcopy(drafter).embed_weight.data_ptr() == embed.data_ptr()  # copies share, too
+    half = copy.deepcopy(drafter).to(torch.bfloat16)
+    assert half.embed_weight.dtype == half.head_weight.dtype == torch.bfloat16
+    assert embed.dtype == head.dtype == torch.float32 and drafter.embed_weight.dtype == torch.float32
+    copy.deepcopy(drafter).to("meta")
+    assert embed.device.type == head.device.type == "cpu"
 
 
 def test_target_layer_ids_out_of_range_raise(llama_target) -> None:

@@ -40,7 +40,7 @@ def test_cache_equals_online_forward_and_resumes(llama_target, tmp_path, one_thr
     cache = FeatureCache.open(tmp_path / "a", llama_target, LAYERS, need_final=True)
     batch = pad_batch([list(e.prompt_ids) + list(e.response_ids) for e in data], [4] * len(data), llama_target.pad_id)
     drafter = new_drafter(llama_target, DrafterConfig(target_layer_ids=LAYERS))
-    online = score_batch(drafter, batch)
+    online = score_batch(llama_target, drafter, batch)
     for i, e in enumerate(data):
         c, n = cache[i], len(e.prompt_ids) + len(e.response_ids)
         assert c.tokens.tolist() == list(e.prompt_ids) + list(e.response_ids) and c.response_start == 4
@@ -94,13 +94,13 @@ def test_sft_from_cache_matches_online_sft(llama_target, tmp_path, loss, one_thr
     cfg = SFTConfig(batch_size=8, anchors_per_seq=8, loss=loss, labels="greedy")
     drafter = new_drafter(llama_target, DrafterConfig(block_size=4, target_layer_ids=LAYERS, vocab_size=32))
     drafter.set_draft_vocab(torch.arange(0, 64, 2))
-    online = sft_micro_batch(drafter, data, cfg, torch.Generator().manual_seed(0))
-    cached = sft_micro_batch(drafter, [cache[i] for i in range(8)], cfg, torch.Generator().manual_seed(0))
+    online = sft_micro_batch(llama_target, drafter, data, cfg, torch.Generator().manual_seed(0))
+    cached = sft_micro_batch(llama_target, drafter, [cache[i] for i in range(8)], cfg, torch.Generator().manual_seed(0))
     assert cached.target_tokens == 0 and online.target_tokens > 0
     assert cached.weight_sum == pytest.approx(online.weight_sum)  # labels outside the draft vocabulary are skipped alike
     assert float(cached.loss_sum) == pytest.approx(float(online.loss_sum), rel=0.02)
     drafter_b = new_drafter(llama_target, DrafterConfig(block_size=4, target_layer_ids=LAYERS))
-    train_sft(drafter_b, cache, SFTConfig(steps=3, batch_size=4, anchors_per_seq=4, labels="greedy", optim=OptimConfig(lr=1e-3)),
+    train_sft(llama_target, drafter_b, cache, SFTConfig(steps=3, batch_size=4, anchors_per_seq=4, labels="greedy", optim=OptimConfig(lr=1e-3)),
               tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "last" / "trainer.pt").exists()
 

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
     examples = [Example(tuple(t.prompt), tuple(t.output)) for t in gen.traces]
     drafter = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0), seed=0)  # the init the pinned numbers below were measured with
-    train_sft(drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path_factory.mktemp("sft"), progress=False)
+    train_sft(target, drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path_factory.mktemp("sft"), progress=False)
     return target, prompts[:64], prompts[64:], drafter
 
 
@@ -49,9 +49,9 @@ def test_replay_equals_rollout_logits(setup):
     """On-policy guarantee: replaying the drafter at the rollout's anchors reproduces its logits (same weights)."""
     target, prompts, _, drafter = setup
     traces = rollout(target, drafter, prompts[:3], record_draft_logits=True)
-    rb = collate(drafter, traces, [error_segments(t) for t in traces])
+    rb = collate(target, drafter, traces, [error_segments(t) for t in traces])
     with torch.no_grad():
-        logits = block_logits(drafter, rb.seq, score_batch(drafter, rb.seq).features, rb.anchors)
+        logits = block_logits(drafter, rb.seq, score_batch(target, drafter, rb.seq).features, rb.anchors)
     for b, trace in enumerate(traces):
         torch.testing.assert_close(logits[b, : trace.rounds], torch.stack(trace.draft_logits), atol=1e-5, rtol=1e-5)
 
@@ -86,7 +86,7 @@ def test_rejected_stream_off_gives_exactly_the_accepted_loss(setup):
     traces = rollout(target, drafter, prompts[:3])
     segs = [error_segments(t) for t in traces]
     cfg = LossConfig(use_rejected=False)
-    res = replay(drafter, collate(drafter, traces, segs), cfg)
+    res = replay(target, drafter, collate(target, drafter, traces, segs), cfg)
     acc_norm, rej_norm = step_norms(traces, segs, drafter.block_size, cfg)
     assert rej_norm == 0 and acc_norm == res.acc.weight_sum
     loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg)
@@ -106,7 +106,7 @@ def test_accumulation_normalises_by_tokens(setup, mode):
         drafter.zero_grad()
         total = 0.0
         for g in groups:
-            res = replay(drafter, collate(drafter, [traces[i] for i in g], [segs[i] for i in g]), cfg)
+            res = replay(target, drafter, collate(target, drafter, [traces[i] for i in g], [segs[i] for i in g]), cfg)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg)
             loss.backward()
             total += float(loss.detach())
@@ -119,7 +119,7 @@ def test_accumulation_normalises_by_tokens(setup, mode):
     naive = []  # per-micro-batch means averaged: what batch normalisation would compute
     for g in ([0], [1, 2, 3]):
         sub_t, sub_s = [traces[i] for i in g], [segs[i] for i in g]
-        res = replay(drafter, collate(drafter, sub_t, sub_s), cfg)
+        res = replay(target, drafter, collate(target, drafter, sub_t, sub_s), cfg)
         naive.append(float(combine_streams(res.acc, res.rej, *step_norms(sub_t, sub_s, drafter.block_size, cfg), cfg).detach()))
     assert sum(naive) / 2 != pytest.approx(full, rel=1e-3)
 
@@ -132,7 +132,7 @@ def test_draft_opd_raises_heldout_tau(setup, tmp_path):
     drafter = copy.deepcopy(start)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
-    train_opd(drafter, prompts, OPDConfig(steps=12, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32,
+    train_opd(target, drafter, prompts, OPDConfig(steps=12, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32,
                                           loss=LossConfig(mode="exact"), optim=OptimConfig(lr=2e-3)), tmp_path, progress=False)
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -45,13 +45,13 @@ def setup(one_thread):
 def sft(setup, out: Path, cfg=SFT, drafter_cfg=DrafterConfig(block_size=8), **kw):
     """One `draftopd sft` invocation: a fresh process builds the same seeded drafter, then trains (or resumes)."""
     drafter = new_drafter(setup[0], drafter_cfg, seed=5)
-    train_sft(drafter, setup[1], cfg, out, progress=False, **kw)
+    train_sft(setup[0], drafter, setup[1], cfg, out, progress=False, **kw)
     return drafter
 
 
 def opd(setup, out: Path, drafter_cfg=DrafterConfig(block_size=8), **kw):
     drafter = new_drafter(setup[0], drafter_cfg, seed=5)
-    train_opd(drafter, setup[2], OPD, out, progress=False, **kw)
+    train_opd(setup[0], drafter, setup[2], OPD, out, progress=False, **kw)
     return drafter
 
 
@@ -88,9 +88,9 @@ def assert_equal_nested(a, b, path="trainer.pt") -> None:
         assert a == b, path
 
 
-def trained(drafter, out: Path, steps: int):
+def trained(target, drafter, out: Path, steps: int):
     """An uninterrupted reference run that really moved the weights and logged every step."""
-    assert not torch.equal(drafter.fc.weight, new_drafter(drafter.target, DrafterConfig(block_size=8), seed=5).fc.weight)
+    assert not torch.equal(drafter.fc.weight, new_drafter(target, DrafterConfig(block_size=8), seed=5).fc.weight)
     assert [r["step"] for r in metric_rows(out)] == list(range(1, steps + 1))
     return drafter, out
 
@@ -98,13 +98,13 @@ def trained(drafter, out: Path, steps: int):
 @pytest.fixture(scope="module")
 def straight_sft(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft-straight")
-    return trained(sft(setup, out), out, SFT.steps)
+    return trained(setup[0], sft(setup, out), out, SFT.steps)
 
 
 @pytest.fixture(scope="module")
 def straight_opd(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("opd-straight")
-    return trained(opd(setup, out), out, OPD.steps)
+    return trained(setup[0], opd(setup, out), out, OPD.steps)
 
 
 @pytest.mark.parametrize("kills", [[1], [3], [4], [2, 5]], ids=str)

@@ -37,13 +37,13 @@ def learnable():
     return target, examples[:64], [list(e.prompt_ids) for e in examples[64:]]
 
 
-def reference_sft_loss(drafter, examples, anchors_per_example, decay):
+def reference_sft_loss(target, drafter, examples, anchors_per_example, decay):
     """Plain loops: one block per anchor through the inference path, weighted CE over existing labels."""
     num, den = 0.0, 0.0
     for ex, anchors in zip(examples, anchors_per_example):
         seq = list(ex.prompt_ids) + list(ex.response_ids)
-        batch = pad_batch([seq], [len(ex.prompt_ids)], drafter.target.pad_id)
-        feats = score_batch(drafter, batch).features
+        batch = pad_batch([seq], [len(ex.prompt_ids)], target.pad_id)
+        feats = score_batch(target, drafter, batch).features
         for a in anchors:
             logits = block_logits(drafter, batch, feats, torch.tensor([[a]]))[0, 0]
             for k in range(1, drafter.block_size):
@@ -60,12 +60,12 @@ def test_sft_loss_matches_reference(learnable):
     cfg = SFTConfig(anchors_per_seq=5, slot_decay=4.0)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        result = sft_micro_batch(drafter, examples[:3], cfg, gen)
+        result = sft_micro_batch(target, drafter, examples[:3], cfg, gen)
     # replay the same anchor draw for the reference
     from draftopd.train.blocks import sample_anchors
     batch = pad_batch([list(e.prompt_ids) + list(e.response_ids) for e in examples[:3]], [len(e.prompt_ids) for e in examples[:3]], target.pad_id)
     anchors, valid = sample_anchors(batch, 5, torch.Generator().manual_seed(3))
-    ref = reference_sft_loss(drafter, examples[:3], [a[v].tolist() for a, v in zip(anchors, valid)], 4.0)
+    ref = reference_sft_loss(target, drafter, examples[:3], [a[v].tolist() for a, v in zip(anchors, valid)], 4.0)
     assert float(result.loss_sum) / result.weight_sum == pytest.approx(ref, rel=1e-5)
 
 
@@ -77,7 +77,7 @@ def test_training_forward_equals_inference_forward(learnable):
     for trace in gen.traces:
         batch = pad_batch([trace.tokens], [len(trace.prompt)], target.pad_id)
         with torch.no_grad():
-            logits = block_logits(drafter, batch, score_batch(drafter, batch).features, torch.tensor([trace.anchors]))[0]
+            logits = block_logits(drafter, batch, score_batch(target, drafter, batch).features, torch.tensor([trace.anchors]))[0]
         torch.testing.assert_close(logits, torch.stack(trace.draft_logits), atol=1e-5, rtol=1e-5)
 
 
@@ -85,11 +85,11 @@ def test_resume_is_exact(learnable, tmp_path):
     target, examples, _ = learnable
     cfg = SFTConfig(steps=6, batch_size=4, anchors_per_seq=6, save_every=3, optim=OptimConfig(lr=2e-3))
     straight = new_drafter(target, DrafterConfig(block_size=8), seed=5)
-    train_sft(straight, examples, cfg, tmp_path / "a", progress=False)
+    train_sft(target, straight, examples, cfg, tmp_path / "a", progress=False)
     killed = new_drafter(target, DrafterConfig(block_size=8), seed=5)
-    train_sft(killed, examples, cfg, tmp_path / "b", progress=False, stop_after=3)
+    train_sft(target, killed, examples, cfg, tmp_path / "b", progress=False, stop_after=3)
     resumed = new_drafter(target, DrafterConfig(block_size=8), seed=99)  # different init: weights must come from the checkpoint
-    final = train_sft(resumed, examples, cfg, tmp_path / "b", resume=True, progress=False)
+    final = train_sft(target, resumed, examples, cfg, tmp_path / "b", resume=True, progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name  # bit-identical (more kill points and folder states: test_resume.py)
     reloaded = load_drafter(final, target)
@@ -103,7 +103,7 @@ def test_sft_raises_tau(learnable, tmp_path):
     drafter = new_drafter(target, DrafterConfig(block_size=8), seed=0)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
-    train_sft(drafter, examples, SFTConfig(steps=60, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path, progress=False)
+    train_sft(target, drafter, examples, SFTConfig(steps=60, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path, progress=False)
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     assert before < 1.1
     assert after > before + 0.25, (before, after)

@@ -16,12 +16,15 @@ Algorithmic choices (see shared/docs/drafters.md):
 - Visibility: a block sees context slots whose logical position is strictly before its anchor, and its own
   block bidirectionally, never another block. Training (many blocks per sequence) and inference (one block
   per row) use the same `draft_logits` call, so they are the same computation by construction.
-- Embedding and LM head are the target's own, frozen, and never stored in the drafter checkpoint.
+- Embedding and LM head are the target's own, frozen, and never stored in the drafter checkpoint: the drafter holds
+  references to the target's two weight tensors (non-persistent buffers sharing their storage, no copy), not the
+  `Target`, so trainers and the decoder take `(target, drafter)` and the drafter is a self-contained module.
 - Layers are Qwen3-style: RMSNorm, attention with per-head q_norm/k_norm and RoPE, SwiGLU MLP.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,26 +164,37 @@ class DraftLayer(nn.Module):
 
 
 class DFlashDrafter(nn.Module):
-    """The drafter. Holds a reference to the target for its frozen embedding and LM head (not a submodule)."""
+    """The drafter. `embed_weight` (V_in, H) and `lm_head_weight` (V, H) are the target's frozen input embedding and
+    output head weights, held as non-persistent buffers that share the target's storage: never saved, never trained.
+    `.to(dtype)` gives the drafter converted copies and `.to(device)` moved ones; the target's own stay as they are.
+    Use `new_drafter` / `load_drafter`, which take them from a `Target`."""
 
-    def __init__(self, spec: DrafterSpec, target: Target):
+    def __init__(self, spec: DrafterSpec, embed_weight: Tensor, lm_head_weight: Tensor, target_name: str = "custom"):
         super().__init__()
-        check_compatible(spec, target)
         self.spec = spec
-        self.target = target
+        self.target_name = target_name
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
+        self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)
         h = spec.hidden_size
         self.fc = nn.Linear(len(spec.target_layer_ids) * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, spec.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(h, spec.rms_norm_eps)
         if spec.mask_token_id is None:
-            self.mask_embedding = nn.Parameter(target.model.get_input_embeddings().weight.detach().float().mean(0).clone())
+            self.mask_embedding = nn.Parameter(self.embed_weight.float().mean(0).clone())
         if spec.draft_vocab_size is not None:  # reduced head: draft id i is target id i + d2t[i]; t2d marks kept target ids
             self.register_buffer("d2t", torch.zeros(spec.draft_vocab_size, dtype=torch.long))
             self.register_buffer("t2d", torch.zeros(spec.vocab_size, dtype=torch.bool))
             self.register_buffer("head_weight", torch.empty(0), persistent=False)
             self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_head())
-        self.to(device=target.device)
+        self.to(device=lm_head_weight.device)
+
+    def __deepcopy__(self, memo: dict) -> "DFlashDrafter":
+        """A copy that shares the target's frozen weights instead of copying them."""
+        memo.update({id(self.embed_weight): self.embed_weight, id(self.lm_head_weight): self.lm_head_weight})
+        new = memo[id(self)] = self.__class__.__new__(self.__class__)
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @property
     def block_size(self) -> int:
@@ -200,8 +214,7 @@ class DFlashDrafter(nn.Module):
 
     def refresh_head(self) -> None:
         """The reduced head's rows, copied from the target's frozen head (not stored in the checkpoint)."""
-        self.head_weight = self.target.model.get_output_embeddings().weight.detach()[self.draft_to_target(
-            torch.arange(self.spec.draft_vocab_size, device=self.d2t.device))]
+        self.head_weight = self.lm_head_weight[self.draft_to_target(torch.arange(self.spec.draft_vocab_size, device=self.d2t.device))]
 
     def draft_to_target(self, draft_ids: Tensor) -> Tensor:
         return draft_ids if self.spec.draft_vocab_size is None else draft_ids + self.d2t[draft_ids]
@@ -227,7 +240,7 @@ class DFlashDrafter(nn.Module):
         size = self.spec.block_size
         slot = torch.arange(size, device=anchor_tokens.device)
         h = self.mask_vector().to(self.fc.weight.dtype).expand(b, n_blocks, size, -1).clone()
-        h[:, :, 0] = self.target.embed(anchor_tokens).to(h.dtype)
+        h[:, :, 0] = F.embedding(anchor_tokens, self.embed_weight).to(h.dtype)
         positions = (anchor_positions[..., None] + slot).reshape(b, n_blocks * size)
         mask = self.block_mask(ctx, anchor_positions)
         h = h.reshape(b, n_blocks * size, -1)
@@ -238,7 +251,7 @@ class DFlashDrafter(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:
         """Float logits over the draft vocabulary of hidden states (the drafter's, or the target's own final ones)."""
         if self.spec.draft_vocab_size is None:
-            return self.target.lm_head(hidden.to(self.target.dtype)).float()
+            return F.linear(hidden.to(self.lm_head_weight.dtype), self.lm_head_weight).float()
         return F.linear(hidden.to(self.head_weight.dtype), self.head_weight).float()
 
     def restrict(self, target_logits: Tensor) -> Tensor:
@@ -259,7 +272,7 @@ class DFlashDrafter(nn.Module):
     def mask_vector(self) -> Tensor:
         if self.spec.mask_token_id is None:
             return self.mask_embedding
-        return self.target.embed(torch.tensor(self.spec.mask_token_id, device=self.target.device))
+        return F.embedding(torch.tensor(self.spec.mask_token_id, device=self.embed_weight.device), self.embed_weight)
 
     def block_mask(self, ctx: DraftContext, anchor_positions: Tensor) -> Tensor:
         """(b, 1, n_blocks*B, slots + n_blocks*B) bool: context strictly before the anchor; own block only."""
@@ -279,6 +292,12 @@ def check_compatible(spec: DrafterSpec, target: Target) -> None:
     if got != want:
         diff = ", ".join(f"{k} {got[k]} vs target {want[k]}" for k in want if got[k] != want[k])
         raise DrafterError(f"drafter does not match target '{target.name}': {diff}")
+
+
+def drafter_for(spec: DrafterSpec, target: Target) -> DFlashDrafter:
+    """A drafter of `spec` on `target`'s frozen embedding and head (refused if built for another target)."""
+    check_compatible(spec, target)
+    return DFlashDrafter(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
 
 
 def default_mask_token(target: Target) -> int:
@@ -302,7 +321,7 @@ def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int 
     at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
     (README, "Strong drafters")."""
     torch.manual_seed(seed)
-    drafter = DFlashDrafter(DrafterSpec.resolve(cfg, target), target)
+    drafter = drafter_for(DrafterSpec.resolve(cfg, target), target)
     with torch.no_grad():
         drafter.norm.weight.fill_(cfg.final_norm_init)
     return drafter
@@ -314,7 +333,7 @@ def save_drafter(drafter: DFlashDrafter, folder: str | Path, extra: dict | None 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": "DFlashDrafter", "draftopd_spec": asdict(drafter.spec), "target": drafter.target.name, **(extra or {})}
+    config = {"architecture": "DFlashDrafter", "draftopd_spec": asdict(drafter.spec), "target": drafter.target_name, **(extra or {})}
     tmp = folder / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}, str(tmp))
     tmp.replace(folder / "model.safetensors")
@@ -333,7 +352,7 @@ def load_drafter(folder: str | Path, target: Target) -> DFlashDrafter:
         raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename or 'model.safetensors').name}") from None
     except Exception as err:  # json, key, type and safetensors header errors all mean a corrupt checkpoint
         raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
-    drafter = DFlashDrafter(spec, target)
+    drafter = drafter_for(spec, target)
     try:
         missing, unexpected = drafter.load_state_dict(weights, strict=False)
     except RuntimeError as err:

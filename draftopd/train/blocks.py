@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..models.dflash import DFlashDrafter
-from ..models.target import TargetOutput
+from ..models.target import Target, TargetOutput
 
 
 @dataclass
@@ -67,8 +67,8 @@ class Teacher:
         return drafter.head(gather_positions(self.final, pos))
 
 
-def teach_online(drafter: DFlashDrafter, batch: SequenceBatch) -> Teacher:
-    scored = score_batch(drafter, batch)
+def teach_online(target: Target, drafter: DFlashDrafter, batch: SequenceBatch) -> Teacher:
+    scored = score_batch(target, drafter, batch)
     return Teacher(scored.features, scored.logits.argmax(-1), logits=scored.logits)
 
 
@@ -81,9 +81,9 @@ def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
     return Teacher(pad("features", cached[0].features.shape[-1]), pad("greedy"), final=final)
 
 
-def score_batch(drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
+def score_batch(target: Target, drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
     """One teacher-forced target forward: logits and the drafter's context features for every position."""
-    return drafter.target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
+    return target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
 
 
 def block_logits(drafter: DFlashDrafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from ..config import OptimConfig
 from ..models.dflash import DFlashDrafter, load_drafter, save_drafter
+from ..models.target import Target
 
 
 def build_optimizer(drafter: DFlashDrafter, cfg: OptimConfig, total_steps: int):
@@ -68,11 +69,10 @@ class Compute:
         return {f"compute/{k}": v for k, v in asdict(self).items()}
 
 
-def param_counts(drafter: DFlashDrafter) -> tuple[int, int]:
+def param_counts(target: Target, drafter: DFlashDrafter) -> tuple[int, int]:
     """(target params, drafter params incl. the shared LM head it computes through)."""
-    target = sum(p.numel() for p in drafter.target.model.parameters())
-    head = drafter.target.model.get_output_embeddings().weight.numel()
-    return target, sum(p.numel() for p in drafter.parameters()) + head
+    head = target.model.get_output_embeddings().weight.numel()
+    return sum(p.numel() for p in target.model.parameters()), sum(p.numel() for p in drafter.parameters()) + head
 
 
 class RunDirError(ValueError):
@@ -231,7 +231,7 @@ class TrainerState:
     data_pos: int = 0
 
     @staticmethod
-    def start(trainer: str, drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
+    def start(trainer: str, target: Target, drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
         complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from."""
         opt, sched = build_optimizer(drafter, optim, steps)
@@ -243,16 +243,16 @@ class TrainerState:
             log(f"nothing to resume in {out_dir}: starting from step 0")
         else:
             folder, name = found
-            state.restore(folder, drafter)
+            state.restore(folder, target, drafter)
             note = f"; recovered from {name}, a save cut short" if name != folder.name else ""
             log(f"resuming from {folder} (step {state.step}{note})")
         state.metrics.rewind(state.step)
         return state
 
-    def restore(self, folder: Path, drafter: DFlashDrafter) -> None:
+    def restore(self, folder: Path, target: Target, drafter: DFlashDrafter) -> None:
         check_resumable(folder, drafter, self.trainer)
         saved = load_trainer_state(folder / "trainer.pt")
-        weights = load_drafter(folder, drafter.target).state_dict()
+        weights = load_drafter(folder, target).state_dict()
         try:
             self.opt.load_state_dict(saved["optimizer"]), self.sched.load_state_dict(saved["scheduler"])
             self.gen.set_state(saved["anchor_rng"]), set_rng_state(saved["rng"])

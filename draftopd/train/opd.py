@@ -40,6 +40,7 @@ from ..decode.speculative import generate
 from ..decode.stats import summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.dflash import DFlashDrafter
+from ..models.target import Target
 from .anchors import Segments, make_segments
 from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
 from .common import Compute, TrainerState, data_order, param_counts
@@ -110,8 +111,8 @@ def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size:
     return acc_n, rej_w
 
 
-def collate(drafter: DFlashDrafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
-    seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], drafter.target.pad_id, drafter.target.device)
+def collate(target: Target, drafter: DFlashDrafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
+    seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, target.device)
     width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
     pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs])  # noqa: E731
     valid = pad([torch.ones(len(s.anchors), dtype=torch.bool) for s in segments], (), False)
@@ -121,21 +122,21 @@ def collate(drafter: DFlashDrafter, traces: list[RolloutTrace], segments: list[S
                        pad([s.target_logp for s in segments], (k,), 0.0) if has_drafts else None)
 
 
-def reverify(drafter: DFlashDrafter, rb: ReplayBatch) -> torch.Tensor:
+def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
     """Target logits of every drafted slot given its draft prefix: (b, M, K, V), one forward per sequence."""
     out = []
     for b in range(rb.seq.tokens.shape[0]):
         n = int(rb.valid[b].sum())
         blocks = torch.cat([rb.seq.tokens[b, rb.anchors[b, :n]][:, None], rb.drafts[b, :n, :-1]], 1)
-        logits = drafter.target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, :n], blocks)
+        logits = target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, :n], blocks)
         out.append(torch.cat([logits, logits.new_zeros(rb.anchors.shape[1] - n, *logits.shape[1:])]))
     return torch.stack(out)
 
 
-def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
+def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
     """Replay the drafter at every segment with gradients and return the two streams' loss sums."""
     t0 = time.perf_counter()
-    scored = score_batch(drafter, rb.seq)
+    scored = score_batch(target, drafter, rb.seq)
     teacher_s = time.perf_counter() - t0
     q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors)  # (b, M, K, V), with grad
     if rb.drafts is None:  # random anchors: the drafter's own greedy proposals, re-verified by the target below
@@ -144,7 +145,7 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     t0 = time.perf_counter()
-    p_rej = reverify(drafter, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
+    p_rej = reverify(target, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
     teacher_s += time.perf_counter() - t0
     if cfg.mode == "exact":
         acc_tok = kl_exact(gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
@@ -161,15 +162,15 @@ def replay(drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayRe
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
 
 
-def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
+def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
               on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
-    """Draft-OPD on `prompts` (token ids); trains `drafter` in place, returns the final checkpoint folder.
+    """Draft-OPD on `prompts` (token ids) against `target`; trains `drafter` in place, returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); resume and folder rules as `train_sft`."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("draft-opd", drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
     compute = st.compute
-    target_params, draft_params = param_counts(drafter)
+    target_params, draft_params = param_counts(target, drafter)
     bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
     while st.running(cfg.steps, stop_after):
         # 1. rollout with the current drafter through the speculative decoder
@@ -179,7 +180,7 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
             batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, st.data_pos, cfg.prompts_per_rollout)]
             st.data_pos += cfg.prompts_per_rollout
             decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + st.data_pos)
-            rollout = generate(drafter.target, drafter, batch, decode)
+            rollout = generate(target, drafter, batch, decode)
             traces += [t for t in rollout.traces if t.rounds > 0]
             verified = sum(t.rounds for t in rollout.traces) * drafter.block_size  # finished rows leave the batch
             compute.add_target(sum(len(p) for p in batch) + verified, target_params)
@@ -193,8 +194,8 @@ def train_opd(drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, 
         st.opt.zero_grad(set_to_none=True)
         sums = {"acc": 0.0, "rej": 0.0, "total": 0.0, "teacher_s": 0.0}
         for i in range(0, len(traces), cfg.replay_batch):
-            rb = collate(drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
-            res = replay(drafter, rb, cfg.loss)
+            rb = collate(target, drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
+            res = replay(target, drafter, rb, cfg.loss)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
             loss.backward()
             sums["total"] += float(loss.detach())

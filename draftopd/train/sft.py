@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..config import SFTConfig
 from ..models.dflash import DFlashDrafter
+from ..models.target import Target
 from ..data.features import CachedSequence
 from .blocks import block_labels, block_logits, pad_batch, sample_anchors, teach_cached, teach_online
 from .common import Compute, TrainerState, data_order, param_counts
@@ -39,15 +40,15 @@ class StepResult:
     draft_tokens: int
 
 
-def sft_micro_batch(drafter: DFlashDrafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
+def sft_micro_batch(target: Target, drafter: DFlashDrafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
     """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
     online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
     draft vocabulary; labels outside a reduced vocabulary are skipped."""
     cached = isinstance(items[0], CachedSequence)
     seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
     starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
-    batch = pad_batch(seqs, starts, drafter.target.pad_id, drafter.target.device)
-    teacher = teach_cached(items, batch, drafter.target.device) if cached else teach_online(drafter, batch)
+    batch = pad_batch(seqs, starts, target.pad_id, target.device)
+    teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
     anchors, anchor_valid = sample_anchors(batch, cfg.anchors_per_seq, gen)
     logits = block_logits(drafter, batch, teacher.features, anchors, draft_vocab=True)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
@@ -66,16 +67,16 @@ def slot_decay(cfg: SFTConfig, block_size: int) -> float:
     return cfg.slot_decay if cfg.slot_decay is not None else (7.0 if block_size >= 16 else 4.0)
 
 
-def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
+def train_sft(target: Target, drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
               on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
-    """Train `drafter` in place; returns the final checkpoint folder. `stop_after` ends early (a simulated kill);
-    `cfg.max_flops` ends the run once that much compute is spent (compute-matched comparisons). Without `resume`
-    an `out_dir` that holds a run is refused (`common.RunDirError`)."""
+    """Train `drafter` in place against `target` (online features, or the cache's); returns the final checkpoint folder.
+    `stop_after` ends early (a simulated kill); `cfg.max_flops` ends the run once that much compute is spent
+    (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`)."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("sft", drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("sft", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
     compute = st.compute
-    target_params, draft_params = param_counts(drafter)
+    target_params, draft_params = param_counts(target, drafter)
     drafter.train()
     bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress, dynamic_ncols=True)
     while st.running(cfg.steps, stop_after, cfg.max_flops):
@@ -84,7 +85,7 @@ def train_sft(drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: s
         for _ in range(cfg.grad_accum):
             micro = [examples[i] for i in data_order(len(examples), cfg.seed, st.data_pos, cfg.batch_size)]
             st.data_pos += cfg.batch_size
-            results.append(sft_micro_batch(drafter, micro, cfg, st.gen))
+            results.append(sft_micro_batch(target, drafter, micro, cfg, st.gen))
         total_weight = sum(r.weight_sum for r in results)
         loss = sum(r.loss_sum for r in results) / max(total_weight, 1e-9)
         st.opt.zero_grad(set_to_none=True)
