@@ -1,10 +1,13 @@
-"""DFlash SFT on target-regenerated sequences: the baseline Draft-OPD is measured against.
+"""DFlash SFT: the baseline Draft-OPD is measured against.
 
-Per step: take the next `batch_size` sequences (a seeded permutation per epoch), score them once with the
-frozen target (online features, no offline cache), sample `anchors_per_seq` anchors among response
-positions, fill every block in one drafter forward, and minimise the slot-weighted loss
+Per step: take the next `batch_size` sequences (a seeded permutation per epoch), get the frozen target's view of
+them (one online forward, or the offline feature cache: `data/features.py`), sample `anchors_per_seq` anchors
+among response positions, fill every block in one drafter forward, and minimise the slot-weighted loss
 `sum_k w_k * l(slot k) / sum_k w_k` with `w_k = exp(-(k-1)/decay)` over labels that exist, where `l` is
-hard-label cross-entropy against the sequence token or the soft forward KL to the target distribution.
+hard-label cross-entropy or the soft forward KL to the target distribution. Labels: the sequence's own next token
+(`labels="text"`, regenerated answers) or the target's greedy token there (`"greedy"`, fixed text). With a reduced
+draft vocabulary, logits and soft targets live over the kept tokens (the target's distribution renormalised there)
+and labels outside it are skipped.
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
 full-batch loss. A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a
 killed run resumed with `resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an
