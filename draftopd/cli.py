@@ -227,7 +227,8 @@ def cmd_recipe(args: argparse.Namespace) -> dict:
     from .recipe import RecipeConfig, run_recipe
 
     base = RecipeConfig()
-    cfg = build_config(base, args, drafter=build_config(base.drafter, args), eval=build_config(base.eval, args, prefix="eval_"),
+    cfg = build_config(base, args, features=build_config(base.features, args), drafter=build_config(base.drafter, args),
+                       eval=build_config(base.eval, args, prefix="eval_"),
                        sft=build_config(base.sft, args, optim=build_config(base.sft.optim, args)))
     writable_dir(cfg.out_dir, "--out-dir")
     return run_recipe(cfg)
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recipe", help="from nothing to a strong drafter: answers, features, SFT, evaluation (resumable)")
     rec.add_argument("--json", action="store_true")
     add_config_args(rec, RecipeConfig())  # every default is the recipe's own (config.py / recipe.py)
+    add_config_args(rec, RecipeConfig().features)
     add_config_args(rec, RecipeConfig().drafter)
     add_config_args(rec, RecipeConfig().sft)
     add_config_args(rec, RecipeConfig().sft.optim)

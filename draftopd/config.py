@@ -150,8 +150,8 @@ class FeatureConfig:
     """What `draftopd features` caches: which answers, and how the prefill batches and shards them."""
 
     data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a regenerated JSONL path
-    limit: int = 4000  # ShareGPT train-split conversations to take answers from (answers only)
-    max_response_tokens: int = 320
+    limit: int = 1500  # ShareGPT train-split conversations to take answers from (answers only)
+    max_response_tokens: int = 384
     keep_final: bool = False  # also keep the target's final hidden state (soft labels, `--loss kl`)
     shard_tokens: int = 65536
     batch_tokens: int = 4096

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice, check_ints, require
+from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice
 from .data.answers import load_answers
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
@@ -38,11 +38,8 @@ from .train.sft import train_sft
 class RecipeConfig:
     target: str = DEFAULT_TARGET
     out_dir: str = "runs/recipe"
-    data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a regenerated JSONL path
-    answers: int = 1500  # ShareGPT train-split conversations to take answers from
-    max_response_tokens: int = 384
+    features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True))  # data and how it is cached
     feature_dtype: str = "bfloat16"  # the target's dtype while caching features
-    keep_final: bool = True  # cache the target's final hidden states too (soft labels, --loss kl)
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), vocab_size=8192))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl",
                                                              save_every=50, optim=OptimConfig(lr=2e-3)))
@@ -52,10 +49,8 @@ class RecipeConfig:
     flag_prefix = ""
 
     def __post_init__(self) -> None:
-        check_ints(self, 1, "answers", "max_response_tokens")
         check_choice(self, "feature_dtype", ("float32", "bfloat16"))
         check_choice(self, "eval_dtype", ("float32", "bfloat16"))
-        require(self, "data", isinstance(self.data, str) and bool(self.data), "must be 'answers' or a regenerated JSONL path")
 
 
 def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
@@ -64,16 +59,18 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    regenerated = None if cfg.data == "answers" else load_regenerated(cfg.data)  # a bad path fails before any model loads
+    data = cfg.features
+    regenerated = None if data.data == "answers" else load_regenerated(data.data)  # a bad path fails before any model loads
     target = load_target(cfg.target)  # float32: training reads only its embedding and head
     drafter_cfg = _with_mask(cfg.drafter, target)
     layers = new_drafter(target, drafter_cfg).spec.target_layer_ids
     examples = regenerated.examples if regenerated is not None else \
-        load_answers(target.tokenizer, limit=cfg.answers, max_response_tokens=cfg.max_response_tokens)
+        load_answers(target.tokenizer, limit=data.limit, max_response_tokens=data.max_response_tokens)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     manifest = build_feature_cache(load_target(cfg.target, dtype=getattr(torch, cfg.feature_dtype)), examples, out / "features", layers,
-                                   keep_final=cfg.keep_final, progress=progress)
+                                   keep_final=data.keep_final, shard_tokens=data.shard_tokens, batch_tokens=data.batch_tokens,
+                                   progress=progress)
     times["features_s"] = time.perf_counter() - t0
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
     drafter = _drafter(target, drafter_cfg, cache, cfg.sft.labels)
