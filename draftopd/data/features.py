@@ -144,7 +144,6 @@ def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, .
     out: list[dict[str, Tensor] | None] = [None] * len(sequences)
     i = 0
     while i < len(order):
-        width = len(sequences[order[i]])
         j = i + 1
         while j < len(order) and (j - i + 1) * len(sequences[order[j]]) <= batch_tokens:
             j += 1
