@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 def cmd_features(args: argparse.Namespace) -> dict:
     from .config import FeatureConfig
-    from .data.answers import load_answers
+    from .data.answers import training_examples
     from .data.features import build_feature_cache
     from .data.regenerate import check_token_ids, load_regenerated
 
@@ -216,7 +216,7 @@ def cmd_features(args: argparse.Namespace) -> dict:
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     if data is not None:
         check_token_ids(data, target.vocab_size, cfg.data)
-    examples = data.examples if data is not None else load_answers(target.tokenizer, limit=cfg.limit, max_response_tokens=cfg.max_response_tokens)
+    examples = training_examples(cfg, target.tokenizer, data)
     manifest = build_feature_cache(target, examples, args.out, drafter.spec.target_layer_ids, keep_final=cfg.keep_final,
                                    shard_tokens=cfg.shard_tokens, batch_tokens=cfg.batch_tokens)
     return {"out": args.out, "sequences": manifest.sequences, "tokens": manifest.tokens, "bytes_per_token": manifest.bytes_per_token,

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice
-from .data.answers import load_answers
+from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
 from .eval.evaluate import evaluate
-from .models.dflash import DFlashDrafter, default_mask_token, load_drafter, new_drafter
+from .models.dflash import DFlashDrafter, DrafterSpec, default_mask_token, load_drafter, new_drafter
 from .models.load import load_target
 from .train.sft import train_sft
 
@@ -63,9 +63,8 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     regenerated = None if data.data == "answers" else load_regenerated(data.data)  # a bad path fails before any model loads
     target = load_target(cfg.target)  # float32: training reads only its embedding and head
     drafter_cfg = _with_mask(cfg.drafter, target)
-    layers = new_drafter(target, drafter_cfg).spec.target_layer_ids
-    examples = regenerated.examples if regenerated is not None else \
-        load_answers(target.tokenizer, limit=data.limit, max_response_tokens=data.max_response_tokens)
+    layers = DrafterSpec.resolve(drafter_cfg, target).target_layer_ids
+    examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     manifest = build_feature_cache(load_target(cfg.target, dtype=getattr(torch, cfg.feature_dtype)), examples, out / "features", layers,

@@ -45,3 +45,11 @@ def load_answers(tokenizer, *, limit: int, split: str = "train", seed: int = 0, 
         if len(prompt_ids) <= max_prompt_tokens and len(response) > 1:
             out.append(SFTExample(prompt.id, tuple(prompt_ids), tuple(response)))
     return out
+
+
+def training_examples(cfg, tokenizer, regenerated=None) -> list[SFTExample]:
+    """The examples a `config.FeatureConfig` names: those of `regenerated` (its data file, loaded by the caller
+    before any model so a bad path fails early), else the ShareGPT answers."""
+    if regenerated is not None:
+        return regenerated.examples
+    return load_answers(tokenizer, limit=cfg.limit, max_response_tokens=cfg.max_response_tokens)
