@@ -506,3 +506,14 @@ def test_load_target_errors(tmp_path) -> None:
         load_target("no-such-model")
     with pytest.raises(TargetError, match="config.json"):
         load_target(str(tmp_path))
+
+
+def test_target_finds_the_cache_argument_of_either_transformers_api(llama_target):
+    from draftopd.models.target import cache_kwarg
+
+    class Old(torch.nn.Module):  # transformers 5.17 spells it past_key_values
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, **kwargs):
+            return None
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert llama_target.cache_kwarg == "cache"  # the pinned transformers

@@ -18,6 +18,7 @@ forward hooks on the decoder layers.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ class Target:
         self.max_positions: int = getattr(cfg, "max_position_embeddings", 1 << 30)
         self.eos_ids: set[int] = _eos_ids(model, tokenizer)
         self.pad_id: int = next(iter(self.eos_ids), 0)
+        self.cache_kwarg: str = cache_kwarg(model)
 
     # ---- shared frozen pieces -------------------------------------------------------------------------
     @property
@@ -165,7 +167,8 @@ class Target:
         captured: dict[int, Tensor] = {}
         hooks = [self.model.model.layers[i].register_forward_hook(_capture(captured, i)) for i in layers]
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=state.cache, use_cache=state.cache is not None)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=state.cache is not None,
+                             **{self.cache_kwarg: state.cache})
         finally:
             for h in hooks:
                 h.remove()
@@ -184,6 +187,14 @@ class Target:
             raise TargetError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the target's context of {self.max_positions}")
         if any(t < 0 or t >= self.vocab_size for p in prompts for t in p):
             raise TargetError(f"prompt token id outside the target vocabulary of {self.vocab_size}")
+
+
+def cache_kwarg(model) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` (transformers >= 5.2x) or
+    `past_key_values` (earlier 5.x, e.g. 5.17 on the CUDA machine). Passing the wrong one is silently swallowed by
+    `**kwargs` and the model runs without its cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _empty_state(cache: DynamicCache | None, like: Tensor) -> TargetState:
