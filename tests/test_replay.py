@@ -1,0 +1,52 @@
+"""Greedy replay (`eval/replay.py`) against the decoder it stands in for: same rounds, accepted drafts and tau."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from draftopd.decode.speculative import autoregressive_generate, generate
+from draftopd.decode.stats import summarize
+from draftopd.config import DecodeConfig
+from draftopd.eval.replay import replay_tau, walk_rounds
+
+from conftest import make_drafter, random_prompts
+
+
+def test_walk_rounds_by_hand():
+    # 6 new tokens: the first comes from the prefill; at offset 0 two drafts are accepted (3 tokens), at offset 3 one
+    # is accepted but only 2 tokens remain to commit.
+    text = walk_rounds([2, 0, 0, 1, 0], 6)
+    assert text.accepted == (2, 1) and text.committed == 5 and text.rounds == 2
+    assert walk_rounds([], 1).rounds == 0
+
+
+@pytest.mark.parametrize("name,draft_vocab,stop_at_eos", [("small_vocab_target", None, False), ("small_vocab_target", None, True),
+                                                          ("llama_target", None, False), ("llama_target", 32, False)])
+def test_replay_equals_greedy_speculative_decoding(request, one_thread, name, draft_vocab, stop_at_eos):
+    target = request.getfixturevalue(name)
+    drafter = make_drafter(target, block_size=4, seed=1, vocab_size=draft_vocab)
+    if draft_vocab is not None:
+        drafter.set_draft_vocab(torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(0))[:draft_vocab])
+    prompts = random_prompts(target.vocab_size, [5, 9, 3, 12, 7, 4], seed=4)
+    cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=stop_at_eos)
+    outputs = [t.output for t in autoregressive_generate(target, prompts, cfg).traces]
+    decoded = generate(target, drafter, prompts, cfg)
+    replayed = replay_tau(target, drafter, prompts, outputs, batch_size=3)
+    assert [t.output for t in decoded.traces] == outputs  # lossless (float32), so the replay's text is the decoder's
+    for trace, text in zip(decoded.traces, replayed.texts):
+        assert text.rounds == trace.rounds
+        assert list(text.accepted[:-1]) == trace.accepted[:-1]  # the last round may draft past the text's end
+        assert text.committed == len(trace.output) - 1
+    assert replayed.tau == pytest.approx(summarize(decoded).tau)
+    if name == "small_vocab_target":  # vocabulary of 8: random drafts are often accepted, so the walk is exercised
+        assert sum(r for t in replayed.texts for r in t.accepted) >= 4
+    low, high = replayed.tau_ci(resamples=200)
+    assert low <= replayed.tau <= high
+    assert len(replayed.slot_acceptance()) == 3
+
+
+def test_replay_rejects_ragged_input(llama_target):
+    with pytest.raises(ValueError):
+        replay_tau(llama_target, make_drafter(llama_target), [[1, 2]], [])
+
