@@ -87,7 +87,7 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
     state, out = target.prefill(prompts, drafter.spec.target_layer_ids)
     ctx = drafter.project_context(out.features, state.positions, state.valid.clone())
     anchor = sample(out.logits[:, -1], cfg.temperature, gen)
-    _append(traces, [[int(t)] for t in anchor], target.eos_ids, cfg)
+    _append(traces, [[t] for t in anchor.tolist()], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
     state, ctx, anchor, gen = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index], _select(gen, rows.index)
@@ -96,7 +96,7 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
         t1 = time.perf_counter()
         live = [traces[i] for i in rows.traces]
         _record(live, rnd, cfg.record_draft_logits)
-        committed = [d[:r].tolist() + [int(n)] for d, r, n in zip(rnd.draft.tokens, rnd.acceptance.accepted, rnd.acceptance.next_token)]
+        committed = [d[:r] + [n] for d, r, n in zip(rnd.draft.tokens.tolist(), rnd.acceptance.accepted.tolist(), rnd.acceptance.next_token.tolist())]
         _append(live, committed, target.eos_ids, cfg)
         rows = _active(traces, rows.traces)
         state, ctx, anchor = target.select_rows(state, rows.index), ctx.select(rows.index), rnd.acceptance.next_token[rows.index]
@@ -143,7 +143,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
     t0 = time.perf_counter()
     state, out = target.prefill(prompts)
     token = sample(out.logits[:, -1], cfg.temperature, gen)
-    _append(traces, [[int(t)] for t in token], target.eos_ids, cfg)
+    _append(traces, [[t] for t in token.tolist()], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
     rows = _active(traces, list(range(len(traces))))
     state, token, gen = target.select_rows(state, rows.index), token[rows.index], _select(gen, rows.index)
@@ -152,7 +152,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
         out = target.verify(state, token[:, None])
         t2 = time.perf_counter()
         token = sample(out.logits[:, -1], cfg.temperature, gen)
-        _append([traces[i] for i in rows.traces], [[int(t)] for t in token], target.eos_ids, cfg)
+        _append([traces[i] for i in rows.traces], [[t] for t in token.tolist()], target.eos_ids, cfg)
         rows = _active(traces, rows.traces)
         state, token, gen = target.select_rows(state, rows.index), token[rows.index], _select(gen, rows.index)
         timing.verify_s += t2 - t1
@@ -162,17 +162,21 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
 
 
 def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
-    draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0]
+    """Append the round to each live row's trace. Everything moves to the host once per round, not once per row:
+    on a GPU each per-row copy is a synchronisation."""
+    draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0].cpu()
+    drafts, target_logp, accepted = rnd.draft.tokens.cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist()
+    logits = rnd.draft.logits.cpu() if keep_logits else None
     for b, trace in enumerate(traces):
         if trace.finish:
             continue
         trace.anchors.append(len(trace.tokens) - 1)
-        trace.drafts.append(rnd.draft.tokens[b].cpu())
-        trace.accepted.append(int(rnd.acceptance.accepted[b]))
-        trace.target_logp.append(rnd.target_logp[b].cpu())
-        trace.draft_logp.append(draft_logp[b].cpu())
+        trace.drafts.append(drafts[b])
+        trace.accepted.append(accepted[b])
+        trace.target_logp.append(target_logp[b])
+        trace.draft_logp.append(draft_logp[b])
         if keep_logits:
-            trace.draft_logits.append(rnd.draft.logits[b].cpu())
+            trace.draft_logits.append(logits[b])
 
 
 def _append(traces: list[RolloutTrace], committed: list[list[int]], eos_ids: set[int], cfg: DecodeConfig) -> None:
