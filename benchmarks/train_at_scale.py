@@ -8,12 +8,14 @@ Stages (each time-boxed, so the whole run ends inside --budget-s; every number l
 3. SFT from scratch on those answers (online target, soft labels: forward KL to the target's distribution over the
    reduced draft vocabulary), the step count fitted to the time left, with greedy-replay tau on the evaluation sets
    every few steps: tau against training compute, the SFT plateau curve (`eval/replay.py`: exact greedy tau
-   without decoding);
+   without decoding); beside it the same tau on greedy ShareGPT answers held out of training and on as many that
+   were trained on (the gap is memorisation: more data, not more steps, is then what the drafter needs);
 4. final: greedy-replay tau per set with 95% bootstrap intervals, per-slot acceptance, the drafter folder
    (OUT/drafter, loadable with `--drafter`).
 
     python benchmarks/train_at_scale.py pack --out pack.json.gz          # tokenized prompts (for a machine without the data packages)
-    python benchmarks/train_at_scale.py run --out runs/scale --device cuda --budget-s 470 [--pack pack.json.gz]
+    python benchmarks/train_at_scale.py run --out runs/scale --device cuda --budget-s 470 [--pack pack.json.gz] \
+        [--regenerated benchmarks/data/smollm2-135m-regenerated-1920.jsonl.gz]    # reuse answers regenerated before
 
 Speedup on the CPU is measured afterwards with `draftopd eval --drafter OUT/drafter` (README, "Strong drafters").
 """
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, resolve_device, resolve_dtype  # noqa: E402
 from draftopd.data.features import frequent_tokens  # noqa: E402
-from draftopd.data.prompts import Prompt, load_prompts, render_prompt  # noqa: E402
+from draftopd.data.prompts import Prompt, load_prompts, render_prompt, stable_hash  # noqa: E402
 from draftopd.data.regenerate import load_regenerated, regenerate  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
 from draftopd.eval.replay import replay_tau  # noqa: E402
@@ -99,13 +101,32 @@ def references(target, pack: dict, new_tokens: int) -> dict:
 
 
 def replay_all(target, drafter, refs: dict, batch_size: int) -> dict:
+    """Greedy-replay tau per reference set; "all" pools the evaluation sets (not the ShareGPT control sets)."""
     out, texts = {}, []
     for name, (prompts, outputs) in refs.items():
         rep = replay_tau(target, drafter, prompts, outputs, batch_size=batch_size)
         out[name] = rep
-        texts += rep.texts
+        if name not in CONTROL_SETS:
+            texts += rep.texts
     out["all"] = type(rep)(tuple(texts), drafter.block_size)
     return out
+
+
+CONTROL_SETS = ("sharegpt-heldout", "sharegpt-trained")
+
+
+def split_controls(records: list[dict], examples: list, n: int, new_tokens: int) -> tuple[list, dict]:
+    """Hold `n` greedy (temperature 0) regenerated answers out of training: their text is the target's greedy text,
+    so replay on them is exact held-out tau on the training distribution ("sharegpt-heldout"); `n` greedy answers
+    that stay in training give the same number on seen text ("sharegpt-trained"). The gap between the two curves
+    is memorisation: the sign that more data, not more steps, is what the drafter needs."""
+    greedy = sorted((stable_hash("heldout", r["id"]), r["id"]) for r in records if r["settings"].get("temperature") == 0.0)
+    held = {rid for _, rid in greedy[:n]}
+    seen = [rid for _, rid in greedy[n:2 * n]]
+    by_id = {e.id: e for e in examples}
+    ref = lambda ids: ([list(by_id[i].prompt_ids) for i in ids], [list(by_id[i].response_ids)[:new_tokens] for i in ids])  # noqa: E731
+    controls = {"sharegpt-heldout": ref(sorted(held)), "sharegpt-trained": ref(seen)} if n and len(greedy) >= 2 * n else {}
+    return [e for e in examples if e.id not in held], controls
 
 
 def plain_speed(target, prompt: list[int], new_tokens: int = 64) -> float:
@@ -264,8 +285,14 @@ def run(args) -> None:
     log(f"references done; plain batch-1 decoding {summary['plain_batch1_tokens_per_s']:.1f} tok/s")
     save()
 
+    regen_path = out / "regenerated.jsonl"
+    if args.regenerated:  # answers regenerated earlier (same target) come first; regeneration then adds new prompts
+        with (gzip.open(args.regenerated, "rt") if args.regenerated.endswith(".gz") else open(args.regenerated)) as src, open(regen_path, "a") as dst:
+            dst.write(src.read())
     regenerate_stage(target, pack, out, args, summary)
-    examples = load_regenerated(out / "regenerated.jsonl").examples
+    records = [json.loads(line) for line in regen_path.read_text().splitlines() if line.strip()]
+    examples, controls = split_controls(records, load_regenerated(regen_path).examples, args.control_answers, args.eval_new_tokens)
+    refs.update(controls)
     summary["regenerate"]["examples"] = len(examples)
     summary["regenerate"]["response_tokens"] = sum(len(e.response_ids) for e in examples)
     save()
@@ -307,6 +334,8 @@ def main() -> None:
     r.add_argument("--regen-batch", type=int, default=256)
     r.add_argument("--regen-new-tokens", type=int, default=384)
     r.add_argument("--regen-temperatures", default="0.0,0.7")
+    r.add_argument("--regenerated", default=None, help="regenerated JSONL(.gz) of this target to train on too (regeneration adds to it)")
+    r.add_argument("--control-answers", type=int, default=32, help="greedy answers held out of training (and as many seen ones) for the curve")
     r.add_argument("--max-prompt-tokens", type=int, default=512)
     r.add_argument("--eval-new-tokens", type=int, default=96)
     r.add_argument("--layers", type=int, default=2)

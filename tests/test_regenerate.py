@@ -189,3 +189,15 @@ def test_load_regenerated_empty_raises(tmp_path):
         load_regenerated(junk)
     with pytest.raises(DataError):
         load_regenerated(tmp_path / "missing.jsonl")
+
+
+def test_load_regenerated_reads_gzipped_files(tmp_path):
+    import gzip as gz
+
+    lines = [json.dumps({"id": f"r{i}", "prompt_ids": [1, 2], "response_ids": [3, i + 4]}) for i in range(3)]
+    plain, packed = tmp_path / "r.jsonl", tmp_path / "r.jsonl.gz"
+    plain.write_text("\n".join(lines) + "\n")
+    with gz.open(packed, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    assert load_regenerated(packed).examples == load_regenerated(plain).examples
+    assert len(load_regenerated(packed).examples) == 3

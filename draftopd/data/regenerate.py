@@ -26,6 +26,7 @@ exactly what one uninterrupted run would. The record's settings say `seed` (the 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import time
@@ -226,7 +227,7 @@ def _token_list(value: Any) -> tuple[int, ...] | None:
 
 
 def load_regenerated(path: str | Path) -> SFTData:
-    """Training examples of a regenerated JSONL file; malformed lines, empty responses and repeated ids are
+    """Training examples of a regenerated JSONL file (gzipped when it ends in .gz); malformed lines, empty responses and repeated ids are
     skipped and counted. Raises DataError when the file is missing or yields no example."""
     path = Path(path)
     if not path.is_file():
@@ -234,7 +235,8 @@ def load_regenerated(path: str | Path) -> SFTData:
     examples: list[SFTExample] = []
     ids: set[str] = set()
     skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
