@@ -1,0 +1,75 @@
+"""Compare drafters by held-out greedy tau without timing them: greedy replay on the evaluation prompts.
+
+The target answers the evaluation prompts greedily once (30 per set, the prompts `draftopd eval` uses); each
+drafter is then replayed over those answers (`eval/replay.py`), which gives the tau greedy speculative decoding
+would measure, in minutes instead of a timed evaluation per drafter. Prints tau per set with 95% bootstrap
+intervals and, for every drafter after the first, the paired tau ratio against the first (same prompts resampled
+together). Speed still needs `draftopd eval`.
+
+    python benchmarks/replay_compare.py runs/a/last runs/b/last [--dtype bfloat16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
+from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
+from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
+from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, replay_tau  # noqa: E402
+from draftopd.models.dflash import load_drafter  # noqa: E402
+from draftopd.models.load import load_target  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("drafters", nargs="+")
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    ev = EvalConfig()
+    target = load_target(args.target, dtype=getattr(torch, args.dtype))
+    t = time.time()
+    refs = {}
+    for name in ev.sets:
+        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
+        outputs = [tr.output for tr in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens)).traces]
+        refs[name] = (prompts, outputs)
+    print(f"greedy references: {sum(len(p) for p, _ in refs.values())} prompts in {time.time() - t:.0f} s", file=sys.stderr)
+    results: dict[str, dict[str, ReplayedTau]] = {}
+    for path in args.drafters:
+        drafter = load_drafter(path, target).to(target.dtype)
+        per_set = {name: replay_tau(target, drafter, p, o) for name, (p, o) in refs.items()}
+        per_set["all"] = ReplayedTau(tuple(x for r in per_set.values() for x in r.texts), drafter.block_size)
+        results[path] = per_set
+    names = [*ev.sets, "all"]
+    print("| drafter | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for path, per_set in results.items():
+        print(f"| {path} | " + " | ".join(f"{r.tau:.3f} [{r.tau_ci()[0]:.3f}, {r.tau_ci()[1]:.3f}]" for r in (per_set[n] for n in names)) + " |")
+    first = args.drafters[0]
+    out = {p: {n: {"tau": r.tau, "tau_ci": r.tau_ci(), "slot_acceptance": r.slot_acceptance()} for n, r in s.items()} for p, s in results.items()}
+    for path in args.drafters[1:]:
+        cells = []
+        for n in names:
+            a, b = results[first][n].texts, results[path][n].texts
+            ratio = results[path][n].tau / results[first][n].tau
+            low, high = paired_ratio_ci([x.committed for x in a], [x.rounds for x in a], [x.committed for x in b], [x.rounds for x in b])
+            cells.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else ""))
+            out[path].setdefault("ratio_to_first", {})[n] = {"ratio": ratio, "ci": [low, high]}
+        print(f"| {path} / {first} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
