@@ -25,7 +25,7 @@ from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
-from draftopd.eval.replay import ReplayedTau, replay_tau  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
 from draftopd.models.dflash import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
@@ -47,9 +47,14 @@ def main() -> None:
         refs[name] = (prompts, outputs)
     print(f"greedy references: {sum(len(p) for p, _ in refs.values())} prompts in {time.time() - t:.0f} s", file=sys.stderr)
     results: dict[str, dict[str, ReplayedTau]] = {}
+    scored: dict = {}  # (set, target layers) -> the target's features of those texts, shared by drafters reading the same layers
     for path in args.drafters:
         drafter = load_drafter(path, target).to(target.dtype)
-        per_set = {name: replay_tau(target, drafter, p, o) for name, (p, o) in refs.items()}
+        layers = tuple(drafter.spec.target_layer_ids)
+        for name, (p, o) in refs.items():
+            if (name, layers) not in scored:
+                scored[name, layers] = score_texts(target, layers, p, o)
+        per_set = {name: replay_scored(drafter, scored[name, layers]) for name in refs}
         per_set["all"] = ReplayedTau(tuple(x for r in per_set.values() for x in r.texts), drafter.block_size)
         results[path] = per_set
     names = [*ev.sets, "all"]

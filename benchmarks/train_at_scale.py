@@ -42,7 +42,7 @@ from draftopd.data.features import frequent_tokens  # noqa: E402
 from draftopd.data.prompts import Prompt, load_prompts, render_prompt, stable_hash  # noqa: E402
 from draftopd.data.regenerate import load_regenerated, regenerate  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
-from draftopd.eval.replay import replay_tau  # noqa: E402
+from draftopd.eval.replay import replay_scored, score_texts  # noqa: E402
 from draftopd.models.dflash import default_mask_token, new_drafter, save_drafter  # noqa: E402
 from draftopd.models.load import load_target, tiny_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
@@ -100,11 +100,18 @@ def references(target, pack: dict, new_tokens: int) -> dict:
     return refs
 
 
+_SCORED: dict = {}  # (set, its prompts' id, target layers) -> the target's features of the set's texts
+
+
 def replay_all(target, drafter, refs: dict, batch_size: int) -> dict:
-    """Greedy-replay tau per reference set; "all" pools the evaluation sets (not the ShareGPT control sets)."""
+    """Greedy-replay tau per reference set; "all" pools the evaluation sets (not the ShareGPT control sets). The target's
+    features of each set are computed once (it is frozen) and reused by every later call with the same layers."""
     out, texts = {}, []
     for name, (prompts, outputs) in refs.items():
-        rep = replay_tau(target, drafter, prompts, outputs, batch_size=batch_size)
+        key = (name, id(prompts), tuple(drafter.spec.target_layer_ids))
+        if key not in _SCORED:
+            _SCORED[key] = score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size)
+        rep = replay_scored(drafter, _SCORED[key])
         out[name] = rep
         if name not in CONTROL_SETS:
             texts += rep.texts

@@ -50,3 +50,17 @@ def test_replay_rejects_ragged_input(llama_target):
     with pytest.raises(ValueError):
         replay_tau(llama_target, make_drafter(llama_target), [[1, 2]], [])
 
+
+
+def test_scored_texts_are_shared_by_drafters_and_checked(llama_target):
+    from draftopd.eval.replay import replay_scored, score_texts
+
+    prompts = random_prompts(llama_target.vocab_size, [4, 7], seed=2)
+    outputs = [t.output for t in autoregressive_generate(llama_target, prompts, DecodeConfig(max_new_tokens=12)).traces]
+    a, b = make_drafter(llama_target, block_size=4, seed=1), make_drafter(llama_target, block_size=4, seed=2)
+    scored = score_texts(llama_target, a.spec.target_layer_ids, prompts, outputs, batch_size=1)
+    assert replay_scored(a, scored) == replay_tau(llama_target, a, prompts, outputs)
+    assert replay_scored(b, scored) == replay_tau(llama_target, b, prompts, outputs)
+    other = make_drafter(llama_target, block_size=4, target_layer_ids=(0,))
+    with pytest.raises(ValueError, match="target layers"):
+        replay_scored(other, scored)

@@ -19,7 +19,7 @@ import torch
 from ..decode.stats import bootstrap_ratio_ci
 from ..models.dflash import DFlashDrafter
 from ..models.target import Target
-from ..train.blocks import pad_batch
+from ..train.blocks import SequenceBatch, pad_batch
 
 
 @dataclass(frozen=True)
@@ -54,25 +54,49 @@ class ReplayedTau:
         return [sum(r >= k for r in rounds) / max(len(rounds), 1) for k in range(1, self.block_size)]
 
 
+@dataclass(frozen=True)
+class ScoredTexts:
+    """A batch of greedy texts with the target's context features (what every drafter's replay needs; the target is
+    frozen, so drafters fed the same layers can share them). `lengths` are the output lengths."""
+
+    batch: SequenceBatch
+    features: torch.Tensor
+    layer_ids: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
 @torch.no_grad()
-def accepted_at_anchors(target: Target, drafter: DFlashDrafter, prompt: Sequence[Sequence[int]], output: Sequence[Sequence[int]]) -> list[list[int]]:
+def score_texts(target: Target, layer_ids: tuple[int, ...], prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+                batch_size: int = 8) -> list[ScoredTexts]:
+    """One teacher-forced target forward per batch of `prompt + output` texts."""
+    if len(prompts) != len(outputs):
+        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
+    scored = []
+    for i in range(0, len(prompts), batch_size):
+        ps, os_ = prompts[i:i + batch_size], outputs[i:i + batch_size]
+        batch = pad_batch([list(p) + list(o) for p, o in zip(ps, os_)], [len(p) for p in ps], target.pad_id, target.device)
+        features = target.score(batch.tokens, batch.valid, tuple(layer_ids)).features
+        scored.append(ScoredTexts(batch, features, tuple(layer_ids), tuple(len(o) for o in os_)))
+    return scored
+
+
+@torch.no_grad()
+def accepted_at_anchors(drafter: DFlashDrafter, scored: ScoredTexts) -> list[list[int]]:
     """For each text, the drafts verification would accept at every anchor position P .. P+L-2 (P = prompt length,
     L = output length): leading drafter argmaxes equal to the text's next tokens."""
-    seqs = [list(p) + list(o) for p, o in zip(prompt, output)]
-    starts = [len(p) for p in prompt]
-    batch = pad_batch(seqs, starts, target.pad_id, target.device)
-    features = target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids).features
-    n = max(max(len(o) - 1, 1) for o in output)
-    offsets = torch.arange(n, device=target.device)
-    anchors = (batch.response_start[:, None] + offsets).clamp(max=batch.tokens.shape[1] - 1)  # (b, n)
-    positions = torch.arange(batch.tokens.shape[1], device=target.device).expand_as(batch.tokens)
-    ctx = drafter.project_context(features, positions, batch.valid)
+    if tuple(drafter.spec.target_layer_ids) != scored.layer_ids:
+        raise ValueError(f"texts were scored for target layers {scored.layer_ids}, the drafter reads {drafter.spec.target_layer_ids}")
+    batch, device = scored.batch, scored.batch.tokens.device
+    n = max(max(length - 1, 1) for length in scored.lengths)
+    anchors = (batch.response_start[:, None] + torch.arange(n, device=device)).clamp(max=batch.tokens.shape[1] - 1)  # (b, n)
+    positions = torch.arange(batch.tokens.shape[1], device=device).expand_as(batch.tokens)
+    ctx = drafter.project_context(scored.features, positions, batch.valid)
     guess = drafter.draft_to_target(drafter(ctx, batch.tokens.gather(1, anchors), anchors).argmax(-1))  # (b, n, K-1)
-    slots = anchors[..., None] + torch.arange(1, drafter.block_size, device=target.device)
+    slots = anchors[..., None] + torch.arange(1, drafter.block_size, device=device)
     truth = batch.tokens.gather(1, slots.clamp(max=batch.tokens.shape[1] - 1).flatten(1)).view_as(slots)
     hit = (guess == truth) & (slots < batch.lengths[:, None, None])
     accepted = hit.long().cumprod(-1).sum(-1).tolist()
-    return [row[: max(len(o) - 1, 0)] for row, o in zip(accepted, output)]
+    return [row[: max(length - 1, 0)] for row, length in zip(accepted, scored.lengths)]
 
 
 def walk_rounds(accepted: Sequence[int], length: int) -> ReplayedText:
@@ -85,18 +109,17 @@ def walk_rounds(accepted: Sequence[int], length: int) -> ReplayedText:
     return ReplayedText(tuple(rounds), max(length - 1, 0))
 
 
+def replay_scored(drafter: DFlashDrafter, scored: Sequence[ScoredTexts]) -> ReplayedTau:
+    """tau of greedy speculative decoding over texts already scored by the target (`score_texts`)."""
+    was_training = drafter.training
+    drafter.eval()
+    texts = [walk_rounds(acc, length) for s in scored for acc, length in zip(accepted_at_anchors(drafter, s), s.lengths)]
+    drafter.train(was_training)
+    return ReplayedTau(tuple(texts), drafter.block_size)
+
+
 def replay_tau(target: Target, drafter: DFlashDrafter, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
                batch_size: int = 8) -> ReplayedTau:
     """tau of greedy speculative decoding on `prompts`, whose greedy outputs (from `autoregressive_generate`, with
     the same target) are `outputs`: what `evaluate` would measure, without decoding."""
-    if len(prompts) != len(outputs):
-        raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
-    was_training = drafter.training
-    drafter.eval()
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        ps, os_ = prompts[i:i + batch_size], outputs[i:i + batch_size]
-        for acc, out in zip(accepted_at_anchors(target, drafter, ps, os_), os_):
-            texts.append(walk_rounds(acc, len(out)))
-    drafter.train(was_training)
-    return ReplayedTau(tuple(texts), drafter.block_size)
+    return replay_scored(drafter, score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size))
