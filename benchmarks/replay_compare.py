@@ -3,8 +3,8 @@
 The target answers the evaluation prompts greedily once (30 per set, the prompts `draftopd eval` uses); each
 drafter is then replayed over those answers (`eval/replay.py`), which gives the tau greedy speculative decoding
 would measure, in minutes instead of a timed evaluation per drafter. Prints tau per set with 95% bootstrap
-intervals and, for every drafter after the first, the paired tau ratio against the first (same prompts resampled
-together). Speed still needs `draftopd eval`.
+intervals and, for every drafter after the first, the paired tau ratio against the first and against the one
+listed before it (same prompts resampled together). Speed still needs `draftopd eval`.
 
     python benchmarks/replay_compare.py runs/a/last runs/b/last [--dtype bfloat16] [--json out.json]
 """
@@ -61,17 +61,19 @@ def main() -> None:
     print("| drafter | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for path, per_set in results.items():
         print(f"| {path} | " + " | ".join(f"{r.tau:.3f} [{r.tau_ci()[0]:.3f}, {r.tau_ci()[1]:.3f}]" for r in (per_set[n] for n in names)) + " |")
-    first = args.drafters[0]
-    out = {p: {n: {"tau": r.tau, "tau_ci": r.tau_ci(), "slot_acceptance": r.slot_acceptance()} for n, r in s.items()} for p, s in results.items()}
-    for path in args.drafters[1:]:
+    out = {p: {n: {"tau": r.tau, "tau_ci": r.tau_ci(), "slot_acceptance": r.slot_acceptance(),
+                   "committed": [x.committed for x in r.texts], "rounds": [x.rounds for x in r.texts]} for n, r in s.items()}
+           for p, s in results.items()}
+    pairs = [(args.drafters[0], path) for path in args.drafters[1:]] + list(zip(args.drafters[1:], args.drafters[2:]))
+    for base, path in pairs:  # every drafter against the first, and each against the one before it
         cells = []
         for n in names:
-            a, b = results[first][n].texts, results[path][n].texts
-            ratio = results[path][n].tau / results[first][n].tau
+            a, b = results[base][n].texts, results[path][n].texts
+            ratio = results[path][n].tau / results[base][n].tau
             low, high = paired_ratio_ci([x.committed for x in a], [x.rounds for x in a], [x.committed for x in b], [x.rounds for x in b])
             cells.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else ""))
-            out[path].setdefault("ratio_to_first", {})[n] = {"ratio": ratio, "ci": [low, high]}
-        print(f"| {path} / {first} | " + " | ".join(cells) + " |")
+            out[path].setdefault("ratio_to", {}).setdefault(base, {})[n] = {"ratio": ratio, "ci": [low, high]}
+        print(f"| {path} / {base} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 
