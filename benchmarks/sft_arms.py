@@ -1,0 +1,64 @@
+"""One arm of the small CPU SFT comparisons in the README ("Small CPU comparisons scored by greedy replay").
+
+    python benchmarks/sft_arms.py fixed  --out runs/regen-vs-fixed/fixed   # from scratch on 1,000 ShareGPT answers
+    python benchmarks/sft_arms.py regen  --out runs/regen-vs-fixed/regen   # from scratch on 1,000 regenerated answers
+    python benchmarks/sft_arms.py old    --out runs/continue/old --drafter runs/scale-gpu/drafter   # continue on its 768 answers
+    python benchmarks/sft_arms.py new    --out runs/continue/new --drafter runs/scale-gpu/drafter   # continue on 1,152 unseen ones
+
+Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
+checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from draftopd.config import DrafterConfig, OptimConfig, SFTConfig  # noqa: E402
+from draftopd.data.answers import load_answers  # noqa: E402
+from draftopd.data.features import frequent_tokens  # noqa: E402
+from draftopd.data.regenerate import load_regenerated  # noqa: E402
+from draftopd.models.dflash import load_drafter, new_drafter  # noqa: E402
+from draftopd.models.load import load_target  # noqa: E402
+from draftopd.train.sft import train_sft  # noqa: E402
+
+REGENERATED = Path(__file__).resolve().parent / "data" / "smollm2-135m-regenerated-1920.jsonl.gz"
+TRAINED_ON = 768  # the H200 drafter trained on the first 768 records of REGENERATED
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("arm", choices=("fixed", "regen", "old", "new"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.arm in ("old", "new") and args.drafter is None:
+        parser.error("the old/new arms continue a drafter: pass --drafter")
+    torch.set_num_threads(args.threads)
+    target = load_target("smollm2-135m", dtype=torch.bfloat16)
+    regenerated = load_regenerated(REGENERATED).examples
+    if args.arm in ("fixed", "regen"):
+        examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
+        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192))
+        drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
+        cfg = SFTConfig(steps=120, batch_size=8, anchors_per_seq=64, loss="kl", labels="text" if args.arm == "regen" else "greedy",
+                        save_every=120, optim=OptimConfig(lr=2e-3))
+    else:
+        examples = regenerated[:TRAINED_ON] if args.arm == "old" else regenerated[TRAINED_ON:]
+        drafter = load_drafter(args.drafter, target)
+        cfg = SFTConfig(steps=100, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=100, optim=OptimConfig(lr=3e-4))
+    print(f"{args.arm}: {len(examples)} answers, {sum(len(e.response_ids) for e in examples)} response tokens", flush=True)
+    t = time.time()
+    train_sft(target, drafter, examples, cfg, args.out, progress=True)
+    print(f"{args.arm}: done in {time.time() - t:.0f} s -> {args.out}/last", flush=True)
+
+
+if __name__ == "__main__":
+    main()
