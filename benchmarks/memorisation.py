@@ -5,7 +5,7 @@ are used, so their text is the target's greedy text and replay gives the tau dec
 A large gap means the drafter is data-limited: more answers, not more steps, is what it needs.
 
     python benchmarks/memorisation.py --drafter runs/scale-gpu/drafter \
-        --regenerated benchmarks/data/smollm2-135m-regenerated-1920.jsonl.gz --trained-first 768
+        --regenerated runs/scale-gpu/regenerated-1920.jsonl.gz --trained-first 768
 """
 
 from __future__ import annotations

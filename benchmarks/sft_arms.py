@@ -1,9 +1,10 @@
 """One arm of the small CPU SFT comparisons in the README ("Small CPU comparisons scored by greedy replay").
 
-    python benchmarks/sft_arms.py fixed  --out runs/regen-vs-fixed/fixed   # from scratch on 1,000 ShareGPT answers
-    python benchmarks/sft_arms.py regen  --out runs/regen-vs-fixed/regen   # from scratch on 1,000 regenerated answers
-    python benchmarks/sft_arms.py old    --out runs/continue/old --drafter runs/scale-gpu/drafter   # continue on its 768 answers
-    python benchmarks/sft_arms.py new    --out runs/continue/new --drafter runs/scale-gpu/drafter   # continue on 1,152 unseen ones
+    R=runs/scale-gpu/regenerated-1920.jsonl.gz     # written by train_at_scale.py on the H200 (not in git)
+    python benchmarks/sft_arms.py fixed --out runs/regen-vs-fixed/fixed   # from scratch, 1,000 ShareGPT answers
+    python benchmarks/sft_arms.py regen --regenerated $R --out runs/regen-vs-fixed/regen   # from scratch, the last 1,000 regenerated
+    python benchmarks/sft_arms.py old --regenerated $R --out runs/continue/old --drafter runs/scale-gpu/drafter  # its own 768 answers
+    python benchmarks/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
 
 Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
 checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
@@ -28,8 +29,7 @@ from draftopd.models.dflash import load_drafter, new_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
 
-REGENERATED = Path(__file__).resolve().parent / "data" / "smollm2-135m-regenerated-1920.jsonl.gz"
-TRAINED_ON = 768  # the H200 drafter trained on the first 768 records of REGENERATED
+TRAINED_ON = 768  # the H200 drafter trained on the first 768 records of its regenerated file
 
 
 def main() -> None:
@@ -37,13 +37,16 @@ def main() -> None:
     parser.add_argument("arm", choices=("fixed", "regen", "old", "new"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
+    parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.arm in ("old", "new") and args.drafter is None:
         parser.error("the old/new arms continue a drafter: pass --drafter")
+    if args.arm != "fixed" and args.regenerated is None:
+        parser.error(f"the {args.arm} arm trains on regenerated answers: pass --regenerated")
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=torch.bfloat16)
-    regenerated = load_regenerated(REGENERATED).examples
+    regenerated = load_regenerated(args.regenerated).examples if args.regenerated else []
     if args.arm in ("fixed", "regen"):
         examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
         drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192))

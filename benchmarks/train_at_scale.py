@@ -15,7 +15,7 @@ Stages (each time-boxed, so the whole run ends inside --budget-s; every number l
 
     python benchmarks/train_at_scale.py pack --out pack.json.gz          # tokenized prompts (for a machine without the data packages)
     python benchmarks/train_at_scale.py run --out runs/scale --device cuda --budget-s 470 [--pack pack.json.gz] \
-        [--regenerated benchmarks/data/smollm2-135m-regenerated-1920.jsonl.gz]    # reuse answers regenerated before
+        [--regenerated runs/scale-gpu/regenerated-1920.jsonl.gz]    # reuse answers regenerated before
 
 Speedup on the CPU is measured afterwards with `draftopd eval --drafter OUT/drafter` (README, "Strong drafters").
 """
@@ -42,8 +42,8 @@ from draftopd.data.features import frequent_tokens  # noqa: E402
 from draftopd.data.prompts import Prompt, load_prompts, render_prompt, stable_hash  # noqa: E402
 from draftopd.data.regenerate import load_regenerated, regenerate  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
-from draftopd.eval.replay import replay_scored, score_texts  # noqa: E402
-from draftopd.models.dflash import default_mask_token, new_drafter, save_drafter  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
+from draftopd.models.dflash import DrafterSpec, default_mask_token, new_drafter, save_drafter  # noqa: E402
 from draftopd.models.load import load_target, tiny_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
 
@@ -100,22 +100,11 @@ def references(target, pack: dict, new_tokens: int) -> dict:
     return refs
 
 
-_SCORED: dict = {}  # (set, its prompts' id, target layers) -> the target's features of the set's texts
-
-
-def replay_all(target, drafter, refs: dict, batch_size: int) -> dict:
-    """Greedy-replay tau per reference set; "all" pools the evaluation sets (not the ShareGPT control sets). The target's
-    features of each set are computed once (it is frozen) and reused by every later call with the same layers."""
-    out, texts = {}, []
-    for name, (prompts, outputs) in refs.items():
-        key = (name, id(prompts), tuple(drafter.spec.target_layer_ids))
-        if key not in _SCORED:
-            _SCORED[key] = score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size)
-        rep = replay_scored(drafter, _SCORED[key])
-        out[name] = rep
-        if name not in CONTROL_SETS:
-            texts += rep.texts
-    out["all"] = type(rep)(tuple(texts), drafter.block_size)
+def replay_all(drafter, scored: dict) -> dict:
+    """Greedy-replay tau per reference set (`scored`: set -> `score_texts` of its texts, computed once: the target is
+    frozen); "all" pools the evaluation sets, not the ShareGPT control sets."""
+    out = {name: replay_scored(drafter, batches) for name, batches in scored.items()}
+    out["all"] = ReplayedTau(tuple(t for name, rep in out.items() if name not in CONTROL_SETS for t in rep.texts), drafter.block_size)
     return out
 
 
@@ -185,7 +174,7 @@ class OutOfTime(Exception):
     pass
 
 
-def train_stage(target, examples: list, out: Path, args, summary: dict, refs: dict):
+def train_stage(target, examples: list, out: Path, args, summary: dict, scored: dict):
     drafter = new_drafter(target, drafter_config(args, target), seed=args.seed)
     if args.draft_vocab is not None:
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, args.draft_vocab, labels="text"))
@@ -201,7 +190,7 @@ def train_stage(target, examples: list, out: Path, args, summary: dict, refs: di
     train_sft(target, copy.deepcopy(drafter), examples, base, out / "calibrate", progress=False, stop_after=args.calibrate_steps, on_step=stamp)
     step_s = (stamps[-1] - stamps[1]) / max(len(stamps) - 2, 1)  # after the first two: on the H200 a 6-step mean with them said 323 ms, the run then averaged 147
     t = time.perf_counter()
-    start = replay_all(target, drafter, refs, args.replay_batch)
+    start = replay_all(drafter, scored)
     replay_s = time.perf_counter() - t
     train_until = T0 + args.budget_s - args.final_reserve_s
     left = train_until - time.time()
@@ -214,7 +203,7 @@ def train_stage(target, examples: list, out: Path, args, summary: dict, refs: di
 
     def on_step(step, d, compute):
         if step % every == 0 or step == steps:
-            rep = replay_all(target, d, refs, args.replay_batch)
+            rep = replay_all(d, scored)
             curve.append({"step": step, "flops": compute.flops, "elapsed_s": time.time() - T0, **{k: v.tau for k, v in rep.items()}})
             log(f"step {step}/{steps}: replay tau " + " ".join(f"{k} {v.tau:.2f}" for k, v in rep.items()))
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -307,9 +296,11 @@ def run(args) -> None:
     summary["regenerate"]["response_tokens"] = sum(len(e.response_ids) for e in examples)
     save()
 
-    drafter = train_stage(target, examples, out, args, summary, refs)
+    layers = DrafterSpec.resolve(drafter_config(args, target), target).target_layer_ids
+    scored = {name: score_texts(target, layers, p, o, args.replay_batch) for name, (p, o) in refs.items()}
+    drafter = train_stage(target, examples, out, args, summary, scored)
     save_drafter(drafter, out / "drafter", extra={"made_by": "benchmarks/train_at_scale.py", "args": vars(args)})
-    final = replay_all(target, drafter, refs, args.replay_batch)
+    final = replay_all(drafter, scored)
     summary["final"] = {k: {"tau": v.tau, "tau_ci": v.tau_ci(), "slot_acceptance": v.slot_acceptance(), "texts": len(v.texts)}
                         for k, v in final.items()}
     log("final replay tau: " + " ".join(f"{k} {v.tau:.2f} [{v.tau_ci()[0]:.2f}, {v.tau_ci()[1]:.2f}]" for k, v in final.items()))
