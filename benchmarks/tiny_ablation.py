@@ -56,7 +56,7 @@ def run_seed(seed: int, sft_steps: int, opd_steps: int, sharpness: float, work: 
     print(f"seed {seed}: mean target probability of its greedy tokens {float(p_top):.2f}", flush=True)
     result = {"sft start": tau(start)}
     base = OPDConfig(steps=opd_steps, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32, seed=seed,
-                     loss=LossConfig(mode="exact"), optim=OptimConfig(lr=2e-3))
+                     loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
     for name in ABLATIONS:
         drafter = copy.deepcopy(start)
         train_opd(target, drafter, prompts[:64], _ablation_config(base, name), work / f"{name}{seed}", progress=False)

@@ -195,12 +195,15 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + cosine schedule with linear warm-up, shared by SFT and Draft-OPD."""
+    """AdamW + cosine schedule with linear warm-up, shared by SFT and Draft-OPD. Warm-up lasts
+    `warmup_fraction` of the steps but at least `min_warmup_steps` (never more than the run): a 20-update
+    Draft-OPD run warms up over 3 updates, not 1."""
 
     lr: float = 6e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_fraction: float = 0.05
+    min_warmup_steps: int = 3
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
 
@@ -213,6 +216,7 @@ class OptimConfig:
         require(self, "betas", isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
                 "must be two numbers in [0, 1)")
         check_number(self, "warmup_fraction", 0, 1)
+        check_ints(self, 1, "min_warmup_steps")
         check_number(self, "min_lr_ratio", 0, 1)
         check_number(self, "grad_clip", 0, above=True)
 

@@ -93,6 +93,8 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("sft-betas-one", S + " --optim-betas 0.9", "--optim-betas", ()),
     ("sft-betas-above-1", S + " --optim-betas 0.9 1.5", "--optim-betas", ()),
     ("sft-warmup-2", S + " --optim-warmup-fraction 2", "--optim-warmup-fraction", ()),
+    ("sft-min-warmup-0", S + " --optim-min-warmup-steps 0", "--optim-min-warmup-steps", ()),
+    ("opd-rej-slots-bogus", O + " --loss-rej-slots second", "--loss-rej-slots", ()),
     ("sft-min-lr-ratio-negative", S + " --optim-min-lr-ratio -0.1", "--optim-min-lr-ratio", ()),
     ("sft-weight-decay-nan", S + " --optim-weight-decay nan", "--optim-weight-decay", ()),
     ("sft-grad-clip-0", S + " --optim-grad-clip 0", "--optim-grad-clip", ()),

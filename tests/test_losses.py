@@ -116,6 +116,23 @@ def test_kl_estimate_clamp_engages() -> None:
     assert torch.isfinite(lq.grad).all()
 
 
+def test_kl_estimate_forward_floors_log_probs_at_minus_10() -> None:
+    """The authors' code floors both log-probs at -10 inside the Bernoulli term: below it the loss is that of
+    -10 and the drafter gets no gradient; reverse (k3) is not floored."""
+    lp = torch.tensor([math.log(0.6), math.log(0.6), -30.0])
+    lq = torch.tensor([-20.0, -10.0, math.log(0.5)], requires_grad=True)
+    fwd = kl_estimate(lp, lq, "forward", clamp=1e9)
+    assert fwd[0].item() == pytest.approx(fwd[1].item())
+    p0, q0 = math.exp(-10.0), 0.5  # p floored at e^-10
+    assert fwd[2].item() == pytest.approx(p0 * math.log(p0 / q0) + (1 - p0) * math.log((1 - p0) / (1 - q0)), rel=1e-5)
+    fwd.sum().backward()
+    assert lq.grad[0] == 0 and lq.grad[1] != 0
+    torch.testing.assert_close(kl_estimate(lp[:2], lq[:2].detach(), "forward", floor=-30.0, clamp=1e9)[0],
+                               torch.tensor(0.6 * math.log(0.6) + 20 * 0.6 + 0.4 * math.log(0.4)), rtol=1e-4, atol=1e-4)
+    rev = kl_estimate(torch.tensor([0.0]), torch.tensor([-20.0]), "reverse", clamp=1e9)
+    assert rev.item() > 1e8  # e^20: no floor in k3
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize(
     "lp_val, lq_val",
@@ -224,7 +241,7 @@ def _hand_streams() -> tuple[StreamSums, StreamSums]:
 
 def test_combine_paper_and_pooled_hand_made() -> None:
     acc, rej = _hand_streams()
-    cfg = LossConfig(lam_acc=1.0, lam_rej=3.0)
+    cfg = LossConfig(lam_acc=1.0, lam_rej=3.0, aggregation="paper")
     # paper: (1*2 + 3*14/3) / (1 + 3) = 16/4 = 4
     out = combine_streams(acc, rej, acc.weight_sum, rej.weight_sum, cfg)
     assert out.dim() == 0
@@ -290,11 +307,11 @@ def test_loss_config_defaults_and_validation() -> None:
     cfg = LossConfig()
     assert (cfg.acc_direction, cfg.rej_direction, cfg.mode) == ("forward", "reverse", "estimate")
     assert (cfg.gamma, cfg.lam_acc, cfg.lam_rej, cfg.clamp) == (0.8, 1.0, 1.0, 10.0)
-    assert cfg.use_rejected and cfg.aggregation == "paper"
+    assert cfg.use_rejected and cfg.aggregation == "pooled" and cfg.rej_slots == "all" and cfg.floor == -10.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.gamma = 0.5  # type: ignore[misc]
     for bad in ({"gamma": 0.0}, {"gamma": 1.5}, {"lam_acc": -1.0}, {"clamp": 0.0},
-                {"mode": "approx"}, {"aggregation": "mean"}, {"rej_direction": "both"}):
+                {"mode": "approx"}, {"aggregation": "mean"}, {"rej_direction": "both"}, {"rej_slots": "second"}, {"floor": 1.0}):
         with pytest.raises(ValueError):
             LossConfig(**bad)  # type: ignore[arg-type]
 

@@ -9,7 +9,8 @@ Uncertainty over prompts (pure functions, seeded): a percentile bootstrap resamp
 Every statistic here is a ratio of sums over prompts (tau = sum committed / sum rounds, speedup = sum AR seconds /
 sum speculative seconds), so resampling prompts keeps each prompt's numerator and denominator together.
 `paired_ratio_ci` draws one index set for two measurements of the same prompts (drafter B vs drafter A).
-`first_divergence` locates where two token sequences first differ.
+`first_divergence` locates where two token sequences first differ. `rejected_late_match` is the Draft-OPD
+diagnostic: how often a rejected proposal after a block's first rejected slot was the right token anyway.
 """
 
 from __future__ import annotations
@@ -55,6 +56,30 @@ def summarize(gen: Generation, block_size: int | None = None) -> DecodeStats:
         tokens_per_s=new_tokens / max(gen.timing.total_s, 1e-9),
         ms_per_round={"draft": gen.timing.draft_s / per_round, "verify": gen.timing.verify_s / per_round,
                       "other": gen.timing.other_s / per_round, "prefill_total": gen.timing.prefill_s * 1000})
+
+
+@dataclass(frozen=True)
+class LateMatch:
+    matches: int
+    count: int
+
+    @property
+    def rate(self) -> float:
+        return self.matches / max(self.count, 1)
+
+
+def rejected_late_match(traces: Sequence) -> LateMatch:
+    """Over every round that rejected at slot r+1 < K: of its proposals d_k at slots k > r+1 whose position exists
+    in the final text, how many equal the token the target finally produced there (`tokens[anchor + k]`)."""
+    matches = count = 0
+    for t in traces:
+        tokens = t.tokens
+        for a, r, d in zip(t.anchors, t.accepted, t.drafts):
+            for k in range(r + 2, len(d) + 1):  # 1-based slots after the first rejected one
+                if a + k < len(tokens):
+                    count += 1
+                    matches += int(d[k - 1]) == tokens[a + k]
+    return LateMatch(matches, count)
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -20,7 +20,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from ..models.target import Target
 def build_optimizer(drafter: DFlashDrafter, cfg: OptimConfig, total_steps: int):
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    warmup = min(max(total_steps, 1), max(cfg.min_warmup_steps, int(cfg.warmup_fraction * total_steps)))
 
     def factor(step: int) -> float:  # linear warm-up, then cosine down to min_lr_ratio
         if step < warmup:
@@ -46,27 +46,35 @@ def build_optimizer(drafter: DFlashDrafter, cfg: OptimConfig, total_steps: int):
 
 @dataclass
 class Compute:
-    """Running compute of a training run (target forwards + drafter forwards/backwards)."""
+    """Running compute of a training run (target forwards at 2*params per token, drafter forwards at 2*params,
+    drafter training at 6*params), in total and by phase: "rollout" (Draft-OPD's prefill + verify + drafting),
+    "teacher" (target forwards that label or re-verify training data), "train" (drafter forward + backward)."""
 
     target_tokens: int = 0
     draft_forward_tokens: int = 0
     draft_train_tokens: int = 0
     flops: float = 0.0
+    phase_flops: dict[str, float] = field(default_factory=dict)
 
-    def add_target(self, tokens: int, target_params: int) -> None:
+    def _add(self, flops: float, phase: str) -> None:
+        self.flops += flops
+        self.phase_flops[phase] = self.phase_flops.get(phase, 0.0) + flops
+
+    def add_target(self, tokens: int, target_params: int, phase: str = "teacher") -> None:
         self.target_tokens += tokens
-        self.flops += 2.0 * target_params * tokens
+        self._add(2.0 * target_params * tokens, phase)
 
-    def add_draft_forward(self, tokens: int, draft_params: int) -> None:
+    def add_draft_forward(self, tokens: int, draft_params: int, phase: str = "rollout") -> None:
         self.draft_forward_tokens += tokens
-        self.flops += 2.0 * draft_params * tokens
+        self._add(2.0 * draft_params * tokens, phase)
 
     def add_draft_train(self, tokens: int, draft_params: int) -> None:
         self.draft_train_tokens += tokens
-        self.flops += 6.0 * draft_params * tokens
+        self._add(6.0 * draft_params * tokens, "train")
 
     def metrics(self) -> dict[str, float]:
-        return {f"compute/{k}": v for k, v in asdict(self).items()}
+        out = {f"compute/{k}": v for k, v in asdict(self).items() if k != "phase_flops"}
+        return out | {f"compute/flops_{k}": v for k, v in sorted(self.phase_flops.items())}
 
 
 def param_counts(target: Target, drafter: DFlashDrafter) -> tuple[int, int]:

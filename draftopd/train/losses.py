@@ -17,14 +17,18 @@ single-token ``estimate`` from the observed token's log-probs
 * forward: two-outcome KL ``p_t (log p_t - log q_t) + (1 - p_t)(log(1 - p_t) - log(1 - q_t))``;
 * reverse: k3 estimator ``exp(D) - D - 1``;
 
-both clamped to ``[-clamp, clamp]``.
+both clamped to ``[-clamp, clamp]``; inside the forward (Bernoulli) term both log-probs are floored at
+``floor`` (-10), as in the authors' code.
+
+Which rejected tokens count: ``rej_slots="all"`` (slots r+1..K, the method) or ``"first"`` (only slot r+1,
+the first rejected token of each block; a switch of the authors' code).
 
 Aggregation over a training step (``L_acc`` = mean over accepted tokens,
 ``L_rej = sum_rej w l / sum_rej w``):
 
 * paper:  ``L = (lam_acc L_acc + lam_rej L_rej) / (lam_acc + lam_rej)``, where a
   stream that is disabled or empty drops out of numerator and denominator;
-* pooled: ``L = (lam_acc sum_acc l + lam_rej sum_rej w l) / (lam_acc n_acc + lam_rej sum_rej w)``.
+* pooled (the default, the authors' code): ``L = (lam_acc sum_acc l + lam_rej sum_rej w l) / (lam_acc n_acc + lam_rej sum_rej w)``.
 
 Gradient accumulation normalises by tokens, not batches: each micro-batch yields
 :class:`StreamSums` (un-normalised sums) and :func:`combine_streams` divides by the
@@ -100,6 +104,7 @@ def kl_estimate(
     draft_logprob: Tensor,
     direction: KLDirection,
     clamp: float = 10.0,
+    floor: float = -10.0,
 ) -> Tensor:
     """Single-token KL estimate from the observed token's log-probs: ``[...] -> [...]`` (float32).
 
@@ -107,7 +112,8 @@ def kl_estimate(
         ``p_t (log p_t - log q_t) + (1 - p_t)(log(1 - p_t) - log(1 - q_t))``
     reverse (k3), ``D = log p_t - log q_t``:
         ``exp(D) - D - 1``
-    Result clamped to ``[-clamp, clamp]``. ``log(1 - x)`` terms use a stable
+    Result clamped to ``[-clamp, clamp]``; in the forward form both log-probs are first floored at ``floor``
+    (no gradient below it, as in the authors' code). ``log(1 - x)`` terms use a stable
     ``log1mexp`` with probabilities capped just below 1, so values and gradients stay
     finite as ``p_t`` or ``q_t -> 1``.
     """
@@ -115,6 +121,7 @@ def kl_estimate(
     lp = target_logprob.detach().float()
     lq = draft_logprob.float()
     if direction == "forward":
+        lp, lq = lp.clamp(min=floor), lq.clamp(min=floor)
         l1mp = _log1mexp(lp)
         per_tok = _plogratio(lp.clamp(max=0.0), lq) + l1mp.exp() * (l1mp - _log1mexp(lq))
     else:
@@ -131,6 +138,7 @@ def token_kl(
     direction: KLDirection,
     mode: KLMode,
     clamp: float = 10.0,
+    floor: float = -10.0,
 ) -> Tensor:
     """Per-token KL ``[..., V] x [..., V] x [...] -> [...]`` using ``mode``.
 
@@ -144,7 +152,7 @@ def token_kl(
     idx = tokens.long().unsqueeze(-1)
     lp = F.log_softmax(target_logits.detach().float(), dim=-1).gather(-1, idx).squeeze(-1)
     lq = F.log_softmax(draft_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
-    return kl_estimate(lp, lq, direction, clamp)
+    return kl_estimate(lp, lq, direction, clamp, floor)
 
 
 def decay_weights(slots: Tensor, gamma: float) -> Tensor:
@@ -183,8 +191,10 @@ class LossConfig:
     lam_acc: float = 1.0
     lam_rej: float = 1.0
     use_rejected: bool = True
-    aggregation: Literal["paper", "pooled"] = "paper"
+    rej_slots: Literal["all", "first"] = "all"
+    aggregation: Literal["paper", "pooled"] = "pooled"
     clamp: float = 10.0
+    floor: float = -10.0  # log-prob floor inside the forward estimator
 
     flag_prefix: ClassVar[str] = "loss_"
 
@@ -194,12 +204,14 @@ class LossConfig:
         check_choice(self, "rej_direction", ("forward", "reverse"))
         check_choice(self, "mode", ("exact", "estimate"))
         check_choice(self, "aggregation", ("paper", "pooled"))
+        check_choice(self, "rej_slots", ("all", "first"))
         check_number(self, "gamma", 0, 1, above=True)
         check_number(self, "lam_acc", 0)
         check_number(self, "lam_rej", 0)
         if self.lam_acc + self.lam_rej <= 0:
             raise ConfigError("--loss-lam-acc and --loss-lam-rej cannot both be 0")
         check_number(self, "clamp", 0, above=True)
+        check_number(self, "floor", high=0)
 
 
 def combine_streams(

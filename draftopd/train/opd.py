@@ -5,15 +5,18 @@ One optimizer step (`train_opd`, the story function):
    (`decode.speculative.generate`, the same code path as inference) with the *current* drafter. Each trace
    records anchors, drafted blocks, accepted counts and the target's log-probs of every drafted token given
    the draft prefix, read from the verify logits.
-2. **anchors**: segments at the rollout's error positions (or random ones, ablation) -> `anchors.py`.
+2. **anchors**: segments at the rollout's error positions (or, ablation, the accepted stream at random ones) ->
+   `anchors.py`.
 3. **replay**: per micro-batch of traces, one teacher-forced target forward over the final sequences gives
    the context features and `p` on the true prefix; the drafter re-fills every segment's block in one
    batched forward with gradients (`blocks.block_logits`, the function inference drafts with, so the replayed
    logits equal the rollout's for the same weights).
 4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
    rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
-   by gamma^(k-1)), each KL direction and exact/estimate form a switch (`losses.py`). The step's token
-   counts are computed before the replay so accumulated micro-batches normalise by tokens.
+   by gamma^(k-1); or only slot r+1), each KL direction and exact/estimate form a switch (`losses.py`). The
+   step's token counts are computed before the replay so accumulated micro-batches normalise by tokens.
+   Defaults follow the authors' code: single-token estimators with their clamps, pooled aggregation, lr 3e-4
+   cosine with 5% warm-up (at least `OptimConfig.min_warmup_steps`).
 5. **update**: one AdamW step; the next rollout uses the new weights (always on-policy).
 
 Which target computation is reused: in "estimate" mode the rejected stream's `log p` comes straight from the
@@ -22,7 +25,15 @@ teacher-forced forward per sequence: T tokens in one batched pass, against the r
 in T / tau sequential passes, and far less memory than keeping V-sized verify logits for every round
 (`time/replay_teacher_s` against `time/rollout_s` in metrics.jsonl measures it). "exact" mode needs `p`'s full distribution on
 the draft prefixes, which the rollout does not keep, so it re-verifies every segment in one forward
-(`Target.score_blocks`); so does the random-anchor ablation, whose blocks were never verified.
+(`Target.score_blocks`).
+
+Compute is counted by phase (`compute/flops_rollout`, `_teacher`, `_train` in metrics.jsonl): rollout = prompt
+prefill + verify forwards of the target and the drafter's drafting forwards; teacher = the replay's target
+forwards; train = the drafter's forward + backward at 6 * params per token. Continued SFT counts the same way.
+The diagnostic `rollout/rej_late_match` is how often a rejected proposal after a block's first rejected slot
+equals the token the target finally produced at that position (a DFlash slot does not see the drafts before
+it, so such a proposal can be right even though its prefix was wrong; reverse KL on it pushes a right token
+down).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from tqdm import tqdm
 
 from ..config import DecodeConfig, OptimConfig
 from ..decode.speculative import generate
-from ..decode.stats import summarize
+from ..decode.stats import rejected_late_match, summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.dflash import DFlashDrafter
 from ..models.target import Target
@@ -54,10 +65,11 @@ class OPDConfig:
     rollouts_per_step: int = 2  # rollout batches accumulated into one optimizer step
     replay_batch: int = 4  # traces per replay micro-batch
     max_new_tokens: int = 96
-    temperature: float = 0.0  # rollout temperature (the paper: greedy)
-    anchors: str = "error"  # "error" (the method) or "random" (ablation)
+    temperature: float = 0.0  # rollout temperature (the paper: greedy; > 0 is lossless speculative sampling)
+    anchors: str = "error"  # "error" (the method) or "random" (ablation: the accepted stream at random positions)
     save_every: int = 10
     seed: int = 0
+    max_flops: float | None = None  # stop once this much compute is spent (compute-matched runs)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
@@ -68,18 +80,25 @@ class OPDConfig:
         check_number(self, "temperature", 0)
         check_choice(self, "anchors", ("error", "random"))
         check_seed(self)
+        check_number(self, "max_flops", 0, above=True, optional=True)
 
 
 @dataclass
 class ReplayBatch:
-    """Padded segments of a micro-batch of traces: anchors/accepted/valid (b, M); drafts/target_logp (b, M, K)."""
+    """Padded segments of a micro-batch of traces: anchors/accepted/acc_on/rej_on (b, M) (padding: both off);
+    drafts/target_logp (b, M, K)."""
 
     seq: SequenceBatch
     anchors: torch.Tensor
     accepted: torch.Tensor
-    valid: torch.Tensor
-    drafts: torch.Tensor | None
-    target_logp: torch.Tensor | None
+    acc_on: torch.Tensor
+    rej_on: torch.Tensor
+    drafts: torch.Tensor
+    target_logp: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.acc_on | self.rej_on
 
 
 @dataclass
@@ -91,12 +110,13 @@ class ReplayResult:
     teacher_s: float  # time in the target's replay forwards (teacher-forced score + re-verify)
 
 
-def stream_masks(accepted: torch.Tensor, valid: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor, cfg: LossConfig):
-    """Accepted stream: slots k <= r+1 whose label exists. Rejected: slots k > r (the drafter's rejected proposals),
-    weighted gamma^(k-1). Shapes (b, M, K)."""
+def stream_masks(accepted: torch.Tensor, acc_on: torch.Tensor, rej_on: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor,
+                 cfg: LossConfig):
+    """Accepted stream: slots k <= r+1 whose label exists, in segments that feed it. Rejected: slots k > r (the
+    drafter's rejected proposals; only k = r+1 with `rej_slots="first"`), weighted gamma^(k-1). Shapes (b, M, K)."""
     r = accepted[..., None]
-    acc = label_mask & (slots <= r + 1)
-    rej = valid[..., None] & (slots > r) & cfg.use_rejected
+    acc = label_mask & acc_on[..., None] & (slots <= r + 1)
+    rej = rej_on[..., None] & ((slots == r + 1) if cfg.rej_slots == "first" else (slots > r)) & cfg.use_rejected
     return acc, rej, decay_weights(slots, cfg.gamma) * rej
 
 
@@ -106,7 +126,7 @@ def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size:
     slots = torch.arange(1, block_size)
     for trace, seg in zip(traces, segments):
         exists = (seg.anchors[:, None] + slots) < len(trace.tokens)
-        acc, _, w = stream_masks(seg.accepted, torch.ones_like(seg.accepted, dtype=torch.bool), exists, slots, cfg)
+        acc, _, w = stream_masks(seg.accepted, seg.acc_on, seg.rej_on, exists, slots, cfg)
         acc_n, rej_w = acc_n + float(acc.sum()), rej_w + float(w.sum())
     return acc_n, rej_w
 
@@ -115,11 +135,9 @@ def collate(target: Target, drafter: DFlashDrafter, traces: list[RolloutTrace], 
     seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, target.device)
     width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
     pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs])  # noqa: E731
-    valid = pad([torch.ones(len(s.anchors), dtype=torch.bool) for s in segments], (), False)
-    has_drafts = segments[0].drafts is not None
-    return ReplayBatch(seq, pad([s.anchors for s in segments], (), 0), pad([s.accepted for s in segments], (), 0), valid,
-                       pad([s.drafts for s in segments], (k,), 0) if has_drafts else None,
-                       pad([s.target_logp for s in segments], (k,), 0.0) if has_drafts else None)
+    return ReplayBatch(seq, pad([s.anchors for s in segments], (), 0), pad([s.accepted for s in segments], (), 0),
+                       pad([s.acc_on for s in segments], (), False), pad([s.rej_on for s in segments], (), False),
+                       pad([s.drafts for s in segments], (k,), 0), pad([s.target_logp for s in segments], (k,), 0.0))
 
 
 def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
@@ -139,13 +157,11 @@ def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossCon
     scored = score_batch(target, drafter, rb.seq)
     teacher_s = time.perf_counter() - t0
     q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors)  # (b, M, K, V), with grad
-    if rb.drafts is None:  # random anchors: the drafter's own greedy proposals, re-verified by the target below
-        rb.drafts = q_logits.detach().argmax(-1)
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
-    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.valid, lab.mask, lab.slots, cfg)
+    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     t0 = time.perf_counter()
-    p_rej = reverify(target, rb) if (cfg.mode == "exact" or rb.target_logp is None) else None
+    p_rej = reverify(target, rb) if cfg.mode == "exact" else None
     teacher_s += time.perf_counter() - t0
     if cfg.mode == "exact":
         acc_tok = kl_exact(gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
@@ -154,9 +170,8 @@ def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossCon
         q_logp = torch.log_softmax(q_logits, -1)
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
         p_acc_logp = torch.log_softmax(scored.logits, -1)[rows, pos, lab.labels]
-        p_rej_logp = rb.target_logp if p_rej is None else torch.log_softmax(p_rej, -1).gather(-1, rb.drafts[..., None])[..., 0]
-        acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp)
-        rej_tok = kl_estimate(p_rej_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp)
+        acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp, cfg.floor)
+        rej_tok = kl_estimate(rb.target_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp, cfg.floor)
     return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
                         int(rb.seq.lengths.sum()) + (int(rb.valid.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
@@ -172,7 +187,7 @@ def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], 
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
-    while st.running(cfg.steps, stop_after):
+    while st.running(cfg.steps, stop_after, cfg.max_flops):
         # 1. rollout with the current drafter through the speculative decoder
         t0, traces = time.perf_counter(), []
         drafter.eval()
@@ -183,8 +198,8 @@ def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], 
             rollout = generate(target, drafter, batch, decode)
             traces += [t for t in rollout.traces if t.rounds > 0]
             verified = sum(t.rounds for t in rollout.traces) * drafter.block_size  # finished rows leave the batch
-            compute.add_target(sum(len(p) for p in batch) + verified, target_params)
-            compute.add_draft_forward(verified, draft_params)
+            compute.add_target(sum(len(p) for p in batch) + verified, target_params, "rollout")
+            compute.add_draft_forward(verified, draft_params, "rollout")
         t1 = time.perf_counter()
         # 2. anchors, and the step's normalisers
         segments = [make_segments(t, cfg.anchors, st.gen) for t in traces]
@@ -212,7 +227,9 @@ def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], 
         step = st.step
         t3 = time.perf_counter()
         stats = summarize(Generation(traces, Timing()), drafter.block_size)
-        row = {"rollout/tau": stats.tau, "rollout/slot_acc_1": stats.slot_acceptance[0], "rollout/sequences": len(traces),
+        late = rejected_late_match(traces)
+        row = {"rollout/tau": stats.tau, **{f"rollout/slot_acc_{k + 1}": a for k, a in enumerate(stats.slot_acceptance)},
+               "rollout/rej_late_match": late.rate, "rollout/rej_late_n": late.count, "rollout/sequences": len(traces),
                "loss/total": sums["total"], "loss/acc": sums["acc"], "loss/rej": sums["rej"],
                "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
                "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": sums["teacher_s"],
@@ -220,7 +237,7 @@ def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], 
         st.metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{sums['total']:.3f}")
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == cfg.steps or (cfg.max_flops is not None and compute.flops >= cfg.max_flops):
             st.save(drafter)
         if on_step is not None:
             on_step(step, drafter, compute)

@@ -1,0 +1,261 @@
+"""Issue 9's headline experiment on this CPU: Draft-OPD vs compute-matched continued SFT from a plateaued drafter.
+
+    R=runs/scale-gpu/regenerated-1920.jsonl.gz ; S=runs/scale-gpu/drafter ; O=runs/headline-cpu   # the H200 run's
+    python benchmarks/opd_headline.py refs --out $O                 # greedy references of the held-out sets, once
+    python benchmarks/opd_headline.py arm opd --start $S --regenerated $R --out $O --seed 0
+    python benchmarks/opd_headline.py arm sft-new --start $S --regenerated $R --out $O --seed 0   # at the same time
+    python benchmarks/opd_headline.py report --out $O               # table, paired ratios, tau-vs-compute plot
+
+The start is the H200 drafter (README "At scale on one H200"): its held-out tau plateaued at 1.32-1.33 over the
+last 250 of its 665 steps on its 768 answers (the first 768 records of R). Arms, each from that start:
+- `opd`: Draft-OPD with the authors' recipe (single-token estimators, pooled, lr 3e-4 cosine, warm-up) on the
+  prompts of R's other 1,152 records, which the start never saw (a prompt pool disjoint from its SFT data);
+  16 rollouts of up to 128 tokens per update (2 batches of 8), sized for this CPU.
+- `sft-new`: continued SFT on the target's answers to those same 1,152 prompts (the data-matched control: the
+  same prompts, the target's text instead of rollouts); `sft-old`: on the start's own 768 answers (the plateau).
+  Every arm stops at `--budget-tflops` of compute (the same counter: `train/common.Compute`).
+- ablations `opd-random` (accepted stream at random anchors, the real rejected stream kept), `opd-fwd`
+  (forward KL on both streams), `opd-rev` (reverse on both), `opd-nodecay` (gamma 1), `opd-norej` (no rejected
+  stream), `opd-first` (first rejected token only), `opd-t07` (rollouts at temperature 0.7), `opd-exact` (exact KL),
+  `opd-lam01` (rejected stream weighted 0.1: about the fifth of the loss it has in the paper's regime, tau ~6).
+  Ablations ran at a smaller budget (`--budget-tflops 60`); the report compares each with the full method's curve
+  point nearest in compute.
+Every arm replays its drafter over the target's greedy answers to the held-out prompts (30 each of MT-Bench,
+GSM8K, HumanEval, and held-out ShareGPT; `eval/replay.py`: the tau greedy decoding would measure, no timing)
+every `--curve-every` updates, so two arms can share the 2 cores (one thread each) without skewing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from draftopd.config import DecodeConfig, EvalConfig, OptimConfig, SFTConfig  # noqa: E402
+from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
+from draftopd.data.regenerate import load_regenerated  # noqa: E402
+from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
+from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, ReplayedText, replay_scored, score_texts  # noqa: E402
+from draftopd.models.dflash import load_drafter  # noqa: E402
+from draftopd.models.load import load_target  # noqa: E402
+from draftopd.train.losses import LossConfig  # noqa: E402
+from draftopd.train.opd import OPDConfig, train_opd  # noqa: E402
+from draftopd.train.sft import train_sft  # noqa: E402
+
+TRAINED_ON = 768  # the start drafter trained on the first 768 records of R
+SETS = (*EvalConfig().sets, "sharegpt-heldout")
+OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, max_new_tokens=128, save_every=4,
+                optim=OptimConfig(lr=3e-4))
+ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_direction": "forward"},
+             "opd-rev": {"acc_direction": "reverse"}, "opd-nodecay": {"gamma": 1.0}, "opd-norej": {"use_rejected": False},
+             "opd-first": {"rej_slots": "first"}, "opd-t07": {"temperature": 0.7}, "opd-exact": {"mode": "exact"},
+             "opd-lam01": {"lam_rej": 0.1}}
+# measured on this target with the start drafter (first smoke runs): planned step counts that fit the budget, so
+# each arm's cosine schedule spans the updates it actually takes; every arm stops at the same compute/flops
+OPD_FLOPS_PER_UPDATE = 7.4e12
+SFT_FLOPS_PER_STEP = 1.66e12
+SFT = SFTConfig(steps=1000, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=1000, optim=OptimConfig(lr=3e-4))
+
+
+def refs_cmd(args) -> None:
+    target = load_target(args.target, dtype=torch.bfloat16)
+    ev, out = EvalConfig(), {}
+    for name in SETS:
+        source, split = ("sharegpt", "heldout") if name == "sharegpt-heldout" else (name, "all")
+        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(source, split=split, limit=ev.num_prompts, seed=ev.seed).prompts]
+        gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens))
+        out[name] = {"prompts": prompts, "outputs": [t.output for t in gen.traces]}
+        print(f"{name}: {len(prompts)} greedy references", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "refs.json").write_text(json.dumps(out))
+
+
+def replay_all(drafter, scored: dict) -> dict[str, ReplayedTau]:
+    rep = {name: replay_scored(drafter, s) for name, s in scored.items()}
+    rep["all"] = ReplayedTau(tuple(t for r in rep.values() for t in r.texts), drafter.block_size)
+    return rep
+
+
+def point(step: int, compute, rep: dict[str, ReplayedTau], t0: float) -> dict:
+    return {"step": step, "flops": compute.flops, "phase_flops": dict(compute.phase_flops), "elapsed_s": time.time() - t0,
+            "tau": {k: v.tau for k, v in rep.items()}, "slot_acceptance": rep["all"].slot_acceptance(),
+            "texts": {k: [[t.committed, list(t.accepted)] for t in v.texts] for k, v in rep.items() if k != "all"}}
+
+
+def arm_cmd(args) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    run = out / f"{args.arm}-s{args.seed}"
+    target = load_target(args.target, dtype=torch.bfloat16)
+    refs = json.loads((out / "refs.json").read_text())
+    drafter = load_drafter(args.start, target)
+    scored = {name: score_texts(target, drafter.spec.target_layer_ids, r["prompts"], r["outputs"]) for name, r in refs.items()}
+    examples = load_regenerated(args.regenerated).examples
+    old, new = examples[:TRAINED_ON], examples[TRAINED_ON:]
+    curve_path = run / "curve.json"
+    curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    t0 = time.time()
+    if not curve:
+        from draftopd.train.common import Compute
+        curve.append(point(0, Compute(), replay_all(drafter, scored), t0))
+    every = args.curve_every
+
+    def on_step(step, d, compute, last_step):
+        if ((every and step % every == 0) or step == last_step) and not any(c["step"] == step for c in curve):
+            curve.append(point(step, compute, replay_all(d, scored), t0))
+            curve_path.write_text(json.dumps(curve))
+            print(f"{args.arm} s{args.seed} step {step}: {compute.flops / 1e12:.1f} TFLOPs, tau {curve[-1]['tau']['all']:.3f}", flush=True)
+
+    run.mkdir(parents=True, exist_ok=True)
+    budget = args.budget_tflops * 1e12
+    if args.arm.startswith("opd"):
+        change = dict(ABLATIONS[args.arm])
+        top = {k: change.pop(k) for k in ("anchors", "temperature") if k in change}
+        steps = round(budget / OPD_FLOPS_PER_UPDATE)
+        cfg = replace(OPD, steps=steps, seed=args.seed, max_flops=budget, loss=replace(LossConfig(), **change), **top)
+        prompts = [list(e.prompt_ids) for e in new]
+        print(f"{args.arm}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
+        train_opd(target, drafter, prompts, cfg, run / "train", resume=True,
+                  on_step=lambda s, d, c: on_step(s, d, c, s if (s == steps or c.flops >= budget) else -1))
+    else:
+        steps = round(budget / SFT_FLOPS_PER_STEP)  # the cosine schedule spans the steps the budget allows
+        cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget)
+        data = old if args.arm == "sft-old" else new
+        print(f"{args.arm}: {len(data)} answers, {steps} steps planned, stop at {args.budget_tflops} TFLOPs", flush=True)
+        marks = [budget * k / args.sft_points for k in range(1, args.sft_points + 1)]  # curve points at equal compute steps
+
+        def sft_step(s, d, c):
+            if marks and c.flops >= marks[0]:
+                while marks and c.flops >= marks[0]:
+                    marks.pop(0)
+                on_step(s, d, c, s)
+
+        train_sft(target, drafter, data, cfg, run / "train", resume=True, on_step=sft_step)
+    final = json.loads((run / "train" / "last" / "config.json").read_text())["step"]
+    if curve[-1]["step"] != final:  # the planned steps ran out just short of the budget: the final point still counts
+        on_step(final, drafter, _compute_of(run / "train" / "last"), final)
+    print(f"{args.arm} s{args.seed}: done in {time.time() - t0:.0f} s", flush=True)
+
+
+def _compute_of(checkpoint: Path):
+    from draftopd.train.common import Compute, load_trainer_state
+
+    return Compute(**load_trainer_state(checkpoint / "trainer.pt")["compute"])
+
+
+def texts_of(pt: dict) -> list[ReplayedText]:
+    return [ReplayedText(tuple(acc), committed) for name in SETS for committed, acc in pt["texts"][name]]
+
+
+def report_cmd(args) -> None:
+    out = Path(args.out)
+    curves = {p.name: json.loads((p / "curve.json").read_text()) for p in sorted(out.glob("*-s*")) if (p / "curve.json").exists()}
+    start = next(iter(curves.values()))[0]
+    lines = ["| drafter | TFLOPs | " + " | ".join(SETS) + " | all [95% CI] | slot 1/2/3 |", "|---|---|" + "---|" * (len(SETS) + 2)]
+
+    def row(name, pt):
+        rep = ReplayedTau(tuple(texts_of(pt)), 8)
+        lo, hi = rep.tau_ci()
+        return (f"| {name} | {pt['flops'] / 1e12:.0f} | " + " | ".join(f"{pt['tau'][s]:.3f}" for s in SETS)
+                + f" | {rep.tau:.3f} [{lo:.3f}, {hi:.3f}] | " + "/".join(f"{a:.2f}" for a in pt["slot_acceptance"][:3]) + " |")
+
+    lines.append(row("start (H200 SFT, plateaued)", start))
+    for name, c in curves.items():
+        lines.append(row(name, c[-1]))
+    lines += ["", "| arm | held-out tau (all) at TFLOPs after the start |", "|---|---|"]
+    lines += [f"| {n} | " + ", ".join(f"{p['tau']['all']:.3f} @ {p['flops'] / 1e12:.0f}" for p in c) + " |" for n, c in curves.items()]
+    lines += ["", "| ratio (paired over the same prompts) | tau ratio [95% CI] |", "|---|---|"]
+    summary = {"final": {n: c[-1]["tau"] for n, c in curves.items()}, "ratios": {}}
+    pairs = [(n, "start") for n in curves]
+    for n in curves:
+        arm, seed = n.rsplit("-s", 1)
+        if arm.startswith("opd"):
+            pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-old") if f"{ref}-s{seed}" in curves]
+            pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
+    for a, b in pairs:
+        pa = curves[a][-1]
+        # the reference at the compute nearest this arm's final point (ablations ran at a smaller budget)
+        pb = start if b == "start" else min(curves[b], key=lambda p: abs(p["flops"] - pa["flops"]))
+        ta, tb = texts_of(pa), texts_of(pb)
+        ratio = (sum(t.committed for t in ta) / sum(t.rounds for t in ta)) / (sum(t.committed for t in tb) / sum(t.rounds for t in tb))
+        lo, hi = paired_ratio_ci([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
+        verdict = " (no difference)" if lo <= 1 <= hi else ""
+        at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
+        lines.append(f"| {a} / {b}{at} | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{verdict} |")
+        summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
+    seeds = sorted({n.rsplit("-s", 1)[1] for n in curves if n.startswith("opd-s") and f"sft-new-s{n.rsplit('-s', 1)[1]}" in curves})
+    if len(seeds) > 1:  # the main pair pooled over seeds: each prompt's committed tokens and rounds summed over seeds
+        ta = [texts_of(curves[f"opd-s{x}"][-1]) for x in seeds]
+        tb = [texts_of(curves[f"sft-new-s{x}"][-1]) for x in seeds]
+        na, da = [sum(t[i].committed for t in ta) for i in range(len(ta[0]))], [sum(t[i].rounds for t in ta) for i in range(len(ta[0]))]
+        nb, db = [sum(t[i].committed for t in tb) for i in range(len(tb[0]))], [sum(t[i].rounds for t in tb) for i in range(len(tb[0]))]
+        ratio = (sum(na) / sum(da)) / (sum(nb) / sum(db))
+        lo, hi = paired_ratio_ci(nb, db, na, da)
+        lines.append(f"| opd / sft-new, seeds {', '.join(seeds)} pooled | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
+        summary["ratios"]["opd/sft-new pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
+    lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
+              "first rejected slot that equal the final token, first / last update |", "|---|---|---|---|"]
+    for name in curves:
+        metrics = out / name / "train" / "metrics.jsonl"
+        if name.startswith("opd") and metrics.exists():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+            f, la = rows[0], rows[-1]
+            lines.append(f"| {name} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | {f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | "
+                         f"{f['rollout/rej_late_match']:.3f} of {f['rollout/rej_late_n']} / {la['rollout/rej_late_match']:.3f} of {la['rollout/rej_late_n']} |")
+            summary.setdefault("rollouts", {})[name] = {k: [f[k], la[k]] for k in ("rollout/tau", "rollout/slot_acc_1", "rollout/rej_late_match")}
+    print("\n".join(lines))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(curves, start, out / "tau_vs_compute.png")
+
+
+def plot(curves: dict, start: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in curves.items():
+        style = "-" if name.startswith(("opd-s", "sft-new-s", "sft-old-s")) else ":"
+        ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], style, marker="o", markersize=3, label=name)
+    ax.set_xlabel("compute after the plateaued SFT start (TFLOPs, same counter for every arm)")
+    ax.set_ylabel("held-out greedy tau (120 prompts, replay)")
+    ax.set_title("Draft-OPD vs continued SFT on the embedded target (2-core CPU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("cmd", choices=("refs", "arm", "report"))
+    parser.add_argument("arm", nargs="?", choices=(*ABLATIONS, "sft-new", "sft-old"))
+    parser.add_argument("--out", default="runs/headline-cpu")
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--start", default="runs/scale-gpu/drafter")
+    parser.add_argument("--regenerated", default="runs/scale-gpu/regenerated-1920.jsonl.gz")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget-tflops", type=float, default=100.0, help="every arm stops at this compute (same counter)")
+    parser.add_argument("--curve-every", type=int, default=4, help="Draft-OPD: a curve point every N updates")
+    parser.add_argument("--sft-points", type=int, default=5, help="SFT arms: curve points at N equal fractions of the matched compute")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.cmd == "arm" and args.arm is None:
+        parser.error("arm needs its name")
+    {"refs": refs_cmd, "arm": arm_cmd, "report": report_cmd}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
