@@ -81,7 +81,7 @@ def refs_cmd(args) -> None:
 
 def replay_all(drafter, scored: dict) -> dict[str, ReplayedTau]:
     rep = {name: replay_scored(drafter, s) for name, s in scored.items()}
-    rep["all"] = ReplayedTau(tuple(t for r in rep.values() for t in r.texts), drafter.block_size)
+    rep["all"] = ReplayedTau.pool(list(rep.values()))
     return rep
 
 
@@ -156,6 +156,11 @@ def texts_of(pt: dict) -> list[ReplayedText]:
     return [ReplayedText(tuple(acc), committed) for name in SETS for committed, acc in pt["texts"][name]]
 
 
+def paired(num_b, den_b, num_a, den_a) -> tuple[float, float, float]:
+    """tau_a / tau_b over the same prompts and its paired bootstrap interval."""
+    return ((sum(num_a) / sum(den_a)) / (sum(num_b) / sum(den_b)), *paired_ratio_ci(num_b, den_b, num_a, den_a))
+
+
 def report_cmd(args) -> None:
     out = Path(args.out)
     curves = {p.name: json.loads((p / "curve.json").read_text()) for p in sorted(out.glob("*-s*")) if (p / "curve.json").exists()}
@@ -186,8 +191,7 @@ def report_cmd(args) -> None:
         # the reference at the compute nearest this arm's final point (ablations ran at a smaller budget)
         pb = start if b == "start" else min(curves[b], key=lambda p: abs(p["flops"] - pa["flops"]))
         ta, tb = texts_of(pa), texts_of(pb)
-        ratio = (sum(t.committed for t in ta) / sum(t.rounds for t in ta)) / (sum(t.committed for t in tb) / sum(t.rounds for t in tb))
-        lo, hi = paired_ratio_ci([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
+        ratio, lo, hi = paired([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
         verdict = " (no difference)" if lo <= 1 <= hi else ""
         at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
         lines.append(f"| {a} / {b}{at} | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{verdict} |")
@@ -198,8 +202,7 @@ def report_cmd(args) -> None:
         tb = [texts_of(curves[f"sft-new-s{x}"][-1]) for x in seeds]
         na, da = [sum(t[i].committed for t in ta) for i in range(len(ta[0]))], [sum(t[i].rounds for t in ta) for i in range(len(ta[0]))]
         nb, db = [sum(t[i].committed for t in tb) for i in range(len(tb[0]))], [sum(t[i].rounds for t in tb) for i in range(len(tb[0]))]
-        ratio = (sum(na) / sum(da)) / (sum(nb) / sum(db))
-        lo, hi = paired_ratio_ci(nb, db, na, da)
+        ratio, lo, hi = paired(nb, db, na, da)
         lines.append(f"| opd / sft-new, seeds {', '.join(seeds)} pooled | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
         summary["ratios"]["opd/sft-new pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
     lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "

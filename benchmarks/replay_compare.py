@@ -55,7 +55,7 @@ def main() -> None:
             if (name, layers) not in scored:
                 scored[name, layers] = score_texts(target, layers, p, o)
         per_set = {name: replay_scored(drafter, scored[name, layers]) for name in refs}
-        per_set["all"] = ReplayedTau(tuple(x for r in per_set.values() for x in r.texts), drafter.block_size)
+        per_set["all"] = ReplayedTau.pool(list(per_set.values()))
         results[path] = per_set
     names = [*ev.sets, "all"]
     print("| drafter | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))

@@ -104,7 +104,7 @@ def replay_all(drafter, scored: dict) -> dict:
     """Greedy-replay tau per reference set (`scored`: set -> `score_texts` of its texts, computed once: the target is
     frozen); "all" pools the evaluation sets, not the ShareGPT control sets."""
     out = {name: replay_scored(drafter, batches) for name, batches in scored.items()}
-    out["all"] = ReplayedTau(tuple(t for name, rep in out.items() if name not in CONTROL_SETS for t in rep.texts), drafter.block_size)
+    out["all"] = ReplayedTau.pool([rep for name, rep in out.items() if name not in CONTROL_SETS])
     return out
 
 

@@ -73,12 +73,15 @@ def rejected_late_match(traces: Sequence) -> LateMatch:
     in the final text, how many equal the token the target finally produced there (`tokens[anchor + k]`)."""
     matches = count = 0
     for t in traces:
-        tokens = t.tokens
-        for a, r, d in zip(t.anchors, t.accepted, t.drafts):
-            for k in range(r + 2, len(d) + 1):  # 1-based slots after the first rejected one
-                if a + k < len(tokens):
-                    count += 1
-                    matches += int(d[k - 1]) == tokens[a + k]
+        if not t.rounds:
+            continue
+        tokens = torch.tensor(t.tokens)
+        anchors, accepted, drafts = torch.tensor(t.anchors), torch.tensor(t.accepted), torch.stack(t.drafts)
+        slots = torch.arange(1, drafts.shape[1] + 1)
+        pos = anchors[:, None] + slots  # (M, K) position of slot k's token
+        late = (slots > accepted[:, None] + 1) & (pos < len(tokens))
+        matches += int(((drafts == tokens[pos.clamp(max=len(tokens) - 1)]) & late).sum())
+        count += int(late.sum())
     return LateMatch(matches, count)
 
 

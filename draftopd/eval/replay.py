@@ -48,6 +48,11 @@ class ReplayedTau:
         """95% percentile bootstrap over texts (prompts), as `evaluate` reports."""
         return bootstrap_ratio_ci([t.committed for t in self.texts], [t.rounds for t in self.texts], resamples=resamples, seed=seed)
 
+    @staticmethod
+    def pool(reps: Sequence["ReplayedTau"]) -> "ReplayedTau":
+        """Several sets' texts as one set (the "all" row)."""
+        return ReplayedTau(tuple(t for r in reps for t in r.texts), reps[0].block_size)
+
     def slot_acceptance(self) -> list[float]:
         """Slot k -> fraction of rounds that accepted at least k drafts (as `decode.stats.summarize`)."""
         rounds = [r for t in self.texts for r in t.accepted]

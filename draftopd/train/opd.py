@@ -141,13 +141,16 @@ def collate(target: Target, drafter: DFlashDrafter, traces: list[RolloutTrace], 
 
 
 def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
-    """Target logits of every drafted slot given its draft prefix: (b, M, K, V), one forward per sequence."""
+    """Target logits of every drafted slot given its draft prefix: (b, M, K, V), one forward per sequence, only for
+    the segments that feed the rejected stream (zeros elsewhere: random anchors' accepted-only segments)."""
     out = []
     for b in range(rb.seq.tokens.shape[0]):
-        n = int(rb.valid[b].sum())
-        blocks = torch.cat([rb.seq.tokens[b, rb.anchors[b, :n]][:, None], rb.drafts[b, :n, :-1]], 1)
-        logits = target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, :n], blocks)
-        out.append(torch.cat([logits, logits.new_zeros(rb.anchors.shape[1] - n, *logits.shape[1:])]))
+        idx = rb.rej_on[b].nonzero()[:, 0]
+        blocks = torch.cat([rb.seq.tokens[b, rb.anchors[b, idx]][:, None], rb.drafts[b, idx, :-1]], 1)
+        logits = target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, idx], blocks)
+        full = logits.new_zeros(rb.anchors.shape[1], *logits.shape[1:])
+        full[idx] = logits
+        out.append(full)
     return torch.stack(out)
 
 
@@ -173,7 +176,7 @@ def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossCon
         acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp, cfg.floor)
         rej_tok = kl_estimate(rb.target_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp, cfg.floor)
     return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
-                        int(rb.seq.lengths.sum()) + (int(rb.valid.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
+                        int(rb.seq.lengths.sum()) + (int(rb.rej_on.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
 
 
