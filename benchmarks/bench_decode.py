@@ -15,7 +15,7 @@ import json
 
 from draftopd.config import DEFAULT_TARGET, DrafterConfig, EvalConfig
 from draftopd.eval.evaluate import evaluate
-from draftopd.models.dflash import load_drafter, new_drafter
+from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
 
 

@@ -30,7 +30,7 @@ import torch
 from draftopd.config import DEFAULT_TARGET, DecodeConfig, DrafterConfig
 from draftopd.data.prompts import load_prompts, render_prompt
 from draftopd.decode.speculative import autoregressive_generate, generate
-from draftopd.models.dflash import load_drafter, new_drafter
+from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

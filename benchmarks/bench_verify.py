@@ -18,7 +18,7 @@ import time
 import torch
 
 from draftopd.config import DrafterConfig
-from draftopd.models.dflash import load_drafter, new_drafter
+from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
 
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftopd.eval.replay import replay_tau  # noqa: E402
-from draftopd.models.dflash import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
 

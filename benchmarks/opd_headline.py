@@ -45,7 +45,7 @@ from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, ReplayedText, replay_scored, score_texts  # noqa: E402
-from draftopd.models.dflash import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.losses import LossConfig  # noqa: E402
 from draftopd.train.opd import OPDConfig, train_opd  # noqa: E402

@@ -26,7 +26,7 @@ from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
-from draftopd.models.dflash import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from draftopd.config import DrafterConfig, OptimConfig, SFTConfig  # noqa: E402
 from draftopd.data.answers import load_answers  # noqa: E402
 from draftopd.data.features import frequent_tokens  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
-from draftopd.models.dflash import load_drafter, new_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter, new_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
 

@@ -25,7 +25,7 @@ from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.decode.stats import summarize
 from draftopd.experiment import ABLATIONS, _ablation_config
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 from draftopd.train.losses import LossConfig
 from draftopd.train.opd import OPDConfig, train_opd

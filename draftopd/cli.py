@@ -110,10 +110,10 @@ def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterCo
               train: bool = False):
     """Target and drafter in the command's --dtype / --device. The drafter follows the target's dtype for decoding;
     a drafter being trained keeps float32 weights whatever the target's dtype."""
-    from .models.dflash import load_drafter, new_drafter
+    from .models.drafter import load_drafter, new_drafter
 
     target = _target(target_name, args)
-    drafter = load_drafter(drafter_path, target) if drafter_path else new_drafter(target, drafter_cfg)
+    drafter = load_drafter(drafter_path, target, drafter_cfg.arch) if drafter_path else new_drafter(target, drafter_cfg)
     return target, drafter if train else drafter.to(target.dtype)
 
 

@@ -89,13 +89,25 @@ def dflash_default_layers(num_target_layers: int, num_draft_layers: int) -> tupl
     return tuple(int(round(1 + i * (n - 4) / (layers - 1))) for i in range(layers))
 
 
+def eagle3_default_layers(num_target_layers: int) -> tuple[int, ...]:
+    """EAGLE-3 rule: the inputs of decoder layers 2, L/2 and L-3 (low, middle, high), i.e. in the output-id
+    convention the outputs of layers 1, L/2 - 1 and L - 4 (SmolLM2, L = 30: 1, 14, 26), clipped to the target's
+    layers (tiny test targets)."""
+    n = num_target_layers
+    return tuple(min(max(i, 0), n - 1) for i in (1, n // 2 - 1, n - 4))
+
+
+DRAFTER_ARCHS = ("dflash", "eagle3")
+
+
 @dataclass(frozen=True)
 class DrafterConfig:
-    """Shape of a DFlash drafter. `None` fields are filled from the target at construction."""
+    """Shape of a drafter (DFlash or EAGLE-3). `None` fields are filled from the target at construction."""
 
+    arch: str | None = None  # "dflash" | "eagle3"; None = dflash for a new drafter, a checkpoint's own when loading one
     num_layers: int = 1
     block_size: int = 16
-    target_layer_ids: tuple[int, ...] | None = None  # output-id convention; None = DFlash rule
+    target_layer_ids: tuple[int, ...] | None = None  # output-id convention; None = the architecture's rule
     num_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
@@ -109,6 +121,7 @@ class DrafterConfig:
     flag_prefix: ClassVar[str] = "draft_"
 
     def __post_init__(self) -> None:
+        require(self, "arch", self.arch is None or self.arch in DRAFTER_ARCHS, f"must be one of {', '.join(DRAFTER_ARCHS)}")
         check_ints(self, 1, "num_layers")
         check_ints(self, 2, "block_size")
         check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", optional=True)

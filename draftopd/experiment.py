@@ -27,7 +27,7 @@ from .data.regenerate import load_regenerated, regenerate
 from .decode.speculative import generate
 from .decode.stats import summarize
 from .eval.evaluate import evaluate
-from .models.dflash import DFlashDrafter, new_drafter
+from .models.drafter import Drafter, new_drafter
 from .models.load import load_target
 from .train.losses import LossConfig
 from .train.opd import OPDConfig, train_opd
@@ -111,7 +111,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _run_opd(target, start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
+def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
     drafter = copy.deepcopy(start)
     flops = {"v": 0.0}
 
@@ -125,7 +125,7 @@ def _run_opd(target, start: DFlashDrafter, prompts, cfg: OPDConfig, out: Path, c
     return drafter, flops["v"] or _last_flops(out)
 
 
-def _run_continued_sft(target, start: DFlashDrafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
+def _run_continued_sft(target, start: Drafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
                        save_curve):
     per_step = _last_flops(out / "sft") / max(cfg.sft.steps, 1)
     steps = max(1, math.ceil(max_flops / per_step))

@@ -29,7 +29,7 @@ from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
 from .eval.evaluate import evaluate
-from .models.dflash import DFlashDrafter, DrafterSpec, default_mask_token, load_drafter, new_drafter
+from .models.drafter import default_mask_token, Drafter, DrafterSpec, load_drafter, new_drafter
 from .models.load import load_target
 from .train.sft import train_sft
 
@@ -92,7 +92,7 @@ def _with_mask(cfg: DrafterConfig, target) -> DrafterConfig:
     return cfg if cfg.mask_token_id is not None else replace(cfg, mask_token_id=default_mask_token(target))
 
 
-def _drafter(target, cfg: DrafterConfig, cache: FeatureCache, labels: str) -> DFlashDrafter:
+def _drafter(target, cfg: DrafterConfig, cache: FeatureCache, labels: str) -> Drafter:
     """A new drafter whose reduced vocabulary is the cache's most frequent labels (deterministic, so a resumed
     run rebuilds the same one before its checkpoint loads)."""
     drafter = new_drafter(target, cfg)

@@ -9,7 +9,7 @@ import pytest
 
 from draftopd.cli import main
 from draftopd.config import DrafterConfig
-from draftopd.models.dflash import new_drafter, save_drafter
+from draftopd.models.drafter import new_drafter, save_drafter
 from draftopd.models.load import tiny_target
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -159,8 +159,14 @@ def test_sft_from_feature_cache_and_its_bad_inputs(target_dir, tmp_path, capsys)
                        "--batch-size", 4, "--anchors-per-seq", 4, "--draft-num-layers", 2, "--draft-vocab-size", 20, "--labels", "greedy", "--json")
     assert rc == 0, err
     assert json.loads(out)["examples"] == 8
+    rc, out, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "e3", "--steps", 2,
+                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-arch", "eagle3", "--draft-target-layer-ids", 1, 1, 1, "--json")
+    assert rc == 0, err  # an EAGLE-3 drafter reads its three layers from the same cache
+    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "e3b",
+                     "--drafter", tmp_path / "e3" / "last", "--draft-arch", "dflash")
+    assert_one_line_error(rc, err, "holds an EAGLE-3 drafter, not a DFlash one")
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft2", "--draft-num-layers", 1)
-    assert_one_line_error(rc, err, "layer_ids")  # a cache made for another layer set
+    assert_one_line_error(rc, err, "holds target layers")  # a cache made for another layer set
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "nope", "--out", tmp_path / "sft3")
     assert_one_line_error(rc, err, "no feature cache")
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--data", data, "--out", tmp_path / "sft4")

@@ -127,8 +127,8 @@ def _perturb(drafter, scale: float, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def _drafter(target: Target, kind: str, block_size: int):
-    drafter = make_drafter(target, block_size=block_size, seed=0)
+def _drafter(target: Target, kind: str, block_size: int, arch: str = "dflash"):
+    drafter = make_drafter(target, block_size=block_size, seed=0, arch=arch)
     if kind == "perturbed":
         _perturb(drafter, 0.5, seed=7)
     return drafter
@@ -203,6 +203,16 @@ def test_greedy_ragged_batches_equal_hf_generate(target, greedy_refs, block_size
         assert max(accepted) == block_size - 1 and 0 in accepted and len(set(accepted)) > 3
 
 
+@pytest.mark.parametrize("kind", ["untrained", "perturbed", "oracle"])
+def test_eagle3_greedy_ragged_batches_equal_hf_generate(target, greedy_refs, kind, monkeypatch) -> None:
+    """The EAGLE-3 chain through the same decoder: its context rows follow holes and corrections exactly."""
+    refs = greedy_refs[_arch(target)]
+    drafter = _drafter(target, "untrained" if kind == "oracle" else kind, 8, arch="eagle3")
+    accepted = _check_greedy(target, drafter, refs, RAGGED_GROUPS, kind == "oracle", monkeypatch)
+    if kind == "oracle":
+        assert max(accepted) == 7 and 0 in accepted and len(set(accepted)) > 3
+
+
 @pytest.mark.parametrize("kind", ["untrained", "oracle"])
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_greedy_batch_of_one_equals_hf_generate(target, greedy_refs, block_size, kind, monkeypatch) -> None:
@@ -219,12 +229,13 @@ def test_autoregressive_baseline_equals_hf_generate(target, greedy_refs) -> None
         assert [t.output for t in out.traces] == [refs[i][1][:N_NEW] for i in group]
 
 
-def test_greedy_small_vocab_perturbed_drafter_accepts_raggedly(small_vocab_target) -> None:
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_greedy_small_vocab_perturbed_drafter_accepts_raggedly(small_vocab_target, arch) -> None:
     """Vocab 8: a perturbed real drafter's drafts match often, rows accept different counts in one round."""
     target = small_vocab_target
     prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
     refs = [hf_greedy(target, p, 40) for p in prompts]
-    drafter = _drafter(target, "perturbed", 8)
+    drafter = _drafter(target, "perturbed", 8, arch)
     out = generate(target, drafter, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
     assert [t.output for t in out.traces] == refs
     per_round = [[t.accepted[m] for t in out.traces] for m in range(min(t.rounds for t in out.traces))]
@@ -273,8 +284,8 @@ def _sampled_joint3(target: Target, drafter, temperature: float, seed: int) -> t
     return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
 
 
-def _poor_drafter(target: Target):
-    drafter = make_drafter(target, block_size=4, seed=2)
+def _poor_drafter(target: Target, arch: str = "dflash"):
+    drafter = make_drafter(target, block_size=4, seed=2, arch=arch)
     with torch.no_grad():
         drafter.norm.weight.mul_(3.0)  # sharpen q: peaked, and mostly not where p is
     return drafter
@@ -297,12 +308,13 @@ def _correction_from_p(target_logits, draft_logits, draft, temperature, gen) -> 
     return Acceptance(accepted, torch.multinomial(p[rows, accepted], 1, generator=gen)[:, 0])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_sampling_is_lossless(small_vocab_target, temperature) -> None:
+@pytest.mark.parametrize("arch,temperature", [("dflash", 1.0), ("dflash", 0.6), ("eagle3", 1.0), ("eagle3", 0.6)])
+def test_sampling_is_lossless(small_vocab_target, arch, temperature) -> None:
     """4000 rows of one prompt, 3 tokens each: the joint of (t1, t2, t3) fits the target's exact one.
-    t2 and t3 always pass through the acceptance rule (block size 4: accepted drafts, corrections, bonus)."""
+    t2 and t3 always pass through the acceptance rule (block size 4: accepted drafts, corrections, bonus).
+    EAGLE-3 samples slot k+1 given its own sampled slot k, so q differs per row: the rule must still hold."""
     target = small_vocab_target
-    drafter = _poor_drafter(target)
+    drafter = _poor_drafter(target, arch)
     counts = _sampled_joint3(target, drafter, temperature, seed=1)
     assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, temperature)) > 1e-4
 

@@ -1,4 +1,5 @@
-"""Tests for the DFlash drafter: what a block can see, blocks in one call vs separate calls, checkpoints."""
+"""Tests for the drafters (DFlash and EAGLE-3, the same seam): what a block or chain can see, blocks in one call vs
+separate calls, checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from conftest import make_drafter
-from draftopd.config import DrafterConfig, dflash_default_layers
-from draftopd.models.dflash import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter
+from draftopd.config import ConfigError, DrafterConfig, dflash_default_layers, eagle3_default_layers
+from draftopd.models.drafter import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter
 from draftopd.models.load import tiny_target
 from draftopd.models.target import Target
 
@@ -20,10 +21,18 @@ SLOTS = 24
 ANCHORS = [3, 10, 17]  # logical anchor positions of the blocks in one call
 
 
-@pytest.fixture(scope="module")
-def drafter(llama_target):
-    """Two drafter layers (each projects the same context with its own k/v), blocks of 8."""
+@pytest.fixture(scope="module", params=["dflash", "eagle3"])
+def drafter(llama_target, request):
+    """DFlash: two drafter layers (each projects the same context with its own k/v); EAGLE-3: its one layer; blocks of 8."""
+    if request.param == "eagle3":
+        return make_drafter(llama_target, block_size=8, seed=1, arch="eagle3")
     return make_drafter(llama_target, block_size=8, seed=1, num_layers=2)
+
+
+def _following(positions: torch.Tensor) -> torch.Tensor:
+    """The token after each context slot, a function of its position (EAGLE-3 pairs it with the slot's features;
+    DFlash ignores it)."""
+    return (positions * 7 + 3) % 60
 
 
 def _features(drafter, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -47,7 +56,7 @@ def _layout(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _logits(drafter, features, positions, valid, anchor_tokens, anchors=ANCHORS) -> torch.Tensor:
     with torch.no_grad():
-        ctx = drafter.project_context(features, positions, valid)
+        ctx = drafter.project_context(features, positions, valid, _following(positions))
         anchor_pos = torch.tensor(anchors).repeat(features.shape[0], 1)
         return drafter.draft_logits(ctx, anchor_tokens, anchor_pos)
 
@@ -137,14 +146,17 @@ def test_inference_context_equals_training_context(drafter, llama_target) -> Non
     cut = _logits(drafter, feats[:, :a], positions[:, :a], valid[:, :a], _anchor_tokens(1)[:, 1:2], anchors=[a])
     torch.testing.assert_close(full, cut, atol=1e-5, rtol=0)
     with torch.no_grad():
-        ctx = drafter.project_context(feats[:, :5], positions[:, :5], valid[:, :5])
-        ctx = ctx.extend(drafter.project_context(feats[:, 5:a], positions[:, 5:a], valid[:, 5:a]))
+        following = _following(positions)
+        ctx = drafter.project_context(feats[:, :5], positions[:, :5], valid[:, :5], following[:, :5])
+        ctx = ctx.extend(drafter.project_context(feats[:, 5:a], positions[:, 5:a], valid[:, 5:a], following[:, 5:a]))
         pieces = drafter.draft_logits(ctx, _anchor_tokens(1)[:, 1:2], torch.tensor([[a]]))
     assert isinstance(ctx, DraftContext)
     torch.testing.assert_close(pieces, full, atol=1e-5, rtol=0)
 
 
 def test_block_mask_shape_and_rule(drafter) -> None:
+    if drafter.spec.arch != "dflash":
+        pytest.skip("DFlash's block mask (an EAGLE-3 chain's visibility is checked by the tests above)")
     positions, valid = _layout()
     with torch.no_grad():
         ctx = drafter.project_context(_features(drafter), positions, valid)
@@ -167,6 +179,48 @@ def test_block_mask_shape_and_rule(drafter) -> None:
 def test_default_layer_rule() -> None:
     assert dflash_default_layers(36, 5) == (1, 9, 17, 25, 33)
     assert dflash_default_layers(4, 1) == (2,)
+    assert eagle3_default_layers(30) == (1, 14, 26)  # SmolLM2: inputs of layers 2, 15, 27
+    assert eagle3_default_layers(4) == (1, 1, 0)
+
+
+def test_eagle3_chain_sees_its_own_drafts_and_dflash_does_not(llama_target) -> None:
+    """Slot k of an EAGLE-3 chain depends on the tokens of slots < k it is fed; a DFlash block on none of them."""
+    positions, valid = _layout()
+    for arch, sees in (("eagle3", True), ("dflash", False)):
+        drafter = make_drafter(llama_target, block_size=5, seed=2, arch=arch)
+        feats = _features(drafter)
+        with torch.no_grad():
+            ctx = drafter.project_context(feats, positions, valid, _following(positions))
+            anchor_pos, tokens = torch.tensor([ANCHORS] * 2), _anchor_tokens()
+            block = torch.randint(0, 60, (2, len(ANCHORS), 3), generator=torch.Generator().manual_seed(1))
+            base = drafter(ctx, tokens, anchor_pos, block)
+            changed = block.clone()
+            changed[..., 1] = (changed[..., 1] + 1) % 60  # the token of slot 2
+            out = drafter(ctx, tokens, anchor_pos, changed)
+        torch.testing.assert_close(out[..., :2, :], base[..., :2, :], atol=0, rtol=0)  # slots 1 and 2 do not see it
+        assert ((out[..., 2:, :] - base[..., 2:, :]).abs().amax() > 1e-4) == sees
+
+
+def test_eagle3_shape_rules_and_wrong_architecture_errors(llama_target, tmp_path) -> None:
+    with pytest.raises(DrafterError, match="one decoder layer"):
+        new_drafter(llama_target, DrafterConfig(arch="eagle3", num_layers=2))
+    with pytest.raises(ConfigError, match="--draft-arch must be one of dflash, eagle3"):
+        DrafterConfig(arch="medusa")
+    eagle = make_drafter(llama_target, block_size=4, arch="eagle3")
+    assert eagle.spec.target_layer_ids == eagle3_default_layers(llama_target.num_layers) and eagle.spec.mask_token_id is None
+    save_drafter(eagle, tmp_path / "e3")
+    save_drafter(make_drafter(llama_target, block_size=4), tmp_path / "df")
+    assert json.loads((tmp_path / "e3" / "config.json").read_text())["architecture"] == "Eagle3Drafter"
+    assert load_drafter(tmp_path / "e3", llama_target, arch="eagle3").spec == eagle.spec
+    with pytest.raises(DrafterError, match=r"holds an EAGLE-3 drafter, not a DFlash one \(drop --draft-arch or pass --draft-arch eagle3\)"):
+        load_drafter(tmp_path / "e3", llama_target, arch="dflash")
+    with pytest.raises(DrafterError, match="holds a DFlash drafter, not an EAGLE-3 one"):
+        load_drafter(tmp_path / "df", llama_target, arch="eagle3")
+    config = json.loads((tmp_path / "e3" / "config.json").read_text())
+    config["architecture"] = "DFlashDrafter"  # an EAGLE-3 spec under the other architecture's name
+    (tmp_path / "e3" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DrafterError, match="corrupt"):
+        load_drafter(tmp_path / "e3", llama_target)
 
 
 def test_drafter_does_not_own_target_weights(drafter, llama_target) -> None:
@@ -274,12 +328,14 @@ def test_missing_weights_file_raises(saved, llama_target, tmp_path) -> None:
 
 
 def test_weights_of_another_drafter_shape_raise(saved, llama_target, tmp_path) -> None:
-    """config.json and weights from different drafters: fewer layers (missing keys) is refused."""
+    """config.json and weights from different drafters: more layers (missing keys) is refused."""
     folder = _copy(saved, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["draftopd_spec"]["num_layers"] = 3
+    if config["draftopd_spec"]["arch"] == "eagle3":
+        config["draftopd_spec"]["arch"], config["architecture"] = "dflash", "DFlashDrafter"  # EAGLE-3 weights as a DFlash
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DrafterError, match="wrong weights"):
+    with pytest.raises(DrafterError, match="wrong weights|wrong shape"):
         load_drafter(folder, llama_target)
 
 

@@ -13,7 +13,7 @@ from draftopd.config import DrafterConfig, EvalConfig
 from draftopd.decode.stats import (bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums,
                                    resampled_sums)
 from draftopd.eval.evaluate import EvalReport, compare_tau, evaluate
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 
 CFG = EvalConfig(sets=(), num_prompts=3, max_new_tokens=16)

@@ -12,7 +12,7 @@ from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.data.features import FeatureCache, build_feature_cache, read_manifest, shard_plan
 from draftopd.data.prompts import DataError
 from draftopd.decode.speculative import autoregressive_generate, generate
-from draftopd.models.dflash import DrafterError, load_drafter, new_drafter, save_drafter
+from draftopd.models.drafter import DrafterError, load_drafter, new_drafter, save_drafter
 from draftopd.train.blocks import pad_batch, score_batch
 from draftopd.train.sft import sft_micro_batch, train_sft
 
@@ -64,8 +64,8 @@ def test_cache_equals_online_forward_and_resumes(llama_target, tmp_path, one_thr
 
 def test_cache_refuses_other_target_layers_and_truncation(llama_target, qwen3_target, tmp_path) -> None:
     build_feature_cache(llama_target, examples(4), tmp_path, LAYERS, progress=False)
-    with pytest.raises(DataError, match="layer_ids"):
-        FeatureCache.open(tmp_path, llama_target, (1, 2))
+    with pytest.raises(DataError, match=r"holds target layers .* also reads \[5\]"):
+        FeatureCache.open(tmp_path, llama_target, (LAYERS[0], 5))
     with pytest.raises(DataError, match="weights_hash"):
         FeatureCache.open(tmp_path, qwen3_target, LAYERS)
     with pytest.raises(DataError, match="layer_ids"):

@@ -13,7 +13,7 @@ import torch
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.decode.stats import summarize
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 from draftopd.train.anchors import error_segments, random_segments
 from draftopd.train.blocks import block_logits, score_batch
@@ -46,13 +46,17 @@ def rollout(target, drafter, prompts, **kw):
     return generate(target, drafter, prompts, DecodeConfig(max_new_tokens=24, stop_at_eos=False, **kw)).traces
 
 
-def test_replay_equals_rollout_logits(setup):
-    """On-policy guarantee: replaying the drafter at the rollout's anchors reproduces its logits (same weights)."""
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_replay_equals_rollout_logits(setup, arch):
+    """On-policy guarantee: replaying the drafter at the rollout's anchors reproduces its logits (same weights).
+    EAGLE-3 is teacher-forced on the rollout's own drafts, so every slot, rejected ones included, must match."""
     target, prompts, _, drafter = setup
+    if arch == "eagle3":
+        drafter = new_drafter(target, DrafterConfig(arch="eagle3", block_size=8, final_norm_init=1.0), seed=0).eval()
     traces = rollout(target, drafter, prompts[:3], record_draft_logits=True)
     rb = collate(target, drafter, traces, [error_segments(t) for t in traces])
     with torch.no_grad():
-        logits = block_logits(drafter, rb.seq, score_batch(target, drafter, rb.seq).features, rb.anchors)
+        logits = block_logits(drafter, rb.seq, score_batch(target, drafter, rb.seq).features, rb.anchors, block_tokens=rb.drafts[..., :-1])
     for b, trace in enumerate(traces):
         torch.testing.assert_close(logits[b, : trace.rounds], torch.stack(trace.draft_logits), atol=1e-5, rtol=1e-5)
 
@@ -202,3 +206,16 @@ def test_max_flops_stops_draft_opd_at_the_compute_budget(setup, tmp_path):
     assert 2 <= len(rows) < 50 and rows[-2]["compute/flops"] < 2.5 * one <= rows[-1]["compute/flops"]
     assert json.loads((tmp_path / "b" / "last" / "config.json").read_text())["step"] == len(rows)
     assert rows[0]["compute/flops"] == pytest.approx(sum(v for k, v in rows[0].items() if k.startswith("compute/flops_")))
+
+
+def test_draft_opd_trains_an_eagle3_drafter_on_both_streams(setup, tmp_path):
+    """EAGLE-3 through the same story function: rollouts by its chain, replay teacher-forced on its own drafts, both
+    streams in the loss (the rejected stream is a switch that is on by default, not assumed off)."""
+    target, prompts, _, _ = setup
+    drafter = new_drafter(target, DrafterConfig(arch="eagle3", block_size=8, final_norm_init=1.0), seed=0)
+    before = copy.deepcopy(drafter.state_dict())
+    cfg = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, max_new_tokens=24)
+    train_opd(target, drafter, prompts, cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["tokens/rej_weight"] > 0 and r["loss/rej"] != 0 and r["tokens/acc"] > 0 for r in rows)
+    assert any(not torch.equal(before[k], v) for k, v in drafter.state_dict().items())

@@ -10,7 +10,7 @@ import pytest
 from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import load_prompts, render_prompt
 from draftopd.decode.speculative import autoregressive_generate, generate
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import load_target
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import DataError, Prompt
 from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, record_seed, regenerate
 from draftopd.decode.speculative import autoregressive_generate
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 
 CFG = DecodeConfig(max_new_tokens=12)

@@ -21,11 +21,14 @@ def test_walk_rounds_by_hand():
     assert walk_rounds([], 1).rounds == 0
 
 
-@pytest.mark.parametrize("name,draft_vocab,stop_at_eos", [("small_vocab_target", None, False), ("small_vocab_target", None, True),
-                                                          ("llama_target", None, False), ("llama_target", 32, False)])
-def test_replay_equals_greedy_speculative_decoding(request, one_thread, name, draft_vocab, stop_at_eos):
+@pytest.mark.parametrize("name,draft_vocab,stop_at_eos,arch", [
+    ("small_vocab_target", None, False, "dflash"), ("small_vocab_target", None, True, "dflash"), ("llama_target", None, False, "dflash"),
+    ("llama_target", 32, False, "dflash"), ("small_vocab_target", None, False, "eagle3"), ("llama_target", 32, False, "eagle3")])
+def test_replay_equals_greedy_speculative_decoding(request, one_thread, name, draft_vocab, stop_at_eos, arch):
+    """For EAGLE-3 this is also the training-time-test check: the chain teacher-forced on the text accepts exactly
+    what the decoder's sequential chain (with its KV cache, holes and corrections) accepted."""
     target = request.getfixturevalue(name)
-    drafter = make_drafter(target, block_size=4, seed=1, vocab_size=draft_vocab)
+    drafter = make_drafter(target, block_size=4, seed=1, vocab_size=draft_vocab, arch=arch)
     if draft_vocab is not None:
         drafter.set_draft_vocab(torch.randperm(target.vocab_size, generator=torch.Generator().manual_seed(0))[:draft_vocab])
     prompts = random_prompts(target.vocab_size, [5, 9, 3, 12, 7, 4], seed=4)

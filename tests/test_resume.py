@@ -16,7 +16,7 @@ import torch
 
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate
-from draftopd.models.dflash import new_drafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 from draftopd.train.common import RunDirError
 from draftopd.train.opd import OPDConfig, train_opd

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.decode.stats import summarize
-from draftopd.models.dflash import load_drafter, new_drafter
+from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import tiny_target
 from draftopd.train.blocks import block_logits, pad_batch, score_batch
 from draftopd.train.sft import sft_micro_batch, train_sft
@@ -81,14 +81,16 @@ def test_training_forward_equals_inference_forward(learnable):
         torch.testing.assert_close(logits, torch.stack(trace.draft_logits), atol=1e-5, rtol=1e-5)
 
 
-def test_resume_is_exact(learnable, tmp_path):
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_resume_is_exact(learnable, tmp_path, arch):
     target, examples, _ = learnable
     cfg = SFTConfig(steps=6, batch_size=4, anchors_per_seq=6, save_every=3, optim=OptimConfig(lr=2e-3))
-    straight = new_drafter(target, DrafterConfig(block_size=8), seed=5)
+    shape = DrafterConfig(arch=arch, block_size=8)
+    straight = new_drafter(target, shape, seed=5)
     train_sft(target, straight, examples, cfg, tmp_path / "a", progress=False)
-    killed = new_drafter(target, DrafterConfig(block_size=8), seed=5)
+    killed = new_drafter(target, shape, seed=5)
     train_sft(target, killed, examples, cfg, tmp_path / "b", progress=False, stop_after=3)
-    resumed = new_drafter(target, DrafterConfig(block_size=8), seed=99)  # different init: weights must come from the checkpoint
+    resumed = new_drafter(target, shape, seed=99)  # different init: weights must come from the checkpoint
     final = train_sft(target, resumed, examples, cfg, tmp_path / "b", resume=True, progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name  # bit-identical (more kill points and folder states: test_resume.py)
@@ -98,9 +100,11 @@ def test_resume_is_exact(learnable, tmp_path):
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 7)) and '"compute/flops"' in lines[-1]
 
 
-def test_sft_raises_tau(learnable, tmp_path):
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_sft_raises_tau(learnable, tmp_path, arch):
+    """For EAGLE-3 this is SFT with training-time test: each anchor's chain unrolled on its own hidden states."""
     target, examples, heldout = learnable
-    drafter = new_drafter(target, DrafterConfig(block_size=8), seed=0)
+    drafter = new_drafter(target, DrafterConfig(arch=arch, block_size=8), seed=0)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
     train_sft(target, drafter, examples, SFTConfig(steps=60, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path, progress=False)

@@ -96,8 +96,9 @@ def expected_manifest(target, layer_ids: tuple[int, ...], keep_final: bool) -> F
                            target.hidden_size, keep_final)
 
 
-def _check_same(found: FeatureManifest, want: FeatureManifest, folder: Path) -> None:
-    for key in ("format", "weights_hash", "tokenizer_hash", "layer_ids", "hidden_size", "keep_final"):
+def _check_same(found: FeatureManifest, want: FeatureManifest, folder: Path,
+                keys: tuple[str, ...] = ("format", "weights_hash", "tokenizer_hash", "layer_ids", "hidden_size", "keep_final")) -> None:
+    for key in keys:
         if getattr(found, key) != getattr(want, key):
             raise DataError(f"feature cache {folder} was made with {key}={getattr(found, key)!r}, this run needs "
                             f"{getattr(want, key)!r} (target '{want.target}'); use another --features folder")
@@ -233,17 +234,26 @@ class FeatureCache:
     _index: list[tuple[int, int]] = field(default_factory=list)  # sequence -> (shard, row)
     _open: dict[int, object] = field(default_factory=dict)
     _offsets: dict[int, Tensor] = field(default_factory=dict)
+    columns: tuple[int, ...] | None = None  # the cached layers a drafter reads, when it reads a subset of them
 
     @staticmethod
     def open(folder: str | Path, target, layer_ids: tuple[int, ...], need_final: bool = False) -> "FeatureCache":
+        """A cache of `target` holding (at least) `layer_ids`: a drafter may read any subset of the cached layers, so
+        drafters fed different layers (DFlash and EAGLE-3) train from one cache."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        _check_same(manifest, expected_manifest(target, layer_ids, manifest.keep_final), folder)
+        _check_same(manifest, expected_manifest(target, layer_ids, manifest.keep_final), folder,
+                    ("format", "weights_hash", "tokenizer_hash", "hidden_size", "keep_final"))
+        missing = [i for i in layer_ids if i not in manifest.layer_ids]
+        if missing:
+            raise DataError(f"feature cache {folder} holds target layers {list(manifest.layer_ids)}, this drafter also reads "
+                            f"{missing}: use another --features folder or build one with those layers")
         if need_final and not manifest.keep_final:
             raise DataError(f"feature cache {folder} has no final hidden states (soft labels need them): rebuild it with them")
         if manifest.sequences == 0:
             raise DataError(f"feature cache {folder} is empty")
-        cache = FeatureCache(folder, manifest)
+        columns = None if tuple(layer_ids) == manifest.layer_ids else tuple(manifest.layer_ids.index(i) for i in layer_ids)
+        cache = FeatureCache(folder, manifest, columns=columns)
         cache._index = [(s, r) for s, shard in enumerate(manifest.shards) for r in range(shard["sequences"])]
         return cache
 
@@ -271,7 +281,10 @@ class FeatureCache:
         a, b = int(offsets[row]), int(offsets[row + 1])
         get = lambda key: handle.get_slice(key)[a:b]  # noqa: E731
         try:
-            return CachedSequence(get("tokens").long(), int(handle.get_slice("response_start")[row : row + 1][0]), get("features"),
+            features = get("features")
+            if self.columns is not None:
+                features = features.view(b - a, len(self.manifest.layer_ids), -1)[:, list(self.columns)].reshape(b - a, -1)
+            return CachedSequence(get("tokens").long(), int(handle.get_slice("response_start")[row : row + 1][0]), features,
                                   get("greedy").long(), get("final") if self.manifest.keep_final else None)
         except Exception as err:
             raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None

@@ -1,9 +1,10 @@
 """The speculative decoder. It is also the Draft-OPD rollout engine: every call returns rollout traces.
 
 One round is `draft -> verify -> accept -> commit` (`speculative_round`); `generate` is the loop around it.
-The drafter drafts one block per row from the current anchor, the target verifies `[anchor, d_1..d_K]` in one
-forward, the acceptance rule keeps `r` drafts plus one target token, and the commit trims the target cache
-(rejected slots become holes) and the drafter's projected context follows the same slots.
+The drafter drafts one block per row from the current anchor (DFlash in one forward, EAGLE-3 as a chain), the
+target verifies `[anchor, d_1..d_K]` in one forward, the acceptance rule keeps `r` drafts plus one target token,
+the drafter projects the verified positions' features (each paired with the token after it, which EAGLE-3 needs),
+and the commit trims the target cache (rejected slots become holes) and the drafter's context follows the same slots.
 
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import DecodeConfig
-from ..models.dflash import DFlashDrafter, DraftContext
+from ..models.drafter import DraftContext, Drafter
 from ..models.target import Target, TargetState
 from .accept import Acceptance, Gen, accept_greedy, accept_sampling, sample
 from .trace import Generation, RolloutTrace, Timing
@@ -43,12 +44,13 @@ class Round:
     target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits
 
 
-def draft_block(drafter: DFlashDrafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen) -> Draft:
-    logits = drafter.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0]
-    return Draft(sample(logits, temperature, gen), logits)
+def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen) -> Draft:
+    """DFlash fills the block in one forward; EAGLE-3 picks slot k before drafting slot k+1 (`Drafter.draft`)."""
+    tokens, logits = drafter.draft(ctx, anchor, anchor_pos, lambda step_logits: sample(step_logits, temperature, gen))
+    return Draft(tokens, logits)
 
 
-def speculative_round(target: Target, drafter: DFlashDrafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
+def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
                       temperature: float, gen, timing: Timing) -> tuple[Round, DraftContext]:
     """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
     Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
@@ -57,17 +59,33 @@ def speculative_round(target: Target, drafter: DFlashDrafter, state: TargetState
     t1 = time.perf_counter()
     verified = target.verify(state, torch.cat([anchor[:, None], draft.tokens], 1), drafter.spec.target_layer_ids)
     t2 = time.perf_counter()
-    width = verified.features.shape[1]
-    new_ctx = drafter.project_context(verified.features, state.positions[:, -width:], state.valid[:, -width:])
-    t3 = time.perf_counter()
     acceptance = accept(verified.logits, draft, temperature, gen)
+    t3 = time.perf_counter()
+    width = verified.features.shape[1]
+    new_ctx = drafter.project_context(verified.features, state.positions[:, -width:], state.valid[:, -width:], following_tokens(draft, acceptance))
+    t4 = time.perf_counter()
     target.commit(state, acceptance.accepted + 1)
     ctx = ctx.extend(new_ctx).sync(state.valid)
     logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, draft.tokens[..., None])[..., 0]
-    timing.draft_s += (t1 - t0) + (t3 - t2)
+    timing.draft_s += (t1 - t0) + (t4 - t3)
     timing.verify_s += t2 - t1
-    timing.other_s += time.perf_counter() - t3
+    timing.other_s += (t3 - t2) + (time.perf_counter() - t4)
     return Round(draft, acceptance, logp), ctx
+
+
+def following_tokens(draft: Draft, acceptance: Acceptance) -> Tensor:
+    """The token after each verified position `[anchor, d_1 .. d_K]`: the drafts, except that the last accepted
+    position is followed by the target's correction/bonus token (rows past it are rejected and become holes)."""
+    nxt = torch.cat([draft.tokens, acceptance.next_token[:, None]], 1)
+    return nxt.scatter(1, acceptance.accepted[:, None], acceptance.next_token[:, None])
+
+
+def prompt_following_tokens(prompts: list[list[int]], first: Tensor, pad_id: int) -> Tensor:
+    """The token after each prefill slot, left-padded as `Target.prefill` lays prompts out; the last slot is followed
+    by the first new token."""
+    width = max(len(p) for p in prompts)
+    rows = [([pad_id] * (width - len(p)) + list(p))[1:] + [t] for p, t in zip(prompts, first.tolist())]
+    return torch.tensor(rows, dtype=torch.long, device=first.device)
 
 
 def accept(target_logits: Tensor, draft: Draft, temperature: float, gen) -> Acceptance:
@@ -77,7 +95,7 @@ def accept(target_logits: Tensor, draft: Draft, temperature: float, gen) -> Acce
 
 
 @torch.no_grad()
-def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
+def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
              row_seeds: list[int] | None = None) -> Generation:
     """Speculative generation for a batch of prompts; lossless at every temperature."""
     target.check_prompts(prompts, cfg.max_new_tokens + drafter.block_size)
@@ -85,8 +103,8 @@ def generate(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], c
     timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
     t0 = time.perf_counter()
     state, out = target.prefill(prompts, drafter.spec.target_layer_ids)
-    ctx = drafter.project_context(out.features, state.positions, state.valid.clone())
     anchor = sample(out.logits[:, -1], cfg.temperature, gen)
+    ctx = drafter.project_context(out.features, state.positions, state.valid.clone(), prompt_following_tokens(prompts, anchor, target.pad_id))
     _append(traces, [[t] for t in anchor.tolist()], target.eos_ids, cfg)
     timing.prefill_s = time.perf_counter() - t0
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped

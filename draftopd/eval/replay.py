@@ -5,7 +5,8 @@ sees the target's features of the committed text before `a` and the token at `a`
 `autoregressive_generate`), a single teacher-forced target forward plus one drafter forward over every response
 position give how many drafts verification would accept at each anchor; walking the rounds
 (anchor -> anchor + accepted + 1, the last round cut at the text's end) gives the rounds and tau the decoder would
-report, without running the decoder. It is cheap enough to track tau along training (the SFT plateau curve) and
+report, without running the decoder. A sequential drafter (EAGLE-3) is teacher-forced on the text, which is its own
+greedy chain for as long as its drafts match it, the only part acceptance counts. It is cheap enough to track tau along training (the SFT plateau curve) and
 equals the decoder's tau up to floating point (tests check it against real decoding in float32).
 """
 
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from ..decode.stats import bootstrap_ratio_ci
-from ..models.dflash import DFlashDrafter
+from ..models.drafter import Drafter
 from ..models.target import Target
-from ..train.blocks import SequenceBatch, pad_batch
+from ..train.blocks import SequenceBatch, block_logits, pad_batch, text_at
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def score_texts(target: Target, layer_ids: tuple[int, ...], prompts: Sequence[Se
 
 
 @torch.no_grad()
-def accepted_at_anchors(drafter: DFlashDrafter, scored: ScoredTexts) -> list[list[int]]:
+def accepted_at_anchors(drafter: Drafter, scored: ScoredTexts) -> list[list[int]]:
     """For each text, the drafts verification would accept at every anchor position P .. P+L-2 (P = prompt length,
     L = output length): leading drafter argmaxes equal to the text's next tokens."""
     if tuple(drafter.spec.target_layer_ids) != scored.layer_ids:
@@ -94,12 +95,9 @@ def accepted_at_anchors(drafter: DFlashDrafter, scored: ScoredTexts) -> list[lis
     batch, device = scored.batch, scored.batch.tokens.device
     n = max(max(length - 1, 1) for length in scored.lengths)
     anchors = (batch.response_start[:, None] + torch.arange(n, device=device)).clamp(max=batch.tokens.shape[1] - 1)  # (b, n)
-    positions = torch.arange(batch.tokens.shape[1], device=device).expand_as(batch.tokens)
-    ctx = drafter.project_context(scored.features, positions, batch.valid)
-    guess = drafter.draft_to_target(drafter(ctx, batch.tokens.gather(1, anchors), anchors).argmax(-1))  # (b, n, K-1)
-    slots = anchors[..., None] + torch.arange(1, drafter.block_size, device=device)
-    truth = batch.tokens.gather(1, slots.clamp(max=batch.tokens.shape[1] - 1).flatten(1)).view_as(slots)
-    hit = (guess == truth) & (slots < batch.lengths[:, None, None])
+    guess = drafter.draft_to_target(block_logits(drafter, batch, scored.features, anchors, draft_vocab=True).argmax(-1))  # (b, n, K-1)
+    slots = torch.arange(1, drafter.block_size, device=device)
+    hit = (guess == text_at(batch, anchors, slots)) & (anchors[..., None] + slots < batch.lengths[:, None, None])
     accepted = hit.long().cumprod(-1).sum(-1).tolist()
     return [row[: max(length - 1, 0)] for row, length in zip(accepted, scored.lengths)]
 
@@ -114,7 +112,7 @@ def walk_rounds(accepted: Sequence[int], length: int) -> ReplayedText:
     return ReplayedText(tuple(rounds), max(length - 1, 0))
 
 
-def replay_scored(drafter: DFlashDrafter, scored: Sequence[ScoredTexts]) -> ReplayedTau:
+def replay_scored(drafter: Drafter, scored: Sequence[ScoredTexts]) -> ReplayedTau:
     """tau of greedy speculative decoding over texts already scored by the target (`score_texts`)."""
     was_training = drafter.training
     drafter.eval()
@@ -123,7 +121,7 @@ def replay_scored(drafter: DFlashDrafter, scored: Sequence[ScoredTexts]) -> Repl
     return ReplayedTau(tuple(texts), drafter.block_size)
 
 
-def replay_tau(target: Target, drafter: DFlashDrafter, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+def replay_tau(target: Target, drafter: Drafter, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
                batch_size: int = 8) -> ReplayedTau:
     """tau of greedy speculative decoding on `prompts`, whose greedy outputs (from `autoregressive_generate`, with
     the same target) are `outputs`: what `evaluate` would measure, without decoding."""

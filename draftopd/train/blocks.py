@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..models.dflash import DFlashDrafter
+from ..models.drafter import Drafter
 from ..models.target import Target, TargetOutput
 
 
@@ -60,14 +60,14 @@ class Teacher:
     logits: Tensor | None = None
     final: Tensor | None = None
 
-    def draft_vocab_logits_at(self, drafter: DFlashDrafter, pos: Tensor) -> Tensor:
+    def draft_vocab_logits_at(self, drafter: Drafter, pos: Tensor) -> Tensor:
         """The target's next-token logits after positions `pos` (b, M, K), over the drafter's vocabulary."""
         if self.logits is not None:
             return drafter.restrict(gather_positions(self.logits, pos))
         return drafter.head(gather_positions(self.final, pos))
 
 
-def teach_online(target: Target, drafter: DFlashDrafter, batch: SequenceBatch) -> Teacher:
+def teach_online(target: Target, drafter: Drafter, batch: SequenceBatch) -> Teacher:
     scored = score_batch(target, drafter, batch)
     return Teacher(scored.features, scored.logits.argmax(-1), logits=scored.logits)
 
@@ -81,26 +81,35 @@ def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
     return Teacher(pad("features", cached[0].features.shape[-1]), pad("greedy"), final=final)
 
 
-def score_batch(target: Target, drafter: DFlashDrafter, batch: SequenceBatch) -> TargetOutput:
+def score_batch(target: Target, drafter: Drafter, batch: SequenceBatch) -> TargetOutput:
     """One teacher-forced target forward: logits and the drafter's context features for every position."""
     return target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
 
 
-def block_logits(drafter: DFlashDrafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False) -> Tensor:
+def block_logits(drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False,
+                 block_tokens: Tensor | None = None) -> Tensor:
     """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context; over the draft
-    vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses)."""
+    vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses).
+    A sequential drafter (EAGLE-3) is teacher-forced on `block_tokens` (b, n, K-1), by default the text's own."""
     positions = torch.arange(batch.tokens.shape[1], device=anchors.device).expand_as(batch.tokens)
-    ctx = drafter.project_context(features, positions, batch.valid)
+    following = torch.cat([batch.tokens[:, 1:], batch.tokens[:, -1:]], 1)  # the token after each position (pad at the end)
+    ctx = drafter.project_context(features, positions, batch.valid, following)
+    if block_tokens is None:
+        block_tokens = text_at(batch, anchors, torch.arange(1, drafter.block_size - 1, device=anchors.device))
     fill = drafter if draft_vocab else drafter.draft_logits
-    return fill(ctx, batch.tokens.gather(1, anchors), anchors)
+    return fill(ctx, batch.tokens.gather(1, anchors), anchors, block_tokens)
+
+
+def text_at(batch: SequenceBatch, anchors: Tensor, slots: Tensor) -> Tensor:
+    """The sequence's tokens at anchors + slots (b, n, len(slots)), clamped to its last column."""
+    pos = anchors[..., None] + slots
+    return batch.tokens.gather(1, pos.clamp(max=batch.tokens.shape[1] - 1).flatten(1)).view_as(pos)
 
 
 def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, block_size: int) -> BlockLabels:
     slots = torch.arange(1, block_size, device=anchors.device)
-    pos = anchors[..., None] + slots  # (b, n, K)
-    mask = anchor_valid[..., None] & (pos < batch.lengths[:, None, None])
-    labels = batch.tokens.gather(1, pos.clamp(max=batch.tokens.shape[1] - 1).flatten(1)).view_as(pos)
-    return BlockLabels(labels, mask, slots)
+    mask = anchor_valid[..., None] & (anchors[..., None] + slots < batch.lengths[:, None, None])
+    return BlockLabels(text_at(batch, anchors, slots), mask, slots)
 
 
 def sample_anchors(batch: SequenceBatch, per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from ..config import OptimConfig
-from ..models.dflash import DFlashDrafter, load_drafter, save_drafter
+from ..models.drafter import Drafter, load_drafter, save_drafter
 from ..models.target import Target
 
 
-def build_optimizer(drafter: DFlashDrafter, cfg: OptimConfig, total_steps: int):
+def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     warmup = min(max(total_steps, 1), max(cfg.min_warmup_steps, int(cfg.warmup_fraction * total_steps)))
@@ -77,7 +77,7 @@ class Compute:
         return out | {f"compute/flops_{k}": v for k, v in sorted(self.phase_flops.items())}
 
 
-def param_counts(target: Target, drafter: DFlashDrafter) -> tuple[int, int]:
+def param_counts(target: Target, drafter: Drafter) -> tuple[int, int]:
     """(target params, drafter params incl. the shared LM head it computes through)."""
     head = target.model.get_output_embeddings().weight.numel()
     return sum(p.numel() for p in target.model.parameters()), sum(p.numel() for p in drafter.parameters()) + head
@@ -134,7 +134,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(folder: Path, drafter: DFlashDrafter, trainer_state: dict, extra: dict | None = None) -> None:
+def save_checkpoint(folder: Path, drafter: Drafter, trainer_state: dict, extra: dict | None = None) -> None:
     """Write `folder` atomically: a complete `folder.tmp` (trainer.pt last, itself renamed into place, so a folder
     holding trainer.pt is complete) is swapped in. A kill at any point leaves a complete checkpoint among
     `folder`, `folder.tmp` and `folder.old`; `recover_checkpoint` finds the newest and finishes the swap."""
@@ -198,7 +198,7 @@ def check_fresh(out_dir: Path) -> None:
         raise RunDirError(f"{out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it or choose another --out")
 
 
-def check_resumable(folder: Path, drafter: DFlashDrafter, trainer: str) -> None:
+def check_resumable(folder: Path, drafter: Drafter, trainer: str) -> None:
     """Refuse a checkpoint written by the other trainer (an SFT run has more steps than a Draft-OPD run asks for,
     so "resuming" it would silently do nothing) or for another drafter shape (a silent load would train another
     model than the flags ask for)."""
@@ -239,7 +239,7 @@ class TrainerState:
     data_pos: int = 0
 
     @staticmethod
-    def start(trainer: str, target: Target, drafter: DFlashDrafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
+    def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
         complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from."""
         opt, sched = build_optimizer(drafter, optim, steps)
@@ -257,7 +257,7 @@ class TrainerState:
         state.metrics.rewind(state.step)
         return state
 
-    def restore(self, folder: Path, target: Target, drafter: DFlashDrafter) -> None:
+    def restore(self, folder: Path, target: Target, drafter: Drafter) -> None:
         check_resumable(folder, drafter, self.trainer)
         saved = load_trainer_state(folder / "trainer.pt")
         weights = load_drafter(folder, target).state_dict()
@@ -275,7 +275,7 @@ class TrainerState:
         """Another step? Not past `steps`, nor `stop_after` (a simulated kill), nor `max_flops` of compute."""
         return self.step < steps and (stop_after is None or self.step < stop_after) and (max_flops is None or self.compute.flops < max_flops)
 
-    def save(self, drafter: DFlashDrafter) -> None:
+    def save(self, drafter: Drafter) -> None:
         saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
                  "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
         save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops})

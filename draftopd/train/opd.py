@@ -10,7 +10,8 @@ One optimizer step (`train_opd`, the story function):
 3. **replay**: per micro-batch of traces, one teacher-forced target forward over the final sequences gives
    the context features and `p` on the true prefix; the drafter re-fills every segment's block in one
    batched forward with gradients (`blocks.block_logits`, the function inference drafts with, so the replayed
-   logits equal the rollout's for the same weights).
+   logits equal the rollout's for the same weights). An EAGLE-3 chain is teacher-forced on the rollout's own
+   drafts, so slot k after a rejection sees the same wrong prefix the target's log-prob was taken on.
 4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
    rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
    by gamma^(k-1); or only slot r+1), each KL direction and exact/estimate form a switch (`losses.py`). The
@@ -50,7 +51,7 @@ from ..config import DecodeConfig, OptimConfig
 from ..decode.speculative import generate
 from ..decode.stats import rejected_late_match, summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
-from ..models.dflash import DFlashDrafter
+from ..models.drafter import Drafter
 from ..models.target import Target
 from .anchors import Segments, make_segments
 from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
@@ -131,7 +132,7 @@ def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size:
     return acc_n, rej_w
 
 
-def collate(target: Target, drafter: DFlashDrafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
+def collate(target: Target, drafter: Drafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
     seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, target.device)
     width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
     pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs])  # noqa: E731
@@ -154,13 +155,15 @@ def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
     return torch.stack(out)
 
 
-def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
+def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
     """Replay the drafter at every segment with gradients and return the two streams' loss sums."""
     t0 = time.perf_counter()
     scored = score_batch(target, drafter, rb.seq)
     teacher_s = time.perf_counter() - t0
-    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors)  # (b, M, K, V), with grad
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
+    # a sequential drafter (EAGLE-3) replays its own drafts where the rejected stream is trained, the text elsewhere
+    chain = torch.where(rb.rej_on[..., None], rb.drafts, lab.labels)[..., :-1]
+    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors, block_tokens=chain)  # (b, M, K, V), with grad
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg)
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     t0 = time.perf_counter()
@@ -180,9 +183,9 @@ def replay(target: Target, drafter: DFlashDrafter, rb: ReplayBatch, cfg: LossCon
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
 
 
-def train_opd(target: Target, drafter: DFlashDrafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
+def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
+              on_step: Callable[[int, Drafter, Compute], None] | None = None) -> Path:
     """Draft-OPD on `prompts` (token ids) against `target`; trains `drafter` in place, returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); resume and folder rules as `train_sft`."""
     out_dir = Path(out_dir)

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import SFTConfig
-from ..models.dflash import DFlashDrafter
+from ..models.drafter import Drafter
 from ..models.target import Target
 from ..data.features import CachedSequence
 from .blocks import block_labels, block_logits, pad_batch, sample_anchors, teach_cached, teach_online
@@ -43,7 +43,7 @@ class StepResult:
     draft_tokens: int
 
 
-def sft_micro_batch(target: Target, drafter: DFlashDrafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
+def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
     """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
     online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
     draft vocabulary; labels outside a reduced vocabulary are skipped."""
@@ -70,9 +70,9 @@ def slot_decay(cfg: SFTConfig, block_size: int) -> float:
     return cfg.slot_decay if cfg.slot_decay is not None else (7.0 if block_size >= 16 else 4.0)
 
 
-def train_sft(target: Target, drafter: DFlashDrafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
+def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, DFlashDrafter, Compute], None] | None = None) -> Path:
+              on_step: Callable[[int, Drafter, Compute], None] | None = None) -> Path:
     """Train `drafter` in place against `target` (online features, or the cache's); returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); `cfg.max_flops` ends the run once that much compute is spent
     (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`)."""

@@ -1,0 +1,327 @@
+"""What every drafter `q` shares, whatever its architecture (DFlash: `dflash.py`, EAGLE-3: `eagle3.py`).
+
+The seam between drafters and the rest of the package (decoder, trainers, replay) is four calls:
+- `project_context(features, positions, valid, next_tokens)`: the target's features of committed positions ->
+  a `DraftContext` (per-layer keys/values; EAGLE-3 also keeps the fused features). `next_tokens[s]` is the token
+  at position s + 1 (EAGLE-3 pairs the feature of position s with the embedding of the token after it; DFlash
+  ignores it);
+- `forward(ctx, anchor_tokens, anchor_positions, block_tokens)`: draft-vocabulary logits (b, n, K, V_draft) of
+  the K slots after each anchor, slot k predicting the token at anchor + k. `block_tokens` (b, n, K-1) are the
+  tokens at slots 1..K-1, which a sequential drafter (EAGLE-3) is teacher-forced on; DFlash ignores them;
+- `draft(ctx, anchor, anchor_pos, pick)`: one block per row for decoding, `pick` choosing each slot's token
+  from its target-vocabulary logits (argmax or a sample);
+- `draft_logits`: `forward` spread over the target's vocabulary (-inf outside a reduced draft vocabulary), so
+  decoding, acceptance and replay work in target ids and stay lossless.
+
+Shared here: the target's frozen embedding and head (non-persistent buffers sharing its storage: never saved,
+never trained), the reduced draft vocabulary (`d2t`/`t2d`, as EAGLE-3 and speculators store it), the resolved
+shape (`DrafterSpec`, saved as config.json with the architecture), and save/load with target checks: a
+checkpoint of one architecture asked for as the other, or built for another target, is one clear error line.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DrafterConfig, dflash_default_layers, eagle3_default_layers
+from .target import Target
+
+ARCHITECTURES = {"dflash": "DFlashDrafter", "eagle3": "Eagle3Drafter"}  # spec.arch -> config.json "architecture"
+ARCH_NAMES = {"dflash": "a DFlash", "eagle3": "an EAGLE-3"}
+
+
+class DrafterError(ValueError):
+    """A drafter checkpoint that cannot be used with this target (one clear line)."""
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    """A fully resolved drafter shape, including the target shape it was built for (saved as config.json)."""
+
+    hidden_size: int
+    vocab_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]  # output-id convention: hidden_states[i + 1]
+    num_layers: int
+    block_size: int  # anchor + K = block_size - 1 drafted slots
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    mask_token_id: int | None = None  # DFlash: MASK = this target embedding row (reference format); None = a learned vector
+    draft_vocab_size: int | None = None  # reduced head over this many target tokens (d2t/t2d); None = the full vocabulary
+    arch: str = "dflash"  # "dflash" | "eagle3"
+
+    @staticmethod
+    def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
+        tcfg = target.model.config
+        arch = cfg.arch or "dflash"
+        heads = cfg.num_heads or tcfg.num_attention_heads
+        if arch == "eagle3":
+            if cfg.num_layers != 1:
+                raise DrafterError(f"an EAGLE-3 drafter has one decoder layer, not {cfg.num_layers} (--draft-num-layers 1)")
+            layer_ids = cfg.target_layer_ids or eagle3_default_layers(target.num_layers)
+        else:
+            layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
+        mask_id, vocab = (cfg.mask_token_id if arch == "dflash" else None), cfg.vocab_size
+        if mask_id is not None and not 0 <= mask_id < target.vocab_size:
+            raise DrafterError(f"mask_token_id {mask_id} outside the target's vocabulary of {target.vocab_size}")
+        if vocab is not None and not 1 <= vocab <= target.vocab_size:
+            raise DrafterError(f"--draft-vocab-size {vocab} must be in [1, {target.vocab_size}] (the target's vocabulary)")
+        if max(layer_ids) >= target.num_layers or min(layer_ids) < 0:
+            raise DrafterError(f"target_layer_ids {layer_ids} outside the target's {target.num_layers} layers")
+        return DrafterSpec(
+            hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_target_layers=target.num_layers,
+            target_layer_ids=tuple(layer_ids), num_layers=cfg.num_layers, block_size=cfg.block_size, num_heads=heads,
+            num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
+            head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
+            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, mask_token_id=mask_id, draft_vocab_size=vocab, arch=arch)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotary embedding, HF rotate-half layout. x: (b, heads, n, d); positions: (b, n)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.float()[:, None, :, None] * inv_freq  # (b, 1, n, d/2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
+
+
+@dataclass
+class DraftContext:
+    """Projected target context, one (keys, values) per drafter layer: (b, kv_heads, slots, head_dim) each,
+    RoPE already applied at the slots' logical `positions` (b, slots); `valid` (b, slots) marks real tokens;
+    `fused` (b, slots, H): the fused target features (EAGLE-3's first-step input; None for DFlash)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    positions: Tensor
+    valid: Tensor
+    fused: Tensor | None = None
+
+    def extend(self, other: "DraftContext") -> "DraftContext":
+        cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
+        fused = None if self.fused is None else torch.cat([self.fused, other.fused], 1)
+        return DraftContext([cat(a, b) for a, b in zip(self.keys, other.keys)], [cat(a, b) for a, b in zip(self.values, other.values)],
+                            torch.cat([self.positions, other.positions], 1), torch.cat([self.valid, other.valid], 1), fused)
+
+    def select(self, index: Tensor) -> "DraftContext":
+        """Keep only the batch rows `index` (no-op when all rows stay)."""
+        if len(index) == self.valid.shape[0]:
+            return self
+        return DraftContext([k[index] for k in self.keys], [v[index] for v in self.values], self.positions[index], self.valid[index],
+                            None if self.fused is None else self.fused[index])
+
+    def sync(self, valid: Tensor) -> "DraftContext":
+        """Follow the target cache after a commit: same slots, same holes."""
+        n = valid.shape[1]
+        return DraftContext([k[..., :n, :] for k in self.keys], [v[..., :n, :] for v in self.values], self.positions[:, :n], valid.clone(),
+                            None if self.fused is None else self.fused[:, :n])
+
+
+class Drafter(nn.Module):
+    """Base of every drafter. `embed_weight` (V_in, H) and `lm_head_weight` (V, H) are the target's frozen input
+    embedding and output head weights, held as non-persistent buffers that share the target's storage.
+    `.to(dtype)` gives the drafter converted copies and `.to(device)` moved ones; the target's own stay as they are.
+    Subclasses build their layers, then call `_finish()`. Use `new_drafter` / `load_drafter`."""
+
+    def __init__(self, spec: DrafterSpec, embed_weight: Tensor, lm_head_weight: Tensor, target_name: str = "custom"):
+        super().__init__()
+        self.spec = spec
+        self.target_name = target_name
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
+        self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)
+
+    def _finish(self) -> None:
+        spec = self.spec
+        if spec.draft_vocab_size is not None:  # reduced head: draft id i is target id i + d2t[i]; t2d marks kept target ids
+            self.register_buffer("d2t", torch.zeros(spec.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(spec.vocab_size, dtype=torch.bool))
+            self.register_buffer("head_weight", torch.empty(0), persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_head())
+        self.to(device=self.lm_head_weight.device)
+
+    def __deepcopy__(self, memo: dict) -> "Drafter":
+        """A copy that shares the target's frozen weights instead of copying them."""
+        memo.update({id(self.embed_weight): self.embed_weight, id(self.lm_head_weight): self.lm_head_weight})
+        new = memo[id(self)] = self.__class__.__new__(self.__class__)
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.embed_weight)
+
+    # ---- draft vocabulary -----------------------------------------------------------------------------
+    def set_draft_vocab(self, target_ids: Tensor) -> None:
+        """Keep `target_ids` (the most frequent response tokens) as the draft vocabulary, sorted by target id."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long, device=self.d2t.device).unique()  # sorted
+        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < self.spec.vocab_size:
+            raise DrafterError(f"draft vocabulary has target ids outside [0, {self.spec.vocab_size})")
+        if len(ids) != self.spec.draft_vocab_size:
+            raise DrafterError(f"draft vocabulary needs {self.spec.draft_vocab_size} distinct target ids, got {len(ids)}")
+        self.d2t.copy_(ids - torch.arange(len(ids), device=ids.device))
+        self.t2d.zero_()[ids] = True
+        self.refresh_head()
+
+    def refresh_head(self) -> None:
+        """The reduced head's rows, copied from the target's frozen head (not stored in the checkpoint)."""
+        self.head_weight = self.lm_head_weight[self.draft_to_target(torch.arange(self.spec.draft_vocab_size, device=self.d2t.device))]
+
+    def draft_to_target(self, draft_ids: Tensor) -> Tensor:
+        return draft_ids if self.spec.draft_vocab_size is None else draft_ids + self.d2t[draft_ids]
+
+    def target_to_draft(self, target_ids: Tensor) -> Tensor:
+        """Draft id of each target id, -1 where the token is outside the draft vocabulary."""
+        if self.spec.draft_vocab_size is None:
+            return target_ids
+        index = torch.cumsum(self.t2d.long(), 0) - 1
+        return torch.where(self.t2d[target_ids], index[target_ids], -1)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Float logits over the draft vocabulary of hidden states (the drafter's, or the target's own final ones)."""
+        if self.spec.draft_vocab_size is None:
+            return F.linear(hidden.to(self.lm_head_weight.dtype), self.lm_head_weight).float()
+        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight).float()
+
+    def restrict(self, target_logits: Tensor) -> Tensor:
+        """Target-vocabulary logits (..., V) -> the draft vocabulary's (..., V_draft) (a softmax renormalises)."""
+        if self.spec.draft_vocab_size is None:
+            return target_logits
+        return target_logits[..., self.draft_to_target(torch.arange(self.spec.draft_vocab_size, device=target_logits.device))]
+
+    def to_target_vocab(self, logits: Tensor) -> Tensor:
+        """Draft-vocabulary logits (..., V_draft) -> target-vocabulary ones (..., V), -inf outside the draft vocabulary."""
+        if self.spec.draft_vocab_size is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.spec.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_to_target(torch.arange(logits.shape[-1], device=logits.device)), logits)
+
+    # ---- the seam -------------------------------------------------------------------------------------
+    def project_context(self, features: Tensor, positions: Tensor, valid: Tensor, next_tokens: Tensor | None = None) -> DraftContext:
+        raise NotImplementedError
+
+    def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+        """`forward` over the target's whole vocabulary (b, n_blocks, K, V)."""
+        return self.to_target_vocab(self(ctx, anchor_tokens, anchor_positions, block_tokens))
+
+    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """One block per row: anchor/anchor_pos (b,) -> drafted tokens (b, K) and the target-vocabulary logits (b, K, V)
+        each was picked from. A parallel drafter (DFlash) fills every slot in one forward."""
+        logits = self.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0]
+        return pick(logits), logits
+
+
+def check_compatible(spec: DrafterSpec, target: Target) -> None:
+    """Refuse a drafter built for another target (hidden size, vocabulary, layer count)."""
+    want = {"hidden_size": target.hidden_size, "vocab_size": target.vocab_size, "num_target_layers": target.num_layers}
+    got = {k: getattr(spec, k) for k in want}
+    if got != want:
+        diff = ", ".join(f"{k} {got[k]} vs target {want[k]}" for k in want if got[k] != want[k])
+        raise DrafterError(f"drafter does not match target '{target.name}': {diff}")
+
+
+def drafter_for(spec: DrafterSpec, target: Target) -> Drafter:
+    """A drafter of `spec` on `target`'s frozen embedding and head (refused if built for another target)."""
+    from .dflash import DFlashDrafter
+    from .eagle3 import Eagle3Drafter
+
+    check_compatible(spec, target)
+    cls = {"dflash": DFlashDrafter, "eagle3": Eagle3Drafter}[spec.arch]
+    return cls(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
+
+
+def default_mask_token(target: Target) -> int:
+    """A target embedding row for DFlash's MASK, as the reference format wants: the first row past the tokenizer when
+    the table has spare rows (Qwen3), else the last added special token that is not a stop, pad or BOS token
+    (SmolLM2: 16 `<empty_output>`)."""
+    tokenizer = target.tokenizer
+    if tokenizer is None or len(tokenizer) < target.vocab_size:
+        return len(tokenizer) if tokenizer is not None else target.vocab_size - 2  # tiny test targets: EOS is the last row
+    taken = set(target.eos_ids) | {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    taken |= set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+    special = sorted(i for i in tokenizer.added_tokens_decoder if i not in taken)
+    if not special:
+        raise DrafterError(f"target '{target.name}' has no spare token row for MASK: pass --draft-mask-token-id")
+    return special[-1]
+
+
+def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int = 0) -> Drafter:
+    """A fresh drafter. Its final norm starts at `cfg.final_norm_init`: at 1.0 a block's MASK and anchor embeddings
+    reach the target's (tied) head almost unchanged and come out as a very confident copy of themselves (SFT loss 35-44
+    at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
+    (README, "Strong drafters")."""
+    torch.manual_seed(seed)
+    drafter = drafter_for(DrafterSpec.resolve(cfg, target), target)
+    with torch.no_grad():
+        drafter.norm.weight.fill_(cfg.final_norm_init)
+    return drafter
+
+
+def save_drafter(drafter: Drafter, folder: str | Path, extra: dict | None = None) -> None:
+    """config.json (spec + `extra`) and model.safetensors (drafter weights only, no target embedding/head)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architecture": ARCHITECTURES[drafter.spec.arch], "draftopd_spec": asdict(drafter.spec), "target": drafter.target_name, **(extra or {})}
+    tmp = folder / "model.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_drafter(folder: str | Path, target: Target, arch: str | None = None) -> Drafter:
+    """The drafter saved at `folder`, on `target`. `arch` ("dflash" / "eagle3"), when given, must be what the
+    checkpoint holds."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        raw = config["draftopd_spec"]
+        spec = DrafterSpec(**{**raw, "target_layer_ids": tuple(raw["target_layer_ids"])})
+        if spec.arch not in ARCHITECTURES or config.get("architecture", ARCHITECTURES[spec.arch]) != ARCHITECTURES[spec.arch]:
+            raise ValueError(f"architecture {config.get('architecture')!r} with arch {spec.arch!r}")
+        weights = load_file(str(folder / "model.safetensors"))
+    except FileNotFoundError as err:
+        raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename or 'model.safetensors').name}") from None
+    except Exception as err:  # json, key, type and safetensors header errors all mean a corrupt checkpoint
+        raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
+    if arch is not None and arch != spec.arch:
+        raise DrafterError(f"{folder} holds {ARCH_NAMES[spec.arch]} drafter, not {ARCH_NAMES.get(arch, arch)} one "
+                           f"(drop --draft-arch or pass --draft-arch {spec.arch})")
+    drafter = drafter_for(spec, target)
+    try:
+        missing, unexpected = drafter.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        raise DrafterError(f"drafter checkpoint at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise DrafterError(f"drafter checkpoint at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return drafter
