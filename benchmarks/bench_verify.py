@@ -36,7 +36,7 @@ def median_ms(fn, repeats: int) -> float:
 def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> dict:
     prompt = torch.randint(100, 10000, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     state, out = target.prefill([prompt], drafter.spec.target_layer_ids)
-    ctx = drafter.project_context(out.features, state.positions, state.valid.clone())
+    ctx = drafter.project_context(out.features, state.positions, state.valid.clone(), torch.tensor([prompt[1:] + prompt[:1]]))
 
     def verify(n: int):
         target.verify(state, torch.randint(100, 10000, (1, n)), drafter.spec.target_layer_ids)
@@ -44,11 +44,11 @@ def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> di
 
     verify_ms = {n: median_ms(lambda n=n: verify(n), repeats) for n in sizes}
     anchor, pos = torch.tensor([prompt[-1]]), state.lengths.clone()
-    feats = out.features[:, -drafter.block_size:]
+    feats, following = out.features[:, -drafter.block_size:], torch.tensor([prompt[-drafter.block_size:]])
 
-    def draft():
-        drafter.draft_logits(ctx, anchor[:, None], pos[:, None]).argmax(-1)
-        drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:])
+    def draft():  # EAGLE-3 drafts slot by slot, DFlash in one forward: `Drafter.draft`, as the decoder calls it
+        drafter.draft(ctx, anchor, pos, lambda logits: logits.argmax(-1))
+        drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:], following)
 
     return {"verify_ms": verify_ms, "draft_ms": median_ms(draft, repeats)}
 
