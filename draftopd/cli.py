@@ -234,6 +234,41 @@ def cmd_recipe(args: argparse.Namespace) -> dict:
     return run_recipe(cfg)
 
 
+EXPORT_FORMATS = ("dflash",)  # z-lab's reference DFlash (dflash==0.1.0); speculators and GGUF: not built yet
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    """Our checkpoint -> a folder another implementation loads (refused, nothing written, when not exact)."""
+    from .interop.dflash_ref import export_dflash
+    from .models.drafter import load_drafter
+
+    if not args.drafter:
+        raise UserError("export needs --drafter DIR (a draftopd checkpoint)")
+    _fresh_out(args.out)
+    target = _target(args.target, args)
+    export_dflash(load_drafter(args.drafter, target), args.out, target)
+    return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
+
+
+def cmd_import(args: argparse.Namespace) -> dict:
+    """A folder in another implementation's format -> a draftopd checkpoint (Draft-OPD can then post-train it)."""
+    from .interop.dflash_ref import import_dflash
+    from .models.drafter import save_drafter
+
+    _fresh_out(args.out)
+    target = _target(args.target, args)
+    drafter = import_dflash(args.source, target)
+    save_drafter(drafter, args.out, extra={"imported_from": str(args.source), "format": args.format})
+    return {"checkpoint": args.out, "arch": drafter.spec.arch, "block_size": drafter.block_size,
+            "target_layer_ids": list(drafter.spec.target_layer_ids), "mask_token_id": drafter.spec.mask_token_id}
+
+
+def _fresh_out(out: str) -> None:
+    writable_dir(out, "--out")
+    if (Path(out) / "config.json").exists():
+        raise UserError(f"--out {out} already holds a drafter (config.json): give a new folder")
+
+
 def print_table(result: dict) -> None:
     print(result.get("table") or json.dumps(result, indent=2))
 
@@ -353,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rec, RecipeConfig().sft.optim)
     add_config_args(rec, RecipeConfig().eval, prefix="eval_")
     rec.set_defaults(func=cmd_recipe, printer=print_table)
+
+    exp = sub.add_parser("export", help="write a drafter in another implementation's format (z-lab's reference DFlash)")
+    _target_args(exp)
+    exp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
+    exp.add_argument("--out", required=True, help="new folder for the exported drafter")
+    exp.add_argument("--json", action="store_true")
+    exp.set_defaults(func=cmd_export, printer=print_table)
+
+    imp = sub.add_parser("import", help="read a drafter of another implementation's format into a draftopd checkpoint")
+    _target_args(imp)
+    imp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
+    imp.add_argument("--from", dest="source", required=True, help="folder in that format (config.json + model.safetensors)")
+    imp.add_argument("--out", required=True, help="new folder for the draftopd checkpoint")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_import, printer=print_table)
 
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
     demo.add_argument("--target", default=DEFAULT_TARGET)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from draftopd.cli import main
 from draftopd.config import DrafterConfig
@@ -174,3 +175,29 @@ def test_sft_from_feature_cache_and_its_bad_inputs(target_dir, tmp_path, capsys)
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft5", "--draft-num-layers", 2,
                      "--loss", "kl")
     assert_one_line_error(rc, err, "final hidden states")
+
+
+def test_export_and_import_reference_dflash(target_dir, tmp_path, capsys):
+    """`export --format dflash` then `import` gives back the same weights; what cannot be exported exactly, a checkpoint
+    of another target, or an --out that holds a drafter is one error line and nothing is written."""
+    pytest.importorskip("dflash", reason="z-lab's reference DFlash is not installed: pip install --no-deps dflash==0.1.0")
+    from draftopd.models.drafter import load_drafter
+    from draftopd.models.load import load_target
+
+    target = load_target(str(target_dir))
+    save_drafter(new_drafter(target, DrafterConfig(block_size=4, target_layer_ids=(0, 2), mask_token_id=5), seed=3), tmp_path / "ours")
+    rc, out, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "ours", "--out", tmp_path / "ref", "--json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
+    rc, out, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ref", "--out", tmp_path / "back", "--json")
+    assert rc == 0, err
+    back, ours = load_drafter(tmp_path / "back", target), load_drafter(tmp_path / "ours", target)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+    rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ref", "--out", tmp_path / "back")
+    assert_one_line_error(rc, err, "already holds a drafter")
+    save_drafter(new_drafter(target, DrafterConfig(arch="eagle3", block_size=4)), tmp_path / "e3")
+    rc, _, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "e3", "--out", tmp_path / "e3-ref")
+    assert_one_line_error(rc, err, "only a DFlash drafter has a reference DFlash format")
+    assert not (tmp_path / "e3-ref" / "config.json").exists()
+    rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ours", "--out", tmp_path / "x")
+    assert_one_line_error(rc, err, "is not a reference DFlash drafter")  # our own format is not the reference's
