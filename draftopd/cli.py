@@ -234,20 +234,29 @@ def cmd_recipe(args: argparse.Namespace) -> dict:
     return run_recipe(cfg)
 
 
-EXPORT_FORMATS = ("dflash",)  # z-lab's reference DFlash (dflash==0.1.0); speculators and GGUF: not built yet
+EXPORT_FORMATS = ("dflash", "speculators")  # z-lab's reference DFlash (dflash==0.1.0); speculators (vLLM); GGUF: not built
+IMPORT_FORMATS = ("dflash",)
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
     """Our checkpoint -> a folder another implementation loads (refused, nothing written, when not exact)."""
     from .interop.dflash_ref import export_dflash
+    from .interop.speculators import export_speculators
     from .models.drafter import load_drafter
 
     if not args.drafter:
         raise UserError("export needs --drafter DIR (a draftopd checkpoint)")
     _fresh_out(args.out)
     target = _target(args.target, args)
-    export_dflash(load_drafter(args.drafter, target), args.out, target)
-    return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
+    drafter = load_drafter(args.drafter, target, args.draft_arch)
+    if args.format == "dflash":
+        export_dflash(drafter, args.out, target)
+        return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
+    export_speculators(drafter, args.out, target, args.verifier)
+    method = "eagle3" if drafter.spec.arch == "eagle3" else "dflash"
+    return {"format": args.format, "out": args.out, "serve_with": (
+        f"vllm serve TARGET --speculative-config '{{\"model\": \"{args.out}\", \"method\": \"{method}\", "
+        f"\"num_speculative_tokens\": {drafter.block_size - 1}}}'  (not run here: README, Interop)")}
 
 
 def cmd_import(args: argparse.Namespace) -> dict:
@@ -392,13 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a drafter in another implementation's format (z-lab's reference DFlash)")
     _target_args(exp)
     exp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
+    exp.add_argument("--verifier", help="speculators: the target's local folder or hub id to record (default: the target's own)")
     exp.add_argument("--out", required=True, help="new folder for the exported drafter")
     exp.add_argument("--json", action="store_true")
     exp.set_defaults(func=cmd_export, printer=print_table)
 
     imp = sub.add_parser("import", help="read a drafter of another implementation's format into a draftopd checkpoint")
     _target_args(imp)
-    imp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
+    imp.add_argument("--format", default="dflash", choices=IMPORT_FORMATS)
     imp.add_argument("--from", dest="source", required=True, help="folder in that format (config.json + model.safetensors)")
     imp.add_argument("--out", required=True, help="new folder for the draftopd checkpoint")
     imp.add_argument("--json", action="store_true")

@@ -135,13 +135,18 @@ class DrafterConfig:
 
 
 def resolve_device(name: str = "auto") -> str:
-    """`auto` = cuda when available, else cpu; anything else as given (cpu, cuda, cuda:N)."""
+    """`auto` = cuda when available, else cpu; anything else as given (cpu, cuda, cuda:N). Under torchrun
+    (WORLD_SIZE > 1) `cuda` means this process's own GPU, `cuda:LOCAL_RANK`."""
+    import os
+
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available here")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return name
 
 

@@ -199,5 +199,9 @@ def test_export_and_import_reference_dflash(target_dir, tmp_path, capsys):
     rc, _, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "e3", "--out", tmp_path / "e3-ref")
     assert_one_line_error(rc, err, "only a DFlash drafter has a reference DFlash format")
     assert not (tmp_path / "e3-ref" / "config.json").exists()
+    rc, out, err = run(capsys, "export", "--format", "speculators", "--target", target_dir, "--drafter", tmp_path / "ours",
+                       "--out", tmp_path / "spec", "--json")
+    assert rc == 0, err  # the speculators format (vLLM) takes either architecture
+    assert json.loads((tmp_path / "spec" / "config.json").read_text())["speculators_model_type"] == "dflash"
     rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ours", "--out", tmp_path / "x")
     assert_one_line_error(rc, err, "is not a reference DFlash drafter")  # our own format is not the reference's

@@ -115,13 +115,19 @@ def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, bl
 def sample_anchors(batch: SequenceBatch, per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Up to `per_seq` distinct anchors per sequence among response positions [response_start, length-2]
     (each has at least one label). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
+    anchors, valid = draw_anchors(batch.response_start.tolist(), batch.lengths.tolist(), per_seq, gen)
+    return anchors.to(batch.tokens.device), valid.to(batch.tokens.device)
+
+
+def draw_anchors(starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`sample_anchors` from the sequences' response starts and lengths alone (on the CPU), one sequence after another."""
     rows, valid_rows = [], []
-    for start, length in zip(batch.response_start.tolist(), batch.lengths.tolist()):
+    for start, length in zip(starts, lengths):
         candidates = torch.arange(start, max(start, length - 1))
         pick = candidates[torch.randperm(len(candidates), generator=gen)[:per_seq]].sort().values
         rows.append(torch.cat([pick, torch.zeros(per_seq - len(pick), dtype=torch.long)]))
         valid_rows.append(torch.arange(per_seq) < len(pick))
-    return torch.stack(rows).to(batch.tokens.device), torch.stack(valid_rows).to(batch.tokens.device)
+    return torch.stack(rows), torch.stack(valid_rows)
 
 
 def gather_positions(x: Tensor, pos: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ with `weights_only=True`: only tensors, numbers, strings and containers, so a pl
 Compute is counted in FLOPs with the usual 2*params per token for a forward and 6*params per token for a
 forward+backward; the drafter's count includes the target's (frozen) LM head it runs through, since on a
 large vocabulary that head dominates the drafter's cost. SFT and Draft-OPD runs are matched on this number.
+
+Under torchrun (`distributed.py`) every rank keeps the same state: `start` joins the process group, rank 0 alone
+repairs, writes and rewinds the folder's files (the others wait at a barrier), and a step's `Compute` is summed
+over ranks (`add_ranks`), so checkpoints and metrics read as one process's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from ..config import OptimConfig
 from ..models.drafter import Drafter, load_drafter, save_drafter
 from ..models.target import Target
+from . import distributed as ddp
 
 
 def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
@@ -42,6 +47,9 @@ def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+PHASES = ("rollout", "teacher", "train")
 
 
 @dataclass
@@ -72,6 +80,23 @@ class Compute:
         self.draft_train_tokens += tokens
         self._add(6.0 * draft_params * tokens, "train")
 
+    def copy(self) -> "Compute":
+        return Compute(**{**asdict(self), "phase_flops": dict(self.phase_flops)})
+
+    def add_ranks(self, start: "Compute") -> None:
+        """Count every rank's spending since `start` (this rank's count at the step's start), not only this rank's.
+        Token counts and FLOPs are whole numbers, so the sum is exact."""
+        if ddp.world_size() == 1:
+            return
+        names = ("target_tokens", "draft_forward_tokens", "draft_train_tokens", "flops")
+        local = [getattr(self, n) - getattr(start, n) for n in names] + [self.phase_flops.get(p, 0.0) - start.phase_flops.get(p, 0.0) for p in PHASES]
+        total = ddp.all_sum(torch.tensor(local + [float(p in self.phase_flops) for p in PHASES], dtype=torch.float64)).tolist()
+        for n, spent in zip(names, total):
+            setattr(self, n, type(getattr(start, n))(getattr(start, n) + spent))
+        for p, spent, seen in zip(PHASES, total[len(names):], total[len(names) + len(PHASES):]):
+            if seen:
+                self.phase_flops[p] = start.phase_flops.get(p, 0.0) + spent
+
     def metrics(self) -> dict[str, float]:
         out = {f"compute/{k}": v for k, v in asdict(self).items() if k != "phase_flops"}
         return out | {f"compute/flops_{k}": v for k, v in sorted(self.phase_flops.items())}
@@ -93,7 +118,9 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "trainer.pt")  # trainer
 
 
 def log(message: str) -> None:
-    print(f"[draftopd] {message}", file=sys.stderr, flush=True)
+    """A line on stderr (from rank 0 only under torchrun)."""
+    if ddp.is_main():
+        print(f"[draftopd] {message}", file=sys.stderr, flush=True)
 
 
 class MetricsWriter:
@@ -104,13 +131,15 @@ class MetricsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, metrics: dict) -> None:
+        if not ddp.is_main():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
     def rewind(self, step: int) -> None:
         """Keep the rows of steps <= `step` (the checkpoint a run resumes from; rows after it are redone) and
         drop a line torn by a kill; rewritten through a temp file and a rename, so a kill here loses nothing."""
-        if not self.path.exists():
+        if not ddp.is_main() or not self.path.exists():
             return
         keep = []
         for line in self.path.read_text().splitlines():
@@ -239,15 +268,19 @@ class TrainerState:
     data_pos: int = 0
 
     @staticmethod
-    def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool) -> "TrainerState":
+    def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool,
+              split: tuple[object, str] | None = None) -> "TrainerState":
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
-        complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from."""
+        complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from.
+        Under torchrun, first joins the process group; `split = (config, field)` names the count each step shares
+        out across ranks, which the world size must divide (`distributed.init`)."""
+        ddp.init(target.device, split)
         opt, sched = build_optimizer(drafter, optim, steps)
         torch.manual_seed(seed)
         state = TrainerState(trainer, out_dir, opt, sched, torch.Generator().manual_seed(seed), Compute(), MetricsWriter(out_dir / "metrics.jsonl"))
         if not resume:
             check_fresh(out_dir)
-        elif (found := recover_checkpoint(out_dir)) is None:
+        elif (found := ddp.main_first(lambda: recover_checkpoint(out_dir))) is None:
             log(f"nothing to resume in {out_dir}: starting from step 0")
         else:
             folder, name = found
@@ -255,6 +288,7 @@ class TrainerState:
             note = f"; recovered from {name}, a save cut short" if name != folder.name else ""
             log(f"resuming from {folder} (step {state.step}{note})")
         state.metrics.rewind(state.step)
+        ddp.same_weights(drafter)
         return state
 
     def restore(self, folder: Path, target: Target, drafter: Drafter) -> None:
@@ -276,9 +310,12 @@ class TrainerState:
         return self.step < steps and (stop_after is None or self.step < stop_after) and (max_flops is None or self.compute.flops < max_flops)
 
     def save(self, drafter: Drafter) -> None:
+        """Rank 0 writes the checkpoint; the others (holding the same state) wait for it."""
         saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
                  "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
-        save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops})
+        if ddp.is_main():
+            save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops})
+        ddp.barrier()
 
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:

@@ -20,6 +20,13 @@ One optimizer step (`train_opd`, the story function):
    cosine with 5% warm-up (at least `OptimConfig.min_warmup_steps`).
 5. **update**: one AdamW step; the next rollout uses the new weights (always on-policy).
 
+Under torchrun (`distributed.py`) each rank rolls out its share of every rollout batch and replays its own traces;
+the traces (token ids and per-round drafts and log-probs, a few KB each) are gathered so that every rank computes
+the anchors (drawing the random ablation's in the single process's order), the step's normalisers and the rollout
+metrics over all of them, and gradients, losses and compute are summed over ranks: the update is the single
+process's on the same prompts. At temperature > 0 each prompt samples from its own generator, seeded by its place
+in the prompt stream, so its rollout does not depend on the batch or the rank it ran in.
+
 Which target computation is reused: in "estimate" mode the rejected stream's `log p` comes straight from the
 rollout's verify logits (no second forward); the accepted stream and the context features come from one
 teacher-forced forward per sequence: T tokens in one batched pass, against the rollout's (T / tau) * B tokens
@@ -53,6 +60,7 @@ from ..decode.stats import rejected_late_match, summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.drafter import Drafter
 from ..models.target import Target
+from . import distributed as ddp
 from .anchors import Segments, make_segments
 from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
 from .common import Compute, TrainerState, data_order, param_counts
@@ -183,39 +191,50 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -
                         int(rb.valid.sum()) * drafter.block_size, teacher_s)
 
 
+def rollout_batch(prompts: list[list[int]], cfg: OPDConfig, start: int) -> tuple[list[list[int]], list[int] | None]:
+    """This rank's share of the rollout batch at prompt-stream position `start`, and its rows' sampling seeds
+    (temperature > 0; one per prompt, from its stream position)."""
+    rows, n = ddp.shard(cfg.prompts_per_rollout), cfg.prompts_per_rollout
+    batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, start, n)][rows]
+    seeds = [cfg.seed * 1_000_003 + pos for pos in range(start, start + n)][rows]
+    return batch, seeds if cfg.temperature > 0 else None
+
+
 def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
               on_step: Callable[[int, Drafter, Compute], None] | None = None) -> Path:
     """Draft-OPD on `prompts` (token ids) against `target`; trains `drafter` in place, returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); resume and folder rules as `train_sft`."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "prompts_per_rollout"))
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
-    bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress or not ddp.is_main(), dynamic_ncols=True)
     while st.running(cfg.steps, stop_after, cfg.max_flops):
-        # 1. rollout with the current drafter through the speculative decoder
-        t0, traces = time.perf_counter(), []
+        # 1. rollout with the current drafter through the speculative decoder (this rank's share of the prompts)
+        t0, spent, shards = time.perf_counter(), compute.copy(), []
         drafter.eval()
         for _ in range(cfg.rollouts_per_step):
-            batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, st.data_pos, cfg.prompts_per_rollout)]
+            batch, row_seeds = rollout_batch(prompts, cfg, st.data_pos)
             st.data_pos += cfg.prompts_per_rollout
             decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + st.data_pos)
-            rollout = generate(target, drafter, batch, decode)
-            traces += [t for t in rollout.traces if t.rounds > 0]
+            rollout = generate(target, drafter, batch, decode, row_seeds)
+            shards.append([t for t in rollout.traces if t.rounds > 0])
             verified = sum(t.rounds for t in rollout.traces) * drafter.block_size  # finished rows leave the batch
             compute.add_target(sum(len(p) for p in batch) + verified, target_params, "rollout")
             compute.add_draft_forward(verified, draft_params, "rollout")
+        traces, own = ddp.gather_shards(shards)  # every rank's traces, in the single process's order; `own`: this rank's
         t1 = time.perf_counter()
-        # 2. anchors, and the step's normalisers
+        # 2. anchors, and the step's normalisers (over every rank's traces)
         segments = [make_segments(t, cfg.anchors, st.gen) for t in traces]
         acc_norm, rej_norm = step_norms(traces, segments, drafter.block_size, cfg.loss)
         # 3-4. replay and loss, accumulated over micro-batches
         drafter.train()
         st.opt.zero_grad(set_to_none=True)
         sums = {"acc": 0.0, "rej": 0.0, "total": 0.0, "teacher_s": 0.0}
-        for i in range(0, len(traces), cfg.replay_batch):
-            rb = collate(target, drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
+        for i in range(0, len(own), cfg.replay_batch):
+            mine = own[i:i + cfg.replay_batch]
+            rb = collate(target, drafter, [traces[j] for j in mine], [segments[j] for j in mine])
             res = replay(target, drafter, rb, cfg.loss)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
             loss.backward()
@@ -225,6 +244,9 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
             sums["rej"] += float(res.rej.loss_sum.detach()) / max(rej_norm, 1e-9)
             compute.add_target(res.target_tokens, target_params)
             compute.add_draft_train(res.draft_tokens, draft_params)
+        ddp.sum_grads(drafter)
+        compute.add_ranks(spent)
+        sums |= {k: ddp.all_sum(sums[k]) for k in ("total", "acc", "rej")}
         t2 = time.perf_counter()
         # 5. update
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)

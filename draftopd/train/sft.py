@@ -9,9 +9,13 @@ hard-label cross-entropy or the soft forward KL to the target distribution. Labe
 draft vocabulary, logits and soft targets live over the kept tokens (the target's distribution renormalised there)
 and labels outside it are skipped.
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
-full-batch loss. A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a
-killed run resumed with `resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an
-uninterrupted run's; folder rules in `common.py`).
+full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of every micro-batch, and the
+step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
+on the same batch; every rank draws the anchors of the whole micro-batch and keeps its own rows, so each trains
+exactly the anchors one process would have.
+A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a killed run resumed with
+`resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an uninterrupted run's; folder
+rules in `common.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from ..config import SFTConfig
 from ..models.drafter import Drafter
 from ..models.target import Target
 from ..data.features import CachedSequence
-from .blocks import block_labels, block_logits, pad_batch, sample_anchors, teach_cached, teach_online
+from . import distributed as ddp
+from .blocks import block_labels, block_logits, draw_anchors, pad_batch, teach_cached, teach_online
 from .common import Compute, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
@@ -43,16 +48,18 @@ class StepResult:
     draft_tokens: int
 
 
-def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator) -> StepResult:
+def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator,
+                    rows: slice = slice(None)) -> StepResult:
     """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
     online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
-    draft vocabulary; labels outside a reduced vocabulary are skipped."""
+    draft vocabulary; labels outside a reduced vocabulary are skipped. Anchors are drawn for all of `items`, then
+    only `rows` of them (this rank's share) are trained."""
     cached = isinstance(items[0], CachedSequence)
     seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
     starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
-    batch = pad_batch(seqs, starts, target.pad_id, target.device)
+    anchors, anchor_valid = (x[rows].to(target.device) for x in draw_anchors(starts, [len(s) for s in seqs], cfg.anchors_per_seq, gen))
+    items, batch = items[rows], pad_batch(seqs[rows], starts[rows], target.pad_id, target.device)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
-    anchors, anchor_valid = sample_anchors(batch, cfg.anchors_per_seq, gen)
     logits = block_logits(drafter, batch, teacher.features, anchors, draft_vocab=True)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
     pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
@@ -77,22 +84,23 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
     `stop_after` ends early (a simulated kill); `cfg.max_flops` ends the run once that much compute is spent
     (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`)."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("sft", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume)
+    st = TrainerState.start("sft", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "batch_size"))
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     drafter.train()
-    bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress or not ddp.is_main(), dynamic_ncols=True)
     while st.running(cfg.steps, stop_after, cfg.max_flops):
-        t0 = time.perf_counter()
+        t0, spent = time.perf_counter(), compute.copy()
         results = []
         for _ in range(cfg.grad_accum):
             micro = [examples[i] for i in data_order(len(examples), cfg.seed, st.data_pos, cfg.batch_size)]
             st.data_pos += cfg.batch_size
-            results.append(sft_micro_batch(target, drafter, micro, cfg, st.gen))
-        total_weight = sum(r.weight_sum for r in results)
+            results.append(sft_micro_batch(target, drafter, micro, cfg, st.gen, ddp.shard(cfg.batch_size)))
+        total_weight = ddp.all_sum(sum(r.weight_sum for r in results))  # every rank's labels: the single process's normaliser
         loss = sum(r.loss_sum for r in results) / max(total_weight, 1e-9)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        ddp.sum_grads(drafter)
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
         st.opt.step(), st.sched.step()
         st.step += 1
@@ -100,8 +108,9 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
         for r in results:
             compute.add_target(r.target_tokens, target_params)
             compute.add_draft_train(r.draft_tokens, draft_params)
-        correct, count = sum(r.slot_correct for r in results), sum(r.slot_count for r in results)
-        row = {"train/loss": float(loss.detach()), "train/grad_norm": float(grad_norm), "train/lr": st.sched.get_last_lr()[0],
+        compute.add_ranks(spent)
+        correct, count = ddp.all_sum(sum(r.slot_correct for r in results)), ddp.all_sum(sum(r.slot_count for r in results))
+        row = {"train/loss": ddp.all_sum(float(loss.detach())), "train/grad_norm": float(grad_norm), "train/lr": st.sched.get_last_lr()[0],
                **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
                **compute.metrics(), "time/step_s": time.perf_counter() - t0}
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
