@@ -234,8 +234,8 @@ def cmd_recipe(args: argparse.Namespace) -> dict:
     return run_recipe(cfg)
 
 
-EXPORT_FORMATS = ("dflash", "speculators")  # z-lab's reference DFlash (dflash==0.1.0); speculators (vLLM); GGUF: not built
-IMPORT_FORMATS = ("dflash",)
+EXPORT_FORMATS = ("dflash", "speculators", "gguf")  # z-lab's reference DFlash (dflash==0.1.0); speculators (vLLM); llama.cpp
+IMPORT_FORMATS = ("dflash", "speculators")
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
@@ -246,6 +246,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
 
     if not args.drafter:
         raise UserError("export needs --drafter DIR (a draftopd checkpoint)")
+    if args.format == "gguf":
+        return _export_gguf(args)
     _fresh_out(args.out)
     target = _target(args.target, args)
     drafter = load_drafter(args.drafter, target, args.draft_arch)
@@ -259,14 +261,33 @@ def cmd_export(args: argparse.Namespace) -> dict:
         f"\"num_speculative_tokens\": {drafter.block_size - 1}}}'  (not run here: README, Interop)")}
 
 
+def _export_gguf(args: argparse.Namespace) -> dict:
+    from .interop.llama_cpp import SPEC_TYPES, export_gguf, require_sources
+    from .models.drafter import load_drafter
+
+    if not args.out.endswith(".gguf"):
+        raise UserError(f"--out {args.out}: a GGUF export is one file, name it *.gguf")
+    if Path(args.out).exists():
+        raise UserError(f"--out {args.out} exists: give a new file")
+    writable_file(args.out, "--out")
+    require_sources()
+    target = _target(args.target, args)
+    drafter = load_drafter(args.drafter, target, args.draft_arch)
+    export_gguf(drafter, args.out, target, outtype=args.outtype)
+    return {"format": "gguf", "out": args.out, "serve_with": (
+        f"llama-server -m TARGET.gguf -md {args.out} --spec-type {SPEC_TYPES[drafter.spec.arch]} "
+        f"--spec-draft-n-max {drafter.block_size - 1}  (benchmarks/llama_server.py runs it)")}
+
+
 def cmd_import(args: argparse.Namespace) -> dict:
     """A folder in another implementation's format -> a draftopd checkpoint (Draft-OPD can then post-train it)."""
     from .interop.dflash_ref import import_dflash
+    from .interop.speculators import import_speculators
     from .models.drafter import save_drafter
 
     _fresh_out(args.out)
     target = _target(args.target, args)
-    drafter = import_dflash(args.source, target)
+    drafter = {"dflash": import_dflash, "speculators": import_speculators}[args.format](args.source, target)
     save_drafter(drafter, args.out, extra={"imported_from": str(args.source), "format": args.format})
     return {"checkpoint": args.out, "arch": drafter.spec.arch, "block_size": drafter.block_size,
             "target_layer_ids": list(drafter.spec.target_layer_ids), "mask_token_id": drafter.spec.mask_token_id}
@@ -398,11 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(rec, RecipeConfig().eval, prefix="eval_")
     rec.set_defaults(func=cmd_recipe, printer=print_table)
 
-    exp = sub.add_parser("export", help="write a drafter in another implementation's format (z-lab's reference DFlash)")
+    exp = sub.add_parser("export", help="write a drafter in another implementation's format (reference DFlash, speculators, GGUF)")
     _target_args(exp)
     exp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
     exp.add_argument("--verifier", help="speculators: the target's local folder or hub id to record (default: the target's own)")
-    exp.add_argument("--out", required=True, help="new folder for the exported drafter")
+    exp.add_argument("--outtype", default="f32", choices=("f32", "bf16", "f16"), help="gguf: weight type (default f32)")
+    exp.add_argument("--out", required=True, help="new folder for the exported drafter (gguf: a new .gguf file)")
     exp.add_argument("--json", action="store_true")
     exp.set_defaults(func=cmd_export, printer=print_table)
 

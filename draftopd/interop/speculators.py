@@ -1,4 +1,4 @@
-"""speculators' format (PyPI `speculators==0.9.0`, the folder `vllm serve` and `--speculative-config` load): export.
+"""speculators' format (PyPI `speculators==0.9.0`, the folder `vllm serve` and `--speculative-config` load): export and import.
 
 speculators loads a folder with `SpeculatorModel.from_pretrained(folder)`; its class follows `speculators_model_type`
 (`Eagle3DraftModel` for "eagle3", `DFlashDraftModel` for "dflash"). The target ("verifier") is named in the config, and
@@ -35,6 +35,18 @@ twice (vLLM captures a layer once), an EAGLE-3 drafter without exactly 3 layers 
 MASK (speculators embeds the target's row `mask_token_id`), a draft vocabulary never set, a verifier folder of another
 shape. Exact means the same computation; eager attention in float32 agrees to rounding
 (benchmarks/check_speculators_export.py measures it).
+
+Import (`import_speculators`, `draftopd import --format speculators`) is the inverse, and as strict: config.json is read
+as plain JSON with every shape key wanted; `architectures` may be the config class's (as the export writes it) or the
+model class's (`Eagle3DraftModel` / `DFlashDraftModel`, what speculators' own save_pretrained writes); the spec's target layer ids are the capture ids - 1, ascending (the order of
+fc's input blocks in the file, so nothing is permuted); the names are mapped back, d2t/t2d set through
+`set_draft_vocab` and checked to be what it sets; a saved embedding or head must equal the target's (ours are the
+target's, frozen) and is then dropped. One DrafterError line each for: a folder that is not a speculators EAGLE-3 or
+DFlash drafter, a missing or corrupt file, a missing key, an option our drafter does not compute (a variant switch on,
+a missing norm_before_residual, which vLLM reads as true, a Qwen3 EAGLE-3 layer, sliding or non-silu layers, rope
+scaling, sample_from_anchor), a config for another target (vocabulary, hidden size, target_hidden_size, capture ids
+outside 1..N-1, a local verifier folder of another shape), what the export refuses, and missing, unexpected or
+wrong-shape weights.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.drafter import Drafter, DrafterError, DrafterSpec, check_compatible
+from ..models.drafter import Drafter, DrafterError, DrafterSpec, check_compatible, drafter_for
 from ..models.load import EMBEDDED, embedded_folder
 from ..models.target import Target
 from .dflash_ref import to_reference_name
@@ -99,14 +111,20 @@ def verifier_entry(target: Target, verifier_path: str | Path | None) -> dict:
         raise DrafterError(f"verifier {name}: no such folder (give the target's local folder or its hub id)")
     architectures = list(target.model.config.architectures or [type(target.model).__name__])
     if name is not None and Path(name).exists():
-        config = read_verifier_config(Path(name))
-        want = {"hidden_size": target.hidden_size, "num_hidden_layers": target.num_layers, "vocab_size": target.vocab_size}
-        diff = ", ".join(f"{k} {config.get(k)} vs target {v}" for k, v in want.items() if config.get(k) != v)
-        if diff:
-            raise DrafterError(f"verifier {name} is not the drafter's target: {diff}")
+        config = check_verifier(Path(name), target)
         architectures = list(config.get("architectures") or architectures)
         name = str(Path(name).resolve())
     return {"name_or_path": name, "architectures": architectures}
+
+
+def check_verifier(folder: Path, target: Target) -> dict:
+    """The verifier folder's (language model) config, refused unless its shape is `target`'s."""
+    config = read_verifier_config(folder)
+    want = {"hidden_size": target.hidden_size, "num_hidden_layers": target.num_layers, "vocab_size": target.vocab_size}
+    diff = ", ".join(f"{k} {config.get(k)} vs target {v}" for k, v in want.items() if config.get(k) != v)
+    if diff:
+        raise DrafterError(f"verifier {folder} is not the drafter's target: {diff}")
+    return config
 
 
 def default_verifier(target_name: str) -> str | None:
@@ -234,3 +252,186 @@ def write_check_file(drafter: Drafter, target: Target, folder: str | Path, lengt
     save_file({"tokens": tokens.cpu(), "features": exported.float().contiguous().cpu(), "anchors": anchors.cpu(),
                "logits": logits.float().contiguous().cpu()}, str(path), metadata={"arch": spec.arch})
     return path
+
+
+# ---- import -------------------------------------------------------------------------------------------------------------
+FROZEN = {"embed_tokens.weight": "embedding", "lm_head.weight": "head"}  # the target's own, checked and dropped
+EAGLE3_SWITCHES = ("norm_before_fc", "fc_norm", "norm_output")  # speculators' default: false
+DFLASH_SWITCHES = ("sample_from_anchor", "sliding_window_non_causal")  # speculators' default: false
+DFLASH_BLOCK_SIZE = 8  # DFlashSpeculatorConfig's default block_size
+SAVED_ARCHITECTURES = {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel"}  # what speculators' save_pretrained writes
+
+
+def import_speculators(folder: str | Path, target: Target) -> Drafter:
+    """The speculators-format drafter at `folder` as our drafter on `target` (float32, eval mode)."""
+    folder = Path(folder)
+    config, weights = read_folder(folder)
+    drafter = drafter_for(spec_from_speculators(config, target, folder), target)
+    frozen = {name: weights.pop(name) for name in FROZEN if name in weights}
+    load_weights(drafter, weights, folder)
+    check_frozen(drafter, frozen, folder)
+    return drafter.eval()
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    try:
+        return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+    except FileNotFoundError as err:
+        raise DrafterError(f"no speculators drafter at {folder}: missing {Path(err.filename or 'model.safetensors').name}") from None
+    except Exception as err:  # json and safetensors header errors both mean a corrupt folder
+        raise DrafterError(f"corrupt speculators drafter at {folder}: {type(err).__name__}: {err}") from None
+
+
+def spec_from_speculators(config: dict, target: Target, folder: Path) -> DrafterSpec:
+    """Our DrafterSpec of a speculators config.json, refused (one line) unless our drafter computes what it describes
+    on `target`. `architectures` is the config class's (as the export writes it) or the model class's (as speculators'
+    own save writes it). Every shape key is wanted (speculators would fill a missing one from another model's
+    defaults); the capture ids become sorted output ids, the order of fc's input blocks in the file."""
+    kind = config.get("speculators_model_type") if isinstance(config, dict) else None
+    found = config.get("architectures") if isinstance(config, dict) else None
+    if kind not in tuple(ALGORITHMS) or found not in ([ALGORITHMS[kind]], [SAVED_ARCHITECTURES[kind]]):
+        raise DrafterError(f"{folder} is not a speculators EAGLE-3 or DFlash drafter: speculators_model_type {kind!r}, architectures {found!r}")
+    try:
+        layer = config["transformer_layer_config"]
+        unsupported = unsupported_options(config, layer)
+        theta = (layer.get("rope_parameters") or {}).get("rope_theta") or layer["rope_theta"]
+        captures = [int(i) for i in layer_ids(config, target)]
+        vocab, draft_vocab, layers = int(layer["vocab_size"]), int(config["draft_vocab_size"]), int(layer["num_hidden_layers"])
+        spec = DrafterSpec(
+            hidden_size=int(layer["hidden_size"]), vocab_size=vocab, num_target_layers=target.num_layers,
+            target_layer_ids=tuple(sorted(c - 1 for c in captures)), num_layers=layers, block_size=block_size(config),
+            num_heads=int(layer["num_attention_heads"]), num_kv_heads=int(layer["num_key_value_heads"]), head_dim=int(layer["head_dim"]),
+            intermediate_size=int(layer["intermediate_size"]), rope_theta=float(theta), rms_norm_eps=float(layer["rms_norm_eps"]),
+            mask_token_id=None if kind == "eagle3" or config["mask_token_id"] is None else int(config["mask_token_id"]),
+            draft_vocab_size=None if draft_vocab == vocab else draft_vocab, arch=kind)
+    except KeyError as err:
+        raise DrafterError(f"{folder}/config.json lacks {err} (draftopd wants every shape key)") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise DrafterError(f"{folder}/config.json has a bad value: {type(err).__name__}: {err}") from None
+    if unsupported:
+        raise DrafterError(f"{folder} uses speculators options draftopd's drafter does not compute: {', '.join(unsupported)}")
+    check_for_target(config, captures, spec, target, folder)
+    return spec
+
+
+def unsupported_options(config: dict, layer: dict) -> list[str]:
+    """`name=value` for each option that changes the computation and is not at the setting our drafter computes. A
+    missing norm_before_residual reads as true, as vLLM reads it (speculators' own default is false: the folder is
+    ambiguous). An EAGLE-3 layer must be a Llama one (speculators' default, Qwen3, adds q/k norms ours lacks)."""
+    scaling = {d.get("rope_type", d.get("type", "default")) for d in (layer.get("rope_parameters") or {}, layer.get("rope_scaling") or {})}
+    checks = {"hidden_act": (layer.get("hidden_act", "silu"), "silu"), "attention_bias": (layer.get("attention_bias", False), False),
+              "rope_scaling": (sorted(scaling - {"default"}) or None, None)}
+    if config["speculators_model_type"] == "eagle3":
+        checks |= {"model_type": (layer.get("model_type"), "llama"), "mlp_bias": (layer.get("mlp_bias", False), False),
+                   "norm_before_residual": (config.get("norm_before_residual", "missing"), False),
+                   **{k: (config.get(k, False), False) for k in EAGLE3_SWITCHES}}
+    else:
+        sliding = sorted({t for t in layer.get("layer_types") or [] if t != "full_attention"}) or None
+        checks |= {"use_sliding_window": (layer.get("use_sliding_window", False), False), "layer_types": (sliding, None),
+                   **{k: (config.get(k, False), False) for k in DFLASH_SWITCHES}}
+    return [f"{k}={got!r}" for k, (got, want) in checks.items() if got != want]
+
+
+def layer_ids(config: dict, target: Target) -> list:
+    """The capture ids; a missing EAGLE-3 list means speculators' and vLLM's default [2, N/2, N-3] on the target."""
+    eagle3 = config["speculators_model_type"] == "eagle3"
+    key = "eagle_aux_hidden_state_layer_ids" if eagle3 else "aux_hidden_state_layer_ids"
+    if config.get(key) is not None:
+        return config[key]
+    if not eagle3:
+        raise KeyError(key)
+    return [2, target.num_layers // 2, target.num_layers - 3]
+
+
+def block_size(config: dict) -> int:
+    """DFlash: `block_size`; EAGLE-3: the default proposal method's speculative_tokens + 1 (the anchor)."""
+    if config["speculators_model_type"] == "dflash":
+        return int(config.get("block_size", DFLASH_BLOCK_SIZE))
+    proposals, name = config["speculators_config"]["proposal_methods"], config["speculators_config"].get("default_proposal_method")
+    chosen = [p for p in proposals if p.get("proposal_type") == name] if name else proposals[:1]
+    if not chosen:
+        raise KeyError(f"speculators_config.proposal_methods[proposal_type={name}]")
+    return int(chosen[0]["speculative_tokens"]) + 1
+
+
+def check_for_target(config: dict, captures: list[int], spec: DrafterSpec, target: Target, folder: Path) -> None:
+    """Refuse a config for another target (hidden size: ours is the target's; vocabulary; capture ids; a local verifier
+    folder of another shape) or one our drafter does not run the same (the export's own refusals)."""
+    check_compatible(spec, target)
+    n = target.num_layers
+    if config.get("target_hidden_size") not in (None, target.hidden_size):
+        raise DrafterError(f"{folder} is for a target of hidden size {config['target_hidden_size']}, not {target.hidden_size}")
+    if any(not 1 <= c < n for c in captures):
+        raise DrafterError(f"{folder} feeds the drafter capture ids {captures}: draftopd feeds target layer outputs, capture ids "
+                           f"1..{n - 1} of this {n}-layer target (0 is the embedding, {n} the output after the final norm)")
+    if spec.arch == "eagle3" and spec.num_layers != 1:
+        raise DrafterError(f"{folder} is an EAGLE-3 drafter of {spec.num_layers} decoder layers: draftopd's has one")
+    size, mask = spec.draft_vocab_size, spec.mask_token_id
+    if size is not None and not 1 <= size <= spec.vocab_size:
+        raise DrafterError(f"{folder} has draft_vocab_size {size} outside [1, {spec.vocab_size}]")
+    if spec.arch == "dflash" and (mask is None or not 0 <= mask < spec.vocab_size):
+        raise DrafterError(f"{folder} has mask_token_id {mask}: DFlash needs a row of the target's {spec.vocab_size}-token vocabulary")
+    if spec.block_size < 2:
+        raise DrafterError(f"{folder} drafts {spec.block_size - 1} tokens per block: draftopd drafts at least one")
+    verifier = verifier_folder(config)
+    if verifier is not None:
+        check_verifier(verifier, target)
+    check_exportable(spec, target)
+
+
+def verifier_folder(config: dict) -> Path | None:
+    """speculators_config.verifier.name_or_path when it names a local folder with config.json (a hub id, a folder on
+    another machine or no entry: nothing to check)."""
+    try:
+        name = config["speculators_config"]["verifier"]["name_or_path"]
+        return Path(name) if (Path(name) / "config.json").is_file() else None
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def load_weights(drafter: Drafter, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """The file's tensors under our names (the export's renaming undone); d2t/t2d go through `set_vocab`."""
+    ours = {to_reference_name(k): k for k in drafter.state_dict()}
+    missing, unexpected = sorted(ours.keys() - weights.keys()), sorted(weights.keys() - ours.keys())
+    if missing or unexpected:
+        raise DrafterError(f"speculators drafter at {folder} has wrong weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if drafter.spec.draft_vocab_size is not None:
+        set_vocab(drafter, weights.pop("d2t"), weights.pop("t2d"), folder)
+    try:
+        drafter.load_state_dict({ours[k]: v for k, v in weights.items()}, strict=False)  # strict: names checked above
+    except RuntimeError as err:
+        raise DrafterError(f"speculators drafter at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
+
+
+def set_vocab(drafter: Drafter, d2t: torch.Tensor, t2d: torch.Tensor, folder: Path) -> None:
+    """Set the draft vocabulary with `set_draft_vocab` (buffers and head rows consistent), then require the file's maps
+    to be what it sets: d2t mapping draft ids to ascending target ids, t2d marking exactly those."""
+    size, vocab = drafter.spec.draft_vocab_size, drafter.spec.vocab_size
+    if tuple(d2t.shape) != (size,) or tuple(t2d.shape) != (vocab,) or d2t.is_floating_point():
+        raise DrafterError(f"speculators drafter at {folder} has weights of the wrong shape: d2t {tuple(d2t.shape)} {d2t.dtype}, "
+                           f"t2d {tuple(t2d.shape)}, for {size} draft ids over {vocab} target ids")
+    d2t, t2d = d2t.long().to(drafter.d2t.device), t2d.bool().to(drafter.t2d.device)
+    drafter.set_draft_vocab(torch.arange(size, device=d2t.device) + d2t)
+    if not (torch.equal(drafter.d2t, d2t) and torch.equal(drafter.t2d, t2d)):
+        raise DrafterError(f"speculators drafter at {folder} has d2t and t2d that disagree: d2t must map draft ids to ascending "
+                           "target ids and t2d mark exactly those")
+
+
+def check_frozen(drafter: Drafter, frozen: dict[str, torch.Tensor], folder: Path) -> None:
+    """A saved embedding or head must be the target's (the head: the rows the drafter draws from it), compared at the
+    coarser of the file's and the target's dtypes (a float32 export imported on a bfloat16 target, or the reverse):
+    draftopd's drafters take both frozen from the target and neither is loaded."""
+    own = {"embed_tokens.weight": drafter.embed_weight,
+           "lm_head.weight": drafter.lm_head_weight if drafter.spec.draft_vocab_size is None else drafter.head_weight}
+    for name, saved in frozen.items():
+        mine = own[name]
+        if saved.shape != mine.shape:
+            raise DrafterError(f"speculators drafter at {folder} has weights of the wrong shape: {name} {tuple(saved.shape)}, "
+                               f"the target's {FROZEN[name]} {tuple(mine.shape)}")
+        dtype = max(saved.dtype, mine.dtype, key=lambda t: torch.finfo(t).eps)
+        if not torch.equal(saved.to(dtype), mine.detach().to(device=saved.device, dtype=dtype)):
+            raise DrafterError(f"speculators drafter at {folder} has its own {FROZEN[name]} ({name} is not the target's): draftopd's "
+                               f"drafters use the target's, frozen, and do not train one (a drafter trained elsewhere with an untied "
+                               f"{FROZEN[name]} would need it)")

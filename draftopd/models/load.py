@@ -130,7 +130,7 @@ def embedded_folder(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise TargetError(f"embedded target '{name}' needs its package: {install}")
     gguf = Path(spec.submodule_search_locations[0]) / gguf_name
-    folder = cache_dir() / "targets" / f"{name}-{_sha256(gguf)[:16]}"
+    folder = cache_dir() / "targets" / f"{name}-{file_sha256(gguf)[:16]}"
     if not (folder / "config.json").exists():
         _convert_gguf(gguf, folder)
     return folder
@@ -155,7 +155,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -1,0 +1,131 @@
+"""llama.cpp interop (draftopd/interop/llama_cpp.py): GGUF drafters made by llama.cpp's own converter, and llama-server.
+
+Without llama.cpp: the round counting and the refusals. With its sources (`./run llama-cpp`, or `python -m
+draftopd.interop.llama_cpp sources`): a tiny target with the embedded target's tokenizer and its EAGLE-3 and DFlash
+drafters convert, and the GGUF holds the architecture, layer ids, d2t and weights we wrote. With llama-server built:
+it decodes with each drafter exactly as without it, and the rounds its own counts give equal our replay's, prompt by prompt.
+Skipped with the reason where llama.cpp is absent (CI does not build it: about 5 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import make_drafter
+from draftopd.cli import main as cli_main
+from draftopd.eval.replay import replay_tau
+from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, check_gguf_exportable, export_gguf,
+                                        server_binary, source_dir, target_gguf)
+from draftopd.models.drafter import DrafterError, save_drafter
+from draftopd.models.load import load_target, tiny_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_sources = pytest.mark.skipif(not (source_dir() / "convert_hf_to_gguf.py").is_file(),
+                                   reason=f"llama.cpp sources not in {source_dir()} (./run llama-cpp)")
+needs_server = pytest.mark.skipif(not server_binary().is_file(), reason=f"llama-server not built at {server_binary()} (./run llama-cpp)")
+
+
+def test_rounds_and_committed_from_llama_counts():
+    # 10 new tokens: 1 from the prefill, then rounds committing (accepted + 1): 6 accepted over 3 rounds = 9 committed
+    c = Completion(tokens=list(range(10)), predicted_ms=1.0, prompt_ms=1.0, draft_n=21, draft_accepted=6)
+    assert (c.committed, c.rounds) == (9, 3)
+    assert Completion(tokens=[], predicted_ms=0, prompt_ms=0, draft_n=0, draft_accepted=0).rounds == 0
+
+
+def test_reduced_vocabulary_dflash_refused(llama_target):
+    drafter = make_drafter(llama_target, block_size=4, vocab_size=16, mask_token_id=3)
+    drafter.set_draft_vocab(torch.arange(16))
+    with pytest.raises(DrafterError, match="reads no d2t"):
+        check_gguf_exportable(drafter)
+    check_gguf_exportable(make_drafter(llama_target, block_size=4, arch="eagle3", target_layer_ids=(0, 1, 2), vocab_size=16))
+
+
+def test_export_gguf_without_llama_cpp_is_one_line(llama_target, tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    save_drafter(make_drafter(llama_target, block_size=4, arch="eagle3", target_layer_ids=(0, 1, 2)), ckpt)
+    monkeypatch.setenv("DRAFTOPD_LLAMA_CPP", str(tmp_path / "nowhere"))
+    out = tmp_path / "d.gguf"
+    assert cli_main(["export", "--format", "gguf", "--drafter", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama.cpp sources not found" in err[0] and "./run llama-cpp" in err[0]
+    assert not out.exists()
+    assert cli_main(["export", "--format", "gguf", "--drafter", str(ckpt), "--out", str(tmp_path / "d.bin")]) == 2
+    assert "name it *.gguf" in capsys.readouterr().err
+
+
+# ---- with llama.cpp: a tiny target that has a real tokenizer on disk ---------------------------------------------------
+@pytest.fixture(scope="module")
+def folder_target(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, saved as an HF folder and loaded from it (the
+    converter reads the tokenizer and config.json there)."""
+    from transformers import AutoTokenizer
+
+    from draftopd.models.load import embedded_folder
+
+    folder = tmp_path_factory.mktemp("tiny-smol")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_folder("smollm2-135m"))
+    tiny = tiny_target("llama", vocab_size=len(tokenizer), hidden_size=64, num_layers=4, seed=3)
+    tiny.model.config.eos_token_id = tokenizer.eos_token_id
+    tiny.model.config.bos_token_id = tokenizer.bos_token_id
+    tiny.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_target(str(folder), dtype=torch.float32)
+
+
+def drafters(target) -> dict:
+    g = torch.Generator().manual_seed(0)
+    e3 = make_drafter(target, block_size=5, arch="eagle3", target_layer_ids=(0, 1, 2), vocab_size=512, seed=1)
+    e3.set_draft_vocab(torch.sort(torch.randperm(target.vocab_size, generator=g)[:512]).values)
+    df = make_drafter(target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2, seed=2)
+    return {"eagle3": e3, "dflash": df}
+
+
+def read_gguf(path):
+    sys.path.insert(0, str(source_dir() / "gguf-py"))
+    try:
+        from gguf import GGUFReader
+    finally:
+        sys.path.pop(0)
+    reader = GGUFReader(str(path))
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    return fields, tensors
+
+
+@pytest.mark.slow
+@needs_sources
+@pytest.mark.parametrize("arch", ["eagle3", "dflash"])
+def test_gguf_holds_what_we_wrote(arch, folder_target, tmp_path):
+    drafter = drafters(folder_target)[arch]
+    path = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
+    fields, tensors = read_gguf(path)
+    assert fields["general.architecture"] == arch
+    capture = sorted(i + 1 for i in drafter.spec.target_layer_ids)  # llama.cpp counts hidden_states[j], as speculators
+    assert list(fields[f"{arch}.target_layers"]) == capture
+    assert torch.equal(tensors["fc.weight"].float().reshape(drafter.fc.weight.shape), drafter.fc.weight.float())
+    if arch == "eagle3":
+        assert torch.equal(tensors["d2t"].long(), drafter.draft_to_target(torch.arange(512)))
+    else:
+        assert fields["tokenizer.ggml.mask_token_id"] == drafter.spec.mask_token_id
+        assert fields["dflash.block_size"] == drafter.block_size
+
+
+@pytest.mark.slow
+@needs_server
+@pytest.mark.parametrize("arch", ["eagle3", "dflash"])
+def test_llama_server_is_lossless_and_counts_what_we_count(arch, folder_target, tmp_path):
+    drafter = drafters(folder_target)[arch]
+    draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
+    model = target_gguf(folder_target, "f32", root=None)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, folder_target.vocab_size - 100, (n,), generator=g).tolist() for n in (7, 12, 20)]
+    with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[arch]) as spec:
+        a = [plain.complete(p, 40) for p in prompts]
+        s = [spec.complete(p, 40) for p in prompts]
+    assert [x.tokens for x in s] == [x.tokens for x in a]
+    replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in a])
+    assert [(x.committed, x.rounds) for x in s] == [(t.committed, t.rounds) for t in replayed.texts]
+    assert all(x.draft_n > 0 for x in s)  # it did draft (an untrained drafter is rarely accepted: benchmarks/llama_server.py
+    # compares the counts of a trained drafter on the real target)
