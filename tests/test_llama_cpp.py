@@ -3,7 +3,8 @@
 Without llama.cpp: the round counting and the refusals. With its sources (`./run llama-cpp`, or `python -m
 draftopd.interop.llama_cpp sources`): a tiny target with the embedded target's tokenizer and its EAGLE-3 and DFlash
 drafters convert, and the GGUF holds the architecture, layer ids, d2t and weights we wrote. With llama-server built:
-it decodes with each drafter exactly as without it, and the rounds its own counts give equal our replay's, prompt by prompt.
+it decodes with each drafter (trained a little, so drafts get accepted) exactly as without it, and for DFlash the rounds
+its own counts give equal our replay's, prompt by prompt; for EAGLE-3 they do not on this looping text (a strict xfail).
 Skipped with the reason where llama.cpp is absent (CI does not build it: about 5 minutes on 2 cores)."""
 
 from __future__ import annotations
@@ -82,6 +83,30 @@ def drafters(target) -> dict:
     return {"eagle3": e3, "dflash": df}
 
 
+@pytest.fixture(scope="module")
+def trained(folder_target, tmp_path_factory):
+    """Each drafter after 40 SFT steps on the tiny target's own greedy text (which loops), so llama-server accepts some
+    of its drafts and the counts compared below are not all zero; with the prompts it trained on."""
+    from draftopd.config import DecodeConfig, OptimConfig, SFTConfig
+    from draftopd.data.regenerate import SFTExample
+    from draftopd.decode.speculative import autoregressive_generate
+    from draftopd.train.sft import train_sft
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, folder_target.vocab_size - 100, (8,), generator=g).tolist() for _ in range(16)]
+    outputs = [t.output for t in autoregressive_generate(folder_target, prompts, DecodeConfig(max_new_tokens=40)).traces]
+    examples = [SFTExample(str(i), tuple(p), tuple(o)) for i, (p, o) in enumerate(zip(prompts, outputs))]
+    cfg = SFTConfig(steps=40, batch_size=8, anchors_per_seq=16, save_every=1000, optim=OptimConfig(lr=3e-3, min_warmup_steps=1))
+    out, made = {}, drafters(folder_target)
+    seen = sorted({t for o in outputs for t in o})  # the draft vocabulary must hold the looping tokens to accept them
+    rest = [i for i in range(folder_target.vocab_size) if i not in set(seen)][: 512 - len(seen)]
+    made["eagle3"].set_draft_vocab(torch.tensor(sorted(seen + rest)))
+    for arch, drafter in made.items():
+        train_sft(folder_target, drafter.train().requires_grad_(True), examples, cfg, tmp_path_factory.mktemp(arch), progress=False)
+        out[arch] = drafter.eval().requires_grad_(False)
+    return out, prompts
+
+
 def read_gguf(path):
     sys.path.insert(0, str(source_dir() / "gguf-py"))
     try:
@@ -112,20 +137,36 @@ def test_gguf_holds_what_we_wrote(arch, folder_target, tmp_path):
         assert fields["dflash.block_size"] == drafter.block_size
 
 
+EAGLE3_COUNTS = pytest.mark.xfail(strict=True, reason=(
+    "known difference, not yet explained: on this tiny target's looping text llama.cpp's EAGLE-3 accepts more drafts "
+    "than our decoder (e.g. 12 rounds vs our 15 for 39 tokens); on the real target's held-out prompts the two taus agree "
+    "to 1.001 [1.000, 1.002] (benchmarks/llama_server.py). llama.cpp keeps a deferred (token, feature) boundary between "
+    "rounds; which context entries differ from ours is not established"))
+
+
+@pytest.mark.slow
+@needs_server
+@pytest.mark.parametrize("arch", [pytest.param("eagle3", marks=EAGLE3_COUNTS), "dflash"])
+def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_path):
+    drafter, prompts = trained[0][arch], trained[1][:4]
+    draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
+    model = target_gguf(folder_target, "f32", root=None)
+    with LlamaServer(model, draft, SPEC_TYPES[arch]) as spec:
+        s = [spec.complete(p, 40) for p in prompts]
+    replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in s])
+    assert sum(x.draft_accepted for x in s) > 0  # the counts compared include accepted drafts
+    assert [(x.committed, x.rounds) for x in s] == [(t.committed, t.rounds) for t in replayed.texts]
+
+
 @pytest.mark.slow
 @needs_server
 @pytest.mark.parametrize("arch", ["eagle3", "dflash"])
-def test_llama_server_is_lossless_and_counts_what_we_count(arch, folder_target, tmp_path):
-    drafter = drafters(folder_target)[arch]
+def test_llama_server_is_lossless(arch, folder_target, trained, tmp_path):
+    drafter, prompts = trained[0][arch], trained[1][:4]
     draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
     model = target_gguf(folder_target, "f32", root=None)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, folder_target.vocab_size - 100, (n,), generator=g).tolist() for n in (7, 12, 20)]
     with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[arch]) as spec:
         a = [plain.complete(p, 40) for p in prompts]
         s = [spec.complete(p, 40) for p in prompts]
+    assert sum(x.draft_accepted for x in s) > 0  # it accepted drafts, so verification had something to keep
     assert [x.tokens for x in s] == [x.tokens for x in a]
-    replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in a])
-    assert [(x.committed, x.rounds) for x in s] == [(t.committed, t.rounds) for t in replayed.texts]
-    assert all(x.draft_n > 0 for x in s)  # it did draft (an untrained drafter is rarely accepted: benchmarks/llama_server.py
-    # compares the counts of a trained drafter on the real target)
