@@ -40,14 +40,7 @@ from draftopd.eval.replay import replay_tau  # noqa: E402
 from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, export_gguf,  # noqa: E402
                                         home, require_server, target_gguf)
 from draftopd.models.drafter import load_drafter  # noqa: E402
-from draftopd.models.load import EMBEDDED, load_target  # noqa: E402
-
-
-def embedded_gguf(name: str) -> Path:
-    import importlib.util
-
-    package, gguf_name, _ = EMBEDDED[name]
-    return Path(importlib.util.find_spec(package).submodule_search_locations[0]) / gguf_name
+from draftopd.models.load import embedded_gguf, load_target  # noqa: E402
 
 
 def summarize(rows: list[dict], resamples: int) -> dict:

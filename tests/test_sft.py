@@ -62,9 +62,9 @@ def test_sft_loss_matches_reference(learnable):
     with torch.no_grad():
         result = sft_micro_batch(target, drafter, examples[:3], cfg, gen)
     # replay the same anchor draw for the reference
-    from draftopd.train.blocks import sample_anchors
-    batch = pad_batch([list(e.prompt_ids) + list(e.response_ids) for e in examples[:3]], [len(e.prompt_ids) for e in examples[:3]], target.pad_id)
-    anchors, valid = sample_anchors(batch, 5, torch.Generator().manual_seed(3))
+    from draftopd.train.blocks import draw_anchors
+    seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples[:3]]
+    anchors, valid = draw_anchors([len(e.prompt_ids) for e in examples[:3]], [len(s) for s in seqs], 5, torch.Generator().manual_seed(3))
     ref = reference_sft_loss(target, drafter, examples[:3], [a[v].tolist() for a, v in zip(anchors, valid)], 4.0)
     assert float(result.loss_sum) / result.weight_sum == pytest.approx(ref, rel=1e-5)
 

@@ -249,14 +249,15 @@ class LlamaServer:
                  cfg: ServerConfig = ServerConfig(), root: Path | None = None, log: Path | None = None):
         if (draft is None) != (spec_type is None):
             raise LlamaCppError("a draft model needs its --spec-type and the other way round")
-        self.cmd = [str(require_server(root)), "-m", str(model), "--host", "127.0.0.1", "--port", str(free_port()),
+        port = free_port()
+        self.cmd = [str(require_server(root)), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
                     "-t", str(cfg.threads), "-tb", str(cfg.threads), "-c", str(cfg.ctx_size), "-np", "1", "--no-webui",
                     "--cache-ram", "0"]
         if draft is not None:
             self.cmd += ["-md", str(draft), "--spec-type", spec_type, "--spec-draft-n-max", str(cfg.draft_n_max),
                          "--spec-draft-n-min", "0", "--spec-draft-p-min", "0", "-td", str(cfg.threads),
                          "-tbd", str(cfg.threads)]
-        self.url = f"http://127.0.0.1:{self.cmd[self.cmd.index('--port') + 1]}"
+        self.url = f"http://127.0.0.1:{port}"
         self.cfg, self.log = cfg, log
         self.process: subprocess.Popen | None = None
 

@@ -123,13 +123,18 @@ def _load_failure(name: str, folder: Path | str, step: str, err: Exception) -> s
     return f"cannot load the {step} of target '{name}'{hint}: {type(err).__name__}: {text[:240]}"
 
 
-def embedded_folder(name: str) -> Path:
-    """Converted safetensors folder of an embedded target, converting once on first use."""
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file an embedded target's package ships."""
     package, gguf_name, install = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise TargetError(f"embedded target '{name}' needs its package: {install}")
-    gguf = Path(spec.submodule_search_locations[0]) / gguf_name
+    return Path(spec.submodule_search_locations[0]) / gguf_name
+
+
+def embedded_folder(name: str) -> Path:
+    """Converted safetensors folder of an embedded target, converting once on first use."""
+    gguf = embedded_gguf(name)
     folder = cache_dir() / "targets" / f"{name}-{file_sha256(gguf)[:16]}"
     if not (folder / "config.json").exists():
         _convert_gguf(gguf, folder)

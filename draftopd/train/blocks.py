@@ -112,15 +112,10 @@ def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, bl
     return BlockLabels(text_at(batch, anchors, slots), mask, slots)
 
 
-def sample_anchors(batch: SequenceBatch, per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Up to `per_seq` distinct anchors per sequence among response positions [response_start, length-2]
-    (each has at least one label). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
-    anchors, valid = draw_anchors(batch.response_start.tolist(), batch.lengths.tolist(), per_seq, gen)
-    return anchors.to(batch.tokens.device), valid.to(batch.tokens.device)
-
-
 def draw_anchors(starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`sample_anchors` from the sequences' response starts and lengths alone (on the CPU), one sequence after another."""
+    """Up to `per_seq` distinct anchors per sequence among response positions [start, length-2] (each has at least
+    one label), drawn on the CPU one sequence after another from the sequences' response starts and lengths alone
+    (so every rank can draw a whole micro-batch's). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
     rows, valid_rows = [], []
     for start, length in zip(starts, lengths):
         candidates = torch.arange(start, max(start, length - 1))
