@@ -199,7 +199,10 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     if unknown:
         raise UserError(f"unknown ablation(s) {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
     writable_dir(args.out, "--out")
-    cfg = ExperimentConfig(target=args.target, out_dir=args.out, ablations=tuple(args.ablations))
+    start = None if args.start == "none" else args.start
+    if start not in (None, "committed") and not (Path(start) / "config.json").is_file():
+        raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'committed' / 'none'")
+    cfg = ExperimentConfig(target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations))
     summary = run_experiment(cfg)
     return {"table": format_results(summary), **summary}
 
@@ -439,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
     demo.add_argument("--target", default=DEFAULT_TARGET)
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--start", default="committed",
+                      help="start drafter: 'committed' (the one shipped for the embedded target; others build one), a folder, or 'none' (build)")
     demo.add_argument("--ablations", nargs="*", default=[], help="Draft-OPD variants to add as rows")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo, printer=print_table)

@@ -6,6 +6,7 @@ The first run converts the GGUF once into the user cache (~20 s); later loads ta
 from __future__ import annotations
 
 import pytest
+import torch
 
 from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import load_prompts, render_prompt
@@ -36,3 +37,19 @@ def test_greedy_speculative_equals_autoregressive_on_real_prompts(smollm, block_
     ar = autoregressive_generate(smollm, prompts, cfg)
     assert [t.output for t in spec.traces] == [t.output for t in ar.traces]
     assert all(len(t.output) > 0 for t in spec.traces)
+
+
+def test_committed_drafter_speeds_up_acceptance_on_held_out_text(smollm, tmp_path):
+    """The drafter shipped for the embedded target (the demo's start) loads, exports to the speculators format
+    (its reduced vocabulary rules out the reference DFlash and GGUF formats), and accepts drafts on held-out
+    ShareGPT text as its README row says (replay tau about 1.35; a corrupt or mismatched file gives about 1.0)."""
+    from draftopd.experiment import COMMITTED_DRAFTERS, ExperimentConfig, replay_curve
+    from draftopd.interop.speculators import export_speculators, import_speculators
+    from draftopd.models.drafter import load_drafter
+
+    drafter = load_drafter(COMMITTED_DRAFTERS["smollm2-135m"], smollm)
+    export_speculators(drafter, tmp_path, smollm)
+    back = import_speculators(tmp_path, smollm)
+    assert all(torch.equal(a, b) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))
+    tau = replay_curve(smollm, drafter, ExperimentConfig(curve_prompts=10, regen_max_new_tokens=48))(drafter)
+    assert tau > 1.15, tau

@@ -111,3 +111,21 @@ def test_sft_raises_tau(learnable, tmp_path, arch):
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     assert before < 1.1
     assert after > before + 0.25, (before, after)
+
+
+def test_planned_step_compute_is_what_the_trainer_counts(learnable, tmp_path):
+    """The demo sizes continued SFT to Draft-OPD's compute with `sft_step_flops`; on equal-length examples with more
+    response tokens than anchors it must equal the trainer's own count for a step, and a batch of short answers
+    (fewer positions than anchors) must not be over-counted."""
+    from draftopd.experiment import sft_step_flops
+
+    target, examples, _ = learnable
+    cfg = SFTConfig(steps=1, batch_size=4, anchors_per_seq=6, save_every=1, optim=OptimConfig(lr=1e-3))
+    drafter = new_drafter(target, DrafterConfig(block_size=8), seed=0)
+    same = [e for e in examples if len(e.prompt_ids) + len(e.response_ids) == len(examples[0].prompt_ids) + len(examples[0].response_ids)]
+    assert len(same) >= cfg.batch_size and len(same[0].response_ids) > 2 * cfg.anchors_per_seq
+    train_sft(target, drafter, same, cfg, tmp_path / "run", progress=False)
+    counted = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["compute/flops"]
+    assert sft_step_flops(target, drafter, same, cfg) == pytest.approx(counted, rel=1e-6)
+    short = [Example(e.prompt_ids, e.response_ids[:3]) for e in same]
+    assert sft_step_flops(target, drafter, short, cfg) < sft_step_flops(target, drafter, same, cfg) / 2
