@@ -232,7 +232,10 @@ class Completion:
 class ServerConfig:
     threads: int = 2
     ctx_size: int = 2048
-    draft_n_max: int = 7  # drafted tokens per round (block size - 1)
+    # Drafted tokens per round: pass the drafter's block_size - 1 to count what our decoder counts. llama.cpp clamps
+    # a DFlash drafter to dflash.block_size - 1 itself, but chains an EAGLE-3 drafter for all n_max steps (its GGUF
+    # holds no block size), so a larger n_max accepts more per round than our decoder would (common/speculative.cpp).
+    draft_n_max: int = 7
     startup_timeout_s: float = 120.0
 
 
