@@ -204,9 +204,13 @@ class DecodeConfig:
     stop_at_eos: bool = True
     seed: int = 0
     record_draft_logits: bool = False  # keep every round's full drafter logits in the trace (tests, debugging)
+    # drafts verified per round; None = the drafter's block size - 1. Fewer stays lossless and narrows the verify
+    # pass, which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py)
+    num_drafts: int | None = None
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "max_new_tokens")
+        check_ints(self, 1, "num_drafts", optional=True)
         check_number(self, "temperature", 0)
         check_seed(self)
 
@@ -274,11 +278,13 @@ class EvalConfig:
     max_new_tokens: int = 96
     temperature: float = 0.0
     seed: int = 0
+    num_drafts: int | None = None  # drafts verified per round (DecodeConfig.num_drafts); None = block size - 1
     bootstrap_resamples: int = 2000  # 95% percentile-bootstrap intervals over prompts (tau, speedup)
 
     def __post_init__(self) -> None:
         require(self, "sets", isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
                 "must be prompt set names or files")
         check_ints(self, 1, "num_prompts", "max_new_tokens", "bootstrap_resamples")
+        check_ints(self, 1, "num_drafts", optional=True)
         check_number(self, "temperature", 0)
         check_seed(self)

@@ -4,6 +4,7 @@ and the Target's ragged cache and input checks."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from conftest import full_logits, hf_greedy, make_drafter, random_prompts
 from draftopd.config import DecodeConfig
 from draftopd.decode import speculative as S
 from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling, sample
-from draftopd.decode.speculative import Draft, autoregressive_generate, generate
+from draftopd.decode.speculative import Draft, autoregressive_generate, generate, prompt_following_tokens
 from draftopd.models.load import load_target
 from draftopd.models.target import Target, TargetError
 
@@ -152,8 +153,8 @@ class OracleDrafts:
         self.rows = rows.traces
         return rows
 
-    def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen) -> Draft:
-        real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen)
+    def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts=None) -> Draft:
+        real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts)
         k = real.tokens.shape[1]
         tokens = real.tokens.clone()
         for b, i in enumerate(self.rows):
@@ -241,6 +242,31 @@ def test_greedy_small_vocab_perturbed_drafter_accepts_raggedly(small_vocab_targe
     per_round = [[t.accepted[m] for t in out.traces] for m in range(min(t.rounds for t in out.traces))]
     assert any(max(r) > 0 for r in per_round), "no draft token was ever accepted"
     assert any(len(set(r)) > 1 for r in per_round), "rows never accepted different numbers of tokens"
+
+
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+@pytest.mark.parametrize("num_drafts", [1, 3])
+def test_fewer_drafts_per_round_stay_lossless(small_vocab_target, arch, num_drafts) -> None:
+    """`num_drafts` n < K: the same greedy text, at most n accepted a round, and each round's drafts are the first n
+    the full block would have proposed from the same state (DFlash keeps the first n slots of its one forward,
+    EAGLE-3 stops its chain after n steps)."""
+    target = small_vocab_target
+    prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
+    drafter = _drafter(target, "perturbed", 8, arch)
+    cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=False, num_drafts=num_drafts)
+    out = generate(target, drafter, prompts, cfg)
+    assert [t.output for t in out.traces] == [hf_greedy(target, p, 40) for p in prompts]
+    assert all(len(d) == num_drafts for t in out.traces for d in t.drafts) and max(a for t in out.traces for a in t.accepted) <= num_drafts
+    assert any(a > 0 for t in out.traces for a in t.accepted)
+    state, first = target.prefill([prompts[0]], drafter.spec.target_layer_ids)
+    anchor = first.logits[:, -1].argmax(-1)
+    ctx = drafter.project_context(first.features, state.positions, state.valid, prompt_following_tokens([prompts[0]], anchor, target.pad_id))
+    pick = lambda logits: logits.argmax(-1)  # noqa: E731
+    full, _ = drafter.draft(ctx, anchor, state.lengths.clone(), pick)
+    short, _ = drafter.draft(ctx, anchor, state.lengths.clone(), pick, num_drafts)
+    assert torch.equal(short, full[:, :num_drafts]) and full.shape[1] == drafter.block_size - 1
+    with pytest.raises(ValueError, match="at most 7 tokens a round"):
+        generate(target, drafter, prompts, replace(cfg, num_drafts=8))
 
 
 def test_greedy_stops_at_eos_per_row(small_vocab_target) -> None:

@@ -44,18 +44,20 @@ class Round:
     target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits
 
 
-def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen) -> Draft:
-    """DFlash fills the block in one forward; EAGLE-3 picks slot k before drafting slot k+1 (`Drafter.draft`)."""
-    tokens, logits = drafter.draft(ctx, anchor, anchor_pos, lambda step_logits: sample(step_logits, temperature, gen))
+def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen,
+                num_drafts: int | None = None) -> Draft:
+    """DFlash fills the block in one forward; EAGLE-3 picks slot k before drafting slot k+1 (`Drafter.draft`).
+    `num_drafts` (default K) drafts are proposed."""
+    tokens, logits = drafter.draft(ctx, anchor, anchor_pos, lambda step_logits: sample(step_logits, temperature, gen), num_drafts)
     return Draft(tokens, logits)
 
 
 def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
-                      temperature: float, gen, timing: Timing) -> tuple[Round, DraftContext]:
+                      temperature: float, gen, timing: Timing, num_drafts: int | None = None) -> tuple[Round, DraftContext]:
     """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
     Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
     t0 = time.perf_counter()
-    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), temperature, gen)
+    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), temperature, gen, num_drafts)
     t1 = time.perf_counter()
     verified = target.verify(state, torch.cat([anchor[:, None], draft.tokens], 1), drafter.spec.target_layer_ids)
     t2 = time.perf_counter()
@@ -99,6 +101,8 @@ def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: De
              row_seeds: list[int] | None = None) -> Generation:
     """Speculative generation for a batch of prompts; lossless at every temperature."""
     target.check_prompts(prompts, cfg.max_new_tokens + drafter.block_size)
+    if cfg.num_drafts is not None and cfg.num_drafts > drafter.block_size - 1:
+        raise ValueError(f"num_drafts {cfg.num_drafts}: this drafter drafts at most {drafter.block_size - 1} tokens a round (block size {drafter.block_size})")
     gen = generators(cfg.seed, row_seeds, len(prompts), target.device)
     timing, traces = Timing(), [RolloutTrace(list(p)) for p in prompts]
     t0 = time.perf_counter()
@@ -110,7 +114,7 @@ def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: De
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
     state, ctx, anchor, gen = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index], _select(gen, rows.index)
     while rows.traces:
-        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing)
+        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing, cfg.num_drafts)
         t1 = time.perf_counter()
         live = [traces[i] for i in rows.traces]
         _record(live, rnd, cfg.record_draft_logits)

@@ -231,10 +231,12 @@ class Drafter(nn.Module):
         """`forward` over the target's whole vocabulary (b, n_blocks, K, V)."""
         return self.to_target_vocab(self(ctx, anchor_tokens, anchor_positions, block_tokens))
 
-    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        """One block per row: anchor/anchor_pos (b,) -> drafted tokens (b, K) and the target-vocabulary logits (b, K, V)
-        each was picked from. A parallel drafter (DFlash) fills every slot in one forward."""
-        logits = self.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0]
+    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
+              num_drafts: int | None = None) -> tuple[Tensor, Tensor]:
+        """One block per row: anchor/anchor_pos (b,) -> drafted tokens (b, n) and the target-vocabulary logits (b, n, V)
+        each was picked from, n = `num_drafts` or K. A parallel drafter (DFlash) fills every slot in one forward (the
+        whole block, as trained: its slots see each other) and keeps the first n."""
+        logits = self.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0, :num_drafts]
         return pick(logits), logits
 
 

@@ -103,10 +103,10 @@ class Eagle3Drafter(Drafter):
         return DraftContext([k], [v], positions, valid, fused)
 
     def chain(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor,
-              next_token: Callable[[int, Tensor], Tensor | None]) -> list[Tensor]:
-        """K chain steps from each anchor (b, n); `next_token(k, logits_k)` gives the target-id token of slot k (b, n)
-        that feeds step k+1. Returns the K steps' draft-vocabulary logits, (b, n, V_draft) each."""
-        layer, steps = self.layers[0], self.block_size - 1
+              next_token: Callable[[int, Tensor], Tensor | None], steps: int | None = None) -> list[Tensor]:
+        """`steps` (default K) chain steps from each anchor (b, n); `next_token(k, logits_k)` gives the target-id token
+        of slot k (b, n) that feeds step k+1. Returns the steps' draft-vocabulary logits, (b, n, V_draft) each."""
+        layer, steps = self.layers[0], steps or self.block_size - 1
         base = anchor_positions - 1  # the context row (feature of a-1, token a) is step 1
         sees = ctx.valid[:, None, :] & (ctx.positions[:, None, :] < anchor_positions[..., None])  # (b, n, S)
         row = (sees & (ctx.positions[:, None, :] == base[..., None])).int().argmax(-1)  # (b, n) its slot
@@ -134,8 +134,10 @@ class Eagle3Drafter(Drafter):
 
         return torch.stack(self.chain(ctx, anchor_tokens, anchor_positions, next_token), 2)
 
-    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        """Sequential drafting: slot k's token is picked from its logits before step k+1 runs (one row step each)."""
+    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
+              num_drafts: int | None = None) -> tuple[Tensor, Tensor]:
+        """Sequential drafting: slot k's token is picked from its logits before step k+1 runs (one row step each);
+        `num_drafts` steps (default K), so fewer drafts also cost fewer drafter steps."""
         tokens, logits = [], []
 
         def next_token(_k: int, step_logits: Tensor) -> Tensor:
@@ -144,5 +146,5 @@ class Eagle3Drafter(Drafter):
             logits.append(full)
             return tokens[-1][:, None]
 
-        self.chain(ctx, anchor[:, None], anchor_pos[:, None], next_token)
+        self.chain(ctx, anchor[:, None], anchor_pos[:, None], next_token, num_drafts)
         return torch.stack(tokens, 1), torch.stack(logits, 1)
