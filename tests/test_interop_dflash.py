@@ -6,7 +6,6 @@ converted exactly is refused with one line."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -14,12 +13,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("dflash", reason="z-lab's reference DFlash is not installed: pip install --no-deps dflash==0.1.0")
 
-import dflash.model as reference_module  # noqa: E402
 from conftest import make_drafter, random_prompts  # noqa: E402
 from draftopd.config import DecodeConfig, OptimConfig, SFTConfig  # noqa: E402
 from draftopd.data.regenerate import SFTExample  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
-from draftopd.interop.dflash_ref import export_dflash, import_dflash  # noqa: E402
+from draftopd.interop.dflash_ref import export_dflash, import_dflash, load_reference, reference_run, whole_block_rounds  # noqa: E402
 from draftopd.models.drafter import DrafterError  # noqa: E402
 from draftopd.models.load import tiny_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
@@ -56,13 +54,6 @@ def trained(one_thread, tmp_path_factory):
     return target, drafter.requires_grad_(False), prompts[:4]  # decoded on prompts it was trained on: long acceptances
 
 
-def load_reference(folder):
-    """The reference's own loader; transformers only warns about a missing or misnamed tensor, so check its report."""
-    model, info = reference_module.DFlashDraftModel.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    assert not any(info.values()), info
-    return model.eval()
-
-
 def context(target, drafter, rows: int = 2, length: int = 11, seed: int = 0):
     """Target features of `rows` random sequences of `length` tokens (all valid), and an anchor token per row."""
     tokens = torch.tensor(random_prompts(target.vocab_size, [length + 1] * rows, seed))
@@ -97,29 +88,8 @@ def test_export_loads_in_reference_with_same_logits(arch, request, tmp_path):
 
 
 # ---- (b) the reference's spec_generate decodes like ours --------------------------------------------------------------
-def reference_run(reference, target, prompt, max_new_tokens, stop_ids, monkeypatch):
-    """`spec_generate`'s loop with `return_stats=True`, which adds the accepted lengths. Its timer calls
-    torch.cuda.synchronize() unconditionally, so without CUDA the timer is replaced by a plain clock."""
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(reference_module, "_cuda_time", time.perf_counter)
-    return reference_module.dflash_generate(reference, target=target.model, input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,
-                                            stop_token_ids=stop_ids, temperature=0.0, return_stats=True)
-
-
-def whole_block_rounds(lengths: list[int], max_new_tokens: int) -> int:
-    """How many leading rounds the reference ran with a whole block and did not cut. Near the end it shrinks the block
-    to fit max_new_tokens (a shorter block drafts differently: its slots attend to each other), and it cuts its last
-    round at max_new_tokens or a stop token; ours always drafts whole blocks and reports uncut lengths."""
-    done = rounds = 0  # tokens committed after the first (prefill) token when the round starts
-    for produced in lengths[:-1]:
-        if done + BLOCK > max_new_tokens:
-            break
-        done, rounds = done + produced, rounds + 1
-    return rounds
-
-
 @pytest.mark.parametrize("case", ["trained", "small vocab, stop at EOS"])
-def test_reference_spec_generate_matches_ours(case, request, tmp_path, monkeypatch):
+def test_reference_spec_generate_matches_ours(case, request, tmp_path):
     """Same tokens as plain greedy decoding, and per round the same accepted lengths as our `generate`. The trained
     drafter accepts 0..B-1 drafts; the vocabulary-8 target often says EOS, so stop handling is compared too."""
     if case == "trained":
@@ -137,10 +107,10 @@ def test_reference_spec_generate_matches_ours(case, request, tmp_path, monkeypat
         plain = autoregressive_generate(target, [prompt], cfg).traces[0].output
         assert tokens[0, len(prompt):].tolist() == plain  # lossless greedy: the target's own text
         ours = generate(target, drafter, [prompt], cfg).traces[0]
-        stats = reference_run(reference, target, prompt, new, stop_ids, monkeypatch)
+        stats = reference_run(reference, target, prompt, new, stop_ids)
         assert torch.equal(stats.output_ids, tokens) and ours.output == plain
         assert sum(stats.acceptance_lengths) == len(plain) - 1  # each round's accepted drafts + 1; the first token is the prefill's
-        n = whole_block_rounds(stats.acceptance_lengths, new)
+        n = whole_block_rounds(stats.acceptance_lengths, new, BLOCK)
         assert stats.acceptance_lengths[:n] == [r + 1 for r in ours.accepted[:n]]
         compared += ours.accepted[:n]
     assert len(compared) >= 8

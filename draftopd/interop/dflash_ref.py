@@ -22,12 +22,20 @@ the target's whole `lm_head`); the target's last layer as a feature (transformer
 the final norm, our Target reads the layer's raw output). Import reads config.json as plain JSON and wants every
 shape key rather than Qwen3Config's defaults, refuses reference options our drafter does not compute (sliding or
 causal layers, rope scaling, embedding scale, logit multiplier or softcap), and wants every tensor used, none missing.
+
+Running the reference (tests, `benchmarks/reference_tau.py`): `load_reference` loads a folder with its own loader and
+checks its loading report, `reference_run` decodes one prompt with its accepted lengths, `whole_block_rounds` says
+how many of its rounds are comparable with ours. `dflash` is imported only by these.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from ..config import dflash_default_layers
 from ..models.dflash import DFlashDrafter
@@ -164,3 +172,55 @@ def supported(config: dict, value) -> dict[str, bool]:
         "output_multiplier": float(value("output_multiplier", 1.0)) == 1.0,
         "final_logit_softcapping": not value("final_logit_softcapping"),
     }
+
+
+# ---- running the reference -------------------------------------------------------------------------------------------
+def load_reference(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """`DFlashDraftModel.from_pretrained(folder)` in eval mode. Transformers only warns about a missing, unexpected or
+    misnamed tensor, so its loading report is checked and anything in it refused."""
+    from dflash.model import DFlashDraftModel
+
+    model, info = DFlashDraftModel.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    if any(info.values()):
+        raise DrafterError(f"the reference loaded {folder} incompletely: { {k: v for k, v in info.items() if v} }")
+    return model.eval()
+
+
+@contextmanager
+def _host_clock(module):
+    """The reference's stats timer calls torch.cuda.synchronize() unconditionally; without CUDA use a plain clock."""
+    saved = module._cuda_time
+    if not torch.cuda.is_available():
+        module._cuda_time = time.perf_counter
+    try:
+        yield
+    finally:
+        module._cuda_time = saved
+
+
+@torch.no_grad()
+def reference_run(reference, target: Target, prompt: list[int], max_new_tokens: int, stop_ids: list[int] | None,
+                  temperature: float = 0.0):
+    """One prompt through the loop `spec_generate` runs (`dflash_generate`), with `return_stats=True`, which only adds
+    timers and the accepted lengths: `.output_ids` (1, prompt + new) and `.acceptance_lengths`, per round the tokens
+    it committed (accepted drafts + the target's token, cut at max_new_tokens or a stop token). The first new token
+    comes from the prefill and is in no round."""
+    import dflash.model as module
+
+    reference.eval()
+    with _host_clock(module):
+        return module.dflash_generate(reference, target=target.model, input_ids=torch.tensor([prompt], device=target.device),
+                                      max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, temperature=temperature,
+                                      return_stats=True)
+
+
+def whole_block_rounds(lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+    """How many leading rounds the reference ran with a whole block and did not cut. Near the end it shrinks the block
+    to fit max_new_tokens (a shorter block drafts differently: its slots attend to each other), and it cuts its last
+    round at max_new_tokens or a stop token; ours always drafts whole blocks and reports uncut lengths."""
+    done = rounds = 0  # tokens committed after the first (prefill) token when the round starts
+    for produced in lengths[:-1]:
+        if done + block_size > max_new_tokens:
+            break
+        done, rounds = done + produced, rounds + 1
+    return rounds
