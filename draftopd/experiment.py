@@ -82,6 +82,7 @@ class ExperimentConfig:
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_same_config(out, cfg)
     target = load_target(cfg.target)
     # 1. data: the target answers fresh training prompts
     pool = load_prompts("sharegpt", split="train", limit=cfg.prompt_offset + cfg.train_prompts, seed=cfg.sft.seed).prompts
@@ -117,6 +118,20 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                "plot": str(plot_curves(curves, out / "tau_vs_compute.png"))}
     _save_json(out / "summary.json", summary)
     return summary
+
+
+def check_same_config(out: Path, cfg: ExperimentConfig) -> None:
+    """Cached stages are only reused by the configuration that wrote them: record it, refuse another one (for
+    example a folder written by an earlier version of the demo) before anything runs."""
+    want, path = _jsonable(asdict(cfg)), out / "experiment.json"
+    have = _load(path)
+    if have is None:
+        if any(out.iterdir()):
+            raise ValueError(f"--out {out} holds files of another run (no experiment.json): give a new folder")
+        _save_json(path, want)
+    elif have != want:
+        changed = sorted(k for k in want if have.get(k) != want[k])
+        raise ValueError(f"--out {out} holds a run of another configuration (differs in {', '.join(changed)}): give a new folder")
 
 
 def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: bool) -> tuple[list[tuple[str, Drafter]], Drafter]:

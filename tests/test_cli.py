@@ -205,3 +205,18 @@ def test_export_and_import_reference_dflash(target_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "spec" / "config.json").read_text())["speculators_model_type"] == "dflash"
     rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ours", "--out", tmp_path / "x")
     assert_one_line_error(rc, err, "is not a reference DFlash drafter")  # our own format is not the reference's
+
+
+def test_demo_refuses_a_folder_of_another_run(capsys, tmp_path):
+    """Cached stages are reused only by the configuration that wrote them: an older demo's folder, or the same
+    folder with another start, is one error line before any model loads."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "curves.json").write_text("{}")
+    rc, _, err = run(capsys, "demo", "--out", str(old))
+    assert rc == 2 and "holds files of another run" in err
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "experiment.json").write_text('{"start": "committed"}')
+    rc, _, err = run(capsys, "demo", "--out", str(new), "--start", "none")
+    assert rc == 2 and "another configuration" in err and "start" in err
