@@ -48,7 +48,7 @@ def subset(cache: Path, shards: list[int], out: Path) -> None:
 
 def arm(cache: Path, out: Path, threads: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [str(ROOT / ".venv" / "bin" / "draftopd"), "sft", "--features", str(cache), *RECIPE_SFT, "--out", str(out)]
+    cmd = [sys.executable, "-m", "draftopd.cli", "sft", "--features", str(cache), *RECIPE_SFT, "--out", str(out)]
     if (out / "last").exists():
         cmd.append("--resume")
     print(" ".join(cmd), flush=True)

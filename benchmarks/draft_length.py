@@ -27,9 +27,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
-from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci  # noqa: E402
+from draftopd.eval.evaluate import load_eval_sets  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
@@ -51,11 +51,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ev = EvalConfig()
     target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
     drafter = load_drafter(args.drafter, target).to(target.dtype)
-    prompts = [(name, render_prompt(p, target.tokenizer)) for name in ev.sets
-               for p in load_prompts(name, limit=args.prompts_per_set, seed=ev.seed).prompts]
+    sets = load_eval_sets(target, EvalConfig(num_prompts=args.prompts_per_set))
+    prompts = [(name, ids) for name, items in sets.items() for _, ids in items]
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
     warm = DecodeConfig(max_new_tokens=8)
     autoregressive_generate(target, [prompts[0][1]], warm)

@@ -33,7 +33,7 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,9 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
-from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci  # noqa: E402
+from draftopd.eval.evaluate import load_eval_sets  # noqa: E402
 from draftopd.interop.dflash_ref import export_dflash, load_reference, reference_run, whole_block_rounds  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
@@ -138,11 +138,11 @@ def main() -> None:
         export_dflash(drafter, folder, target)
         reference = load_reference(folder, torch.float32)
     results: list[PromptResult] = []
-    for name in ev.sets:
-        for p in load_prompts(name, limit=args.prompts_per_set, seed=ev.seed).prompts:
-            results.append(run_prompt(target, drafter, reference, name, p.id, render_prompt(p, target.tokenizer), cfg))
+    for name, items in load_eval_sets(target, replace(ev, num_prompts=args.prompts_per_set)).items():
+        for pid, ids in items:
+            results.append(run_prompt(target, drafter, reference, name, pid, ids, cfg))
             r = results[-1]
-            print(f"{name} {p.id}: {r.new_tokens} tokens, rounds ours {r.ours_rounds} reference {r.ref_rounds}, "
+            print(f"{name} {pid}: {r.new_tokens} tokens, rounds ours {r.ours_rounds} reference {r.ref_rounds}, "
                   f"equal {r.ours_equal}/{r.ref_equal}, first differing round {r.first_differing_round}, "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), file=sys.stderr, flush=True)
     summaries = {name: summarize([r for r in results if r.set == name], ev) for name in ev.sets}

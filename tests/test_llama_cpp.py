@@ -137,13 +137,18 @@ def test_gguf_holds_what_we_wrote(arch, folder_target, tmp_path):
         assert fields["dflash.block_size"] == drafter.block_size
 
 
+def served(arch: str, folder_target, trained, tmp_path):
+    """(drafter, 4 prompts, the drafter's GGUF, the target's f32 GGUF) for a llama-server test."""
+    drafter = trained[0][arch]
+    draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
+    return drafter, trained[1][:4], draft, target_gguf(folder_target, "f32", root=None)
+
+
 @pytest.mark.slow
 @needs_server
 @pytest.mark.parametrize("arch", ["eagle3", "dflash"])
 def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_path):
-    drafter, prompts = trained[0][arch], trained[1][:4]
-    draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
-    model = target_gguf(folder_target, "f32", root=None)
+    drafter, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
     # n_max = K: llama.cpp clamps DFlash to its block size but chains EAGLE-3 for all n_max steps (7 by default, which
     # on this looping text gave 12 rounds for 39 tokens where our K=4 decoder takes 15)
     with LlamaServer(model, draft, SPEC_TYPES[arch], ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
@@ -157,9 +162,7 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
 @needs_server
 @pytest.mark.parametrize("arch", ["eagle3", "dflash"])
 def test_llama_server_is_lossless(arch, folder_target, trained, tmp_path):
-    drafter, prompts = trained[0][arch], trained[1][:4]
-    draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
-    model = target_gguf(folder_target, "f32", root=None)
+    _, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
     with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[arch]) as spec:
         a = [plain.complete(p, 40) for p in prompts]
         s = [spec.complete(p, 40) for p in prompts]

@@ -218,7 +218,8 @@ def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation],
         **_intervals(stats, cfg.bootstrap_resamples, cfg.seed), **_equality(stats, greedy), per_prompt=tuple(stats))
 
 
-def _load_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
+def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
+    """Per set, (prompt id, chat-rendered token ids) of the `cfg.num_prompts` prompts every evaluation uses."""
     if target.tokenizer is None:
         raise TargetError(f"target '{target.name}' has no tokenizer: pass pre-tokenized prompt_sets")
     sets = {}
@@ -240,7 +241,7 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
         sets = {name: [(f"{name}/{i}", [int(t) for t in ids]) for i, ids in enumerate(prompts)]
                 for name, prompts in prompt_sets.items()}
     else:
-        sets = _load_sets(target, cfg)
+        sets = load_eval_sets(target, cfg)
     sets = {name: items for name, items in sets.items() if items}
     if not sets:
         raise ValueError("no prompts to evaluate")
