@@ -346,3 +346,18 @@ def test_weights_with_wrong_shapes_raise_drafter_error(saved, llama_target, tmp_
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(DrafterError):
         load_drafter(folder, llama_target)
+
+
+@pytest.mark.parametrize("vocab", [None, 20])
+def test_head_of_a_sliced_block_equals_a_plain_matmul(llama_target, vocab) -> None:
+    """`head` flattens its input (a block's slots 1..K are a non-contiguous slice); the logits are still each row
+    times the head, for the full head and a reduced one."""
+    drafter = make_drafter(llama_target, block_size=8, seed=2, vocab_size=vocab)
+    if vocab:
+        drafter.set_draft_vocab(torch.arange(0, 2 * vocab, 2))
+    hidden = torch.randn(2, 3, 8, drafter.spec.hidden_size)[:, :, 1:]
+    weight = drafter.lm_head_weight if vocab is None else drafter.head_weight
+    want = torch.einsum("bnkh,vh->bnkv", hidden.to(weight.dtype), weight).float()
+    got = drafter.head(hidden)
+    assert got.shape == (2, 3, 7, vocab or drafter.spec.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
