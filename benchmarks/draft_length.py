@@ -5,12 +5,14 @@ stays lossless, and it narrows the verify pass. On this CPU a verify of 8 tokens
 of 2 tokens about 1.1 (README, "Cost of a round"), while the committed drafter's slot 2..7 acceptances are 0.06,
 0.01, ...: most of the wide verify buys nothing. Per prompt (30 per set, the `draftopd eval` prompts), plain
 decoding and speculative decoding at each n run interleaved at batch 1, so machine noise hits every arm alike.
-Reported per n: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
-95% bootstrap over prompts), draft and verify ms a round, output equality with plain, and the paired speedup
-ratio against the full block (same prompts resampled together).
+`--confidence c ...` adds arms that verify the whole block cut by `DecodeConfig.draft_confidence` c (each row
+proposes the slots whose product of drafter top probabilities is at least c: a per-round draft length).
+Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
+95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
+the paired speedup ratio against the full block (same prompts resampled together).
 
     python benchmarks/draft_length.py --drafter draftopd/drafters/smollm2-135m-dflash --num-drafts 1 2 3 7 \
-        --dtype bfloat16 --json runs/draft-length.json          # ~25 min on 2 cores, machine otherwise idle
+        --confidence 0.05 --dtype bfloat16 --json runs/draft-length.json   # ~5 min per arm on 2 cores, machine idle
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--drafter", default="draftopd/drafters/smollm2-135m-dflash")
     parser.add_argument("--num-drafts", type=int, nargs="+", default=[1, 2, 3, 7])
+    parser.add_argument("--confidence", type=float, nargs="*", default=[], help="draft_confidence arms (whole block, cut per round)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -56,29 +60,30 @@ def main() -> None:
     sets = load_eval_sets(target, EvalConfig(num_prompts=args.prompts_per_set))
     prompts = [(name, ids) for name, items in sets.items() for _, ids in items]
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
-    warm = DecodeConfig(max_new_tokens=8)
-    autoregressive_generate(target, [prompts[0][1]], warm)
-    for n in args.num_drafts:
-        generate(target, drafter, [prompts[0][1]], DecodeConfig(max_new_tokens=8, num_drafts=n))
-    rows = []  # per prompt: plain seconds, and per n (committed, rounds, seconds, draft s, verify s, equal)
+    arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
+    arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
+    autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
+    for arm_cfg in arms.values():
+        generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
+    rows = []  # per prompt: plain seconds, and per arm (committed, rounds, seconds, draft s, verify s, equal)
     for name, prompt in tqdm(prompts, desc="prompts", dynamic_ncols=True):
         plain, plain_s = timed(lambda: autoregressive_generate(target, [prompt], cfg))
         row = {"set": name, "plain_s": plain_s, "new": len(plain.traces[0].output), "arms": {}}
-        for n in args.num_drafts:
-            spec, spec_s = timed(lambda: generate(target, drafter, [prompt], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n)))
+        for label, arm_cfg in arms.items():
+            spec, spec_s = timed(lambda: generate(target, drafter, [prompt], arm_cfg))
             tr = spec.traces[0]
-            row["arms"][n] = {"committed": len(tr.output) - 1, "rounds": tr.rounds, "s": spec_s, "draft_s": spec.timing.draft_s,
-                              "verify_s": spec.timing.verify_s, "equal": tr.output == plain.traces[0].output,
-                              "accepted": list(tr.accepted)}
+            row["arms"][label] = {"committed": len(tr.output) - 1, "rounds": tr.rounds, "s": spec_s, "draft_s": spec.timing.draft_s,
+                                  "verify_s": spec.timing.verify_s, "equal": tr.output == plain.traces[0].output,
+                                  "accepted": list(tr.accepted), "proposed": list(tr.proposed)}
         rows.append(row)
     plain_s = [r["plain_s"] for r in rows]
-    full = max(args.num_drafts)
+    full = str(max(args.num_drafts))
     print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
           f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
-    print("| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | slot 1 / 2 acceptance | output equal to plain | speedup / full block's (paired) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / full block's (paired) |")
+    print("|---|---|---|---|---|---|---|---|")
     summary = {}
-    for n in args.num_drafts:
+    for n in arms:
         arm = [r["arms"][n] for r in rows]
         committed, rounds, secs = [a["committed"] for a in arm], [a["rounds"] for a in arm], [a["s"] for a in arm]
         tau, tau_ci = sum(committed) / sum(rounds), bootstrap_ratio_ci(committed, rounds)
@@ -91,11 +96,13 @@ def main() -> None:
         low, high = paired_ratio_ci(plain_s, full_secs, plain_s, secs)
         ratio = (sum(plain_s) / sum(secs)) / (sum(plain_s) / sum(full_secs))
         equal = sum(a["equal"] for a in arm)
-        print(f"| {n} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
-              f"{draft_ms:.1f} / {verify_ms:.1f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
+        verified = sum(x for a in arm for x in a["proposed"]) / rounds_total
+        label = f"draft_confidence {n[1:]}" if n.startswith("c") else n
+        print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
+              f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
               + ("-" if n == full else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")
         summary[n] = {"tau": tau, "tau_ci": tau_ci, "speedup": speed, "speedup_ci": speed_ci, "draft_ms": draft_ms,
-                      "verify_ms": verify_ms, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
+                      "verify_ms": verify_ms, "verified": verified, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))

@@ -207,10 +207,15 @@ class DecodeConfig:
     # drafts verified per round; None = the drafter's block size - 1. Fewer stays lossless and narrows the verify
     # pass, which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py)
     num_drafts: int | None = None
+    # verify a row's drafts only while the product of the drafter's top probabilities up to the slot (its estimate
+    # that the slot is accepted) is at least this, at least one draft a round; 0 = off. A function of the drafter's
+    # logits only, so lossless (speculative.py: `confident_drafts`)
+    draft_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "max_new_tokens")
         check_ints(self, 1, "num_drafts", optional=True)
+        check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)
 
@@ -279,6 +284,7 @@ class EvalConfig:
     temperature: float = 0.0
     seed: int = 0
     num_drafts: int | None = None  # drafts verified per round (DecodeConfig.num_drafts); None = block size - 1
+    draft_confidence: float = 0.0  # DecodeConfig.draft_confidence: verify drafts while the drafter's acceptance estimate is this high; 0 = off
     bootstrap_resamples: int = 2000  # 95% percentile-bootstrap intervals over prompts (tau, speedup)
 
     def __post_init__(self) -> None:
@@ -286,5 +292,6 @@ class EvalConfig:
                 "must be prompt set names or files")
         check_ints(self, 1, "num_prompts", "max_new_tokens", "bootstrap_resamples")
         check_ints(self, 1, "num_drafts", optional=True)
+        check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)

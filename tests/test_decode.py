@@ -17,6 +17,7 @@ from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling, s
 from draftopd.decode.speculative import Draft, autoregressive_generate, generate, prompt_following_tokens
 from draftopd.models.load import load_target
 from draftopd.models.target import Target, TargetError
+from draftopd.train.anchors import error_segments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,6 +103,38 @@ def test_accept_sampling_unit_is_lossless_per_slot() -> None:
     kept = acc.accepted >= 1
     second = torch.where(acc.accepted >= 2, draft[:, 1], acc.next_token)[kept]
     assert _chi2_pvalue(torch.bincount(second, minlength=vocab), p[1]) > 1e-4
+
+
+def test_accept_with_limit_never_accepts_past_it_and_takes_the_bonus_there() -> None:
+    """Greedy: row 0 proposes 1 of 3 correct drafts, row 1 all 3; row 0's next token is the target's at slot 1."""
+    target = _onehot_logits([[4, 5, 6, 7], [4, 5, 6, 7]], 9)
+    draft = torch.tensor([[4, 5, 6], [4, 5, 6]])
+    acc = accept_greedy(target, draft, torch.tensor([1, 3]))
+    assert acc.accepted.tolist() == [1, 3] and acc.next_token.tolist() == [5, 7]
+
+
+@pytest.mark.parametrize("rule,lossless", [("top", True), ("drawn", False)])
+def test_accept_sampling_with_a_limit_is_lossless_only_when_the_limit_ignores_the_draw(rule, lossless) -> None:
+    """Slot 2 is proposed only when the drafter is sure enough. Cutting on slot 2's top probability (a function of q)
+    keeps the second committed token ~ p_1; cutting on the drawn token's own probability biases it (caught)."""
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 60_000, 5
+    p_logits = torch.tensor([[0.3, -1.0, 1.2, 0.0, 0.8], [1.0, 0.2, -0.5, 0.9, -2.0], [0.0, 0.5, 0.0, -0.5, 0.0]])
+    q_logits = torch.tensor([[2.5, -1.0, -1.0, 0.5, 0.0], [-1.0, 0.0, 2.0, 0.0, 1.0]]).repeat(rows, 1, 1)
+    q_logits[: rows // 2, 1] = torch.tensor([0.0, 3.0, 0.0, 0.0, 0.0])  # half the rows: slot 2 sharper (top q 0.83)
+    q = torch.softmax(q_logits, -1)
+    draft = torch.multinomial(q.view(-1, vocab), 1, generator=g).view(rows, 2)
+    if rule == "top":
+        limit = 1 + (q[:, 1].amax(-1) >= 0.6).long()
+    else:
+        limit = 1 + (q[:, 1].gather(1, draft[:, 1:])[:, 0] >= 0.3).long()
+    assert 0.1 < (limit == 2).float().mean() < 0.9
+    acc = accept_sampling(p_logits.expand(rows, -1, -1), q_logits, draft, 1.0, g, limit)
+    assert (acc.accepted <= limit).all()
+    p = torch.softmax(p_logits, -1)
+    kept = acc.accepted >= 1
+    second = torch.where(acc.accepted >= 2, draft[:, 1], acc.next_token)[kept]
+    assert (_chi2_pvalue(torch.bincount(second, minlength=vocab), p[1]) > 1e-4) == lossless
 
 
 # ============================================================================ greedy: identical to the target
@@ -269,6 +302,38 @@ def test_fewer_drafts_per_round_stay_lossless(small_vocab_target, arch, num_draf
         generate(target, drafter, prompts, replace(cfg, num_drafts=8))
 
 
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_confidence_cut_stays_lossless_and_proposes_only_confident_slots(small_vocab_target, arch) -> None:
+    """`draft_confidence`: the same greedy text; each round proposes the slots whose product of drafter top
+    probabilities reaches the threshold (at least one), never accepts past them, and leaves the unproposed slots'
+    target log-probs NaN. With the threshold at 0 every round proposes the whole block."""
+    target = small_vocab_target
+    prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
+    drafter = _drafter(target, "perturbed", 8, arch)
+    whole_cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=False, record_draft_logits=True)
+    whole = generate(target, drafter, prompts, whole_cfg)
+    assert all(n == 7 for t in whole.traces for n in t.proposed)
+    c = _median_top_probability(whole)  # a tiny random drafter is near uniform: the threshold follows its spread
+    out = generate(target, drafter, prompts, replace(whole_cfg, draft_confidence=c))
+    assert [t.output for t in out.traces] == [hf_greedy(target, p, 40) for p in prompts]
+    proposed = [n for t in out.traces for n in t.proposed]
+    assert min(proposed) == 1 and max(proposed) > 1 and 1 < len(set(proposed))
+    for t in out.traces:
+        for m in range(t.rounds):
+            top = torch.softmax(t.draft_logits[m], -1).amax(-1)
+            n = t.proposed[m]
+            assert n == max(1, int((top.cumprod(0) >= c).sum()))
+            assert t.accepted[m] <= n and not t.target_logp[m][:n].isnan().any() and t.target_logp[m][n:].isnan().all()
+    with pytest.raises(ValueError, match="Draft-OPD needs whole blocks"):
+        error_segments(out.traces[0]) if min(out.traces[0].proposed) < 7 else error_segments(out.traces[1])
+
+
+def _median_top_probability(gen) -> float:
+    """The median over a run's rounds of the product of the drafter's top probabilities at slots 1 and 2 (needs
+    record_draft_logits): as a `draft_confidence`, about half the rounds then propose one draft, half more."""
+    return float(torch.stack([torch.softmax(x[:2], -1).amax(-1).prod() for t in gen.traces for x in t.draft_logits]).median())
+
+
 def test_greedy_stops_at_eos_per_row(small_vocab_target) -> None:
     """With stop_at_eos, each row is the HF greedy text cut right after its first EOS."""
     target = small_vocab_target
@@ -302,9 +367,9 @@ def _exact_joint3(target: Target, prompt: list[int], temperature: float) -> torc
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _sampled_joint3(target: Target, drafter, temperature: float, seed: int) -> torch.Tensor:
+def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0) -> torch.Tensor:
     out = generate(target, drafter, [SAMPLING_PROMPT] * SAMPLING_ROWS,
-                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed))
+                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed, draft_confidence=confidence))
     tokens = torch.tensor([t.output for t in out.traces])
     v = target.vocab_size
     return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
@@ -317,13 +382,13 @@ def _poor_drafter(target: Target, arch: str = "dflash"):
     return drafter
 
 
-def _always_accept(target_logits, draft_logits, draft, temperature, gen) -> Acceptance:
+def _always_accept(target_logits, draft_logits, draft, temperature, gen, limit=None) -> Acceptance:
     k = draft.shape[1]
     bonus = torch.multinomial(torch.softmax(target_logits[:, k] / temperature, -1), 1, generator=gen)[:, 0]
     return Acceptance(torch.full((draft.shape[0],), k), bonus)
 
 
-def _correction_from_p(target_logits, draft_logits, draft, temperature, gen) -> Acceptance:
+def _correction_from_p(target_logits, draft_logits, draft, temperature, gen, limit=None) -> Acceptance:
     """Right acceptance test, wrong correction: samples from p instead of the residual max(p - q, 0)."""
     p = torch.softmax(target_logits / temperature, -1)
     q = torch.softmax(draft_logits / temperature, -1)
@@ -343,6 +408,16 @@ def test_sampling_is_lossless(small_vocab_target, arch, temperature) -> None:
     drafter = _poor_drafter(target, arch)
     counts = _sampled_joint3(target, drafter, temperature, seed=1)
     assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, temperature)) > 1e-4
+
+
+def test_sampling_with_a_confidence_cut_is_lossless(small_vocab_target) -> None:
+    """The same joint test with `draft_confidence` cutting some blocks short (rows of one batch propose different
+    numbers of drafts)."""
+    target = small_vocab_target
+    drafter = _poor_drafter(target)
+    probe = generate(target, drafter, [SAMPLING_PROMPT] * 50, DecodeConfig(max_new_tokens=3, temperature=1.0, stop_at_eos=False, record_draft_logits=True))
+    counts = _sampled_joint3(target, drafter, 1.0, seed=2, confidence=_median_top_probability(probe))
+    assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
 
 
 @pytest.mark.parametrize("broken", [_always_accept, _correction_from_p])

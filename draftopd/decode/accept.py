@@ -9,6 +9,10 @@ and `target_logits[:, K]` gives the bonus token when the whole block is accepted
 - Sampling (temperature T > 0, lossless): accept `d_k` with probability `min(1, p_k(d_k) / q_k(d_k))`; at the
   first rejection sample from `normalise(max(p_k - q_k, 0))`; if all K are accepted sample the bonus from p.
   `p` and `q` are the temperature-T softmaxes. The output is distributed exactly as sampling from the target.
+- `limit` (b,), optional: row b proposed only its first `limit[b]` drafts (the rest of the block was drafted but not
+  proposed, `speculative.confident_drafts`). Slots past it are never accepted, and a row that accepts all its
+  `limit[b]` drafts takes the target's token at slot `limit[b]` as its bonus (argmax, or a sample from p: no q
+  there). Lossless as long as `limit` does not depend on the drafted tokens' own values beyond the drafter's logits.
 
 Randomness (`gen`): one `torch.Generator` for the whole batch, or a list with one generator per row. With a list,
 row b's draws come only from `gen[b]`, so a row's samples do not depend on which other rows share its batch
@@ -34,27 +38,36 @@ class Acceptance:
     next_token: Tensor
 
 
-def accept_greedy(target_logits: Tensor, draft: Tensor) -> Acceptance:
-    """target_logits (b, K+1, V), draft (b, K)."""
+def accept_greedy(target_logits: Tensor, draft: Tensor, limit: Tensor | None = None) -> Acceptance:
+    """target_logits (b, K+1, V), draft (b, K), limit (b,) or None."""
     choice = target_logits.argmax(-1)
-    accepted = (choice[:, :-1] == draft).long().cumprod(1).sum(1)
+    accepted = (proposed(choice[:, :-1] == draft, limit)).long().cumprod(1).sum(1)
     return Acceptance(accepted, choice.gather(1, accepted[:, None])[:, 0])
 
 
-def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: Gen) -> Acceptance:
+def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: Gen,
+                    limit: Tensor | None = None) -> Acceptance:
     """target_logits (b, K+1, V), draft_logits (b, K, V) the drafter's logits the drafts were sampled from."""
     p = torch.softmax(target_logits / temperature, -1)
     q = torch.softmax(draft_logits / temperature, -1)
     p_d = p[:, :-1].gather(2, draft[..., None])[..., 0]
     q_d = q.gather(2, draft[..., None])[..., 0]
     u = uniform(p_d.shape, gen, p_d.device)
-    accepted = (u * q_d < p_d).long().cumprod(1).sum(1)  # u < p/q, written without dividing by q
+    accepted = proposed(u * q_d < p_d, limit).long().cumprod(1).sum(1)  # u < p/q, written without dividing by q
     rows = torch.arange(draft.shape[0], device=draft.device)
     p_next = p[rows, accepted]
+    q = q * proposed(torch.ones_like(q_d, dtype=torch.bool), limit)[..., None]  # an unproposed slot has no q: residual = p
     q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)  # slot K+1 (bonus) has no q: residual = p
     residual = (p_next - q_pad[rows, accepted]).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
     return Acceptance(accepted, multinomial(residual, gen))
+
+
+def proposed(ok: Tensor, limit: Tensor | None) -> Tensor:
+    """ok (b, K) with the slots past each row's `limit` set False."""
+    if limit is None:
+        return ok
+    return ok & (torch.arange(ok.shape[1], device=ok.device) < limit[:, None])
 
 
 def sample(logits: Tensor, temperature: float, gen: Gen) -> Tensor:

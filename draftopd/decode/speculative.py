@@ -6,6 +6,16 @@ target verifies `[anchor, d_1..d_K]` in one forward, the acceptance rule keeps `
 the drafter projects the verified positions' features (each paired with the token after it, which EAGLE-3 needs),
 and the commit trims the target cache (rejected slots become holes) and the drafter's context follows the same slots.
 
+Draft length: `num_drafts` n keeps the first n of the drafter's K slots every round. `draft_confidence` c further
+cuts each row's block where the product of the drafter's top probabilities over slots 1..k falls below c, the
+drafter's own estimate that slot k is accepted (at least one draft is kept; `confident_drafts`). A verified slot
+costs about the same however likely it is, so c is best near that cost in plain decoding steps (a few hundredths
+on a CPU: benchmarks/draft_length.py). The cut depends only on the drafter's logits, never on which token was drawn
+at a slot, so every row is ordinary speculative decoding with a shorter block: lossless, greedy and sampling.
+(Cutting on the drawn token's own probability would not be: it biases sampling towards confident draws; a test
+shows it.) The verify pass is as wide as the batch's longest kept block; the drafter still drafts the whole block
+(DFlash: one forward either way).
+
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
 
@@ -37,11 +47,16 @@ class Draft:
     logits: Tensor
 
 
+    def first(self, n: int) -> "Draft":
+        return Draft(self.tokens[:, :n], self.logits[:, :n])
+
+
 @dataclass
 class Round:
-    draft: Draft
+    draft: Draft  # the whole drafted block (b, K)
     acceptance: Acceptance
-    target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits
+    target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits; NaN at slots not proposed
+    proposed: Tensor  # (b,): drafts the target checked (K unless `draft_confidence` cut the block)
 
 
 def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen,
@@ -53,26 +68,41 @@ def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos:
 
 
 def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
-                      temperature: float, gen, timing: Timing, num_drafts: int | None = None) -> tuple[Round, DraftContext]:
+                      cfg: DecodeConfig, gen, timing: Timing) -> tuple[Round, DraftContext]:
     """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
     Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
     t0 = time.perf_counter()
-    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), temperature, gen, num_drafts)
+    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), cfg.temperature, gen, cfg.num_drafts)
+    limit = confident_drafts(draft.logits, cfg.draft_confidence)
+    proposal = draft if limit is None else draft.first(int(limit.max()))
     t1 = time.perf_counter()
-    verified = target.verify(state, torch.cat([anchor[:, None], draft.tokens], 1), drafter.spec.target_layer_ids)
+    verified = target.verify(state, torch.cat([anchor[:, None], proposal.tokens], 1), drafter.spec.target_layer_ids)
     t2 = time.perf_counter()
-    acceptance = accept(verified.logits, draft, temperature, gen)
+    acceptance = accept(verified.logits, proposal, cfg.temperature, gen, limit)
     t3 = time.perf_counter()
     width = verified.features.shape[1]
-    new_ctx = drafter.project_context(verified.features, state.positions[:, -width:], state.valid[:, -width:], following_tokens(draft, acceptance))
+    new_ctx = drafter.project_context(verified.features, state.positions[:, -width:], state.valid[:, -width:], following_tokens(proposal, acceptance))
     t4 = time.perf_counter()
     target.commit(state, acceptance.accepted + 1)
     ctx = ctx.extend(new_ctx).sync(state.valid)
-    logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, draft.tokens[..., None])[..., 0]
+    logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, proposal.tokens[..., None])[..., 0]
+    k = draft.tokens.shape[1]
+    limit = torch.full_like(acceptance.accepted, k) if limit is None else limit
+    logp = torch.cat([logp, logp.new_full((logp.shape[0], k - logp.shape[1]), float("nan"))], 1)
+    logp = logp.masked_fill(torch.arange(k, device=logp.device) >= limit[:, None], float("nan"))
     timing.draft_s += (t1 - t0) + (t4 - t3)
     timing.verify_s += t2 - t1
     timing.other_s += (t3 - t2) + (time.perf_counter() - t4)
-    return Round(draft, acceptance, logp), ctx
+    return Round(draft, acceptance, logp, limit), ctx
+
+
+def confident_drafts(draft_logits: Tensor, confidence: float) -> Tensor | None:
+    """Drafts each row proposes under `draft_confidence` (b,): the slots k whose product of drafter top probabilities
+    (temperature 1) over slots 1..k is >= `confidence`, at least 1; None when the cut is off. Logits only: lossless."""
+    if confidence <= 0:
+        return None
+    reach = torch.softmax(draft_logits.float(), -1).amax(-1).cumprod(1)  # non-increasing: the kept slots lead
+    return (reach >= confidence).long().sum(1).clamp(min=1)
 
 
 def following_tokens(draft: Draft, acceptance: Acceptance) -> Tensor:
@@ -90,10 +120,10 @@ def prompt_following_tokens(prompts: list[list[int]], first: Tensor, pad_id: int
     return torch.tensor(rows, dtype=torch.long, device=first.device)
 
 
-def accept(target_logits: Tensor, draft: Draft, temperature: float, gen) -> Acceptance:
+def accept(target_logits: Tensor, draft: Draft, temperature: float, gen, limit: Tensor | None = None) -> Acceptance:
     if temperature <= 0:
-        return accept_greedy(target_logits, draft.tokens)
-    return accept_sampling(target_logits, draft.logits, draft.tokens, temperature, gen)
+        return accept_greedy(target_logits, draft.tokens, limit)
+    return accept_sampling(target_logits, draft.logits, draft.tokens, temperature, gen, limit)
 
 
 @torch.no_grad()
@@ -114,7 +144,7 @@ def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: De
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
     state, ctx, anchor, gen = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index], _select(gen, rows.index)
     while rows.traces:
-        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg.temperature, gen, timing, cfg.num_drafts)
+        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg, gen, timing)
         t1 = time.perf_counter()
         live = [traces[i] for i in rows.traces]
         _record(live, rnd, cfg.record_draft_logits)
@@ -187,7 +217,7 @@ def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
     """Append the round to each live row's trace. Everything moves to the host once per round, not once per row:
     on a GPU each per-row copy is a synchronisation."""
     draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0].cpu()
-    drafts, target_logp, accepted = rnd.draft.tokens.cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist()
+    drafts, target_logp, accepted, proposed = rnd.draft.tokens.cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist(), rnd.proposed.tolist()
     logits = rnd.draft.logits.cpu() if keep_logits else None
     for b, trace in enumerate(traces):
         if trace.finish:
@@ -195,6 +225,7 @@ def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
         trace.anchors.append(len(trace.tokens) - 1)
         trace.drafts.append(drafts[b])
         trace.accepted.append(accepted[b])
+        trace.proposed.append(proposed[b])
         trace.target_logp.append(target_logp[b])
         trace.draft_logp.append(draft_logp[b])
         if keep_logits:

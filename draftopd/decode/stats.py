@@ -69,7 +69,7 @@ class LateMatch:
 
 
 def rejected_late_match(traces: Sequence) -> LateMatch:
-    """Over every round that rejected at slot r+1 < K: of its proposals d_k at slots k > r+1 whose position exists
+    """Over every round that rejected at slot r+1 < K: of its proposals d_k at slots r+1 < k <= proposed whose position exists
     in the final text, how many equal the token the target finally produced there (`tokens[anchor + k]`)."""
     matches = count = 0
     for t in traces:
@@ -79,7 +79,8 @@ def rejected_late_match(traces: Sequence) -> LateMatch:
         anchors, accepted, drafts = torch.tensor(t.anchors), torch.tensor(t.accepted), torch.stack(t.drafts)
         slots = torch.arange(1, drafts.shape[1] + 1)
         pos = anchors[:, None] + slots  # (M, K) position of slot k's token
-        late = (slots > accepted[:, None] + 1) & (pos < len(tokens))
+        proposed = torch.tensor(t.proposed) if t.proposed else torch.full_like(accepted, drafts.shape[1])
+        late = (slots > accepted[:, None] + 1) & (slots <= proposed[:, None]) & (pos < len(tokens))
         matches += int(((drafts == tokens[pos.clamp(max=len(tokens) - 1)]) & late).sum())
         count += int(late.sum())
     return LateMatch(matches, count)

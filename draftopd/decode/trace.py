@@ -9,6 +9,8 @@ The committed text after round m is `d_1 .. d_r` followed by the target's own to
 `target_logp[m, k-1] = log p(d_k | x, y_<=a_m, d_<k)` at temperature 1, read from the verify logits of that
 round (no second forward). For k <= r these are accepted tokens, for k > r the rejected stream.
 `draft_logp[m, k-1] = log q_k(d_k)`, what the drafter gave its own proposal at drafting time.
+`proposed[m]` is how many of the K drafts the target checked: K, unless `draft_confidence` cut the block; slots
+past it were drafted but never verified (`target_logp` NaN there) and are not a rejected stream.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class RolloutTrace:
     anchors: list[int] = field(default_factory=list)
     drafts: list[Tensor] = field(default_factory=list)       # each (K,) long
     accepted: list[int] = field(default_factory=list)
+    proposed: list[int] = field(default_factory=list)     # drafts the target checked (<= K)
     target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
     draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
     draft_logits: list[Tensor] = field(default_factory=list)  # each (K, V), only with record_draft_logits
@@ -40,9 +43,10 @@ class RolloutTrace:
         return self.prompt + self.output
 
     def stacked(self) -> dict[str, Tensor]:
-        """Round fields as tensors: anchors (M,), drafts (M, K), accepted (M,), target_logp / draft_logp (M, K)."""
+        """Round fields as tensors: anchors (M,), drafts (M, K), accepted (M,), proposed (M,), target_logp / draft_logp (M, K)."""
         return {"anchors": torch.tensor(self.anchors, dtype=torch.long), "drafts": torch.stack(self.drafts),
-                "accepted": torch.tensor(self.accepted, dtype=torch.long), "target_logp": torch.stack(self.target_logp),
+                "accepted": torch.tensor(self.accepted, dtype=torch.long),
+                "proposed": torch.tensor(self.proposed or [len(d) for d in self.drafts], dtype=torch.long), "target_logp": torch.stack(self.target_logp),
                 "draft_logp": torch.stack(self.draft_logp)}
 
 

@@ -36,6 +36,8 @@ class Segments:
 
 def error_segments(trace: RolloutTrace) -> Segments:
     s = trace.stacked()
+    if (s["proposed"] < s["drafts"].shape[1]).any():
+        raise ValueError("a rollout decoded with draft_confidence has unverified draft slots: Draft-OPD needs whole blocks")
     on = torch.ones(trace.rounds, dtype=torch.bool)
     return Segments(s["anchors"], s["accepted"], s["drafts"], s["target_logp"], on, on.clone())
 
