@@ -186,8 +186,8 @@ class OracleDrafts:
         self.rows = rows.traces
         return rows
 
-    def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts=None) -> Draft:
-        real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts)
+    def __call__(self, drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts=None, confidence=0.0) -> Draft:
+        real = self.real(drafter, ctx, anchor, anchor_pos, temperature, gen, num_drafts, confidence)
         k = real.tokens.shape[1]
         tokens = real.tokens.clone()
         for b, i in enumerate(self.rows):
@@ -325,7 +325,15 @@ def test_confidence_cut_stays_lossless_and_proposes_only_confident_slots(small_v
             assert n == max(1, int((top.cumprod(0) >= c).sum()))
             assert t.accepted[m] <= n and not t.target_logp[m][:n].isnan().any() and t.target_logp[m][n:].isnan().all()
     with pytest.raises(ValueError, match="Draft-OPD needs whole blocks"):
-        error_segments(out.traces[0]) if min(out.traces[0].proposed) < 7 else error_segments(out.traces[1])
+        error_segments(next(t for t in out.traces if min(t.proposed) < 7))
+    for prompt in prompts:  # batch of one: an EAGLE-3 chain stops one step past the row's last proposed slot
+        one = generate(target, drafter, [prompt], replace(whole_cfg, draft_confidence=c)).traces[0]
+        drafted = [int((d >= 0).sum()) for d in one.drafts]
+        assert all(d[m:].eq(-1).all() for d, m in zip(one.drafts, drafted))
+        if arch == "eagle3":
+            assert all(n <= m <= min(7, n + 1) for n, m in zip(one.proposed, drafted)) and min(drafted) < 7
+        else:  # DFlash drafts its whole block in one forward either way
+            assert set(drafted) == {7}
 
 
 def _median_top_probability(gen) -> float:

@@ -53,17 +53,18 @@ class Draft:
 
 @dataclass
 class Round:
-    draft: Draft  # the whole drafted block (b, K)
+    draft: Draft  # the drafted block (b, K), or fewer slots where an EAGLE-3 chain stopped early (draft_confidence)
     acceptance: Acceptance
     target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits; NaN at slots not proposed
     proposed: Tensor  # (b,): drafts the target checked (K unless `draft_confidence` cut the block)
 
 
 def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen,
-                num_drafts: int | None = None) -> Draft:
+                num_drafts: int | None = None, confidence: float = 0.0) -> Draft:
     """DFlash fills the block in one forward; EAGLE-3 picks slot k before drafting slot k+1 (`Drafter.draft`).
-    `num_drafts` (default K) drafts are proposed."""
-    tokens, logits = drafter.draft(ctx, anchor, anchor_pos, lambda step_logits: sample(step_logits, temperature, gen), num_drafts)
+    `num_drafts` (default K) drafts are proposed; an EAGLE-3 chain stops early once `confidence` rules out every row."""
+    pick = lambda step_logits: sample(step_logits, temperature, gen)  # noqa: E731
+    tokens, logits = drafter.draft(ctx, anchor, anchor_pos, pick, num_drafts, confidence)
     return Draft(tokens, logits)
 
 
@@ -72,7 +73,7 @@ def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx:
     """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
     Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
     t0 = time.perf_counter()
-    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), cfg.temperature, gen, cfg.num_drafts)
+    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), cfg.temperature, gen, cfg.num_drafts, cfg.draft_confidence)
     limit = confident_drafts(draft.logits, cfg.draft_confidence)
     proposal = draft if limit is None else draft.first(int(limit.max()))
     t1 = time.perf_counter()
@@ -86,14 +87,18 @@ def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx:
     target.commit(state, acceptance.accepted + 1)
     ctx = ctx.extend(new_ctx).sync(state.valid)
     logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, proposal.tokens[..., None])[..., 0]
-    k = draft.tokens.shape[1]
+    k = cfg.num_drafts or drafter.block_size - 1
     limit = torch.full_like(acceptance.accepted, k) if limit is None else limit
-    logp = torch.cat([logp, logp.new_full((logp.shape[0], k - logp.shape[1]), float("nan"))], 1)
-    logp = logp.masked_fill(torch.arange(k, device=logp.device) >= limit[:, None], float("nan"))
+    logp = pad_slots(logp, k, float("nan")).masked_fill(torch.arange(k, device=logp.device) >= limit[:, None], float("nan"))
     timing.draft_s += (t1 - t0) + (t4 - t3)
     timing.verify_s += t2 - t1
     timing.other_s += (t3 - t2) + (time.perf_counter() - t4)
     return Round(draft, acceptance, logp, limit), ctx
+
+
+def pad_slots(x: Tensor, k: int, value: float) -> Tensor:
+    """(b, n, ...) -> (b, k, ...), slots n..k-1 filled with `value` (blocks cut short keep the trace rectangular)."""
+    return torch.cat([x, x.new_full((x.shape[0], k - x.shape[1], *x.shape[2:]), value)], 1)
 
 
 def confident_drafts(draft_logits: Tensor, confidence: float) -> Tensor | None:
@@ -216,9 +221,10 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
 def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
     """Append the round to each live row's trace. Everything moves to the host once per round, not once per row:
     on a GPU each per-row copy is a synchronisation."""
-    draft_logp = torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0].cpu()
-    drafts, target_logp, accepted, proposed = rnd.draft.tokens.cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist(), rnd.proposed.tolist()
-    logits = rnd.draft.logits.cpu() if keep_logits else None
+    k = rnd.target_logp.shape[1]  # an EAGLE-3 chain stopped by draft_confidence drafted fewer: -1 / NaN past its end
+    draft_logp = pad_slots(torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0], k, float("nan")).cpu()
+    drafts, target_logp, accepted, proposed = pad_slots(rnd.draft.tokens, k, -1).cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist(), rnd.proposed.tolist()
+    logits = pad_slots(rnd.draft.logits, k, float("nan")).cpu() if keep_logits else None
     for b, trace in enumerate(traces):
         if trace.finish:
             continue

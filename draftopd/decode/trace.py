@@ -10,7 +10,8 @@ The committed text after round m is `d_1 .. d_r` followed by the target's own to
 round (no second forward). For k <= r these are accepted tokens, for k > r the rejected stream.
 `draft_logp[m, k-1] = log q_k(d_k)`, what the drafter gave its own proposal at drafting time.
 `proposed[m]` is how many of the K drafts the target checked: K, unless `draft_confidence` cut the block; slots
-past it were drafted but never verified (`target_logp` NaN there) and are not a rejected stream.
+past it were drafted but never verified (`target_logp` NaN there) and are not a rejected stream; an EAGLE-3 chain
+that the cut stopped early did not draft its last slots at all (`drafts` -1, `draft_logp` NaN there).
 """
 
 from __future__ import annotations

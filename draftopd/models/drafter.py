@@ -234,10 +234,11 @@ class Drafter(nn.Module):
         return self.to_target_vocab(self(ctx, anchor_tokens, anchor_positions, block_tokens))
 
     def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
-              num_drafts: int | None = None) -> tuple[Tensor, Tensor]:
+              num_drafts: int | None = None, confidence: float = 0.0) -> tuple[Tensor, Tensor]:
         """One block per row: anchor/anchor_pos (b,) -> drafted tokens (b, n) and the target-vocabulary logits (b, n, V)
         each was picked from, n = `num_drafts` or K. A parallel drafter (DFlash) fills every slot in one forward (the
-        whole block, as trained: its slots see each other) and keeps the first n."""
+        whole block, as trained: its slots see each other) and keeps the first n. A sequential one (EAGLE-3) may stop
+        early once no row would propose a further slot under `confidence` (`DecodeConfig.draft_confidence`)."""
         logits = self.draft_logits(ctx, anchor[:, None], anchor_pos[:, None])[:, 0, :num_drafts]
         return pick(logits), logits
 

@@ -120,6 +120,8 @@ class Eagle3Drafter(Drafter):
             hidden = layer(x, hidden, positions, ctx.keys[0], ctx.values[0], sees, chain)
             out.append(self.head(self.norm(hidden)))
             tokens = next_token(k, out[-1])
+            if tokens is None:  # the last step, or the caller stops the chain
+                break
         return out
 
     def forward(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
@@ -135,15 +137,22 @@ class Eagle3Drafter(Drafter):
         return torch.stack(self.chain(ctx, anchor_tokens, anchor_positions, next_token), 2)
 
     def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
-              num_drafts: int | None = None) -> tuple[Tensor, Tensor]:
+              num_drafts: int | None = None, confidence: float = 0.0) -> tuple[Tensor, Tensor]:
         """Sequential drafting: slot k's token is picked from its logits before step k+1 runs (one row step each);
-        `num_drafts` steps (default K), so fewer drafts also cost fewer drafter steps."""
+        `num_drafts` steps (default K), so fewer drafts also cost fewer drafter steps. With `confidence` > 0 the chain
+        stops after the first step at which every row's product of top probabilities is below it: no row proposes
+        that slot or any later one (`speculative.confident_drafts`), so they are not drafted."""
         tokens, logits = [], []
+        reach = torch.ones(anchor.shape[0], device=anchor.device)
 
-        def next_token(_k: int, step_logits: Tensor) -> Tensor:
+        def next_token(_k: int, step_logits: Tensor) -> Tensor | None:
+            nonlocal reach
             full = self.to_target_vocab(step_logits[:, 0])
             tokens.append(pick(full))
             logits.append(full)
+            reach = reach * torch.softmax(step_logits[:, 0].float(), -1).amax(-1)
+            if confidence > 0 and bool((reach < confidence).all()):
+                return None
             return tokens[-1][:, None]
 
         self.chain(ctx, anchor[:, None], anchor_pos[:, None], next_token, num_drafts)
