@@ -7,12 +7,13 @@ recipe's feature cache (fixed ShareGPT text labelled by the target; a shard is a
 only in how much text they see: same steps, same compute. The full cache is the recipe's own `sft-kl` run.
 A subset cache is a manifest listing the first K shards, the shard files hard-linked, nothing copied.
 
-    python benchmarks/data_scaling.py subset --cache runs/recipe/features --shards 1 4 --out runs/scaling
+    python benchmarks/data_scaling.py subset --cache runs/recipe/features --shards 1 2 4 --out runs/scaling
     python benchmarks/data_scaling.py arm runs/scaling/cache-1 --out runs/scaling/sft-1   # ~55 min, one thread, two arms at a time
+    python benchmarks/data_scaling.py arm runs/scaling/cache-2 --out runs/scaling/sft-2 --threads 2   # ~27 min alone
     python benchmarks/data_scaling.py arm runs/scaling/cache-4 --out runs/scaling/sft-4
-    python benchmarks/replay_compare.py runs/scaling/sft-1/last runs/scaling/sft-4/last runs/recipe/sft-kl/last \
-        --json runs/scaling/replay.json
-    python benchmarks/data_scaling.py report --replay runs/scaling/replay.json --plot docs/data_scaling.png
+    python benchmarks/replay_compare.py runs/scaling/sft-1/last runs/scaling/sft-2/last runs/scaling/sft-4/last \
+        runs/recipe/sft-kl/last --json runs/scaling/replay4.json
+    python benchmarks/data_scaling.py report --replay runs/scaling/replay4.json --plot docs/data_scaling.png
 """
 
 from __future__ import annotations
