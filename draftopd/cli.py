@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_TARGET, DecodeConfig, DrafterConfig, PromptConfig
+from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DecodeConfig, DrafterConfig, PromptConfig
 
 
 class UserError(ValueError):
@@ -87,12 +87,31 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         prompts = [Prompt(id="cli", source="cli", messages=(("user", args.prompt),))]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE.jsonl")
-    target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
+    drafter_path, cfg = default_drafter(args.target, args.drafter, cfg)
+    target, drafter = load_pair(args.target, drafter_path, drafter_cfg, args)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     gen = autoregressive_generate(target, ids, cfg) if args.autoregressive else generate(target, drafter, ids, cfg)
     stats = summarize(gen, None if args.autoregressive else drafter.block_size)
     texts = [target.tokenizer.decode(t.output, skip_special_tokens=True) for t in gen.traces]
     return {"texts": texts, "stats": stats.to_dict()}
+
+
+def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) -> tuple[str | None, DecodeConfig]:
+    """`--drafter`, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`) with the decoding its
+    benchmark chose (its config.json "decode", used where the draft-length flags are left at their defaults), else
+    None: an untrained drafter, with a note on stderr."""
+    if drafter is not None:
+        return drafter, cfg
+    folder = COMMITTED_DRAFTERS.get(target_name)
+    if folder is None or not (folder / "config.json").is_file():
+        print("note: no --drafter and none committed for this target: an untrained drafter, expect no speedup "
+              "(train one with `draftopd recipe` or `draftopd sft`)", file=sys.stderr)
+        return None, cfg
+    if cfg.num_drafts is None and cfg.draft_confidence == 0:
+        cfg = replace(cfg, **json.loads((folder / "config.json").read_text()).get("decode", {}))
+    print(f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round; "
+          "--drafter DIR for another, --autoregressive for plain decoding)", file=sys.stderr)
+    return str(folder), cfg
 
 
 def print_generate(result: dict) -> None:
@@ -349,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="draftopd", description="Draft-OPD: train and measure speculative-decoding drafters")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="speculative generation with a drafter (or an untrained one)")
+    gen = sub.add_parser("generate", help="speculative generation with a drafter (default: the one committed for the target)")
     _target_args(gen)
     gen.add_argument("--prompt", help="prompt text (the target's chat template is applied unless --raw)")
     gen.add_argument("--prompt-file", help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} records")
@@ -452,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
-    parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter)")
+    parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one committed for the target, if any)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .data.prompts import SPLITS
 
 DEFAULT_TARGET = "smollm2-135m"
+# trained drafters shipped with the package, by target name: `generate`'s default drafter and the demo's start. A
+# drafter's config.json may hold "decode": the DecodeConfig fields its benchmark chose (README, "Fewer drafts a round").
+COMMITTED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).resolve().parent / "drafters" / "smollm2-135m-dflash"}
 SFT_LOSSES = ("ce", "kl")
 SFT_LABELS = ("text", "greedy")
 MAX_SEED = 2**32 - 1  # seeds are offset and multiplied by the trainers; this keeps torch.manual_seed in range

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
-from .config import DEFAULT_TARGET, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig
+from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig
 from .data.prompts import load_prompts, render_prompt
 from .data.regenerate import load_regenerated, regenerate
 from .decode.speculative import autoregressive_generate
@@ -50,9 +50,6 @@ ABLATIONS = {
     "estimate-kl": {"mode": "estimate"},
     "first-rejected": {"rej_slots": "first"},
 }
-
-
-COMMITTED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).resolve().parent / "drafters" / "smollm2-135m-dflash"}
 
 
 @dataclass(frozen=True)
