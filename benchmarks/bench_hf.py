@@ -1,7 +1,7 @@
 """Hugging Face `generate` vs draftopd decoding on the embedded target, batch 1, interleaved per prompt.
 
     .venv/bin/python benchmarks/bench_hf.py [--prompts 10] [--max-new-tokens 96] [--dtype float32|bfloat16]
-                                            [--drafter runs/full/sft/last]
+                                            [--drafter runs/full/sft/last] [--num-drafts 2]
 
 For each of N MT-Bench prompts, four methods run back to back (their order rotated per prompt, so machine noise
 and cache warmth hit all alike), greedy, stopping at the same EOS ids and the same max_new_tokens:
@@ -67,12 +67,13 @@ def draftopd_run(fn: Callable, ids: list[int], cfg: DecodeConfig) -> Run:
     return Run(tuple(gen.traces[0].output), seconds, gen.traces[0].rounds)
 
 
-def methods(target, drafter, max_new_tokens: int) -> dict[str, Callable[[list[int]], Run]]:
+def methods(target, drafter, max_new_tokens: int, num_drafts: int | None = None) -> dict[str, Callable[[list[int]], Run]]:
     cfg = DecodeConfig(max_new_tokens=max_new_tokens)
+    spec_cfg = DecodeConfig(max_new_tokens=max_new_tokens, num_drafts=num_drafts)
     return {"hf-greedy": lambda ids: hf_run(target, ids, max_new_tokens, pld=False),
             "hf-pld": lambda ids: hf_run(target, ids, max_new_tokens, pld=True),
             "draftopd-ar": lambda ids: draftopd_run(lambda p, c: autoregressive_generate(target, p, c), ids, cfg),
-            "draftopd-spec": lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, cfg)}
+            "draftopd-spec": lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, spec_cfg)}
 
 
 def measure(run: dict[str, Callable], prompts: list[list[int]]) -> dict[str, list[Run]]:
@@ -108,17 +109,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MT-Bench prompt sample")
+    parser.add_argument("--num-drafts", type=int, default=None, help="drafts verified a round (default: the whole block)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     target = load_target(args.target, dtype=DTYPES[args.dtype])
     drafter = load_drafter(args.drafter, target) if args.drafter else new_drafter(target, DrafterConfig())
-    drafter.eval()
+    drafter = drafter.to(target.dtype).eval()  # decoding runs the drafter in the target's dtype, as `generate` does
     prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.prompts, seed=args.seed).prompts]
     with torch.inference_mode():
-        measure(methods(target, drafter, min(8, args.max_new_tokens)), prompts[:1])  # warm-up
-        results = measure(methods(target, drafter, args.max_new_tokens), prompts)
+        measure(methods(target, drafter, min(8, args.max_new_tokens), args.num_drafts), prompts[:1])  # warm-up
+        results = measure(methods(target, drafter, args.max_new_tokens, args.num_drafts), prompts)
     print(f"target {args.target} ({args.dtype}), drafter {args.drafter or 'untrained'} (block {drafter.block_size}), "
-          f"{len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens, greedy, batch 1, "
+          f"{args.num_drafts or drafter.block_size - 1} drafts a round, {len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} threads, hf-pld = prompt_lookup_num_tokens={PLD_TOKENS}\n")
     print(table(results))
 
