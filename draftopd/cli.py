@@ -87,31 +87,31 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         prompts = [Prompt(id="cli", source="cli", messages=(("user", args.prompt),))]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE.jsonl")
-    drafter_path, cfg = default_drafter(args.target, args.drafter, cfg)
+    drafter_path, cfg, note = default_drafter(args.target, args.drafter, cfg)
     target, drafter = load_pair(args.target, drafter_path, drafter_cfg, args)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     gen = autoregressive_generate(target, ids, cfg) if args.autoregressive else generate(target, drafter, ids, cfg)
+    if note and not args.autoregressive:  # after decoding: any bad input above stays a one-line error
+        print(note, file=sys.stderr)
     stats = summarize(gen, None if args.autoregressive else drafter.block_size)
     texts = [target.tokenizer.decode(t.output, skip_special_tokens=True) for t in gen.traces]
     return {"texts": texts, "stats": stats.to_dict()}
 
 
-def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) -> tuple[str | None, DecodeConfig]:
+def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) -> tuple[str | None, DecodeConfig, str]:
     """`--drafter`, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`) with the decoding its
     benchmark chose (its config.json "decode", used where the draft-length flags are left at their defaults), else
-    None: an untrained drafter, with a note on stderr."""
+    None: an untrained drafter. The third item is the note for stderr ("" when --drafter is given)."""
     if drafter is not None:
-        return drafter, cfg
+        return drafter, cfg, ""
     folder = COMMITTED_DRAFTERS.get(target_name)
     if folder is None or not (folder / "config.json").is_file():
-        print("note: no --drafter and none committed for this target: an untrained drafter, expect no speedup "
-              "(train one with `draftopd recipe` or `draftopd sft`)", file=sys.stderr)
-        return None, cfg
+        return None, cfg, ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
+                           "speedup (train one with `draftopd recipe` or `draftopd sft`)")
     if cfg.num_drafts is None and cfg.draft_confidence == 0:
         cfg = replace(cfg, **json.loads((folder / "config.json").read_text()).get("decode", {}))
-    print(f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round; "
-          "--drafter DIR for another, --autoregressive for plain decoding)", file=sys.stderr)
-    return str(folder), cfg
+    return str(folder), cfg, (f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round; "
+                              "--drafter DIR for another, --autoregressive for plain decoding)")
 
 
 def print_generate(result: dict) -> None:

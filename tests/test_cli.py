@@ -77,7 +77,7 @@ def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir,
     assert len(json.loads(out)["stats"]["slot_acceptance"]) == 3
     assert cli.default_drafter(str(target_dir), None, DecodeConfig())[1].num_drafts == 1
     assert cli.default_drafter(str(target_dir), None, DecodeConfig(num_drafts=3))[1].num_drafts == 3
-    assert cli.default_drafter(str(target_dir), "elsewhere", DecodeConfig()) == ("elsewhere", DecodeConfig())
+    assert cli.default_drafter(str(target_dir), "elsewhere", DecodeConfig()) == ("elsewhere", DecodeConfig(), "")
 
 
 def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
