@@ -13,8 +13,8 @@ costs about the same however likely it is, so c is best near that cost in plain 
 on a CPU: benchmarks/draft_length.py). The cut depends only on the drafter's logits, never on which token was drawn
 at a slot, so every row is ordinary speculative decoding with a shorter block: lossless, greedy and sampling.
 (Cutting on the drawn token's own probability would not be: it biases sampling towards confident draws; a test
-shows it.) The verify pass is as wide as the batch's longest kept block; the drafter still drafts the whole block
-(DFlash: one forward either way).
+shows it.) The verify pass is as wide as the batch's longest kept block. DFlash still drafts its whole block (one
+forward either way); an EAGLE-3 chain stops once no row would propose a further slot.
 
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
@@ -45,7 +45,6 @@ class Draft:
 
     tokens: Tensor
     logits: Tensor
-
 
     def first(self, n: int) -> "Draft":
         return Draft(self.tokens[:, :n], self.logits[:, :n])
