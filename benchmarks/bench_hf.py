@@ -15,6 +15,8 @@ and cache warmth hit all alike), greedy, stopping at the same EOS ids and the sa
 tokens/s = total new tokens / total wall seconds of the calls (prefill included); `vs best HF` = tokens/s / the
 larger of hf-greedy's and hf-pld's tokens/s; `== hf-greedy` counts prompts whose new tokens equal hf-greedy's
 exactly (in float32 all four should match; in bfloat16 a K-token verify pass may round differently).
+`[95% CI]` is a paired percentile bootstrap over prompts of each method's tokens/s over the best HF baseline's
+(the same resampled prompts for both).
 One warm-up call per method (8 tokens) precedes the timed runs. Threads are pinned to 2.
 """
 
@@ -30,6 +32,7 @@ import torch
 from draftopd.config import DEFAULT_TARGET, DecodeConfig, DrafterConfig
 from draftopd.data.prompts import load_prompts, render_prompt
 from draftopd.decode.speculative import autoregressive_generate, generate
+from draftopd.decode.stats import paired_ratio_ci
 from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
 
@@ -90,14 +93,19 @@ def table(results: dict[str, list[Run]]) -> str:
     tps = {m: sum(len(r.tokens) for r in rs) / max(sum(r.seconds for r in rs), 1e-9) for m, rs in results.items()}
     best_hf = max(HF, key=tps.get)
     ref = results["hf-greedy"]
-    lines = ["| method | new tokens | seconds | tokens/s | vs best HF (" + best_hf + ") | == hf-greedy | tau |",
+    lines = ["| method | new tokens | seconds | tokens/s | vs best HF (" + best_hf + ") [95% CI] | == hf-greedy | tau |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def columns(m: str) -> tuple[list[float], list[float]]:
+        return [len(r.tokens) for r in results[m]], [r.seconds for r in results[m]]
+
     for m, rs in results.items():
         same = sum(r.tokens == h.tokens for r, h in zip(rs, ref))
         rounds = sum(r.rounds for r in rs)
         tau = f"{sum(len(r.tokens) - 1 for r in rs) / rounds:.2f}" if m == "draftopd-spec" and rounds else "-"
+        low, high = paired_ratio_ci(*columns(best_hf), *columns(m))
         lines.append(f"| {m} | {sum(len(r.tokens) for r in rs)} | {sum(r.seconds for r in rs):.2f} | {tps[m]:.1f} | "
-                     f"{tps[m] / tps[best_hf]:.2f}x | {same}/{len(rs)} | {tau} |")
+                     f"{tps[m] / tps[best_hf]:.2f}x [{low:.2f}, {high:.2f}] | {same}/{len(rs)} | {tau} |")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@
     python benchmarks/sft_arms.py regen --regenerated $R --out runs/regen-vs-fixed/regen   # from scratch, the last 1,000 regenerated
     python benchmarks/sft_arms.py old --regenerated $R --out runs/continue/old --drafter runs/scale-gpu/drafter  # its own 768 answers
     python benchmarks/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
+    python benchmarks/sft_arms.py fixed --copy-target-layers 0 1 --out runs/init/first   # fixed, layers start as target layers 0, 1
 
 Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
 checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
     parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--copy-target-layers", type=int, nargs=2, default=None,
+                        help="fixed/regen arms: the two drafter layers start as copies of these target layers (default: random)")
     args = parser.parse_args()
     if args.arm in ("old", "new") and args.drafter is None:
         parser.error("the old/new arms continue a drafter: pass --drafter")
@@ -49,7 +52,8 @@ def main() -> None:
     regenerated = load_regenerated(args.regenerated).examples if args.regenerated else []
     if args.arm in ("fixed", "regen"):
         examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
-        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192))
+        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192,
+                                                   copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None))
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
         cfg = SFTConfig(steps=120, batch_size=8, anchors_per_seq=64, loss="kl", labels="text" if args.arm == "regen" else "greedy",
                         save_every=120, optim=OptimConfig(lr=2e-3))

@@ -121,6 +121,9 @@ class DrafterConfig:
     mask_token_id: int | None = None  # MASK = this target embedding row (exportable to the reference format); None = learned vector
     final_norm_init: float = 0.1  # initial weight of the drafter's final norm (see models/dflash.new_drafter)
     vocab_size: int | None = None  # reduced draft vocabulary (head over the most frequent label tokens); None = the target's whole vocabulary
+    # DFlash: drafter layer i starts as a copy of target decoder layer copy_target_layers[i] (attention, MLP, norms;
+    # q_norm/k_norm stay at 1, biases are not copied); None = random init (models/dflash.copy_target_layers)
+    copy_target_layers: tuple[int, ...] | None = None
 
     flag_prefix: ClassVar[str] = "draft_"
 
@@ -136,6 +139,10 @@ class DrafterConfig:
         check_number(self, "rope_theta", 0, above=True)
         check_number(self, "rms_norm_eps", 0, above=True)
         check_number(self, "final_norm_init", 0, above=True)
+        copies = self.copy_target_layers
+        require(self, "copy_target_layers", copies is None or (isinstance(copies, tuple) and len(copies) == self.num_layers
+                                                                and all(_is_int(i) and i >= 0 for i in copies)),
+                f"must be one target layer id >= 0 per drafter layer ({self.num_layers})")
 
 
 def resolve_device(name: str = "auto") -> str:

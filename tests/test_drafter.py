@@ -251,6 +251,34 @@ def test_drafter_holds_the_targets_frozen_tensors_not_the_target(llama_target, t
     assert embed.device.type == head.device.type == "cpu"
 
 
+def test_copied_layers_hold_the_target_layers_weights(target) -> None:
+    """Drafter layer i starts as target layer ids[i]: every copied weight equal, the rest (fc, q/k norms) untouched."""
+    ids = (target.num_layers - 1, 0)
+    copied = make_drafter(target, num_layers=2, copy_target_layers=ids)
+    fresh = make_drafter(target, num_layers=2)
+    for layer, i in zip(copied.layers, ids):
+        source = target.model.model.layers[i]
+        assert torch.equal(layer.q_proj.weight, source.self_attn.q_proj.weight)
+        assert torch.equal(layer.o_proj.weight, source.self_attn.o_proj.weight)
+        assert torch.equal(layer.down_proj.weight, source.mlp.down_proj.weight)
+        assert torch.equal(layer.input_layernorm.weight, source.input_layernorm.weight)
+    assert not torch.equal(copied.layers[0].q_proj.weight, copied.layers[1].q_proj.weight)
+    assert torch.equal(copied.fc.weight, fresh.fc.weight)
+    assert torch.equal(copied.layers[0].q_norm.weight, fresh.layers[0].q_norm.weight)
+
+
+@pytest.mark.parametrize("ids, error, words", [((0,), ConfigError, "one target layer id"),
+                                                ((0, 99), DrafterError, "outside the target")])
+def test_copy_target_layers_bad_ids_raise(llama_target, ids, error, words) -> None:
+    with pytest.raises(error, match=words):
+        new_drafter(llama_target, DrafterConfig(num_layers=2, copy_target_layers=ids))
+
+
+def test_copy_target_layers_refused_for_eagle3(llama_target) -> None:
+    with pytest.raises(DrafterError, match="DFlash"):
+        new_drafter(llama_target, DrafterConfig(arch="eagle3", copy_target_layers=(0,)))
+
+
 def test_target_layer_ids_out_of_range_raise(llama_target) -> None:
     with pytest.raises(DrafterError, match="target_layer_ids"):
         new_drafter(llama_target, DrafterConfig(target_layer_ids=(1, llama_target.num_layers)))

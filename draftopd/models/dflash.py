@@ -17,7 +17,8 @@ Algorithmic choices (see shared/docs/drafters.md):
   block bidirectionally, never another block. Training (many blocks per sequence) and inference (one block
   per row) use the same `draft_logits` call, so they are the same computation by construction.
 - Embedding and LM head are the target's own, frozen, and never stored in the drafter checkpoint (`drafter.py`).
-- Layers are Qwen3-style: RMSNorm, attention with per-head q_norm/k_norm and RoPE, SwiGLU MLP.
+- Layers are Qwen3-style: RMSNorm, attention with per-head q_norm/k_norm and RoPE, SwiGLU MLP. They start random,
+  or (`DrafterConfig.copy_target_layers`) as copies of chosen target decoder layers: `copy_target_layers` below.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .drafter import DraftContext, Drafter, DrafterSpec, RMSNorm, rope
+from .drafter import DraftContext, Drafter, DrafterError, DrafterSpec, RMSNorm, rope
 
 
 class DraftLayer(nn.Module):
@@ -114,3 +115,30 @@ class DFlashDrafter(Drafter):
         block_id = torch.arange(n_blocks, device=anchor_positions.device).repeat_interleave(size)
         own = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)
         return torch.cat([sees_ctx, own], dim=2)[:, None]
+
+
+# the target decoder layer's parameter (HF Llama / Qwen / Mistral naming) behind each drafter layer parameter
+_TARGET_PARAMETER = {
+    "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+}
+
+
+def copy_target_layers(drafter: DFlashDrafter, decoder_layers: nn.ModuleList, layer_ids: tuple[int, ...]) -> None:
+    """Start drafter layer i as a copy of target decoder layer `layer_ids[i]`: norms, q/k/v/o and the SwiGLU MLP.
+    The drafter's q_norm/k_norm (which the target may lack) stay at 1 and target biases are not copied, so a copied
+    layer is a starting point, not the target's function; the context projection (`fc`) stays random."""
+    if len(layer_ids) != len(drafter.layers):
+        raise DrafterError(f"copy_target_layers names {len(layer_ids)} target layers for {len(drafter.layers)} drafter layers")
+    with torch.no_grad():
+        for layer, i in zip(drafter.layers, layer_ids):
+            if not 0 <= i < len(decoder_layers):
+                raise DrafterError(f"copy_target_layers: target layer {i} outside the target's {len(decoder_layers)} layers")
+            source = dict(decoder_layers[i].named_parameters())
+            for mine, theirs in _TARGET_PARAMETER.items():
+                param, weight = getattr(layer, mine).weight, source.get(theirs + ".weight")
+                if weight is None or weight.shape != param.shape:
+                    found = "missing" if weight is None else f"shaped {tuple(weight.shape)}"
+                    raise DrafterError(f"copy_target_layers: target layer {i} has no {theirs}.weight of shape {tuple(param.shape)} ({found})")
+                param.copy_(weight.to(param.dtype))

@@ -281,11 +281,17 @@ def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int 
     """A fresh drafter. Its final norm starts at `cfg.final_norm_init`: at 1.0 a block's MASK and anchor embeddings
     reach the target's (tied) head almost unchanged and come out as a very confident copy of themselves (SFT loss 35-44
     at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
-    (README, "Strong drafters")."""
+    (README, "Strong drafters"). `cfg.copy_target_layers` starts the DFlash layers as copies of target layers."""
     torch.manual_seed(seed)
     drafter = drafter_for(DrafterSpec.resolve(cfg, target), target)
     with torch.no_grad():
         drafter.norm.weight.fill_(cfg.final_norm_init)
+    if cfg.copy_target_layers is not None:
+        from .dflash import DFlashDrafter, copy_target_layers
+
+        if not isinstance(drafter, DFlashDrafter):
+            raise DrafterError(f"copy_target_layers applies to DFlash drafters, not {drafter.spec.arch}")
+        copy_target_layers(drafter, target.model.model.layers, cfg.copy_target_layers)
     return drafter
 
 
