@@ -7,6 +7,8 @@ of 2 tokens about 1.1 (README, "Cost of a round"), while the committed drafter's
 decoding and speculative decoding at each n run interleaved at batch 1, so machine noise hits every arm alike.
 `--confidence c ...` adds arms that verify the whole block cut by `DecodeConfig.draft_confidence` c (each row
 proposes the slots whose product of drafter top probabilities is at least c: a per-round draft length).
+`--lookup n ...` adds prompt-lookup arms (`DecodeConfig.lookup_ngram` n, the drafter's `--lookup-num-drafts` drafts
+in rounds without a match).
 Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
 the paired speedup ratio against the full block (same prompts resampled together).
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("--drafter", default="draftopd/drafters/smollm2-135m-dflash")
     parser.add_argument("--num-drafts", type=int, nargs="+", default=[1, 2, 3, 7])
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="draft_confidence arms (whole block, cut per round)")
+    parser.add_argument("--lookup", type=int, nargs="*", default=[], help="prompt-lookup arms: lookup_ngram n, the drafter's "
+                        "--lookup-num-drafts drafts where no n-gram matches")
+    parser.add_argument("--lookup-num-drafts", type=int, default=2)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -62,6 +67,7 @@ def main() -> None:
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
     arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
     arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
+    arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n) for n in args.lookup}
     autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
     for arm_cfg in arms.values():
         generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
@@ -74,7 +80,7 @@ def main() -> None:
             tr = spec.traces[0]
             row["arms"][label] = {"committed": len(tr.output) - 1, "rounds": tr.rounds, "s": spec_s, "draft_s": spec.timing.draft_s,
                                   "verify_s": spec.timing.verify_s, "equal": tr.output == plain.traces[0].output,
-                                  "accepted": list(tr.accepted), "proposed": list(tr.proposed)}
+                                  "accepted": list(tr.accepted), "proposed": list(tr.proposed), "looked_up": sum(tr.looked_up)}
         rows.append(row)
     plain_s = [r["plain_s"] for r in rows]
     full = str(max(args.num_drafts))
@@ -98,6 +104,8 @@ def main() -> None:
         equal = sum(a["equal"] for a in arm)
         verified = sum(x for a in arm for x in a["proposed"]) / rounds_total
         label = f"draft_confidence {n[1:]}" if n.startswith("c") else n
+        if n.startswith("l"):
+            label = f"{args.lookup_num_drafts} + lookup_ngram {n[1:]} ({sum(a['looked_up'] for a in arm) / rounds_total:.0%} of rounds looked up)"
         print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
               f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
               + ("-" if n == full else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")

@@ -108,7 +108,7 @@ def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) ->
     if folder is None or not (folder / "config.json").is_file():
         return None, cfg, ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
                            "speedup (train one with `draftopd recipe` or `draftopd sft`)")
-    if cfg.num_drafts is None and cfg.draft_confidence == 0:
+    if cfg.num_drafts is None and cfg.draft_confidence == 0 and cfg.lookup_ngram == 0:
         cfg = replace(cfg, **json.loads((folder / "config.json").read_text()).get("decode", {}))
     return str(folder), cfg, (f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round; "
                               "--drafter DIR for another, --autoregressive for plain decoding)")

@@ -222,10 +222,14 @@ class DecodeConfig:
     # that the slot is accepted) is at least this, at least one draft a round; 0 = off. A function of the drafter's
     # logits only, so lossless (speculative.py: `confident_drafts`)
     draft_confidence: float = 0.0
+    # prompt lookup: a row whose last `lookup_ngram` tokens occurred earlier in its prompt or output proposes the (up to
+    # block size - 1) tokens that followed, instead of the drafter's drafts; 0 = off. Lossless (decode/lookup.py)
+    lookup_ngram: int = 0
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "max_new_tokens")
         check_ints(self, 1, "num_drafts", optional=True)
+        check_ints(self, 0, "lookup_ngram")
         check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)
@@ -296,6 +300,7 @@ class EvalConfig:
     seed: int = 0
     num_drafts: int | None = None  # drafts verified per round (DecodeConfig.num_drafts); None = block size - 1
     draft_confidence: float = 0.0  # DecodeConfig.draft_confidence: verify drafts while the drafter's acceptance estimate is this high; 0 = off
+    lookup_ngram: int = 0  # DecodeConfig.lookup_ngram: prompt-lookup drafts where the row's last n tokens occurred before; 0 = off
     bootstrap_resamples: int = 2000  # 95% percentile-bootstrap intervals over prompts (tau, speedup)
 
     def __post_init__(self) -> None:
@@ -303,6 +308,7 @@ class EvalConfig:
                 "must be prompt set names or files")
         check_ints(self, 1, "num_prompts", "max_new_tokens", "bootstrap_resamples")
         check_ints(self, 1, "num_drafts", optional=True)
+        check_ints(self, 0, "lookup_ngram")
         check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)

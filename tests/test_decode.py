@@ -14,6 +14,7 @@ from conftest import full_logits, hf_greedy, make_drafter, random_prompts
 from draftopd.config import DecodeConfig
 from draftopd.decode import speculative as S
 from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling, sample
+from draftopd.decode.lookup import lookup
 from draftopd.decode.speculative import Draft, autoregressive_generate, generate, prompt_following_tokens
 from draftopd.models.load import load_target
 from draftopd.models.target import Target, TargetError
@@ -336,6 +337,38 @@ def test_confidence_cut_stays_lossless_and_proposes_only_confident_slots(small_v
             assert set(drafted) == {7}
 
 
+def test_lookup_finds_the_earliest_earlier_occurrence() -> None:
+    assert lookup([1, 2, 3, 9, 1, 2, 4, 1, 2], 2, 3) == [3, 9, 1]  # earliest of two matches
+    assert lookup([1, 2, 3, 9, 1, 2], 2, 9) == [3, 9, 1, 2]  # the continuation may run into the tail itself
+    assert lookup([5, 1, 2], 2, 3) == [] and lookup([1, 2], 2, 3) == [] and lookup([7, 7], 1, 4) == [7]
+    assert lookup([1, 2, 3, 1, 2], 2, 0) == []
+
+
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_prompt_lookup_stays_lossless_and_copies_earlier_text(small_vocab_target, arch) -> None:
+    """`lookup_ngram`: the same greedy text; rounds whose text repeats its last n tokens propose what followed the
+    earliest occurrence (up to K, whatever `num_drafts`), the others the drafter's n drafts; Draft-OPD refuses them."""
+    target = small_vocab_target
+    prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
+    drafter = _drafter(target, "perturbed", 8, arch)
+    cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=False, num_drafts=2, lookup_ngram=3)
+    out = generate(target, drafter, prompts, cfg)
+    assert [t.output for t in out.traces] == [hf_greedy(target, p, 40) for p in prompts]
+    looked = [x for t in out.traces for x in t.looked_up]
+    assert any(looked) and not all(looked)
+    for t in out.traces:
+        for m in range(t.rounds):
+            text = t.tokens[:t.anchors[m] + 1]
+            copied = lookup(text, 3, 7)
+            assert t.looked_up[m] == bool(copied)
+            n = len(copied) if copied else 2
+            assert t.proposed[m] == n and t.accepted[m] <= n and t.drafts[m][:n].tolist() == (copied or t.drafts[m][:2].tolist())
+            assert not t.target_logp[m][:n].isnan().any() and t.target_logp[m][n:].isnan().all()
+    assert any(a > 0 for t in out.traces for a, x in zip(t.accepted, t.looked_up) if x)
+    with pytest.raises(ValueError, match="prompt-lookup drafts"):
+        error_segments(next(t for t in out.traces if any(t.looked_up)))
+
+
 def _median_top_probability(gen) -> float:
     """The median over a run's rounds of the product of the drafter's top probabilities at slots 1 and 2 (needs
     record_draft_logits): as a `draft_confidence`, about half the rounds then propose one draft, half more."""
@@ -375,9 +408,10 @@ def _exact_joint3(target: Target, prompt: list[int], temperature: float) -> torc
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0) -> torch.Tensor:
+def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0, lookup_ngram: int = 0) -> torch.Tensor:
     out = generate(target, drafter, [SAMPLING_PROMPT] * SAMPLING_ROWS,
-                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed, draft_confidence=confidence))
+                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed, draft_confidence=confidence,
+                                lookup_ngram=lookup_ngram))
     tokens = torch.tensor([t.output for t in out.traces])
     v = target.vocab_size
     return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
@@ -425,6 +459,14 @@ def test_sampling_with_a_confidence_cut_is_lossless(small_vocab_target) -> None:
     drafter = _poor_drafter(target)
     probe = generate(target, drafter, [SAMPLING_PROMPT] * 50, DecodeConfig(max_new_tokens=3, temperature=1.0, stop_at_eos=False, record_draft_logits=True))
     counts = _sampled_joint3(target, drafter, 1.0, seed=2, confidence=_median_top_probability(probe))
+    assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
+
+
+def test_sampling_with_prompt_lookup_is_lossless(small_vocab_target) -> None:
+    """The same joint test with prompt lookup (1-grams: with 8 tokens most rows find one, some do not): point-mass
+    drafts copied from each row's text, mixed in one batch with the drafter's."""
+    target = small_vocab_target
+    counts = _sampled_joint3(target, _poor_drafter(target), 1.0, seed=3, lookup_ngram=1)
     assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
 
 

@@ -16,6 +16,10 @@ at a slot, so every row is ordinary speculative decoding with a shorter block: l
 shows it.) The verify pass is as wide as the batch's longest kept block. DFlash still drafts its whole block (one
 forward either way); an EAGLE-3 chain stops once no row would propose a further slot.
 
+Prompt lookup (`lookup_ngram` n > 0): a row whose last n tokens occurred earlier in its own text proposes the tokens
+that followed (`lookup.py`, up to K of them, a point-mass draft) instead of the drafter's block; a round where every
+row found one skips the drafter. The choice reads only committed text, so this too is lossless (`propose`).
+
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
 
@@ -36,6 +40,7 @@ from ..config import DecodeConfig
 from ..models.drafter import DraftContext, Drafter
 from ..models.target import Target, TargetState
 from .accept import Acceptance, Gen, accept_greedy, accept_sampling, sample
+from .lookup import lookup, point_mass
 from .trace import Generation, RolloutTrace, Timing
 
 
@@ -51,11 +56,22 @@ class Draft:
 
 
 @dataclass
+class Proposal:
+    """A round's drafts before verification: `limit` (b,) how many each row proposes (None = all), `looked_up` (b,)
+    bool, the rows whose drafts are prompt lookup's."""
+
+    draft: Draft
+    limit: Tensor | None
+    looked_up: Tensor
+
+
+@dataclass
 class Round:
     draft: Draft  # the drafted block (b, K), or fewer slots where an EAGLE-3 chain stopped early (draft_confidence)
     acceptance: Acceptance
     target_logp: Tensor  # (b, K): log p(d_k | prefix, d_<k) from the verify logits; NaN at slots not proposed
     proposed: Tensor  # (b,): drafts the target checked (K unless `draft_confidence` cut the block)
+    looked_up: Tensor  # (b,) bool: the drafts came from prompt lookup, not the drafter
 
 
 def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen,
@@ -67,13 +83,46 @@ def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos:
     return Draft(tokens, logits)
 
 
-def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
-                      cfg: DecodeConfig, gen, timing: Timing) -> tuple[Round, DraftContext]:
-    """One round for every row: draft, verify, accept, commit. Returns the round and the synced context.
-    Time in the drafter (drafting and projecting the new context) counts as draft, the target forward as verify."""
-    t0 = time.perf_counter()
-    draft = draft_block(drafter, ctx, anchor, state.lengths.clone(), cfg.temperature, gen, cfg.num_drafts, cfg.draft_confidence)
+def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, cfg: DecodeConfig, gen,
+            history: list[list[int]]) -> Proposal:
+    """The round's drafts: prompt lookup's where a row's text (`history`, ending at its anchor) repeats its last
+    `lookup_ngram` tokens, else the drafter's block cut by `num_drafts` and `draft_confidence`."""
+    found = [lookup(h, cfg.lookup_ngram, drafter.block_size - 1) for h in history] if cfg.lookup_ngram else []
+    looked_up = torch.tensor([bool(f) for f in found] or [False] * len(anchor), device=anchor.device)
+    if found and all(found):  # every row copies from its text: the drafter does not run
+        return Proposal(_lookup_draft(found, drafter.spec.vocab_size, anchor.device), _lengths(found, anchor.device), looked_up)
+    draft = draft_block(drafter, ctx, anchor, anchor_pos, cfg.temperature, gen, cfg.num_drafts, cfg.draft_confidence)
     limit = confident_drafts(draft.logits, cfg.draft_confidence)
+    if not looked_up.any():
+        return Proposal(draft, limit, looked_up)
+    copied = _lookup_draft(found, drafter.spec.vocab_size, anchor.device)
+    width = max(draft.tokens.shape[1], copied.tokens.shape[1])
+    pick = looked_up[:, None]
+    tokens = torch.where(pick, pad_slots(copied.tokens, width, 0), pad_slots(draft.tokens, width, 0))
+    logits = torch.where(pick[..., None], pad_slots(copied.logits.to(draft.logits.dtype), width, 0.0), pad_slots(draft.logits, width, 0.0))
+    own = torch.full_like(anchor, draft.tokens.shape[1]) if limit is None else limit
+    return Proposal(Draft(tokens, logits), torch.where(looked_up, _lengths(found, anchor.device), own), looked_up)
+
+
+def _lookup_draft(found: list[list[int]], vocab_size: int, device: torch.device) -> Draft:
+    """Looked-up tokens as a point-mass draft, rows padded with token 0 (past each row's length: not proposed)."""
+    width = max(map(len, found))
+    tokens = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=device)
+    return Draft(tokens, point_mass(tokens, vocab_size))
+
+
+def _lengths(found: list[list[int]], device: torch.device) -> Tensor:
+    return torch.tensor([len(f) for f in found], dtype=torch.long, device=device)
+
+
+def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: DraftContext, anchor: Tensor,
+                      cfg: DecodeConfig, gen, timing: Timing, history: list[list[int]] = ()) -> tuple[Round, DraftContext]:
+    """One round for every row: draft, verify, accept, commit. Returns the round and the synced context. `history`:
+    each row's text up to its anchor (prompt lookup reads it). Time in the drafter (drafting and projecting the new
+    context) counts as draft, the target forward as verify."""
+    t0 = time.perf_counter()
+    proposal = propose(drafter, ctx, anchor, state.lengths.clone(), cfg, gen, list(history))
+    draft, limit, looked_up = proposal.draft, proposal.limit, proposal.looked_up
     proposal = draft if limit is None else draft.first(int(limit.max()))
     t1 = time.perf_counter()
     verified = target.verify(state, torch.cat([anchor[:, None], proposal.tokens], 1), drafter.spec.target_layer_ids)
@@ -86,13 +135,18 @@ def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx:
     target.commit(state, acceptance.accepted + 1)
     ctx = ctx.extend(new_ctx).sync(state.valid)
     logp = torch.log_softmax(verified.logits[:, :-1], -1).gather(2, proposal.tokens[..., None])[..., 0]
-    k = cfg.num_drafts or drafter.block_size - 1
-    limit = torch.full_like(acceptance.accepted, k) if limit is None else limit
+    k = slots(cfg, drafter)
+    limit = torch.full_like(acceptance.accepted, draft.tokens.shape[1]) if limit is None else limit
     logp = pad_slots(logp, k, float("nan")).masked_fill(torch.arange(k, device=logp.device) >= limit[:, None], float("nan"))
     timing.draft_s += (t1 - t0) + (t4 - t3)
     timing.verify_s += t2 - t1
     timing.other_s += (t3 - t2) + (time.perf_counter() - t4)
-    return Round(draft, acceptance, logp, limit), ctx
+    return Round(draft, acceptance, logp, limit, looked_up), ctx
+
+
+def slots(cfg: DecodeConfig, drafter: Drafter) -> int:
+    """Draft slots a round records: K, or `num_drafts` (prompt lookup may propose up to K whatever `num_drafts`)."""
+    return drafter.block_size - 1 if cfg.lookup_ngram or cfg.num_drafts is None else cfg.num_drafts
 
 
 def pad_slots(x: Tensor, k: int, value: float) -> Tensor:
@@ -148,7 +202,8 @@ def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: De
     rows = _active(traces, list(range(len(traces))))  # batch row -> trace index, finished rows dropped
     state, ctx, anchor, gen = target.select_rows(state, rows.index), ctx.select(rows.index), anchor[rows.index], _select(gen, rows.index)
     while rows.traces:
-        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg, gen, timing)
+        history = [traces[i].tokens for i in rows.traces] if cfg.lookup_ngram else []
+        rnd, ctx = speculative_round(target, drafter, state, ctx, anchor, cfg, gen, timing, history)
         t1 = time.perf_counter()
         live = [traces[i] for i in rows.traces]
         _record(live, rnd, cfg.record_draft_logits)
@@ -223,6 +278,7 @@ def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
     k = rnd.target_logp.shape[1]  # an EAGLE-3 chain stopped by draft_confidence drafted fewer: -1 / NaN past its end
     draft_logp = pad_slots(torch.log_softmax(rnd.draft.logits, -1).gather(2, rnd.draft.tokens[..., None])[..., 0], k, float("nan")).cpu()
     drafts, target_logp, accepted, proposed = pad_slots(rnd.draft.tokens, k, -1).cpu(), rnd.target_logp.cpu(), rnd.acceptance.accepted.tolist(), rnd.proposed.tolist()
+    looked_up = rnd.looked_up.tolist()
     logits = pad_slots(rnd.draft.logits, k, float("nan")).cpu() if keep_logits else None
     for b, trace in enumerate(traces):
         if trace.finish:
@@ -231,6 +287,7 @@ def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
         trace.drafts.append(drafts[b])
         trace.accepted.append(accepted[b])
         trace.proposed.append(proposed[b])
+        trace.looked_up.append(looked_up[b])
         trace.target_logp.append(target_logp[b])
         trace.draft_logp.append(draft_logp[b])
         if keep_logits:

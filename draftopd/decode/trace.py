@@ -12,6 +12,7 @@ round (no second forward). For k <= r these are accepted tokens, for k > r the r
 `proposed[m]` is how many of the K drafts the target checked: K, unless `draft_confidence` cut the block; slots
 past it were drafted but never verified (`target_logp` NaN there) and are not a rejected stream; an EAGLE-3 chain
 that the cut stopped early did not draft its last slots at all (`drafts` -1, `draft_logp` NaN there).
+`looked_up[m]`: round m proposed prompt lookup's copy of earlier text (`draft_logp` 0: a point mass), not the drafter's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class RolloutTrace:
     drafts: list[Tensor] = field(default_factory=list)       # each (K,) long
     accepted: list[int] = field(default_factory=list)
     proposed: list[int] = field(default_factory=list)     # drafts the target checked (<= K)
+    looked_up: list[bool] = field(default_factory=list)   # the round's drafts came from prompt lookup (DecodeConfig.lookup_ngram)
     target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
     draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
     draft_logits: list[Tensor] = field(default_factory=list)  # each (K, V), only with record_draft_logits

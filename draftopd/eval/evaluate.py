@@ -252,7 +252,7 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
             raise TargetError(f"prompt set '{name}': {err}") from None
 
     dcfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, num_drafts=cfg.num_drafts,
-                        draft_confidence=cfg.draft_confidence)
+                        draft_confidence=cfg.draft_confidence, lookup_ngram=cfg.lookup_ngram)
     greedy = cfg.temperature <= 0
     first = next(iter(sets.values()))[0][1]
     warm = dataclasses.replace(dcfg, max_new_tokens=min(8, cfg.max_new_tokens))

@@ -36,6 +36,8 @@ class Segments:
 
 def error_segments(trace: RolloutTrace) -> Segments:
     s = trace.stacked()
+    if any(trace.looked_up):
+        raise ValueError("a rollout decoded with lookup_ngram holds prompt-lookup drafts: Draft-OPD needs the drafter's own")
     if (s["proposed"] < s["drafts"].shape[1]).any():
         raise ValueError("a rollout decoded with draft_confidence has unverified draft slots: Draft-OPD needs whole blocks")
     on = torch.ones(trace.rounds, dtype=torch.bool)
