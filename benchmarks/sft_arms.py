@@ -6,6 +6,8 @@
     python benchmarks/sft_arms.py old --regenerated $R --out runs/continue/old --drafter runs/scale-gpu/drafter  # its own 768 answers
     python benchmarks/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
     python benchmarks/sft_arms.py fixed --copy-target-layers 0 1 --out runs/init/first   # fixed, layers start as target layers 0, 1
+    python benchmarks/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
+        # 1,200 ShareGPT answers to prompts past the first 2,000 of the train sample (none of its regenerated prompts)
 
 Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
 checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
@@ -35,17 +37,18 @@ TRAINED_ON = 768  # the H200 drafter trained on the first 768 records of its reg
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("arm", choices=("fixed", "regen", "old", "new"))
+    parser.add_argument("arm", choices=("fixed", "regen", "old", "new", "more"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
     parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="fixed/regen arms: drafter init and anchor sampling seed")
     parser.add_argument("--copy-target-layers", type=int, nargs=2, default=None,
                         help="fixed/regen arms: the two drafter layers start as copies of these target layers (default: random)")
     args = parser.parse_args()
-    if args.arm in ("old", "new") and args.drafter is None:
-        parser.error("the old/new arms continue a drafter: pass --drafter")
-    if args.arm != "fixed" and args.regenerated is None:
+    if args.arm in ("old", "new", "more") and args.drafter is None:
+        parser.error("the old/new/more arms continue a drafter: pass --drafter")
+    if args.arm in ("regen", "old", "new") and args.regenerated is None:
         parser.error(f"the {args.arm} arm trains on regenerated answers: pass --regenerated")
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=torch.bfloat16)
@@ -53,10 +56,15 @@ def main() -> None:
     if args.arm in ("fixed", "regen"):
         examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
         drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192,
-                                                   copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None))
+                                                   copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None),
+                              seed=args.seed)
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
         cfg = SFTConfig(steps=120, batch_size=8, anchors_per_seq=64, loss="kl", labels="text" if args.arm == "regen" else "greedy",
-                        save_every=120, optim=OptimConfig(lr=2e-3))
+                        save_every=120, seed=args.seed, optim=OptimConfig(lr=2e-3))
+    elif args.arm == "more":
+        examples = load_answers(target.tokenizer, limit=3500, max_response_tokens=384)[-1200:]
+        drafter = load_drafter(args.drafter, target)
+        cfg = SFTConfig(steps=150, batch_size=8, anchors_per_seq=64, loss="kl", labels="greedy", save_every=50, optim=OptimConfig(lr=3e-4))
     else:
         examples = regenerated[:TRAINED_ON] if args.arm == "old" else regenerated[TRAINED_ON:]
         drafter = load_drafter(args.drafter, target)
