@@ -100,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) -> tuple[str | None, DecodeConfig, str]:
     """`--drafter`, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`) with the decoding its
-    benchmark chose (its config.json "decode", used where the draft-length flags are left at their defaults), else
+    benchmark chose (its config.json "decode", used when none of --num-drafts, --draft-confidence, --lookup-ngram is
+    given; `--drafter` with the same folder decodes without it), else
     None: an untrained drafter. The third item is the note for stderr ("" when --drafter is given)."""
     if drafter is not None:
         return drafter, cfg, ""
@@ -110,7 +111,8 @@ def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) ->
                            "speedup (train one with `draftopd recipe` or `draftopd sft`)")
     if cfg.num_drafts is None and cfg.draft_confidence == 0 and cfg.lookup_ngram == 0:
         cfg = replace(cfg, **json.loads((folder / "config.json").read_text()).get("decode", {}))
-    return str(folder), cfg, (f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round; "
+    lookup = f", prompt lookup on {cfg.lookup_ngram}-grams" if cfg.lookup_ngram else ""
+    return str(folder), cfg, (f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round{lookup}; "
                               "--drafter DIR for another, --autoregressive for plain decoding)")
 
 

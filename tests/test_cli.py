@@ -62,21 +62,23 @@ def test_generate_prints_text_and_stats(target_dir, capsys):
 
 
 def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir, tmp_path, capsys, monkeypatch):
-    """No --drafter: the drafter committed for the target, with its config's "decode" (here 1 draft a round) unless
-    a draft-length flag is given; a target with none committed gets an untrained drafter and a note."""
+    """No --drafter: the drafter committed for the target, with its config's "decode" (here 1 draft a round and prompt
+    lookup on 2-grams) unless a draft-length flag is given; a target with none committed gets an untrained drafter
+    and a note."""
     from draftopd import cli
 
     rc, _, err = run(capsys, "generate", "--target", target_dir, "--prompt", "w1 w2", "--max-new-tokens", 8, "--json")
     assert rc == 0 and "untrained drafter" in err
     drafter = new_drafter(tiny_target(vocab_size=64, hidden_size=32, num_layers=4, sharpness=30.0), DrafterConfig(block_size=4))
-    save_drafter(drafter, tmp_path / "committed", {"decode": {"num_drafts": 1}})
+    save_drafter(drafter, tmp_path / "committed", {"decode": {"num_drafts": 1, "lookup_ngram": 2}})
     monkeypatch.setitem(cli.COMMITTED_DRAFTERS, str(target_dir), tmp_path / "committed")
     args = ("generate", "--target", target_dir, "--prompt", "w1 w2 w3", "--max-new-tokens", 16, "--json", "--dtype", "float32")
     rc, out, err = run(capsys, *args)
-    assert rc == 0 and str(tmp_path / "committed") in err and "1 drafts a round" in err
+    assert rc == 0 and str(tmp_path / "committed") in err and "1 drafts a round, prompt lookup on 2-grams" in err
     assert len(json.loads(out)["stats"]["slot_acceptance"]) == 3
-    assert cli.default_drafter(str(target_dir), None, DecodeConfig())[1].num_drafts == 1
-    assert cli.default_drafter(str(target_dir), None, DecodeConfig(num_drafts=3))[1].num_drafts == 3
+    assert cli.default_drafter(str(target_dir), None, DecodeConfig())[1] == DecodeConfig(num_drafts=1, lookup_ngram=2)
+    assert cli.default_drafter(str(target_dir), None, DecodeConfig(num_drafts=3))[1] == DecodeConfig(num_drafts=3)
+    assert cli.default_drafter(str(target_dir), None, DecodeConfig(lookup_ngram=3))[1] == DecodeConfig(lookup_ngram=3)
     assert cli.default_drafter(str(target_dir), "elsewhere", DecodeConfig()) == ("elsewhere", DecodeConfig(), "")
 
 
