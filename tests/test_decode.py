@@ -353,7 +353,10 @@ def test_prompt_lookup_stays_lossless_and_copies_earlier_text(small_vocab_target
     drafter = _drafter(target, "perturbed", 8, arch)
     cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=False, num_drafts=2, lookup_ngram=3)
     out = generate(target, drafter, prompts, cfg)
-    assert [t.output for t in out.traces] == [hf_greedy(target, p, 40) for p in prompts]
+    refs = [hf_greedy(target, p, 40) for p in prompts]
+    assert [t.output for t in out.traces] == refs
+    alone = [generate(target, drafter, [p], cfg).traces[0] for p in prompts]  # batch of one: rounds that skip the drafter
+    assert [t.output for t in alone] == refs and any(all(t.looked_up[m:m + 2]) for t in alone for m in range(t.rounds - 1))
     looked = [x for t in out.traces for x in t.looked_up]
     assert any(looked) and not all(looked)
     for t in out.traces:
