@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="fixed/regen arms: drafter init and anchor sampling seed")
+    parser.add_argument("--block-size", type=int, default=8, help="fixed/regen arms: the drafter's block size")
     parser.add_argument("--copy-target-layers", type=int, nargs=2, default=None,
                         help="fixed/regen arms: the two drafter layers start as copies of these target layers (default: random)")
     args = parser.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
     regenerated = load_regenerated(args.regenerated).examples if args.regenerated else []
     if args.arm in ("fixed", "regen"):
         examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
-        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192,
+        drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=args.block_size, target_layer_ids=(1, 10, 19, 27), mask_token_id=16, vocab_size=8192,
                                                    copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None),
                               seed=args.seed)
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
