@@ -121,8 +121,8 @@ def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx:
     each row's text up to its anchor (prompt lookup reads it). Time in the drafter (drafting and projecting the new
     context) counts as draft, the target forward as verify."""
     t0 = time.perf_counter()
-    proposal = propose(drafter, ctx, anchor, state.lengths.clone(), cfg, gen, list(history))
-    draft, limit, looked_up = proposal.draft, proposal.limit, proposal.looked_up
+    offer = propose(drafter, ctx, anchor, state.lengths.clone(), cfg, gen, list(history))
+    draft, limit, looked_up = offer.draft, offer.limit, offer.looked_up
     proposal = draft if limit is None else draft.first(int(limit.max()))
     t1 = time.perf_counter()
     verified = target.verify(state, torch.cat([anchor[:, None], proposal.tokens], 1), drafter.spec.target_layer_ids)
