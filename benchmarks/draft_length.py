@@ -8,7 +8,9 @@ decoding and speculative decoding at each n run interleaved at batch 1, so machi
 `--confidence c ...` adds arms that verify the whole block cut by `DecodeConfig.draft_confidence` c (each row
 proposes the slots whose product of drafter top probabilities is at least c: a per-round draft length).
 `--lookup n ...` adds prompt-lookup arms (`DecodeConfig.lookup_ngram` n, the drafter's `--lookup-num-drafts` drafts
-in rounds without a match).
+in rounds without a match); `--lookup-only n ...` prompt lookup alone (`num_drafts` 0: a round without a match is a
+plain step), the baseline that tells what the drafter adds to lookup. `--reference ARM` picks the arm of the paired
+ratio column (default: the largest --num-drafts).
 Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
 the paired speedup ratio against the full block (same prompts resampled together).
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--lookup", type=int, nargs="*", default=[], help="prompt-lookup arms: lookup_ngram n, the drafter's "
                         "--lookup-num-drafts drafts where no n-gram matches")
     parser.add_argument("--lookup-num-drafts", type=int, default=2)
+    parser.add_argument("--lookup-only", type=int, nargs="*", default=[], help="arms of prompt lookup alone on n-grams (no drafter)")
+    parser.add_argument("--reference", default=None, help="arm label of the paired ratio column: a --num-drafts n, "
+                        "ln (lookup n), on (lookup only n), cC (confidence C); default the largest --num-drafts")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -68,6 +73,10 @@ def main() -> None:
     arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
     arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
     arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n) for n in args.lookup}
+    arms |= {f"o{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n) for n in args.lookup_only}
+    full = args.reference or str(max(args.num_drafts))
+    if full not in arms:
+        parser.error(f"--reference {full}: no such arm (arms: {', '.join(arms)})")
     autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
     for arm_cfg in arms.values():
         generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
@@ -83,10 +92,9 @@ def main() -> None:
                                   "accepted": list(tr.accepted), "proposed": list(tr.proposed), "looked_up": sum(tr.looked_up)}
         rows.append(row)
     plain_s = [r["plain_s"] for r in rows]
-    full = str(max(args.num_drafts))
     print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
           f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
-    print("| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / full block's (paired) |")
+    print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {full}'s (paired) |")
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for n in arms:
@@ -104,8 +112,9 @@ def main() -> None:
         equal = sum(a["equal"] for a in arm)
         verified = sum(x for a in arm for x in a["proposed"]) / rounds_total
         label = f"draft_confidence {n[1:]}" if n.startswith("c") else n
-        if n.startswith("l"):
-            label = f"{args.lookup_num_drafts} + lookup_ngram {n[1:]} ({sum(a['looked_up'] for a in arm) / rounds_total:.0%} of rounds looked up)"
+        if n[0] in "lo":
+            share = f"{sum(a['looked_up'] for a in arm) / rounds_total:.0%} of rounds looked up"
+            label = f"{args.lookup_num_drafts} + lookup_ngram {n[1:]} ({share})" if n[0] == "l" else f"lookup_ngram {n[1:]} alone ({share})"
         print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
               f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
               + ("-" if n == full else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")

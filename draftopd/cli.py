@@ -32,9 +32,11 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str | None = None, skip: tuple[str, ...] = ()) -> None:
+def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str | None = None, skip: tuple[str, ...] = (),
+                    unset: tuple[str, ...] = ()) -> None:
     """One `--prefix-field-name` flag per dataclass field; defaults come from `defaults` (a dataclass or an instance),
-    the prefix from its `flag_prefix` (the name its errors use) unless given."""
+    the prefix from its `flag_prefix` (the name its errors use) unless given. Fields in `unset` default to None, so a
+    command can tell a flag given at its default value from one not given (`build_config` then keeps the field's default)."""
     prefix = getattr(defaults, "flag_prefix", "") if prefix is None else prefix
     instance = defaults if not isinstance(defaults, type) else None
     for f in dataclasses.fields(defaults):
@@ -49,7 +51,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str 
         elif isinstance(default, tuple) or (default is None and "tuple" in str(f.type)):
             parser.add_argument(flag, dest=prefix + f.name, nargs="+", type=_scalar_type(default, f.type), default=default)
         else:
-            parser.add_argument(flag, dest=prefix + f.name, type=_scalar_type(default, f.type), default=default, help=f"default {default}")
+            parser.add_argument(flag, dest=prefix + f.name, type=_scalar_type(default, f.type), default=None if f.name in unset else default,
+                                help=f"default {default}")
 
 
 def _scalar_type(default: Any, annotation: Any):
@@ -66,9 +69,9 @@ def build_config(defaults: Any, args: argparse.Namespace, prefix: str | None = N
     """The dataclass `defaults` (class or instance) with every field that has a flag taken from `args` (validated:
     a bad value raises `config.ConfigError` naming its flag)."""
     prefix = getattr(defaults, "flag_prefix", "") if prefix is None else prefix
-    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(defaults) if hasattr(args, prefix + f.name)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     base = defaults() if isinstance(defaults, type) else defaults
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(defaults) if hasattr(args, prefix + f.name)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None or getattr(base, k) is None}  # None: not given
     return dataclasses.replace(base, **{**values, **overrides})
 
 
@@ -78,7 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from .decode.speculative import autoregressive_generate, generate
     from .decode.stats import summarize
 
-    cfg, drafter_cfg = build_config(DecodeConfig, args), build_config(DrafterConfig, args)
+    drafter_path, decoding = default_drafter(args.target, args.drafter)
+    cfg, drafter_cfg = build_config(decoding, args), build_config(DrafterConfig, args)
     if args.prompt_file:
         prompts = load_prompts(args.prompt_file).prompts
     elif args.prompt is not None:
@@ -87,10 +91,10 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         prompts = [Prompt(id="cli", source="cli", messages=(("user", args.prompt),))]
     else:
         raise UserError("give --prompt TEXT or --prompt-file FILE.jsonl")
-    drafter_path, cfg, note = default_drafter(args.target, args.drafter, cfg)
     target, drafter = load_pair(args.target, drafter_path, drafter_cfg, args)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     gen = autoregressive_generate(target, ids, cfg) if args.autoregressive else generate(target, drafter, ids, cfg)
+    note = drafter_note(args.target, args.drafter, drafter_path, cfg)
     if note and not args.autoregressive:  # after decoding: any bad input above stays a one-line error
         print(note, file=sys.stderr)
     stats = summarize(gen, None if args.autoregressive else drafter.block_size)
@@ -98,22 +102,30 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"texts": texts, "stats": stats.to_dict()}
 
 
-def default_drafter(target_name: str, drafter: str | None, cfg: DecodeConfig) -> tuple[str | None, DecodeConfig, str]:
-    """`--drafter`, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`) with the decoding its
-    benchmark chose (its config.json "decode", used when none of --num-drafts, --draft-confidence, --lookup-ngram is
-    given; `--drafter` with the same folder decodes without it), else
-    None: an untrained drafter. The third item is the note for stderr ("" when --drafter is given)."""
+def default_drafter(target_name: str, drafter: str | None) -> tuple[str | None, DecodeConfig]:
+    """`--drafter` and the default decoding, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`)
+    with the decoding its benchmark chose (its config.json "decode": the base that `generate`'s flags override field by
+    field, so `--lookup-ngram 0` turns lookup off and keeps the drafter's draft length; `--drafter` with the same
+    folder decodes without it), else None (an untrained drafter) and the default decoding."""
     if drafter is not None:
-        return drafter, cfg, ""
+        return drafter, DecodeConfig()
     folder = COMMITTED_DRAFTERS.get(target_name)
     if folder is None or not (folder / "config.json").is_file():
-        return None, cfg, ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
-                           "speedup (train one with `draftopd recipe` or `draftopd sft`)")
-    if cfg.num_drafts is None and cfg.draft_confidence == 0 and cfg.lookup_ngram == 0:
-        cfg = replace(cfg, **json.loads((folder / "config.json").read_text()).get("decode", {}))
+        return None, DecodeConfig()
+    return str(folder), DecodeConfig(**json.loads((folder / "config.json").read_text()).get("decode", {}))
+
+
+def drafter_note(target_name: str, given: str | None, path: str | None, cfg: DecodeConfig) -> str:
+    """What `generate` tells stderr about the drafter it chose ("" when `--drafter` was given)."""
+    if given is not None:
+        return ""
+    if path is None:
+        return ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
+                "speedup (train one with `draftopd recipe` or `draftopd sft`)")
     lookup = f", prompt lookup on {cfg.lookup_ngram}-grams" if cfg.lookup_ngram else ""
-    return str(folder), cfg, (f"drafter: {folder} (committed for {target_name}; {cfg.num_drafts or 'all'} drafts a round{lookup}; "
-                              "--drafter DIR for another, --autoregressive for plain decoding)")
+    drafts = "all" if cfg.num_drafts is None else cfg.num_drafts
+    return (f"drafter: {path} (committed for {target_name}; {drafts} drafts a round{lookup}; "
+            "--drafter DIR for another, --autoregressive for plain decoding)")
 
 
 def print_generate(result: dict) -> None:
@@ -124,6 +136,8 @@ def print_generate(result: dict) -> None:
     print(f"tokens: {s['new_tokens']}  rounds: {s['rounds']}  tau: {s['tau']:.2f}  tokens/s: {s['tokens_per_s']:.1f}")
     if s["slot_acceptance"]:
         print("per-slot acceptance: " + " ".join(f"{a:.2f}" for a in s["slot_acceptance"]))
+    if s["looked_up"]:
+        print(f"rounds drafted by prompt lookup: {s['looked_up']:.0%}")
     print("ms per round: " + "  ".join(f"{k} {v:.1f}" for k, v in s["ms_per_round"].items()))
 
 
@@ -377,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="raw completion: do not apply the chat template")
     gen.add_argument("--autoregressive", action="store_true", help="plain target decoding (the baseline)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_config_args(gen, DecodeConfig)
+    add_config_args(gen, DecodeConfig, unset=("num_drafts", "draft_confidence", "lookup_ngram"))  # not given: the drafter's choice
     gen.set_defaults(func=cmd_generate, printer=print_generate)
 
     from .config import EvalConfig, OptimConfig, SFTConfig

@@ -216,7 +216,8 @@ class DecodeConfig:
     seed: int = 0
     record_draft_logits: bool = False  # keep every round's full drafter logits in the trace (tests, debugging)
     # drafts verified per round; None = the drafter's block size - 1. Fewer stays lossless and narrows the verify
-    # pass, which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py)
+    # pass, which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py).
+    # 0 = prompt lookup only: the drafter never drafts, a round without a lookup match is a plain decoding step
     num_drafts: int | None = None
     # verify a row's drafts only while the product of the drafter's top probabilities up to the slot (its estimate
     # that the slot is accepted) is at least this, at least one draft a round; 0 = off. A function of the drafter's
@@ -228,8 +229,9 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "max_new_tokens")
-        check_ints(self, 1, "num_drafts", optional=True)
+        check_ints(self, 0, "num_drafts", optional=True)
         check_ints(self, 0, "lookup_ngram")
+        require(self, "num_drafts", self.num_drafts != 0 or self.lookup_ngram > 0, "0 (prompt lookup only) needs --lookup-ngram n")
         check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)
@@ -298,7 +300,7 @@ class EvalConfig:
     max_new_tokens: int = 96
     temperature: float = 0.0
     seed: int = 0
-    num_drafts: int | None = None  # drafts verified per round (DecodeConfig.num_drafts); None = block size - 1
+    num_drafts: int | None = None  # drafts verified per round (DecodeConfig.num_drafts); None = block size - 1; 0 = lookup only
     draft_confidence: float = 0.0  # DecodeConfig.draft_confidence: verify drafts while the drafter's acceptance estimate is this high; 0 = off
     lookup_ngram: int = 0  # DecodeConfig.lookup_ngram: prompt-lookup drafts where the row's last n tokens occurred before; 0 = off
     bootstrap_resamples: int = 2000  # 95% percentile-bootstrap intervals over prompts (tau, speedup)
@@ -307,8 +309,9 @@ class EvalConfig:
         require(self, "sets", isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
                 "must be prompt set names or files")
         check_ints(self, 1, "num_prompts", "max_new_tokens", "bootstrap_resamples")
-        check_ints(self, 1, "num_drafts", optional=True)
+        check_ints(self, 0, "num_drafts", optional=True)
         check_ints(self, 0, "lookup_ngram")
+        require(self, "num_drafts", self.num_drafts != 0 or self.lookup_ngram > 0, "0 (prompt lookup only) needs --lookup-ngram n")
         check_number(self, "draft_confidence", 0, 1)
         check_number(self, "temperature", 0)
         check_seed(self)

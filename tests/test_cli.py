@@ -63,8 +63,8 @@ def test_generate_prints_text_and_stats(target_dir, capsys):
 
 def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir, tmp_path, capsys, monkeypatch):
     """No --drafter: the drafter committed for the target, with its config's "decode" (here 1 draft a round and prompt
-    lookup on 2-grams) unless a draft-length flag is given; a target with none committed gets an untrained drafter
-    and a note."""
+    lookup on 2-grams), each field unless its flag is given (even at its default value); a target with none committed
+    gets an untrained drafter and a note."""
     from draftopd import cli
 
     rc, _, err = run(capsys, "generate", "--target", target_dir, "--prompt", "w1 w2", "--max-new-tokens", 8, "--json")
@@ -76,10 +76,15 @@ def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir,
     rc, out, err = run(capsys, *args)
     assert rc == 0 and str(tmp_path / "committed") in err and "1 drafts a round, prompt lookup on 2-grams" in err
     assert len(json.loads(out)["stats"]["slot_acceptance"]) == 3
-    assert cli.default_drafter(str(target_dir), None, DecodeConfig())[1] == DecodeConfig(num_drafts=1, lookup_ngram=2)
-    assert cli.default_drafter(str(target_dir), None, DecodeConfig(num_drafts=3))[1] == DecodeConfig(num_drafts=3)
-    assert cli.default_drafter(str(target_dir), None, DecodeConfig(lookup_ngram=3))[1] == DecodeConfig(lookup_ngram=3)
-    assert cli.default_drafter(str(target_dir), "elsewhere", DecodeConfig()) == ("elsewhere", DecodeConfig(), "")
+    assert cli.default_drafter(str(target_dir), None) == (str(tmp_path / "committed"), DecodeConfig(num_drafts=1, lookup_ngram=2))
+    rc, out, err = run(capsys, *args, "--num-drafts", 3)
+    assert rc == 0 and "3 drafts a round, prompt lookup on 2-grams" in err
+    rc, out, err = run(capsys, *args, "--lookup-ngram", 0)  # given at its default value: lookup off, the draft length kept
+    assert rc == 0 and "1 drafts a round;" in err and json.loads(out)["stats"]["looked_up"] == 0
+    rc, out, err = run(capsys, *args, "--num-drafts", 0)  # lookup alone, the committed n-gram size
+    stats = json.loads(out)["stats"]
+    assert rc == 0 and "0 drafts a round, prompt lookup on 2-grams" in err and 0 < stats["looked_up"] < 1
+    assert cli.default_drafter(str(target_dir), "elsewhere") == ("elsewhere", DecodeConfig())
 
 
 def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):

@@ -372,6 +372,28 @@ def test_prompt_lookup_stays_lossless_and_copies_earlier_text(small_vocab_target
         error_segments(next(t for t in out.traces if any(t.looked_up)))
 
 
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_prompt_lookup_alone_never_runs_the_drafter(small_vocab_target, arch, monkeypatch) -> None:
+    """`num_drafts` 0 with lookup: the same greedy text, batched and alone; a round without a match proposes nothing
+    and commits the target's one token (a plain step), and the drafter is never asked to draft."""
+    target = small_vocab_target
+    prompts = random_prompts(target.vocab_size, [5, 11, 2, 8], seed=5)
+    drafter = _drafter(target, "perturbed", 8, arch)
+    monkeypatch.setattr(drafter, "draft", lambda *a, **k: pytest.fail("the drafter drafted in a lookup-only round"))
+    cfg = DecodeConfig(max_new_tokens=40, stop_at_eos=False, num_drafts=0, lookup_ngram=2)
+    refs = [hf_greedy(target, p, 40) for p in prompts]
+    out = generate(target, drafter, prompts, cfg)
+    alone = [generate(target, drafter, [p], cfg).traces[0] for p in prompts]
+    assert [t.output for t in out.traces] == refs and [t.output for t in alone] == refs
+    for t in out.traces + alone:
+        assert any(t.looked_up) and not all(t.looked_up)
+        for m in range(t.rounds):
+            copied = lookup(t.tokens[:t.anchors[m] + 1], 2, 7)
+            assert t.looked_up[m] == bool(copied) and t.proposed[m] == len(copied)
+            assert t.drafts[m][:len(copied)].tolist() == copied and t.target_logp[m][len(copied):].isnan().all()
+    assert sum(t.rounds for t in alone) < sum(len(r) for r in refs)  # some lookups were accepted
+
+
 def _median_top_probability(gen) -> float:
     """The median over a run's rounds of the product of the drafter's top probabilities at slots 1 and 2 (needs
     record_draft_logits): as a `draft_confidence`, about half the rounds then propose one draft, half more."""
@@ -411,10 +433,11 @@ def _exact_joint3(target: Target, prompt: list[int], temperature: float) -> torc
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0, lookup_ngram: int = 0) -> torch.Tensor:
+def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0, lookup_ngram: int = 0,
+                    num_drafts: int | None = None) -> torch.Tensor:
     out = generate(target, drafter, [SAMPLING_PROMPT] * SAMPLING_ROWS,
                    DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed, draft_confidence=confidence,
-                                lookup_ngram=lookup_ngram))
+                                lookup_ngram=lookup_ngram, num_drafts=num_drafts))
     tokens = torch.tensor([t.output for t in out.traces])
     v = target.vocab_size
     return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
@@ -470,6 +493,14 @@ def test_sampling_with_prompt_lookup_is_lossless(small_vocab_target) -> None:
     drafts copied from each row's text, mixed in one batch with the drafter's."""
     target = small_vocab_target
     counts = _sampled_joint3(target, _poor_drafter(target), 1.0, seed=3, lookup_ngram=1)
+    assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
+
+
+def test_sampling_with_prompt_lookup_alone_is_lossless(small_vocab_target) -> None:
+    """The same with lookup only (`num_drafts` 0): rows without a match take plain sampling steps beside rows that
+    verify a copied block."""
+    target = small_vocab_target
+    counts = _sampled_joint3(target, _poor_drafter(target), 1.0, seed=4, lookup_ngram=1, num_drafts=0)
     assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
 
 

@@ -19,6 +19,8 @@ forward either way); an EAGLE-3 chain stops once no row would propose a further 
 Prompt lookup (`lookup_ngram` n > 0): a row whose last n tokens occurred earlier in its own text proposes the tokens
 that followed (`lookup.py`, up to K of them, a point-mass draft) instead of the drafter's block; a round where every
 row found one skips the drafter. The choice reads only committed text, so this too is lossless (`propose`).
+`num_drafts` 0 with lookup is prompt lookup alone (the baseline the drafter has to beat): the drafter never drafts,
+a round without a match verifies the anchor alone, a plain decoding step (its context is still projected each round).
 
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
 Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
@@ -86,10 +88,11 @@ def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos:
 def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, cfg: DecodeConfig, gen,
             history: list[list[int]]) -> Proposal:
     """The round's drafts: prompt lookup's where a row's text (`history`, ending at its anchor) repeats its last
-    `lookup_ngram` tokens, else the drafter's block cut by `num_drafts` and `draft_confidence`."""
+    `lookup_ngram` tokens, else the drafter's block cut by `num_drafts` and `draft_confidence` (`num_drafts` 0: none,
+    that row's round is a plain decoding step)."""
     found = [lookup(h, cfg.lookup_ngram, drafter.block_size - 1) for h in history] if cfg.lookup_ngram else []
     looked_up = torch.tensor([bool(f) for f in found] or [False] * len(anchor), device=anchor.device)
-    if found and all(found):  # every row copies from its text: the drafter does not run
+    if found and (all(found) or cfg.num_drafts == 0):  # the drafter does not run; lookup only: unmatched rows propose none
         return Proposal(_lookup_draft(found, drafter.spec.vocab_size, anchor.device), _lengths(found, anchor.device), looked_up)
     draft = draft_block(drafter, ctx, anchor, anchor_pos, cfg.temperature, gen, cfg.num_drafts, cfg.draft_confidence)
     limit = confident_drafts(draft.logits, cfg.draft_confidence)
@@ -106,7 +109,7 @@ def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Ten
 
 def _lookup_draft(found: list[list[int]], vocab_size: int, device: torch.device) -> Draft:
     """Looked-up tokens as a point-mass draft, rows padded with token 0 (past each row's length: not proposed)."""
-    width = max(map(len, found))
+    width = max(map(len, found))  # 0 when no row matched (lookup only): the round verifies its anchors alone
     tokens = torch.tensor([f + [0] * (width - len(f)) for f in found], dtype=torch.long, device=device)
     return Draft(tokens, point_mass(tokens, vocab_size))
 

@@ -36,6 +36,7 @@ class DecodeStats:
     accepted_histogram: list[int]  # index r -> rounds that accepted exactly r drafts
     tokens_per_s: float
     ms_per_round: dict[str, float]  # draft / verify / other, per round of the batch
+    looked_up: float = 0.0  # fraction of the rows' rounds whose drafts came from prompt lookup
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +56,8 @@ def summarize(gen: Generation, block_size: int | None = None) -> DecodeStats:
         tau=(new_tokens - len(traces)) / max(rounds, 1), slot_acceptance=slot_acc, accepted_histogram=hist,
         tokens_per_s=new_tokens / max(gen.timing.total_s, 1e-9),
         ms_per_round={"draft": gen.timing.draft_s / per_round, "verify": gen.timing.verify_s / per_round,
-                      "other": gen.timing.other_s / per_round, "prefill_total": gen.timing.prefill_s * 1000})
+                      "other": gen.timing.other_s / per_round, "prefill_total": gen.timing.prefill_s * 1000},
+        looked_up=sum(x for t in traces for x in t.looked_up) / max(len(accepted), 1))
 
 
 @dataclass(frozen=True)
