@@ -7,7 +7,7 @@
     python benchmarks/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
     python benchmarks/sft_arms.py fixed --copy-target-layers 0 1 --out runs/init/first   # fixed, layers start as target layers 0, 1
     python benchmarks/sft_arms.py fixed --num-layers 1 --threads 2 --out runs/grid/layers1   # also --num-layers 3,
-        # --slot-decay 2, --target-layer-ids 1 27, --anchors-per-seq 384 --steps 20 (the switches of the choice grid;
+        # --slot-decay 2, --target-layer-ids 1 27, --anchors-per-seq 384 --steps 30, --feature-noise 0.2 (the switches of the choice grid;
         # everything else as `fixed`)
     python benchmarks/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
         # 1,200 ShareGPT answers to prompts past the first 2,000 of the train sample (none of its regenerated prompts)
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--target-layer-ids", type=int, nargs="+", default=[1, 10, 19, 27], help="fixed/regen arms: target layers fed")
     parser.add_argument("--slot-decay", type=float, default=None, help="fixed/regen arms: SFTConfig.slot_decay (default: 4 at block 8)")
     parser.add_argument("--anchors-per-seq", type=int, default=64, help="fixed/regen arms: anchors a sequence (384: every position)")
+    parser.add_argument("--feature-noise", type=float, default=0.0, help="fixed/regen arms: SFTConfig.feature_noise")
     parser.add_argument("--steps", type=int, default=120, help="fixed/regen arms: SFT steps")
     parser.add_argument("--copy-target-layers", type=int, nargs="+", default=None,
                         help="fixed/regen arms: the drafter layers start as copies of these target layers, one per layer (default: random)")
@@ -69,7 +70,7 @@ def main() -> None:
                               seed=args.seed)
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
         cfg = SFTConfig(steps=args.steps, batch_size=8, anchors_per_seq=args.anchors_per_seq, loss="kl", labels="text" if args.arm == "regen" else "greedy",
-                        save_every=args.steps, seed=args.seed, slot_decay=args.slot_decay, optim=OptimConfig(lr=2e-3))
+                        save_every=args.steps, seed=args.seed, slot_decay=args.slot_decay, feature_noise=args.feature_noise, optim=OptimConfig(lr=2e-3))
     elif args.arm == "more":
         examples = load_answers(target.tokenizer, limit=3500, max_response_tokens=384)[-1200:]
         drafter = load_drafter(args.drafter, target)

@@ -276,6 +276,9 @@ class SFTConfig:
     loss: str = "ce"  # one of SFT_LOSSES: "ce" (hard labels) or "kl" (soft, to the target distribution)
     labels: str = "text"  # one of SFT_LABELS: "text" (the sequence's next token: regenerated answers) or "greedy" (the target's argmax there: fixed text)
     slot_decay: float | None = None  # exp(-(k-1)/decay); None = 7 for block 16, 4 for block 8
+    # Gaussian noise on the target features the drafter's context reads, std = this x each position's feature RMS
+    # (robustness to features it will see at decoding time, as EAGLE trains with uniform noise); 0 = off
+    feature_noise: float = 0.0
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
@@ -287,6 +290,7 @@ class SFTConfig:
         check_choice(self, "loss", SFT_LOSSES)
         check_choice(self, "labels", SFT_LABELS)
         check_number(self, "slot_decay", 0, above=True, optional=True)
+        check_number(self, "feature_noise", 0)
         check_number(self, "max_flops", 0, above=True, optional=True)
         check_seed(self)
 

@@ -79,6 +79,7 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("regen-out-one-prompt-no-newline", R + " --out {one_prompt}", "refusing", ("one_prompt",)),
     ("regen-out-not-utf8", R + " --out {binary}", "refusing", ("binary",)),
     # ---- sft: every SFT and optimizer flag, data files
+    ("sft-feature-noise-negative", S + " --feature-noise -0.1", "--feature-noise", ()),
     ("sft-steps-0", S + " --steps 0", "--steps", ()),
     ("sft-steps-float", S + " --steps 1.5", "invalid int", ()),
     ("sft-batch-size-0", S + " --batch-size 0", "--batch-size", ()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -69,6 +69,18 @@ def test_sft_loss_matches_reference(learnable):
     assert float(result.loss_sum) / result.weight_sum == pytest.approx(ref, rel=1e-5)
 
 
+def test_feature_noise_perturbs_the_context_reproducibly(learnable):
+    """`feature_noise`: the same anchors and labels, another loss; the same generator seed gives the same loss."""
+    target, examples, _ = learnable
+    drafter = new_drafter(target, DrafterConfig(block_size=8))
+    clean = SFTConfig(anchors_per_seq=5)
+    run = lambda cfg: sft_micro_batch(target, drafter, examples[:3], cfg, torch.Generator().manual_seed(3))  # noqa: E731
+    with torch.no_grad():
+        a, b, c = run(replace(clean, feature_noise=0.5)), run(replace(clean, feature_noise=0.5)), run(clean)
+    assert torch.equal(a.loss_sum, b.loss_sum) and not torch.allclose(a.loss_sum, c.loss_sum)
+    assert a.weight_sum == c.weight_sum and torch.equal(a.slot_count, c.slot_count)
+
+
 def test_training_forward_equals_inference_forward(learnable):
     """Blocks replayed on the final sequence give the logits the drafter produced while decoding it."""
     target, _, heldout = learnable
@@ -81,10 +93,10 @@ def test_training_forward_equals_inference_forward(learnable):
         torch.testing.assert_close(logits, torch.stack(trace.draft_logits), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
-def test_resume_is_exact(learnable, tmp_path, arch):
+@pytest.mark.parametrize("arch,noise", [("dflash", 0.0), ("eagle3", 0.0), ("dflash", 0.3)])
+def test_resume_is_exact(learnable, tmp_path, arch, noise):
     target, examples, _ = learnable
-    cfg = SFTConfig(steps=6, batch_size=4, anchors_per_seq=6, save_every=3, optim=OptimConfig(lr=2e-3))
+    cfg = SFTConfig(steps=6, batch_size=4, anchors_per_seq=6, save_every=3, feature_noise=noise, optim=OptimConfig(lr=2e-3))
     shape = DrafterConfig(arch=arch, block_size=8)
     straight = new_drafter(target, shape, seed=5)
     train_sft(target, straight, examples, cfg, tmp_path / "a", progress=False)

@@ -81,6 +81,17 @@ def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
     return Teacher(pad("features", cached[0].features.shape[-1]), pad("greedy"), final=final)
 
 
+def add_feature_noise(features: Tensor, scale: float, gen: torch.Generator, shape: tuple[int, int], rows: slice) -> Tensor:
+    """features (b, T, D) + scale x each position's RMS x N(0, 1). The noise is drawn on the CPU for the whole
+    micro-batch, `shape` (sequences, longest length), and cut to `rows` and T: every rank draws the same numbers and
+    keeps its own, as it does with the anchors, so a torchrun step equals one process's. scale 0: features unchanged."""
+    if scale <= 0:
+        return features
+    noise = torch.randn((*shape, features.shape[-1]), generator=gen)[rows, :features.shape[1]].to(features.device)
+    rms = features.float().pow(2).mean(-1, keepdim=True).sqrt()
+    return (features.float() + scale * rms * noise).to(features.dtype)
+
+
 def score_batch(target: Target, drafter: Drafter, batch: SequenceBatch) -> TargetOutput:
     """One teacher-forced target forward: logits and the drafter's context features for every position."""
     return target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)

@@ -7,7 +7,8 @@ among response positions, fill every block in one drafter forward, and minimise 
 hard-label cross-entropy or the soft forward KL to the target distribution. Labels: the sequence's own next token
 (`labels="text"`, regenerated answers) or the target's greedy token there (`"greedy"`, fixed text). With a reduced
 draft vocabulary, logits and soft targets live over the kept tokens (the target's distribution renormalised there)
-and labels outside it are skipped.
+and labels outside it are skipped. `feature_noise` s > 0 adds N(0, (s x RMS)^2) noise to the target features the
+drafter's context reads (the labels stay the clean target's).
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
 full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of every micro-batch, and the
 step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
@@ -33,7 +34,7 @@ from ..models.drafter import Drafter
 from ..models.target import Target
 from ..data.features import CachedSequence
 from . import distributed as ddp
-from .blocks import block_labels, block_logits, draw_anchors, pad_batch, teach_cached, teach_online
+from .blocks import add_feature_noise, block_labels, block_logits, draw_anchors, pad_batch, teach_cached, teach_online
 from .common import Compute, TrainerState, data_order, param_counts
 from .losses import sft_slot_weights, sft_token_loss
 
@@ -60,7 +61,8 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
     anchors, anchor_valid = (x[rows].to(target.device) for x in draw_anchors(starts, [len(s) for s in seqs], cfg.anchors_per_seq, gen))
     items, batch = items[rows], pad_batch(seqs[rows], starts[rows], target.pad_id, target.device)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
-    logits = block_logits(drafter, batch, teacher.features, anchors, draft_vocab=True)
+    features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(seqs), max(map(len, seqs))), rows)
+    logits = block_logits(drafter, batch, features, anchors, draft_vocab=True)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
     pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
     labels = drafter.target_to_draft(lab.labels if cfg.labels == "text" else teacher.greedy.gather(1, pos.flatten(1)).view_as(pos))
