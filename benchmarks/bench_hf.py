@@ -12,7 +12,9 @@ and cache warmth hit all alike), greedy, stopping at the same EOS ids and the sa
 * `draftopd-spec`: `draftopd.decode.speculative.generate` with the `--drafter` checkpoint (default: an untrained
   drafter, which accepts almost nothing and shows the engine's overhead floor, not a speedup);
 * `draftopd-lookup` (only with `--lookup-ngram n`): the same with prompt lookup (`DecodeConfig.lookup_ngram`): rounds
-  whose last n tokens occurred earlier copy what followed, the others use the drafter.
+  whose last n tokens occurred earlier copy what followed, the others use the drafter;
+* `draftopd-lookup-only` (with `--lookup-ngram n`): prompt lookup alone in our engine (`num_drafts` 0: the drafter
+  never drafts, a round without a match is a plain step), the counterpart of `hf-pld`.
 
 tokens/s = total new tokens / total wall seconds of the calls (prefill included); `vs best HF` = tokens/s / the
 larger of hf-greedy's and hf-pld's tokens/s; `== hf-greedy` counts prompts whose new tokens equal hf-greedy's
@@ -81,6 +83,8 @@ def methods(target, drafter, max_new_tokens: int, num_drafts: int | None = None,
     if lookup_ngram:
         lookup_cfg = DecodeConfig(max_new_tokens=max_new_tokens, num_drafts=num_drafts, lookup_ngram=lookup_ngram)
         run["draftopd-lookup"] = lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, lookup_cfg)
+        alone_cfg = DecodeConfig(max_new_tokens=max_new_tokens, num_drafts=0, lookup_ngram=lookup_ngram)
+        run["draftopd-lookup-only"] = lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, alone_cfg)
     return run
 
 
@@ -124,7 +128,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MT-Bench prompt sample")
     parser.add_argument("--num-drafts", type=int, default=None, help="drafts verified a round (default: the whole block)")
-    parser.add_argument("--lookup-ngram", type=int, default=0, help="add draftopd-lookup: the drafter plus prompt lookup on n-grams (0: off)")
+    parser.add_argument("--lookup-ngram", type=int, default=0, help="add draftopd-lookup (the drafter plus prompt lookup on n-grams) and draftopd-lookup-only (0: off)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     target = load_target(args.target, dtype=DTYPES[args.dtype])
