@@ -14,7 +14,6 @@ import dataclasses
 import json
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str 
             parser.add_argument(flag, dest=prefix + f.name, nargs="+", type=_scalar_type(default, f.type), default=default)
         else:
             parser.add_argument(flag, dest=prefix + f.name, type=_scalar_type(default, f.type), default=None if f.name in unset else default,
-                                help=f"default {default}")
+                                help=f"default {default}" + (" unless the command chooses another" if f.name in unset else ""))
 
 
 def _scalar_type(default: Any, annotation: Any):
@@ -115,9 +114,9 @@ def default_drafter(target_name: str, drafter: str | None) -> tuple[str | None, 
     return str(folder), DecodeConfig(**json.loads((folder / "config.json").read_text()).get("decode", {}))
 
 
-def drafter_note(target_name: str, given: str | None, path: str | None, cfg: DecodeConfig) -> str:
+def drafter_note(target_name: str, drafter_flag: str | None, path: str | None, cfg: DecodeConfig) -> str:
     """What `generate` tells stderr about the drafter it chose ("" when `--drafter` was given)."""
-    if given is not None:
+    if drafter_flag is not None:
         return ""
     if path is None:
         return ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
