@@ -13,7 +13,7 @@ plain step), the baseline that tells what the drafter adds to lookup. `--referen
 ratio column (default: the largest --num-drafts).
 Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
-the paired speedup ratio against the full block (same prompts resampled together).
+the paired speedup ratio against the reference arm (default the full block; same prompts resampled together).
 
     python benchmarks/draft_length.py --drafter draftopd/drafters/smollm2-135m-dflash --num-drafts 1 2 3 7 \
         --confidence 0.05 --dtype bfloat16 --json runs/draft-length.json   # ~5 min per arm on 2 cores, machine idle
@@ -74,9 +74,9 @@ def main() -> None:
     arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
     arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n) for n in args.lookup}
     arms |= {f"o{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n) for n in args.lookup_only}
-    full = args.reference or str(max(args.num_drafts))
-    if full not in arms:
-        parser.error(f"--reference {full}: no such arm (arms: {', '.join(arms)})")
+    reference = args.reference or str(max(args.num_drafts))
+    if reference not in arms:
+        parser.error(f"--reference {reference}: no such arm (arms: {', '.join(arms)})")
     autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
     for arm_cfg in arms.values():
         generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
@@ -94,9 +94,10 @@ def main() -> None:
     plain_s = [r["plain_s"] for r in rows]
     print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
           f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
-    print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {full}'s (paired) |")
+    print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {reference}'s (paired) |")
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
+    reference_secs = [r["arms"][reference]["s"] for r in rows]
     for n in arms:
         arm = [r["arms"][n] for r in rows]
         committed, rounds, secs = [a["committed"] for a in arm], [a["rounds"] for a in arm], [a["s"] for a in arm]
@@ -106,9 +107,8 @@ def main() -> None:
         draft_ms, verify_ms = 1e3 * sum(a["draft_s"] for a in arm) / rounds_total, 1e3 * sum(a["verify_s"] for a in arm) / rounds_total
         acc = [x for a in arm for x in a["accepted"]]
         slots = [sum(x >= k for x in acc) / len(acc) for k in (1, 2)]
-        full_secs = [r["arms"][full]["s"] for r in rows]
-        low, high = paired_ratio_ci(plain_s, full_secs, plain_s, secs)
-        ratio = (sum(plain_s) / sum(secs)) / (sum(plain_s) / sum(full_secs))
+        low, high = paired_ratio_ci(plain_s, reference_secs, plain_s, secs)
+        ratio = (sum(plain_s) / sum(secs)) / (sum(plain_s) / sum(reference_secs))
         equal = sum(a["equal"] for a in arm)
         verified = sum(x for a in arm for x in a["proposed"]) / rounds_total
         label = f"draft_confidence {n[1:]}" if n.startswith("c") else n
@@ -117,7 +117,7 @@ def main() -> None:
             label = f"{args.lookup_num_drafts} + lookup_ngram {n[1:]} ({share})" if n[0] == "l" else f"lookup_ngram {n[1:]} alone ({share})"
         print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
               f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
-              + ("-" if n == full else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")
+              + ("-" if n == reference else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")
         summary[n] = {"tau": tau, "tau_ci": tau_ci, "speedup": speed, "speedup_ci": speed_ci, "draft_ms": draft_ms,
                       "verify_ms": verify_ms, "verified": verified, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
     if args.json:
