@@ -10,13 +10,15 @@ proposes the slots whose product of drafter top probabilities is at least c: a p
 `--lookup n ...` adds prompt-lookup arms (`DecodeConfig.lookup_ngram` n, the drafter's `--lookup-num-drafts` drafts
 in rounds without a match); `--lookup-only n ...` prompt lookup alone (`num_drafts` 0: a round without a match is a
 plain step), the baseline that tells what the drafter adds to lookup. `--reference ARM` picks the arm of the paired
-ratio column (default: the largest --num-drafts).
+ratio column (default: the largest --num-drafts). Several `--drafter` folders compare drafters side by side: every
+drafter arm runs once per drafter, labelled `K:ARM` with K the drafter's index (lookup-only arms once).
 Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
 the paired speedup ratio against the reference arm (default the full block; same prompts resampled together).
 
     python benchmarks/draft_length.py --drafter draftopd/drafters/smollm2-135m-dflash --num-drafts 1 2 3 7 \
         --confidence 0.05 --dtype bfloat16 --json runs/draft-length.json   # ~5 min per arm on 2 cores, machine idle
+    python benchmarks/draft_length.py --drafter OLD NEW --num-drafts 2 --lookup 2 --reference 0:l2   # two drafters
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--drafter", default="draftopd/drafters/smollm2-135m-dflash")
+    parser.add_argument("--drafter", nargs="+", default=["draftopd/drafters/smollm2-135m-dflash"],
+                        help="one drafter, or several compared side by side (arms labelled K:ARM)")
     parser.add_argument("--num-drafts", type=int, nargs="+", default=[1, 2, 3, 7])
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="draft_confidence arms (whole block, cut per round)")
     parser.add_argument("--lookup", type=int, nargs="*", default=[], help="prompt-lookup arms: lookup_ngram n, the drafter's "
@@ -57,7 +60,8 @@ def main() -> None:
     parser.add_argument("--lookup-num-drafts", type=int, default=2)
     parser.add_argument("--lookup-only", type=int, nargs="*", default=[], help="arms of prompt lookup alone on n-grams (no drafter)")
     parser.add_argument("--reference", default=None, help="arm label of the paired ratio column: a --num-drafts n, "
-                        "ln (lookup n), on (lookup only n), cC (confidence C); default the largest --num-drafts")
+                        "ln (lookup n), on (lookup only n), cC (confidence C), prefixed K: with several drafters; "
+                        "default the largest --num-drafts (of the first drafter)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -66,25 +70,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
-    drafter = load_drafter(args.drafter, target).to(target.dtype)
+    drafters = [load_drafter(path, target).to(target.dtype) for path in args.drafter]
     sets = load_eval_sets(target, EvalConfig(num_prompts=args.prompts_per_set))
     prompts = [(name, ids) for name, items in sets.items() for _, ids in items]
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
-    arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
-    arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
-    arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n) for n in args.lookup}
-    arms |= {f"o{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n) for n in args.lookup_only}
-    reference = args.reference or str(max(args.num_drafts))
+    drafter_arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
+    drafter_arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
+    drafter_arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n)
+                     for n in args.lookup}
+    tag = (lambda k: f"{k}:") if len(drafters) > 1 else (lambda k: "")
+    arms = {f"{tag(k)}{label}": (drafter, arm_cfg) for k, drafter in enumerate(drafters) for label, arm_cfg in drafter_arms.items()}
+    arms |= {f"o{n}": (drafters[0], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n)) for n in args.lookup_only}
+    reference = args.reference or f"{tag(0)}{max(args.num_drafts)}"
     if reference not in arms:
         parser.error(f"--reference {reference}: no such arm (arms: {', '.join(arms)})")
     autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
-    for arm_cfg in arms.values():
+    for drafter, arm_cfg in arms.values():
         generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
     rows = []  # per prompt: plain seconds, and per arm (committed, rounds, seconds, draft s, verify s, equal)
     for name, prompt in tqdm(prompts, desc="prompts", dynamic_ncols=True):
         plain, plain_s = timed(lambda: autoregressive_generate(target, [prompt], cfg))
         row = {"set": name, "plain_s": plain_s, "new": len(plain.traces[0].output), "arms": {}}
-        for label, arm_cfg in arms.items():
+        for label, (drafter, arm_cfg) in arms.items():
             spec, spec_s = timed(lambda: generate(target, drafter, [prompt], arm_cfg))
             tr = spec.traces[0]
             row["arms"][label] = {"committed": len(tr.output) - 1, "rounds": tr.rounds, "s": spec_s, "draft_s": spec.timing.draft_s,
@@ -94,6 +101,8 @@ def main() -> None:
     plain_s = [r["plain_s"] for r in rows]
     print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
           f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
+    if len(drafters) > 1:
+        print("; ".join(f"drafter {k} = {path}" for k, path in enumerate(args.drafter)))
     print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {reference}'s (paired) |")
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
@@ -111,10 +120,13 @@ def main() -> None:
         ratio = (sum(plain_s) / sum(secs)) / (sum(plain_s) / sum(reference_secs))
         equal = sum(a["equal"] for a in arm)
         verified = sum(x for a in arm for x in a["proposed"]) / rounds_total
-        label = f"draft_confidence {n[1:]}" if n.startswith("c") else n
-        if n[0] in "lo":
+        prefix, _, kind = n.rpartition(":")
+        label = f"draft_confidence {kind[1:]}" if kind.startswith("c") else kind
+        if kind[0] in "lo":
             share = f"{sum(a['looked_up'] for a in arm) / rounds_total:.0%} of rounds looked up"
-            label = f"{args.lookup_num_drafts} + lookup_ngram {n[1:]} ({share})" if n[0] == "l" else f"lookup_ngram {n[1:]} alone ({share})"
+            label = (f"{args.lookup_num_drafts} + lookup_ngram {kind[1:]} ({share})" if kind[0] == "l"
+                     else f"lookup_ngram {kind[1:]} alone ({share})")
+        label = f"drafter {prefix}: {label}" if prefix else label
         print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
               f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
               + ("-" if n == reference else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")

@@ -11,6 +11,8 @@
         # everything else as `fixed`)
     python benchmarks/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
         # 1,200 ShareGPT answers to prompts past the first 2,000 of the train sample (none of its regenerated prompts)
+    python benchmarks/sft_arms.py continue --drafter draftopd/drafters/smollm2-135m-dflash --regenerated runs/cpu-regen/regen.jsonl \
+        --steps 250 --threads 2 --out runs/cpu-regen/sft   # every record of a CPU regeneration (`draftopd regenerate`), lr 3e-4
 
 Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
 checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
@@ -40,7 +42,7 @@ TRAINED_ON = 768  # the H200 drafter trained on the first 768 records of its reg
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("arm", choices=("fixed", "regen", "old", "new", "more"))
+    parser.add_argument("arm", choices=("fixed", "regen", "old", "new", "more", "continue"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
     parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
@@ -52,13 +54,13 @@ def main() -> None:
     parser.add_argument("--slot-decay", type=float, default=None, help="fixed/regen arms: SFTConfig.slot_decay (default: 4 at block 8)")
     parser.add_argument("--anchors-per-seq", type=int, default=64, help="fixed/regen arms: anchors a sequence (384: every position)")
     parser.add_argument("--feature-noise", type=float, default=0.0, help="fixed/regen arms: SFTConfig.feature_noise")
-    parser.add_argument("--steps", type=int, default=120, help="fixed/regen arms: SFT steps")
+    parser.add_argument("--steps", type=int, default=120, help="fixed/regen/continue arms: SFT steps")
     parser.add_argument("--copy-target-layers", type=int, nargs="+", default=None,
                         help="fixed/regen arms: the drafter layers start as copies of these target layers, one per layer (default: random)")
     args = parser.parse_args()
-    if args.arm in ("old", "new", "more") and args.drafter is None:
-        parser.error("the old/new/more arms continue a drafter: pass --drafter")
-    if args.arm in ("regen", "old", "new") and args.regenerated is None:
+    if args.arm in ("old", "new", "more", "continue") and args.drafter is None:
+        parser.error(f"the {args.arm} arm continues a drafter: pass --drafter")
+    if args.arm in ("regen", "old", "new", "continue") and args.regenerated is None:
         parser.error(f"the {args.arm} arm trains on regenerated answers: pass --regenerated")
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=torch.bfloat16)
@@ -75,6 +77,10 @@ def main() -> None:
         examples = load_answers(target.tokenizer, limit=3500, max_response_tokens=384)[-1200:]
         drafter = load_drafter(args.drafter, target)
         cfg = SFTConfig(steps=150, batch_size=8, anchors_per_seq=64, loss="kl", labels="greedy", save_every=50, optim=OptimConfig(lr=3e-4))
+    elif args.arm == "continue":
+        examples = regenerated
+        drafter = load_drafter(args.drafter, target)
+        cfg = SFTConfig(steps=args.steps, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=50, optim=OptimConfig(lr=3e-4))
     else:
         examples = regenerated[:TRAINED_ON] if args.arm == "old" else regenerated[TRAINED_ON:]
         drafter = load_drafter(args.drafter, target)
