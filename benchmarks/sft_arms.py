@@ -12,7 +12,7 @@
     python benchmarks/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
         # 1,200 ShareGPT answers to prompts past the first 2,000 of the train sample (none of its regenerated prompts)
     python benchmarks/sft_arms.py continue --drafter draftopd/drafters/smollm2-135m-dflash --regenerated runs/cpu-regen/regen.jsonl \
-        --steps 250 --threads 2 --out runs/cpu-regen/sft   # every record of a CPU regeneration (`draftopd regenerate`), lr 3e-4
+        --steps 440 --threads 2 --out runs/cpu-regen/sft   # every record of a CPU regeneration (`draftopd regenerate`), lr 3e-4
 
 Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
 checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
