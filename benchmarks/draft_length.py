@@ -78,7 +78,10 @@ def main() -> None:
     drafter_arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
     drafter_arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n)
                      for n in args.lookup}
-    tag = (lambda k: f"{k}:") if len(drafters) > 1 else (lambda k: "")
+
+    def tag(k: int) -> str:  # arm-label prefix of drafter k, only when several are compared
+        return f"{k}:" if len(drafters) > 1 else ""
+
     arms = {f"{tag(k)}{label}": (drafter, arm_cfg) for k, drafter in enumerate(drafters) for label, arm_cfg in drafter_arms.items()}
     arms |= {f"o{n}": (drafters[0], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n)) for n in args.lookup_only}
     reference = args.reference or f"{tag(0)}{max(args.num_drafts)}"

@@ -44,8 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("arm", choices=("fixed", "regen", "old", "new", "more", "continue"))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--drafter", default=None, help="start drafter of the old/new arms")
-    parser.add_argument("--regenerated", default=None, help="the H200 run's regenerated answers (train_at_scale.py output)")
+    parser.add_argument("--drafter", default=None, help="start drafter of the old/new/more/continue arms")
+    parser.add_argument("--regenerated", default=None, help="regenerated answers: the H200 run's (train_at_scale.py) or a `draftopd regenerate` file")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="fixed/regen arms: drafter init and anchor sampling seed")
     parser.add_argument("--block-size", type=int, default=8, help="fixed/regen arms: the drafter's block size")
@@ -77,14 +77,12 @@ def main() -> None:
         examples = load_answers(target.tokenizer, limit=3500, max_response_tokens=384)[-1200:]
         drafter = load_drafter(args.drafter, target)
         cfg = SFTConfig(steps=150, batch_size=8, anchors_per_seq=64, loss="kl", labels="greedy", save_every=50, optim=OptimConfig(lr=3e-4))
-    elif args.arm == "continue":
-        examples = regenerated
+    else:  # old / new / continue: the drafter goes on with regenerated answers (all of them for continue)
+        examples = {"old": regenerated[:TRAINED_ON], "new": regenerated[TRAINED_ON:]}.get(args.arm, regenerated)
         drafter = load_drafter(args.drafter, target)
-        cfg = SFTConfig(steps=args.steps, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=50, optim=OptimConfig(lr=3e-4))
-    else:
-        examples = regenerated[:TRAINED_ON] if args.arm == "old" else regenerated[TRAINED_ON:]
-        drafter = load_drafter(args.drafter, target)
-        cfg = SFTConfig(steps=100, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=100, optim=OptimConfig(lr=3e-4))
+        steps = args.steps if args.arm == "continue" else 100
+        cfg = SFTConfig(steps=steps, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=50 if args.arm == "continue" else 100,
+                        optim=OptimConfig(lr=3e-4))
     print(f"{args.arm}: {len(examples)} answers, {sum(len(e.response_ids) for e in examples)} response tokens", flush=True)
     t = time.time()
     train_sft(target, drafter, examples, cfg, args.out, progress=True)
