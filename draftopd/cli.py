@@ -51,7 +51,8 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str 
             parser.add_argument(flag, dest=prefix + f.name, nargs="+", type=_scalar_type(default, f.type), default=default)
         else:
             parser.add_argument(flag, dest=prefix + f.name, type=_scalar_type(default, f.type), default=None if f.name in unset else default,
-                                help=f"default {default}" + (" unless the command chooses another" if f.name in unset else ""))
+                                help=f.metadata.get("help", "") + (": " if "help" in f.metadata else "") + f"default {default}"
+                                + (" unless the command chooses another" if f.name in unset else ""))
 
 
 def _scalar_type(default: Any, annotation: Any):
@@ -163,7 +164,7 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args) if args.drafter else (_target(args.target, args), None)
     summary = regenerate(target, prompts, args.out, cfg, drafter=drafter, batch_size=pcfg.batch_size,
                          chat_template=not args.raw, max_prompt_tokens=pcfg.max_prompt_tokens)
-    return {"out": args.out, **summary.to_dict()}
+    return {"out": args.out, "prompts": len(prompts), "split": pcfg.split, **summary.to_dict()}
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:

@@ -196,7 +196,8 @@ class PromptConfig:
 
     prompts: str = "sharegpt"  # named set (sharegpt, mt-bench, gsm8k, humaneval) or a JSONL path
     split: str = "train"  # train | heldout | all (seeded hash split)
-    limit: int = 200
+    limit: int = field(default=200, metadata={"help": "prompts taken: a seeded sample of the split (a smaller limit is a "
+                                                       "prefix of a larger one), not the file's first lines"})
     max_prompt_tokens: int = 512  # longer rendered prompts are skipped and counted
     batch_size: int = 8  # regeneration batch (a ragged batch through the decoder)
 

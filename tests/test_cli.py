@@ -94,7 +94,7 @@ def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
     rc, out, err = run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
                        "--max-new-tokens", 16, "--no-stop-at-eos", "--json")
     assert rc == 0, err
-    assert json.loads(out)["written"] == 12 and len(data.read_text().splitlines()) == 12
+    assert json.loads(out)["written"] == 12 and json.loads(out)["prompts"] == 12 and len(data.read_text().splitlines()) == 12
     rc, out, err = run(capsys, "sft", "--target", target_dir, "--data", data, "--out", tmp_path / "sft", "--steps", 3,
                        "--batch-size", 4, "--anchors-per-seq", 4, "--draft-block-size", 8, "--json")
     assert rc == 0, err
