@@ -14,7 +14,9 @@ ratio column (default: the largest --num-drafts). Several `--drafter` folders co
 drafter arm runs once per drafter, labelled `K:ARM` with K the drafter's index (lookup-only arms once).
 Reported per arm: tau, speedup over plain (total plain seconds / total speculative seconds, prefill included,
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
-the paired speedup ratio against the reference arm (default the full block; same prompts resampled together).
+the paired speedup ratio against the reference arm (default the full block; same prompts resampled together); with
+several drafters, each one's tau and speed against drafter 0's on the same arm (paired). `--report JSON` prints the
+tables again from an earlier run's `--json` file.
 
     python benchmarks/draft_length.py --drafter draftopd/drafters/smollm2-135m-dflash --num-drafts 1 2 3 7 \
         --confidence 0.05 --dtype bfloat16 --json runs/draft-length.json   # ~5 min per arm on 2 cores, machine idle
@@ -67,7 +69,32 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--report", default=None, help="print the tables again from a --json file of an earlier run (runs nothing)")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved["rows"], argparse.Namespace(**saved["args"]))
+        return
+    rows = run(args, parser)
+    summary = report(rows, args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))
+
+
+def arm_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The drafter arms' labels (`n`, `cC`, `ln`), and every arm's label in run order (`K:` prefixes with several drafters)."""
+    labels = [str(n) for n in args.num_drafts] + [f"c{c:g}" for c in args.confidence] + [f"l{n}" for n in args.lookup]
+    tags = [f"{k}:" if len(args.drafter) > 1 else "" for k in range(len(args.drafter))]
+    return labels, [t + label for t in tags for label in labels] + [f"o{n}" for n in args.lookup_only]
+
+
+def reference_arm(args: argparse.Namespace) -> str:
+    return args.reference or f"{'0:' if len(args.drafter) > 1 else ''}{max(args.num_drafts)}"
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]:
+    """Per prompt: plain decoding, then every arm, interleaved; returns one row per prompt."""
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
     drafters = [load_drafter(path, target).to(target.dtype) for path in args.drafter]
@@ -78,15 +105,11 @@ def main() -> None:
     drafter_arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
     drafter_arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n)
                      for n in args.lookup}
-
-    def tag(k: int) -> str:  # arm-label prefix of drafter k, only when several are compared
-        return f"{k}:" if len(drafters) > 1 else ""
-
-    arms = {f"{tag(k)}{label}": (drafter, arm_cfg) for k, drafter in enumerate(drafters) for label, arm_cfg in drafter_arms.items()}
-    arms |= {f"o{n}": (drafters[0], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n)) for n in args.lookup_only}
-    reference = args.reference or f"{tag(0)}{max(args.num_drafts)}"
-    if reference not in arms:
-        parser.error(f"--reference {reference}: no such arm (arms: {', '.join(arms)})")
+    configs = [(drafter, arm_cfg) for drafter in drafters for arm_cfg in drafter_arms.values()]
+    configs += [(drafters[0], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n)) for n in args.lookup_only]
+    arms = dict(zip(arm_labels(args)[1], configs))
+    if reference_arm(args) not in arms:
+        parser.error(f"--reference {reference_arm(args)}: no such arm (arms: {', '.join(arms)})")
     autoregressive_generate(target, [prompts[0][1]], DecodeConfig(max_new_tokens=8))
     for drafter, arm_cfg in arms.values():
         generate(target, drafter, [prompts[0][1]], replace(arm_cfg, max_new_tokens=8))
@@ -101,10 +124,17 @@ def main() -> None:
                                   "verify_s": spec.timing.verify_s, "equal": tr.output == plain.traces[0].output,
                                   "accepted": list(tr.accepted), "proposed": list(tr.proposed), "looked_up": sum(tr.looked_up)}
         rows.append(row)
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> dict:
+    """Print the per-arm table (and, with several drafters, each drafter against the first on the same arm); return
+    the per-arm summary."""
+    arms, reference = arm_labels(args)[1], reference_arm(args)
     plain_s = [r["plain_s"] for r in rows]
     print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
           f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
-    if len(drafters) > 1:
+    if len(args.drafter) > 1:
         print("; ".join(f"drafter {k} = {path}" for k, path in enumerate(args.drafter)))
     print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {reference}'s (paired) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -135,9 +165,28 @@ def main() -> None:
               + ("-" if n == reference else f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")) + " |")
         summary[n] = {"tau": tau, "tau_ci": tau_ci, "speedup": speed, "speedup_ci": speed_ci, "draft_ms": draft_ms,
                       "verify_ms": verify_ms, "verified": verified, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1))
+    if len(args.drafter) > 1:
+        print_drafter_ratios(rows, args)
+    return summary
+
+
+def print_drafter_ratios(rows: list[dict], args: argparse.Namespace) -> None:
+    """Each drafter against drafter 0 on the same arm: tau and speed ratios, paired over prompts."""
+    print("\n| arm | drafter | tau / drafter 0's (paired) | speed / drafter 0's (paired) |\n|---|---|---|---|")
+    plain_s = [r["plain_s"] for r in rows]
+
+    def ci(ratio: float, low: float, high: float) -> str:
+        return f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")
+
+    for label in arm_labels(args)[0]:
+        base = [r["arms"][f"0:{label}"] for r in rows]
+        for k in range(1, len(args.drafter)):
+            arm = [r["arms"][f"{k}:{label}"] for r in rows]
+            get = lambda a, key: [x[key] for x in a]  # noqa: E731
+            tau = (sum(get(arm, "committed")) / sum(get(arm, "rounds"))) / (sum(get(base, "committed")) / sum(get(base, "rounds")))
+            speed = sum(get(base, "s")) / sum(get(arm, "s"))
+            print(f"| {label} | {k} | {ci(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
+                  f"{ci(speed, *paired_ratio_ci(plain_s, get(base, 's'), plain_s, get(arm, 's')))} |")
 
 
 if __name__ == "__main__":
