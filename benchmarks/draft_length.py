@@ -178,11 +178,13 @@ def print_drafter_ratios(rows: list[dict], args: argparse.Namespace) -> None:
     def ci(ratio: float, low: float, high: float) -> str:
         return f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")
 
+    def get(arm: list[dict], key: str) -> list[float]:
+        return [x[key] for x in arm]
+
     for label in arm_labels(args)[0]:
         base = [r["arms"][f"0:{label}"] for r in rows]
         for k in range(1, len(args.drafter)):
             arm = [r["arms"][f"{k}:{label}"] for r in rows]
-            get = lambda a, key: [x[key] for x in a]  # noqa: E731
             tau = (sum(get(arm, "committed")) / sum(get(arm, "rounds"))) / (sum(get(base, "committed")) / sum(get(base, "rounds")))
             speed = sum(get(base, "s")) / sum(get(arm, "s"))
             print(f"| {label} | {k} | {ci(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
