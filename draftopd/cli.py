@@ -51,7 +51,7 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str 
             parser.add_argument(flag, dest=prefix + f.name, nargs="+", type=_scalar_type(default, f.type), default=default)
         else:
             parser.add_argument(flag, dest=prefix + f.name, type=_scalar_type(default, f.type), default=None if f.name in unset else default,
-                                help=f.metadata.get("help", "") + (": " if "help" in f.metadata else "") + f"default {default}"
+                                help=(f"{f.metadata['help']}: " if "help" in f.metadata else "") + f"default {default}"
                                 + (" unless the command chooses another" if f.name in unset else ""))
 
 
