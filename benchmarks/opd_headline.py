@@ -17,7 +17,8 @@ last 250 of its 665 steps on its 768 answers (the first 768 records of R). Arms,
 - ablations `opd-random` (accepted stream at random anchors, the real rejected stream kept), `opd-fwd`
   (forward KL on both streams), `opd-rev` (reverse on both), `opd-nodecay` (gamma 1), `opd-norej` (no rejected
   stream), `opd-first` (first rejected token only), `opd-t07` (rollouts at temperature 0.7), `opd-exact` (exact KL),
-  `opd-lam01` (rejected stream weighted 0.1: about the fifth of the loss it has in the paper's regime, tau ~6).
+  `opd-lam01` (rejected stream weighted 0.1: about the fifth of the loss it has in the paper's regime, tau ~6),
+  `opd-wrong` (the rejected stream without the late proposals that equal the final text; this project's switch).
   Ablations ran at a smaller budget (`--budget-tflops 60`); the report compares each with the full method's curve
   point nearest in compute.
 Every arm replays its drafter over the target's greedy answers to the held-out prompts (30 each of MT-Bench,
@@ -51,14 +52,13 @@ from draftopd.train.losses import LossConfig  # noqa: E402
 from draftopd.train.opd import OPDConfig, train_opd  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
 
-TRAINED_ON = 768  # the start drafter trained on the first 768 records of R
 SETS = (*EvalConfig().sets, "sharegpt-heldout")
 OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, max_new_tokens=128, save_every=4,
                 optim=OptimConfig(lr=3e-4))
 ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_direction": "forward"},
              "opd-rev": {"acc_direction": "reverse"}, "opd-nodecay": {"gamma": 1.0}, "opd-norej": {"use_rejected": False},
              "opd-first": {"rej_slots": "first"}, "opd-t07": {"temperature": 0.7}, "opd-exact": {"mode": "exact"},
-             "opd-lam01": {"lam_rej": 0.1}}
+             "opd-lam01": {"lam_rej": 0.1}, "opd-wrong": {"rej_slots": "wrong"}}
 # measured on this target with the start drafter (first smoke runs): planned step counts that fit the budget, so
 # each arm's cosine schedule spans the updates it actually takes; every arm stops at the same compute/flops
 OPD_FLOPS_PER_UPDATE = 7.4e12
@@ -100,7 +100,9 @@ def arm_cmd(args) -> None:
     drafter = load_drafter(args.start, target)
     scored = {name: score_texts(target, drafter.spec.target_layer_ids, r["prompts"], r["outputs"]) for name, r in refs.items()}
     examples = load_regenerated(args.regenerated).examples
-    old, new = examples[:TRAINED_ON], examples[TRAINED_ON:]
+    old, new = examples[:args.trained_on], examples[args.trained_on:]
+    if args.old_regenerated:
+        old = load_regenerated(args.old_regenerated).examples
     curve_path = run / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
     t0 = time.time()
@@ -173,7 +175,7 @@ def report_cmd(args) -> None:
         return (f"| {name} | {pt['flops'] / 1e12:.0f} | " + " | ".join(f"{pt['tau'][s]:.3f}" for s in SETS)
                 + f" | {rep.tau:.3f} [{lo:.3f}, {hi:.3f}] | " + "/".join(f"{a:.2f}" for a in pt["slot_acceptance"][:3]) + " |")
 
-    lines.append(row("start (H200 SFT, plateaued)", start))
+    lines.append(row("start", start))
     for name, c in curves.items():
         lines.append(row(name, c[-1]))
     lines += ["", "| arm | held-out tau (all) at TFLOPs after the start |", "|---|---|"]
@@ -249,6 +251,9 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--start", default="runs/scale-gpu/drafter")
     parser.add_argument("--regenerated", default="runs/scale-gpu/regenerated-1920.jsonl.gz")
+    parser.add_argument("--trained-on", type=int, default=768, help="the first N records of --regenerated are the start's "
+                        "own answers (sft-old trains on them); Draft-OPD's prompts and sft-new's answers are the rest")
+    parser.add_argument("--old-regenerated", help="the start's own answers for sft-old, when they are not in --regenerated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-tflops", type=float, default=100.0, help="every arm stops at this compute (same counter)")
     parser.add_argument("--curve-every", type=int, default=4, help="Draft-OPD: a curve point every N updates")

@@ -49,6 +49,7 @@ ABLATIONS = {
     "no-rejected": {"use_rejected": False},
     "estimate-kl": {"mode": "estimate"},
     "first-rejected": {"rej_slots": "first"},
+    "wrong-rejected": {"rej_slots": "wrong"},
 }
 
 

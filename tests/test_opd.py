@@ -131,6 +131,35 @@ def test_rejected_stream_off_gives_exactly_the_accepted_loss(setup):
     assert float(loss.detach()) == pytest.approx(float(res.acc.loss_sum.detach()) / res.acc.weight_sum, rel=1e-6)
 
 
+def test_wrong_only_rejected_stream_drops_right_proposals(setup):
+    """rej_slots="wrong": a late proposal that equals the final text's token leaves the rejected stream, in the
+    step's normaliser and in the replay alike; every other rejected proposal stays, with its decay weight."""
+    target, prompts, _, drafter = setup
+    traces = rollout(target, drafter, prompts[:3])
+    segs = [error_segments(t) for t in traces]
+    made = 0
+    for t, seg in zip(traces, segs):  # make one late proposal per trace right, where the text lets us
+        for m in range(len(seg.anchors)):
+            r, pos = int(seg.accepted[m]), int(seg.anchors[m]) + int(seg.accepted[m]) + 2  # slot r+2
+            if r + 2 < drafter.block_size and pos < len(t.tokens) and seg.drafts[m, r + 1] != t.tokens[pos]:
+                seg.drafts[m, r + 1] = t.tokens[pos]
+                made += 1
+                break
+    assert made > 0
+    all_cfg, wrong_cfg = LossConfig(gamma=0.5), LossConfig(gamma=0.5, rej_slots="wrong")
+    _, rej_all = step_norms(traces, segs, drafter.block_size, all_cfg)
+    acc_norm, rej_wrong = step_norms(traces, segs, drafter.block_size, wrong_cfg)
+    dropped = sum(0.5 ** (k - 1) for t, seg in zip(traces, segs) for m in range(len(seg.anchors))
+                  for k in range(int(seg.accepted[m]) + 2, drafter.block_size)
+                  if int(seg.anchors[m]) + k < len(t.tokens) and seg.drafts[m, k - 1] == t.tokens[int(seg.anchors[m]) + k])
+    assert dropped >= 0.25 * made and rej_wrong == pytest.approx(rej_all - dropped)
+    res = replay(target, drafter, collate(target, drafter, traces, segs), wrong_cfg)
+    assert res.rej.weight_sum == pytest.approx(rej_wrong) and res.acc.weight_sum == acc_norm
+    with pytest.raises(ValueError, match="needs `right`"):
+        stream_masks(segs[0].accepted[None], segs[0].acc_on[None], segs[0].rej_on[None], torch.ones(1, len(segs[0].anchors), 7, dtype=torch.bool),
+                     torch.arange(1, 8), wrong_cfg)
+
+
 @pytest.mark.parametrize("mode", ["estimate", "exact"])
 def test_accumulation_normalises_by_tokens(setup, mode):
     """Micro-batches of 1 + 3 traces, each normalised by the step's token counts, equal one batch of 4."""

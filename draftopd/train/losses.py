@@ -20,8 +20,11 @@ single-token ``estimate`` from the observed token's log-probs
 both clamped to ``[-clamp, clamp]``; inside the forward (Bernoulli) term both log-probs are floored at
 ``floor`` (-10), as in the authors' code.
 
-Which rejected tokens count: ``rej_slots="all"`` (slots r+1..K, the method) or ``"first"`` (only slot r+1,
-the first rejected token of each block; a switch of the authors' code).
+Which rejected tokens count: ``rej_slots="all"`` (slots r+1..K, the method), ``"first"`` (only slot r+1,
+the first rejected token of each block; a switch of the authors' code) or ``"wrong"`` (slots r+1..K, but not a
+proposal that equals the token the final text has at that position: a DFlash slot does not see the drafts
+before it, so a late slot can propose the right token after a wrong earlier slot, and reverse KL on it would
+push a right token down; this project's switch, not the paper's).
 
 Aggregation over a training step (``L_acc`` = mean over accepted tokens,
 ``L_rej = sum_rej w l / sum_rej w``):
@@ -45,7 +48,7 @@ reverse order of the math. ``kl_div(log q, log p, log_target=True)`` computes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
@@ -191,7 +194,8 @@ class LossConfig:
     lam_acc: float = 1.0
     lam_rej: float = 1.0
     use_rejected: bool = True
-    rej_slots: Literal["all", "first"] = "all"
+    rej_slots: Literal["all", "first", "wrong"] = field(default="all", metadata={"help": "rejected proposals trained: all (slots "
+                                                        "r+1..K), first (slot r+1 only) or wrong (all but those equal to the final text)"})
     aggregation: Literal["paper", "pooled"] = "pooled"
     clamp: float = 10.0
     floor: float = -10.0  # log-prob floor inside the forward estimator
@@ -204,7 +208,7 @@ class LossConfig:
         check_choice(self, "rej_direction", ("forward", "reverse"))
         check_choice(self, "mode", ("exact", "estimate"))
         check_choice(self, "aggregation", ("paper", "pooled"))
-        check_choice(self, "rej_slots", ("all", "first"))
+        check_choice(self, "rej_slots", ("all", "first", "wrong"))
         check_number(self, "gamma", 0, 1, above=True)
         check_number(self, "lam_acc", 0)
         check_number(self, "lam_rej", 0)

@@ -14,8 +14,8 @@ One optimizer step (`train_opd`, the story function):
    drafts, so slot k after a rejection sees the same wrong prefix the target's log-prob was taken on.
 4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
    rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
-   by gamma^(k-1); or only slot r+1), each KL direction and exact/estimate form a switch (`losses.py`). The
-   step's token counts are computed before the replay so accumulated micro-batches normalise by tokens.
+   by gamma^(k-1); or only slot r+1; or only the proposals that differ from the final text), each KL direction
+   and exact/estimate form a switch (`losses.py`). The step's token counts are computed before the replay so accumulated micro-batches normalise by tokens.
    Defaults follow the authors' code: single-token estimators with their clamps, pooled aggregation, lr 3e-4
    cosine with 5% warm-up (at least `OptimConfig.min_warmup_steps`).
 5. **update**: one AdamW step; the next rollout uses the new weights (always on-policy).
@@ -120,13 +120,23 @@ class ReplayResult:
 
 
 def stream_masks(accepted: torch.Tensor, acc_on: torch.Tensor, rej_on: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor,
-                 cfg: LossConfig):
+                 cfg: LossConfig, right: torch.Tensor | None = None):
     """Accepted stream: slots k <= r+1 whose label exists, in segments that feed it. Rejected: slots k > r (the
-    drafter's rejected proposals; only k = r+1 with `rej_slots="first"`), weighted gamma^(k-1). Shapes (b, M, K)."""
+    drafter's rejected proposals; only k = r+1 with `rej_slots="first"`; with `"wrong"` not where `right`, the
+    proposal equals the final text's token), weighted gamma^(k-1). Shapes (b, M, K)."""
     r = accepted[..., None]
     acc = label_mask & acc_on[..., None] & (slots <= r + 1)
     rej = rej_on[..., None] & ((slots == r + 1) if cfg.rej_slots == "first" else (slots > r)) & cfg.use_rejected
+    if cfg.rej_slots == "wrong":
+        if right is None:
+            raise ValueError('rej_slots="wrong" needs `right`: where each proposal equals the final text')
+        rej = rej & ~right
     return acc, rej, decay_weights(slots, cfg.gamma) * rej
+
+
+def proposal_right(drafts: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+    """Where a drafted token equals the token the final text has at its position (never past the text's end)."""
+    return label_mask & (drafts == labels)
 
 
 def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size: int, cfg: LossConfig) -> tuple[float, float]:
@@ -134,8 +144,10 @@ def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size:
     acc_n, rej_w = 0.0, 0.0
     slots = torch.arange(1, block_size)
     for trace, seg in zip(traces, segments):
-        exists = (seg.anchors[:, None] + slots) < len(trace.tokens)
-        acc, _, w = stream_masks(seg.accepted, seg.acc_on, seg.rej_on, exists, slots, cfg)
+        pos = seg.anchors[:, None] + slots
+        exists = pos < len(trace.tokens)
+        text = torch.as_tensor(trace.tokens)[pos.clamp(max=len(trace.tokens) - 1)]
+        acc, _, w = stream_masks(seg.accepted, seg.acc_on, seg.rej_on, exists, slots, cfg, proposal_right(seg.drafts, text, exists))
         acc_n, rej_w = acc_n + float(acc.sum()), rej_w + float(w.sum())
     return acc_n, rej_w
 
@@ -172,7 +184,8 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -
     # a sequential drafter (EAGLE-3) replays its own drafts where the rejected stream is trained, the text elsewhere
     chain = torch.where(rb.rej_on[..., None], rb.drafts, lab.labels)[..., :-1]
     q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors, block_tokens=chain)  # (b, M, K, V), with grad
-    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg)
+    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg,
+                                             proposal_right(rb.drafts, lab.labels, lab.mask))
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     t0 = time.perf_counter()
     p_rej = reverify(target, rb) if cfg.mode == "exact" else None
