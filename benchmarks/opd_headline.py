@@ -6,6 +6,14 @@
     python benchmarks/opd_headline.py arm sft-new --start $S --regenerated $R --out $O --seed 0   # at the same time
     python benchmarks/opd_headline.py report --out $O               # table, paired ratios, tau-vs-compute plot
 
+From the committed CPU drafter v3 instead (README "From the committed drafter v3"): R = the target's answers to
+ShareGPT train prompts 12,100-12,867 (`draftopd regenerate --split all`), none of which v3 trained on, so
+`--trained-on 0`; sft-old takes v3's last batch of answers:
+
+    C="--start draftopd/drafters/smollm2-135m-dflash --regenerated runs/headline-v3/regen.jsonl --trained-on 0
+       --old-regenerated runs/cpu-regen2/regen.jsonl --out runs/headline-v3"
+    python benchmarks/opd_headline.py arm opd-wrong $C --seed 0 --curve-every 3      # and sft-new, opd, ... likewise
+
 The start is the H200 drafter (README "At scale on one H200"): its held-out tau plateaued at 1.32-1.33 over the
 last 250 of its 665 steps on its 768 answers (the first 768 records of R). Arms, each from that start:
 - `opd`: Draft-OPD with the authors' recipe (single-token estimators, pooled, lr 3e-4 cosine, warm-up) on the
@@ -123,14 +131,15 @@ def arm_cmd(args) -> None:
         change = dict(ABLATIONS[args.arm])
         top = {k: change.pop(k) for k in ("anchors", "temperature") if k in change}
         steps = round(budget / OPD_FLOPS_PER_UPDATE)
-        cfg = replace(OPD, steps=steps, seed=args.seed, max_flops=budget, loss=replace(LossConfig(), **change), **top)
+        cfg = replace(OPD, steps=steps, seed=args.seed, max_flops=budget, loss=replace(LossConfig(), **change),
+                      optim=replace(OPD.optim, lr=args.lr), **top)
         prompts = [list(e.prompt_ids) for e in new]
         print(f"{args.arm}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
         train_opd(target, drafter, prompts, cfg, run / "train", resume=True,
                   on_step=lambda s, d, c: on_step(s, d, c, s if (s == steps or c.flops >= budget) else -1))
     else:
         steps = round(budget / SFT_FLOPS_PER_STEP)  # the cosine schedule spans the steps the budget allows
-        cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget)
+        cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget, optim=replace(SFT.optim, lr=args.lr))
         data = old if args.arm == "sft-old" else new
         print(f"{args.arm}: {len(data)} answers, {steps} steps planned, stop at {args.budget_tflops} TFLOPs", flush=True)
         marks = [budget * k / args.sft_points for k in range(1, args.sft_points + 1)]  # curve points at equal compute steps
@@ -259,6 +268,8 @@ def main() -> None:
     parser.add_argument("--curve-every", type=int, default=4, help="Draft-OPD: a curve point every N updates")
     parser.add_argument("--sft-points", type=int, default=5, help="SFT arms: curve points at N equal fractions of the matched compute")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every arm (the authors': 3e-4); "
+                        "give each value its own --out (with a copy of refs.json), so the report compares like with like")
     args = parser.parse_args()
     if args.cmd == "arm" and args.arm is None:
         parser.error("arm needs its name")
