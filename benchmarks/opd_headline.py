@@ -207,15 +207,17 @@ def report_cmd(args) -> None:
         at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
         lines.append(f"| {a} / {b}{at} | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{verdict} |")
         summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
-    seeds = sorted({n.rsplit("-s", 1)[1] for n in curves if n.startswith("opd-s") and f"sft-new-s{n.rsplit('-s', 1)[1]}" in curves})
-    if len(seeds) > 1:  # the main pair pooled over seeds: each prompt's committed tokens and rounds summed over seeds
-        ta = [texts_of(curves[f"opd-s{x}"][-1]) for x in seeds]
-        tb = [texts_of(curves[f"sft-new-s{x}"][-1]) for x in seeds]
-        na, da = [sum(t[i].committed for t in ta) for i in range(len(ta[0]))], [sum(t[i].rounds for t in ta) for i in range(len(ta[0]))]
-        nb, db = [sum(t[i].committed for t in tb) for i in range(len(tb[0]))], [sum(t[i].rounds for t in tb) for i in range(len(tb[0]))]
-        ratio, lo, hi = paired(nb, db, na, da)
-        lines.append(f"| opd / sft-new, seeds {', '.join(seeds)} pooled | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
-        summary["ratios"]["opd/sft-new pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
+    def pooled(arm: str, seeds: list[str]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
+        texts = [texts_of(curves[f"{arm}-s{x}"][-1]) for x in seeds]
+        return [[sum(t[i].committed for t in texts) for i in range(len(texts[0]))], [sum(t[i].rounds for t in texts) for i in range(len(texts[0]))]]
+
+    for arm in sorted({n.rsplit("-s", 1)[0] for n in curves if n.startswith("opd")}):  # an OPD arm against sft-new (and opd), pooled over seeds
+        for ref in ("sft-new", "opd") if arm != "opd" else ("sft-new",):
+            seeds = sorted(n.rsplit("-s", 1)[1] for n in curves if n.rsplit("-s", 1)[0] == arm and f"{ref}-s{n.rsplit('-s', 1)[1]}" in curves)
+            if len(seeds) > 1:
+                ratio, lo, hi = paired(*pooled(ref, seeds), *pooled(arm, seeds))
+                lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
+                summary["ratios"][f"{arm}/{ref} pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
     lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
               "first rejected slot that equal the final token, first / last update |", "|---|---|---|---|"]
     for name in curves:
