@@ -244,7 +244,7 @@ def plot(curves: dict, start: dict, path: Path) -> None:
     for name, c in curves.items():
         style = "-" if name.startswith(("opd-s", "sft-new-s", "sft-old-s")) else ":"
         ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], style, marker="o", markersize=3, label=name)
-    ax.set_xlabel("compute after the plateaued SFT start (TFLOPs, same counter for every arm)")
+    ax.set_xlabel("compute after the SFT start (TFLOPs, same counter for every arm)")
     ax.set_ylabel("held-out greedy tau (120 prompts, replay)")
     ax.set_title("Draft-OPD vs continued SFT on the embedded target (2-core CPU)")
     ax.legend(fontsize=7)
