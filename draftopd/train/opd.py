@@ -15,7 +15,8 @@ One optimizer step (`train_opd`, the story function):
 4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
    rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
    by gamma^(k-1); or only slot r+1; or only the proposals that differ from the final text), each KL direction
-   and exact/estimate form a switch (`losses.py`). The step's token counts are computed before the replay so accumulated micro-batches normalise by tokens.
+   and exact/estimate form a switch (`losses.py`). The step's token counts are computed before the replay so
+   accumulated micro-batches normalise by tokens.
    Defaults follow the authors' code: single-token estimators with their clamps, pooled aggregation, lr 3e-4
    cosine with 5% warm-up (at least `OptimConfig.min_warmup_steps`).
 5. **update**: one AdamW step; the next rollout uses the new weights (always on-policy).
