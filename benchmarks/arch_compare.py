@@ -41,6 +41,7 @@ import opd_headline as H  # noqa: E402
 from bench_verify import measure  # noqa: E402
 from draftopd.data.features import FeatureCache  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
+from draftopd.decode.stats import ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, score_texts  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
@@ -123,7 +124,7 @@ def report_cmd(args) -> None:
         if a in reps and b in reps:
             ta, tb = reps[a]["all"].texts, reps[b]["all"].texts
             ratio, lo, hi = H.paired([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
-            lines.append(f"| {a} / {b} | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
+            lines.append(f"| {a} / {b} | {ratio_text(ratio, lo, hi)} |")
             summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi]}
     lines += ["", "| Draft-OPD arm | TFLOPs | rollout tau first / last update | slot-1 acceptance first / last | rejected-stream weight share, first update | late-match rate first / last |",
               "|---|---|---|---|---|---|"]

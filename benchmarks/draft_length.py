@@ -39,15 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
-from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci  # noqa: E402
+from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci, ratio_text  # noqa: E402
 from draftopd.eval.evaluate import load_eval_sets  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
-
-
-def paired(ratio: float, low: float, high: float) -> str:
-    """A paired ratio with its interval, marked when the interval holds 1."""
-    return f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")
 
 
 def timed(fn):
@@ -167,7 +162,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> dict:
         label = f"drafter {prefix}: {label}" if prefix else label
         print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
               f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
-              + ("-" if n == reference else paired(ratio, low, high)) + " |")
+              + ("-" if n == reference else ratio_text(ratio, low, high)) + " |")
         summary[n] = {"tau": tau, "tau_ci": tau_ci, "speedup": speed, "speedup_ci": speed_ci, "draft_ms": draft_ms,
                       "verify_ms": verify_ms, "verified": verified, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
     if len(args.drafter) > 1:
@@ -189,8 +184,8 @@ def print_drafter_ratios(rows: list[dict], args: argparse.Namespace) -> None:
             arm = [r["arms"][f"{k}:{label}"] for r in rows]
             tau = (sum(get(arm, "committed")) / sum(get(arm, "rounds"))) / (sum(get(base, "committed")) / sum(get(base, "rounds")))
             speed = sum(get(base, "s")) / sum(get(arm, "s"))
-            print(f"| {label} | {k} | {paired(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
-                  f"{paired(speed, *paired_ratio_ci(plain_s, get(base, 's'), plain_s, get(arm, 's')))} |")
+            print(f"| {label} | {k} | {ratio_text(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
+                  f"{ratio_text(speed, *paired_ratio_ci(plain_s, get(base, 's'), plain_s, get(arm, 's')))} |")
 
 
 if __name__ == "__main__":

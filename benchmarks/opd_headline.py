@@ -52,7 +52,7 @@ from draftopd.config import DecodeConfig, EvalConfig, OptimConfig, SFTConfig  # 
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
-from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
+from draftopd.decode.stats import paired_ratio_ci, ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, ReplayedText, replay_scored, score_texts  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
@@ -203,9 +203,8 @@ def report_cmd(args) -> None:
         pb = start if b == "start" else min(curves[b], key=lambda p: abs(p["flops"] - pa["flops"]))
         ta, tb = texts_of(pa), texts_of(pb)
         ratio, lo, hi = paired([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
-        verdict = " (no difference)" if lo <= 1 <= hi else ""
         at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
-        lines.append(f"| {a} / {b}{at} | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{verdict} |")
+        lines.append(f"| {a} / {b}{at} | {ratio_text(ratio, lo, hi)} |")
         summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
     def pooled(arm: str, seeds: list[str]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
         texts = [texts_of(curves[f"{arm}-s{x}"][-1]) for x in seeds]
@@ -216,7 +215,7 @@ def report_cmd(args) -> None:
             seeds = sorted(n.rsplit("-s", 1)[1] for n in curves if n.rsplit("-s", 1)[0] == arm and f"{ref}-s{n.rsplit('-s', 1)[1]}" in curves)
             if len(seeds) > 1:
                 ratio, lo, hi = paired(*pooled(ref, seeds), *pooled(arm, seeds))
-                lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled | {ratio:.3f} [{lo:.3f}, {hi:.3f}]{' (no difference)' if lo <= 1 <= hi else ''} |")
+                lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled | {ratio_text(ratio, lo, hi)} |")
                 summary["ratios"][f"{arm}/{ref} pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
     lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
               "first rejected slot that equal the final token, first / last update |", "|---|---|---|---|"]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
-from draftopd.decode.stats import paired_ratio_ci  # noqa: E402
+from draftopd.decode.stats import paired_ratio_ci, ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
             a, b = results[base][n].texts, results[path][n].texts
             ratio = results[path][n].tau / results[base][n].tau
             low, high = paired_ratio_ci([x.committed for x in a], [x.rounds for x in a], [x.committed for x in b], [x.rounds for x in b])
-            cells.append(f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else ""))
+            cells.append(ratio_text(ratio, low, high))
             out[path].setdefault("ratio_to", {}).setdefault(base, {})[n] = {"ratio": ratio, "ci": [low, high]}
         print(f"| {path} / {base} | " + " | ".join(cells) + " |")
     if args.json:

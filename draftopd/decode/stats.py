@@ -132,6 +132,11 @@ def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], *, resamples:
     return percentile_interval(sums[:, 0] / sums[:, 1].clamp_min(_TINY), level)
 
 
+def ratio_text(ratio: float, low: float, high: float) -> str:
+    """A ratio with its interval as the result tables print it, marked "no difference" when the interval holds 1."""
+    return f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")
+
+
 def paired_ratio_ci(num_a: Sequence[float], den_a: Sequence[float], num_b: Sequence[float], den_b: Sequence[float], *,
                     resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Paired percentile bootstrap interval of R_b / R_a, R_x = sum num_x,i / sum den_x,i, where item i is the same
