@@ -160,11 +160,11 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
     pcfg, cfg, drafter_cfg = build_config(PromptConfig, args), build_config(DecodeConfig, args), build_config(DrafterConfig, args)
     writable_file(args.out, "--out")
     check_output(args.out)
-    prompts = load_prompts(pcfg.prompts, split=pcfg.split, limit=pcfg.limit, seed=cfg.seed).prompts
+    prompts = load_prompts(pcfg.prompts, split=pcfg.resolved_split(), limit=pcfg.limit, seed=cfg.seed).prompts
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args) if args.drafter else (_target(args.target, args), None)
     summary = regenerate(target, prompts, args.out, cfg, drafter=drafter, batch_size=pcfg.batch_size,
                          chat_template=not args.raw, max_prompt_tokens=pcfg.max_prompt_tokens)
-    return {"out": args.out, "prompts": len(prompts), "split": pcfg.split, **summary.to_dict()}
+    return {"out": args.out, "prompts": len(prompts), "split": pcfg.resolved_split(), **summary.to_dict()}
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
@@ -217,12 +217,12 @@ def cmd_opd(args: argparse.Namespace) -> dict:
     pcfg, drafter_cfg = build_config(PromptConfig, args), build_config(DrafterConfig, args)
     cfg = build_config(OPDConfig(), args, loss=build_config(LossConfig, args), optim=build_config(OPDConfig().optim, args))
     writable_dir(args.out, "--out")
-    prompts = load_prompts(pcfg.prompts, split="train", limit=pcfg.limit, seed=cfg.seed).prompts
+    prompts = load_prompts(pcfg.prompts, split=pcfg.resolved_split(), limit=pcfg.limit, seed=cfg.seed).prompts
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
     ids = [render_prompt(p, target.tokenizer, chat_template=not args.raw) for p in prompts]
     ids = [p for p in ids if len(p) <= pcfg.max_prompt_tokens]
     if not ids:
-        raise UserError(f"no prompts of at most {pcfg.max_prompt_tokens} tokens in {pcfg.prompts}")
+        raise UserError(f"no prompts of at most {pcfg.max_prompt_tokens} tokens in {pcfg.prompts} (split {pcfg.resolved_split()})")
     final = train_opd(target, drafter, ids, cfg, args.out, resume=args.resume)
     return {"checkpoint": str(final), "prompts": len(ids)}
 
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     opd = sub.add_parser("opd", help="Draft-OPD training from a drafter checkpoint (resumable)")
     _target_args(opd)
-    add_config_args(opd, PromptConfig, skip=("split", "batch_size"))
+    add_config_args(opd, PromptConfig, skip=("batch_size",))
     opd.add_argument("--raw", action="store_true")
     opd.add_argument("--out", default="runs/opd")
     opd.add_argument("--resume", action="store_true")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .data.prompts import SPLITS
+from .data.prompts import NAMED_SETS, SPLITS
 
 DEFAULT_TARGET = "smollm2-135m"
 # trained drafters shipped with the package, by target name: `generate`'s default drafter and the demo's start. A
@@ -195,7 +195,8 @@ class PromptConfig:
     """Which prompts a command reads, and how regeneration batches them."""
 
     prompts: str = "sharegpt"  # named set (sharegpt, mt-bench, gsm8k, humaneval) or a JSONL path
-    split: str = "train"  # train | heldout | all (seeded hash split)
+    split: str = field(default="auto", metadata={"help": "train | heldout | all (a seeded hash split of the prompts); auto = train for "
+                                                        "a named set (its held-out tenth stays unseen), all for a file"})
     limit: int = field(default=200, metadata={"help": "prompts taken: a seeded sample of the split (a smaller limit is a "
                                                        "prefix of a larger one), not the file's first lines"})
     max_prompt_tokens: int = 512  # longer rendered prompts are skipped and counted
@@ -203,8 +204,14 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         require(self, "prompts", isinstance(self.prompts, str) and bool(self.prompts.strip()), "must name a prompt set or a file")
-        check_choice(self, "split", SPLITS)
+        check_choice(self, "split", ("auto", *SPLITS))
         check_ints(self, 1, "limit", "max_prompt_tokens", "batch_size")
+
+    def resolved_split(self) -> str:
+        """The split `auto` stands for: a user's own file is used whole, a named set keeps its held-out tenth out."""
+        if self.split != "auto":
+            return self.split
+        return "train" if self.prompts in NAMED_SETS else "all"
 
 
 @dataclass(frozen=True)

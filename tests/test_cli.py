@@ -91,10 +91,11 @@ def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % 50}" for j in range(5))}) for i in range(12)))
     data = tmp_path / "data.jsonl"
-    rc, out, err = run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
+    rc, out, err = run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--out", data,
                        "--max-new-tokens", 16, "--no-stop-at-eos", "--json")
-    assert rc == 0, err
-    assert json.loads(out)["written"] == 12 and json.loads(out)["prompts"] == 12 and len(data.read_text().splitlines()) == 12
+    assert rc == 0, err  # a user's file is used whole by default (split auto -> all)
+    assert json.loads(out)["split"] == "all" and json.loads(out)["prompts"] == 12
+    assert json.loads(out)["written"] == 12 and len(data.read_text().splitlines()) == 12
     rc, out, err = run(capsys, "sft", "--target", target_dir, "--data", data, "--out", tmp_path / "sft", "--steps", 3,
                        "--batch-size", 4, "--anchors-per-seq", 4, "--draft-block-size", 8, "--json")
     assert rc == 0, err
@@ -105,6 +106,7 @@ def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
     assert rc == 0, err
     lines = (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "rollout/tau" in json.loads(lines[0])
+    assert json.loads(out)["prompts"] == 12  # the whole file here too (it used to keep only its train split)
 
 
 def test_bad_inputs_give_one_line_errors(target_dir, tmp_path, capsys):

@@ -244,3 +244,13 @@ def test_real_named_sets() -> None:
         else:
             assert len(full.prompts) >= 17000
             assert len({p.id for p in full.prompts}) == len(full.prompts)
+
+
+def test_prompt_split_auto_keeps_a_named_sets_heldout_out_and_uses_a_file_whole():
+    from draftopd.config import ConfigError, PromptConfig
+
+    assert PromptConfig().resolved_split() == "train" and PromptConfig(prompts="gsm8k").resolved_split() == "train"
+    assert PromptConfig(prompts="runs/mine.jsonl").resolved_split() == "all"
+    assert PromptConfig(prompts="runs/mine.jsonl", split="heldout").resolved_split() == "heldout"
+    with pytest.raises(ConfigError, match="split"):
+        PromptConfig(split="test")
