@@ -240,11 +240,12 @@ def plot(curves: dict, start: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.get_cmap("tab20").colors  # one colour an arm (the default cycle repeats after 10)
+    tab20 = plt.get_cmap("tab20").colors  # one colour an arm (the default cycle repeats after 10): dark shades first
+    colors = [tab20[k] for k in (*range(0, 20, 2), *range(1, 20, 2))]
     for i, (name, c) in enumerate(curves.items()):
         style = "-" if name.startswith(("opd-s", "sft-new-s", "sft-old-s")) else ":"
         ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], style, marker="o", markersize=3, label=name,
-                color=colors[(2 * i) % 20 + (2 * i) // 20 % 2])
+                color=colors[i % 20])
     ax.set_xlabel("compute after the SFT start (TFLOPs, same counter for every arm)")
     ax.set_ylabel("held-out greedy tau (120 prompts, replay)")
     ax.set_title("Draft-OPD vs continued SFT on the embedded target (2-core CPU)")

@@ -106,7 +106,7 @@ def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
     assert rc == 0, err
     lines = (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "rollout/tau" in json.loads(lines[0])
-    assert json.loads(out)["prompts"] == 12  # the whole file here too (it used to keep only its train split)
+    assert json.loads(out)["prompts"] == 12  # opd too reads a user's file whole by default
 
 
 def test_bad_inputs_give_one_line_errors(target_dir, tmp_path, capsys):
