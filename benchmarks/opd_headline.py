@@ -197,25 +197,29 @@ def report_cmd(args) -> None:
         if arm.startswith("opd"):
             pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-old") if f"{ref}-s{seed}" in curves]
             pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
+    def nearest(ref: str, arm: str) -> dict:  # the reference's curve point nearest in compute to the arm's final point
+        return min(curves[ref], key=lambda p: abs(p["flops"] - curves[arm][-1]["flops"]))  # (ablations ran at a smaller budget)
+
     for a, b in pairs:
         pa = curves[a][-1]
-        # the reference at the compute nearest this arm's final point (ablations ran at a smaller budget)
-        pb = start if b == "start" else min(curves[b], key=lambda p: abs(p["flops"] - pa["flops"]))
+        pb = start if b == "start" else nearest(b, a)
         ta, tb = texts_of(pa), texts_of(pb)
         ratio, lo, hi = paired([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
         at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
         lines.append(f"| {a} / {b}{at} | {ratio_text(ratio, lo, hi)} |")
         summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
-    def pooled(arm: str, seeds: list[str]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
-        texts = [texts_of(curves[f"{arm}-s{x}"][-1]) for x in seeds]
+    def pooled(points: list[dict]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
+        texts = [texts_of(p) for p in points]
         return [[sum(t[i].committed for t in texts) for i in range(len(texts[0]))], [sum(t[i].rounds for t in texts) for i in range(len(texts[0]))]]
 
     for arm in sorted({n.rsplit("-s", 1)[0] for n in curves if n.startswith("opd")}):  # an OPD arm against sft-new (and opd), pooled over seeds
         for ref in ("sft-new", "opd") if arm != "opd" else ("sft-new",):
             seeds = sorted(n.rsplit("-s", 1)[1] for n in curves if n.rsplit("-s", 1)[0] == arm and f"{ref}-s{n.rsplit('-s', 1)[1]}" in curves)
             if len(seeds) > 1:
-                ratio, lo, hi = paired(*pooled(ref, seeds), *pooled(arm, seeds))
-                lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled | {ratio_text(ratio, lo, hi)} |")
+                refs = [nearest(f"{ref}-s{x}", f"{arm}-s{x}") for x in seeds]
+                ratio, lo, hi = paired(*pooled(refs), *pooled([curves[f"{arm}-s{x}"][-1] for x in seeds]))
+                at = "/".join(f"{p['flops'] / 1e12:.0f}" for p in refs)
+                lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled (at {at} TFLOPs) | {ratio_text(ratio, lo, hi)} |")
                 summary["ratios"][f"{arm}/{ref} pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
     lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
               "first rejected slot that equal the final token, first / last update |", "|---|---|---|---|"]
