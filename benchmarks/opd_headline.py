@@ -192,8 +192,8 @@ def report_cmd(args) -> None:
     lines += ["", "| ratio (paired over the same prompts) | tau ratio [95% CI] |", "|---|---|"]
     summary = {"final": {n: c[-1]["tau"] for n, c in curves.items()}, "ratios": {}}
     pairs = [(n, "start") for n in curves]
-    for n in curves:
-        arm, seed = n.rsplit("-s", 1)
+    arm_seed = {n: tuple(n.rsplit("-s", 1)) for n in curves}  # "opd-fwd-s1" -> ("opd-fwd", "1")
+    for n, (arm, seed) in arm_seed.items():
         if arm.startswith("opd"):
             pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-old") if f"{ref}-s{seed}" in curves]
             pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
@@ -209,12 +209,12 @@ def report_cmd(args) -> None:
         lines.append(f"| {a} / {b}{at} | {ratio_text(ratio, lo, hi)} |")
         summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
     def pooled(points: list[dict]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
-        texts = [texts_of(p) for p in points]
-        return [[sum(t[i].committed for t in texts) for i in range(len(texts[0]))], [sum(t[i].rounds for t in texts) for i in range(len(texts[0]))]]
+        per_prompt = list(zip(*(texts_of(p) for p in points)))
+        return [[sum(t.committed for t in ts) for ts in per_prompt], [sum(t.rounds for t in ts) for ts in per_prompt]]
 
-    for arm in sorted({n.rsplit("-s", 1)[0] for n in curves if n.startswith("opd")}):  # an OPD arm against sft-new (and opd), pooled over seeds
+    for arm in sorted({a for a, _ in arm_seed.values() if a.startswith("opd")}):  # an OPD arm against sft-new (and opd), pooled over seeds
         for ref in ("sft-new", "opd") if arm != "opd" else ("sft-new",):
-            seeds = sorted(n.rsplit("-s", 1)[1] for n in curves if n.rsplit("-s", 1)[0] == arm and f"{ref}-s{n.rsplit('-s', 1)[1]}" in curves)
+            seeds = sorted(x for a, x in arm_seed.values() if a == arm and f"{ref}-s{x}" in curves)
             if len(seeds) > 1:
                 refs = [nearest(f"{ref}-s{x}", f"{arm}-s{x}") for x in seeds]
                 ratio, lo, hi = paired(*pooled(refs), *pooled([curves[f"{arm}-s{x}"][-1] for x in seeds]))
