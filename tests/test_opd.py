@@ -248,3 +248,31 @@ def test_draft_opd_trains_an_eagle3_drafter_on_both_streams(setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["tokens/rej_weight"] > 0 and r["loss/rej"] != 0 and r["tokens/acc"] > 0 for r in rows)
     assert any(not torch.equal(before[k], v) for k, v in drafter.state_dict().items())
+
+
+@pytest.mark.parametrize("loss", [LossConfig(), LossConfig(lam_rej=0.5, gamma=1.0), LossConfig(use_rejected=False)])
+def test_stream_gradients_split_the_update_gradient(setup, loss):
+    """benchmarks/stream_gradients.py: its accepted and rejected parts add up to the gradient of the loss `train_opd`
+    backpropagates on the same traces (token-normalised micro-batches, pooled weights), and the rejected part is
+    zero without the rejected stream."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from stream_gradients import flat_grad, stream_grads
+
+    target, prompts, _, drafter = setup
+    drafter = copy.deepcopy(drafter).eval()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    traces = rollout(target, drafter, prompts[:5])
+    cfg = OPDConfig(replay_batch=2, loss=loss)
+    split = stream_grads(target, drafter, traces, cfg, params)
+    segments = [error_segments(t) for t in traces]
+    acc_norm, rej_norm = step_norms(traces, segments, drafter.block_size, loss)
+    whole = 0.0
+    for i in range(0, len(traces), 2):
+        res = replay(target, drafter, collate(target, drafter, traces[i:i + 2], segments[i:i + 2]), loss)
+        whole = whole + flat_grad(combine_streams(res.acc, res.rej, acc_norm, rej_norm, loss), params)
+    assert split["n_acc"] == acc_norm and split["w_rej"] == rej_norm
+    assert (split["g_acc"] + split["g_rej"] - whole).abs().max() <= 1e-5 * whole.abs().max()  # float32 sums in another order
+    assert (split["g_rej"].abs().sum() == 0) == (not loss.use_rejected)
