@@ -13,8 +13,8 @@ with `g_H` lowers the held-out loss to first order. Reported per variant:
 - `|g_acc|`, `|g_rej|` and `cos(g_acc, g_rej)`;
 - `cos(., g_H)` for `g_acc`, `g_rej` and `g`, and for `sign(g)`, the direction of AdamW's first step from a fresh
   optimizer state (`m / sqrt(v) = g / |g|` per coordinate; every headline arm starts its optimizer fresh);
-and two references: `g_S`, continued SFT's gradient on its first batches of the new answers (what `sft-new`
-steps along), and the cosine of `g_H` between two halves of the held-out prompts (how well one held-out gradient
+and two references: `g_S`, continued SFT's gradient on the first `--sft-examples` of the new answers (the data
+`sft-new` steps along), and the cosine of `g_H` between two halves of the held-out prompts (how well one held-out gradient
 predicts another: the noise floor of every cosine here). One rollout batch, one seed: these are diagnostics of
 direction at the start, not of where a run ends (AdamW's later steps weigh coordinates by their history).
 
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-per-set", type=int, default=16)
-    ap.add_argument("--sft-examples", type=int, default=32, help="continued SFT's first batches (g_S)")
+    ap.add_argument("--sft-examples", type=int, default=32, help="g_S: continued SFT's gradient on the first N new answers")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(ABLATIONS))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
