@@ -16,7 +16,7 @@ Reported per arm: tau, speedup over plain (total plain seconds / total speculati
 95% bootstrap over prompts), draft and verify ms a round, drafts verified a round, output equality with plain, and
 the paired speedup ratio against the reference arm (default the full block; same prompts resampled together); with
 several drafters, each one's tau and speed against drafter 0's on the same arm (paired). `--report JSON` prints the
-tables again from an earlier run's `--json` file.
+tables again from an earlier run's `--json` file (`--reference` there picks another arm of that run for the ratio column).
 
     python benchmarks/draft_length.py --drafter draftopd/drafters/smollm2-135m-dflash --num-drafts 1 2 3 7 \
         --confidence 0.05 --dtype bfloat16 --json runs/draft-length.json   # ~5 min per arm on 2 cores, machine idle
@@ -72,8 +72,11 @@ def main() -> None:
     parser.add_argument("--report", default=None, help="print the tables again from a --json file of an earlier run (runs nothing)")
     args = parser.parse_args()
     if args.report:
-        saved = json.loads(Path(args.report).read_text())
-        report(saved["rows"], argparse.Namespace(**saved["args"]))
+        saved = argparse.Namespace(**json.loads(Path(args.report).read_text())["args"])
+        saved.reference = args.reference or saved.reference  # the ratio column against another arm of the same run
+        if reference_arm(saved) not in arm_labels(saved)[1]:
+            parser.error(f"--reference {saved.reference}: that run's arms are {', '.join(arm_labels(saved)[1])}")
+        report(json.loads(Path(args.report).read_text())["rows"], saved)
         return
     rows = run(args, parser)
     summary = report(rows, args)

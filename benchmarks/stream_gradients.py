@@ -18,7 +18,9 @@ and two references: `g_S`, continued SFT's gradient on the first `--sft-examples
 predicts another: the noise floor of every cosine here). One rollout batch, one seed: these are diagnostics of
 direction at the start, not of where a run ends (AdamW's later steps weigh coordinates by their history).
 
-    python benchmarks/stream_gradients.py --out runs/headline-v3   # v3 start, the v3 headline's prompt pool; ~15 min, 2 threads
+    python benchmarks/stream_gradients.py --out runs/headline-v3 [--seed 1]   # v3 start, the v3 headline's prompt pool
+    # 10-20 min on one thread (--threads 1) next to a training arm; the token counts it prints equal the arm's first
+    # metrics.jsonl row (checked for opd-s0, opd-s1, opd-t07-s0)
 """
 
 from __future__ import annotations
@@ -107,13 +109,13 @@ def variant_cfg(name: str, seed: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/headline-v3", help="an opd_headline folder: its refs.json; stream_gradients.json is written there")
+    ap.add_argument("--out", default="runs/headline-v3", help="an opd_headline folder: its refs.json; stream_gradients-sSEED.json is written there")
     ap.add_argument("--start", default="draftopd/drafters/smollm2-135m-dflash")
     ap.add_argument("--regenerated", default="runs/headline-v3/regen.jsonl", help="the headline's prompt pool and continued SFT's answers")
     ap.add_argument("--trained-on", type=int, default=0)
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heldout-per-set", type=int, default=16)
+    ap.add_argument("--heldout-per-set", type=int, default=30)
     ap.add_argument("--sft-examples", type=int, default=32, help="g_S: continued SFT's gradient on the first N new answers")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(ABLATIONS))
     ap.add_argument("--threads", type=int, default=2)
@@ -150,7 +152,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     summary = {"heldout_answers": len(heldout), "cos_heldout_halves": cos(*halves), "sft": {"cos_H": cos(g_s, g_h),
                "cos_sign_H": cos(g_s.sign(), g_h), "norm": float(g_s.norm())}, "variants": rows}
-    (out / "stream_gradients.json").write_text(json.dumps(summary, indent=1))
+    (out / f"stream_gradients-s{args.seed}.json").write_text(json.dumps(summary, indent=1))
     print("\n| variant | n_acc | w_rej | |g_acc| | |g_rej| | cos(g_acc, g_rej) | cos(g_acc, g_H) | cos(g_rej, g_H) | cos(g, g_H) "
           "| cos(sign g, g_H) | cos(g, g_S) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

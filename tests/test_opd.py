@@ -251,14 +251,13 @@ def test_draft_opd_trains_an_eagle3_drafter_on_both_streams(setup, tmp_path):
 
 
 @pytest.mark.parametrize("loss", [LossConfig(), LossConfig(lam_rej=0.5, gamma=1.0), LossConfig(use_rejected=False)])
-def test_stream_gradients_split_the_update_gradient(setup, loss):
+def test_stream_gradients_split_the_update_gradient(setup, loss, monkeypatch):
     """benchmarks/stream_gradients.py: its accepted and rejected parts add up to the gradient of the loss `train_opd`
     backpropagates on the same traces (token-normalised micro-batches, pooled weights), and the rejected part is
     zero without the rejected stream."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from stream_gradients import flat_grad, stream_grads
 
     target, prompts, _, drafter = setup
