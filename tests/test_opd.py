@@ -275,3 +275,20 @@ def test_stream_gradients_split_the_update_gradient(setup, loss, monkeypatch):
     assert split["n_acc"] == acc_norm and split["w_rej"] == rej_norm
     assert (split["g_acc"] + split["g_rej"] - whole).abs().max() <= 1e-5 * whole.abs().max()  # float32 sums in another order
     assert (split["g_rej"].abs().sum() == 0) == (not loss.use_rejected)
+
+
+@pytest.mark.parametrize("mode", ["exact", "estimate"])
+def test_replay_loss_is_finite_with_a_reduced_draft_vocabulary(setup, mode):
+    """A reduced head gives q = 0 outside its tokens: exact KL is taken over the draft vocabulary with p renormalised
+    there (forward KL over the target's whole vocabulary would be infinite), and the estimators stay finite too."""
+    target, prompts, _, _ = setup
+    drafter = new_drafter(target, DrafterConfig(block_size=8, vocab_size=32), seed=0)
+    drafter.set_draft_vocab(torch.arange(0, 64, 2))
+    traces = rollout(target, drafter.eval(), prompts[:4])
+    rb = collate(target, drafter, traces, [error_segments(t) for t in traces])
+    cfg = LossConfig(mode=mode)
+    res = replay(target, drafter, rb, cfg)
+    loss = combine_streams(res.acc, res.rej, res.acc.weight_sum, res.rej.weight_sum, cfg)
+    loss.backward()
+    assert res.acc.tokens > 0 and res.rej.tokens > 0 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in drafter.parameters() if p.grad is not None)

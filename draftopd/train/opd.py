@@ -191,9 +191,10 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -
     t0 = time.perf_counter()
     p_rej = reverify(target, rb) if cfg.mode == "exact" else None
     teacher_s += time.perf_counter() - t0
-    if cfg.mode == "exact":
-        acc_tok = kl_exact(gather_positions(scored.logits, pos), q_logits, cfg.acc_direction)
-        rej_tok = kl_exact(p_rej, q_logits, cfg.rej_direction)
+    if cfg.mode == "exact":  # over the draft vocabulary, p renormalised there (as SFT's soft labels): a reduced head's
+        r = drafter.restrict  # q is 0 elsewhere, which would make forward KL over the target's vocabulary infinite
+        acc_tok = kl_exact(r(gather_positions(scored.logits, pos)), r(q_logits), cfg.acc_direction)
+        rej_tok = kl_exact(r(p_rej), r(q_logits), cfg.rej_direction)
     else:
         q_logp = torch.log_softmax(q_logits, -1)
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
