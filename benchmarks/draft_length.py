@@ -72,11 +72,12 @@ def main() -> None:
     parser.add_argument("--report", default=None, help="print the tables again from a --json file of an earlier run (runs nothing)")
     args = parser.parse_args()
     if args.report:
-        saved = argparse.Namespace(**json.loads(Path(args.report).read_text())["args"])
+        run_json = json.loads(Path(args.report).read_text())
+        saved = argparse.Namespace(**run_json["args"])
         saved.reference = args.reference or saved.reference  # the ratio column against another arm of the same run
         if reference_arm(saved) not in arm_labels(saved)[1]:
             parser.error(f"--reference {saved.reference}: that run's arms are {', '.join(arm_labels(saved)[1])}")
-        report(json.loads(Path(args.report).read_text())["rows"], saved)
+        report(run_json["rows"], saved)
         return
     rows = run(args, parser)
     summary = report(rows, args)

@@ -184,17 +184,19 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
     # a sequential drafter (EAGLE-3) replays its own drafts where the rejected stream is trained, the text elsewhere
     chain = torch.where(rb.rej_on[..., None], rb.drafts, lab.labels)[..., :-1]
-    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors, block_tokens=chain)  # (b, M, K, V), with grad
+    # (b, M, K, V), with grad: exact KL over the draft vocabulary (p renormalised there, as SFT's soft labels: a reduced
+    # head's q is 0 elsewhere, which would make forward KL over the target's vocabulary infinite); estimates over the target's
+    exact = cfg.mode == "exact"
+    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors, draft_vocab=exact, block_tokens=chain)
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg,
                                              proposal_right(rb.drafts, lab.labels, lab.mask))
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     t0 = time.perf_counter()
-    p_rej = reverify(target, rb) if cfg.mode == "exact" else None
+    p_rej = reverify(target, rb) if exact else None
     teacher_s += time.perf_counter() - t0
-    if cfg.mode == "exact":  # over the draft vocabulary, p renormalised there (as SFT's soft labels): a reduced head's
-        r = drafter.restrict  # q is 0 elsewhere, which would make forward KL over the target's vocabulary infinite
-        acc_tok = kl_exact(r(gather_positions(scored.logits, pos)), r(q_logits), cfg.acc_direction)
-        rej_tok = kl_exact(r(p_rej), r(q_logits), cfg.rej_direction)
+    if exact:
+        acc_tok = kl_exact(drafter.restrict(gather_positions(scored.logits, pos)), q_logits, cfg.acc_direction)
+        rej_tok = kl_exact(drafter.restrict(p_rej), q_logits, cfg.rej_direction)
     else:
         q_logp = torch.log_softmax(q_logits, -1)
         rows = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
