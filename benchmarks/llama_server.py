@@ -39,7 +39,7 @@ from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci, ratio_of_
 from draftopd.eval.replay import replay_tau  # noqa: E402
 from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, export_gguf,  # noqa: E402
                                         home, require_server, target_gguf)
-from draftopd.models.drafter import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import embedded_gguf, load_target  # noqa: E402
 
 
@@ -88,6 +88,9 @@ def run_weights(label: str, model: Path, draft: Path, spec_type: str, items: lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", required=True, help="draftopd checkpoint (EAGLE-3, or DFlash with the full vocabulary)")
+    parser.add_argument("--widen-vocab", action="store_true",
+                        help="a reduced-vocabulary DFlash drafter (the committed one) drafts over the whole vocabulary "
+                             "(models.drafter.widen_vocab; llama.cpp's DFlash reads no d2t)")
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--weights", nargs="+", default=["f32", "q4_1"], choices=["f32", "q4_1"])
     parser.add_argument("--sets", nargs="+", default=list(EvalConfig().sets))
@@ -103,7 +106,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     target = load_target(args.target, dtype=torch.float32)
     drafter = load_drafter(args.drafter, target)
-    draft_gguf = args.out.parent / (Path(args.drafter).resolve().parent.name + "-" + Path(args.drafter).name + ".gguf")
+    drafter = widen_vocab(drafter) if args.widen_vocab else drafter
+    wide = "-wide" if args.widen_vocab else ""
+    draft_gguf = args.out.parent / (Path(args.drafter).resolve().parent.name + "-" + Path(args.drafter).name + wide + ".gguf")
     if not draft_gguf.exists():
         export_gguf(drafter, draft_gguf, target)
     spec_type = SPEC_TYPES[drafter.spec.arch]

@@ -45,7 +45,7 @@ from draftopd.decode.speculative import autoregressive_generate, generate  # noq
 from draftopd.decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci  # noqa: E402
 from draftopd.eval.evaluate import load_eval_sets  # noqa: E402
 from draftopd.interop.dflash_ref import export_dflash, load_reference, reference_run, whole_block_rounds  # noqa: E402
-from draftopd.models.drafter import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
 
@@ -127,6 +127,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--drafter", required=True, help="an exportable DFlash checkpoint (full vocabulary, MASK a target token)")
     parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--widen-vocab", action="store_true",
+                        help="a reduced-vocabulary drafter (the committed one) drafts over the whole vocabulary, as the "
+                             "reference format needs (models.drafter.widen_vocab); ours decodes with the widened one too")
     parser.add_argument("--prompts-per-set", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--json", default=None)
@@ -134,6 +137,7 @@ def main() -> None:
     ev, cfg = EvalConfig(), DecodeConfig(max_new_tokens=args.max_new_tokens)
     target = load_target(args.target, dtype=torch.float32)
     drafter = load_drafter(args.drafter, target).to(torch.float32).eval()
+    drafter = widen_vocab(drafter) if args.widen_vocab else drafter
     with tempfile.TemporaryDirectory() as folder:
         export_dflash(drafter, folder, target)
         reference = load_reference(folder, torch.float32)

@@ -280,7 +280,6 @@ def cmd_export(args: argparse.Namespace) -> dict:
     """Our checkpoint -> a folder another implementation loads (refused, nothing written, when not exact)."""
     from .interop.dflash_ref import export_dflash
     from .interop.speculators import export_speculators
-    from .models.drafter import load_drafter
 
     if not args.drafter:
         raise UserError("export needs --drafter DIR (a draftopd checkpoint)")
@@ -288,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
         return _export_gguf(args)
     _fresh_out(args.out)
     target = _target(args.target, args)
-    drafter = load_drafter(args.drafter, target, args.draft_arch)
+    drafter = _export_drafter(args, target)
     if args.format == "dflash":
         export_dflash(drafter, args.out, target)
         return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
@@ -299,9 +298,17 @@ def cmd_export(args: argparse.Namespace) -> dict:
         f"\"num_speculative_tokens\": {drafter.block_size - 1}}}'  (not run here: README, Interop)")}
 
 
+def _export_drafter(args: argparse.Namespace, target):
+    """The checkpoint to export; with --widen-vocab a reduced-vocabulary drafter drafts over the target's whole
+    vocabulary (`widen_vocab`: the same weights), which the reference DFlash and llama.cpp's DFlash formats need."""
+    from .models.drafter import load_drafter, widen_vocab
+
+    drafter = load_drafter(args.drafter, target, args.draft_arch)
+    return widen_vocab(drafter) if args.widen_vocab else drafter
+
+
 def _export_gguf(args: argparse.Namespace) -> dict:
     from .interop.llama_cpp import SPEC_TYPES, export_gguf, require_sources
-    from .models.drafter import load_drafter
 
     if not args.out.endswith(".gguf"):
         raise UserError(f"--out {args.out}: a GGUF export is one file, name it *.gguf")
@@ -310,7 +317,7 @@ def _export_gguf(args: argparse.Namespace) -> dict:
     writable_file(args.out, "--out")
     require_sources()
     target = _target(args.target, args)
-    drafter = load_drafter(args.drafter, target, args.draft_arch)
+    drafter = _export_drafter(args, target)
     export_gguf(drafter, args.out, target, outtype=args.outtype)
     return {"format": "gguf", "out": args.out, "serve_with": (
         f"llama-server -m TARGET.gguf -md {args.out} --spec-type {SPEC_TYPES[drafter.spec.arch]} "
@@ -461,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(exp)
     exp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS)
     exp.add_argument("--verifier", help="speculators: the target's local folder or hub id to record (default: the target's own)")
+    exp.add_argument("--widen-vocab", action="store_true",
+                     help="draft over the target's whole vocabulary (a reduced head's rows are the target's own, so no "
+                          "weight changes): what --format dflash and gguf need for a reduced-vocabulary DFlash drafter")
     exp.add_argument("--outtype", default="f32", choices=("f32", "bf16", "f16"), help="gguf: weight type (default f32)")
     exp.add_argument("--out", required=True, help="new folder for the exported drafter (gguf: a new .gguf file)")
     exp.add_argument("--json", action="store_true")

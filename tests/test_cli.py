@@ -236,6 +236,38 @@ def test_export_and_import_reference_dflash(target_dir, tmp_path, capsys):
     assert_one_line_error(rc, err, "is not a reference DFlash drafter")  # our own format is not the reference's
 
 
+def test_export_widens_a_reduced_vocabulary_for_the_reference_format(target_dir, tmp_path, capsys):
+    """A reduced-vocabulary DFlash drafter (the committed one is) is refused by `export --format dflash` with one line
+    naming --widen-vocab; with it the export loads back as the same weights with the full head, whose logits at the
+    kept tokens are the reduced drafter's."""
+    pytest.importorskip("dflash", reason="z-lab's reference DFlash is not installed: pip install --no-deps dflash==0.1.0")
+    from draftopd.models.drafter import load_drafter
+    from draftopd.models.load import load_target
+
+    target = load_target(str(target_dir))
+    drafter = new_drafter(target, DrafterConfig(block_size=4, target_layer_ids=(0, 2), mask_token_id=5, vocab_size=24), seed=3)
+    kept = torch.arange(1, 49, 2)
+    drafter.set_draft_vocab(kept)
+    save_drafter(drafter, tmp_path / "ours")
+    rc, _, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "ours", "--out", tmp_path / "ref")
+    assert_one_line_error(rc, err, "--widen-vocab")
+    assert not (tmp_path / "ref" / "config.json").exists()
+    rc, _, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "ours", "--out", tmp_path / "ref", "--widen-vocab")
+    assert rc == 0, err
+    rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ref", "--out", tmp_path / "back")
+    assert rc == 0, err
+    back = load_drafter(tmp_path / "back", target)
+    assert back.spec.draft_vocab_size is None
+    params = dict(drafter.named_parameters())
+    assert params.keys() == dict(back.named_parameters()).keys()
+    assert all(torch.equal(p, params[n]) for n, p in back.named_parameters())
+    features = target.score(torch.tensor([[3, 9, 4, 11, 7, 2]]), torch.ones(1, 6, dtype=torch.bool), (0, 2)).features
+    positions, valid = torch.arange(6)[None], torch.ones(1, 6, dtype=torch.bool)
+    with torch.no_grad():
+        logits = [d.draft_logits(d.project_context(features, positions, valid), torch.tensor([[8]]), torch.tensor([[6]])) for d in (drafter, back)]
+    assert torch.equal(logits[0][..., kept], logits[1][..., kept])
+
+
 def test_demo_refuses_a_folder_of_another_run(capsys, tmp_path):
     """Cached stages are reused only by the configuration that wrote them: an older demo's folder, or the same
     folder with another start, is one error line before any model loads."""

@@ -389,3 +389,38 @@ def test_head_of_a_sliced_block_equals_a_plain_matmul(llama_target, vocab) -> No
     got = drafter.head(hidden)
     assert got.shape == (2, 3, 7, vocab or drafter.spec.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["dflash", "eagle3"])
+def test_widened_drafter_keeps_every_kept_tokens_logit(llama_target, arch) -> None:
+    """`widen_vocab`: the same weights over the whole head. Over the target's vocabulary its logits equal the reduced
+    drafter's at the kept tokens (-inf elsewhere there), so a slot's argmax changes only where a dropped token scores
+    highest (an EAGLE-3 chain is teacher-forced here: left to itself it feeds such a token on); a full-vocabulary
+    drafter comes back as is; dtype kept."""
+    from draftopd.models.drafter import widen_vocab
+
+    kwargs = {"arch": "eagle3"} if arch == "eagle3" else {"num_layers": 2}
+    drafter = make_drafter(llama_target, block_size=8, seed=3, vocab_size=20, **kwargs)
+    kept = torch.randperm(llama_target.vocab_size - 1, generator=torch.Generator().manual_seed(0))[:20]
+    drafter.set_draft_vocab(kept)
+    with torch.no_grad():
+        drafter.norm.weight.fill_(1.0)  # large logits: the kept tokens' logits must match, not just their order
+    wide = widen_vocab(drafter)
+    assert wide.spec.draft_vocab_size is None and wide.spec.vocab_size == drafter.spec.vocab_size
+    assert not hasattr(wide, "d2t") and widen_vocab(wide) is wide
+    features, (positions, valid) = _features(drafter), _layout()
+    block = kept[torch.randint(0, 20, (2, len(ANCHORS), 7), generator=torch.Generator().manual_seed(1))]
+
+    def logits(d):
+        with torch.no_grad():
+            ctx = d.project_context(features, positions, valid, _following(positions))
+            return d.draft_logits(ctx, _anchor_tokens(), torch.tensor(ANCHORS).repeat(2, 1), block)
+
+    narrow_logits, wide_logits = logits(drafter), logits(wide)
+    in_vocab = torch.zeros(llama_target.vocab_size, dtype=torch.bool)
+    in_vocab[kept] = True
+    torch.testing.assert_close(wide_logits[..., in_vocab], narrow_logits[..., in_vocab], rtol=0, atol=0)
+    assert torch.isinf(narrow_logits[..., ~in_vocab]).all() and torch.isfinite(wide_logits).all()
+    dropped_top = wide_logits.argmax(-1) != narrow_logits.argmax(-1)
+    assert torch.equal(dropped_top, ~in_vocab[wide_logits.argmax(-1)])  # argmaxes differ exactly where a dropped token wins
+    assert widen_vocab(copy.deepcopy(drafter).to(torch.bfloat16)).fc.weight.dtype == torch.bfloat16

@@ -18,8 +18,9 @@ model.safetensors, drafter weights only (no embedding, no head), no prefix. Name
 
 Choices: only exact conversions, both ways. Refused, one DrafterError line each: an EAGLE-3 drafter; a learned MASK
 (the reference embeds the target's row `mask_token_id`); a reduced draft vocabulary (the reference always applies
-the target's whole `lm_head`); the target's last layer as a feature (transformers returns `hidden_states[N]` after
-the final norm, our Target reads the layer's raw output). Import reads config.json as plain JSON and wants every
+the target's whole `lm_head`; `export --widen-vocab` widens the drafter first, `models.drafter.widen_vocab`); the
+target's last layer as a feature (transformers returns `hidden_states[N]` after the final norm, our Target reads the
+layer's raw output). Import reads config.json as plain JSON and wants every
 shape key rather than Qwen3Config's defaults, refuses reference options our drafter does not compute (sliding or
 causal layers, rope scaling, embedding scale, logit multiplier or softcap), and wants every tensor used, none missing.
 
@@ -63,7 +64,8 @@ def check_exact(spec: DrafterSpec, target: Target) -> None:
                            "a target token row as MASK (train with --draft-mask-token-id)")
     if spec.draft_vocab_size is not None:
         raise DrafterError(f"the reference DFlash format has no reduced vocabulary (this drafter drafts over {spec.draft_vocab_size} "
-                           "tokens; the reference always applies the target's whole lm_head)")
+                           "tokens; the reference always applies the target's whole lm_head: export with --widen-vocab, the same weights "
+                           "drafting over the whole vocabulary)")
     check_compatible(spec, target)
     last = spec.num_target_layers - 1
     if any(not 0 <= i <= last for i in spec.target_layer_ids):

@@ -12,7 +12,8 @@ architectures) from a folder this project already exports exactly, with `--targe
              target ids, the capture layer ids its `extract_layers`), served with `--spec-type draft-eagle3`;
   DFlash  -> z-lab's reference format (interop/dflash_ref.py; the converter adds 1 to `target_layer_ids` itself),
              served with `--spec-type draft-dflash`. A reduced-vocabulary DFlash drafter is refused: this converter's
-             DFlash path reads no d2t (llama.cpp's runtime has one, for DSpark exports only).
+             DFlash path reads no d2t (llama.cpp's runtime has one, for DSpark exports only); `export --widen-vocab` turns it
+             into the same drafter over the whole vocabulary first (`models.drafter.widen_vocab`).
 So a GGUF drafter inherits every refusal of those two exports (learned MASK, the target's last layer, ...).
 
 `LlamaServer` runs one llama-server (one slot, greedy requests given as token ids, no prompt cache) and returns each
@@ -167,8 +168,8 @@ def check_gguf_exportable(drafter: Drafter) -> None:
         raise DrafterError(f"llama.cpp has no drafter of arch {drafter.spec.arch!r}")
     if drafter.spec.arch == "dflash" and drafter.spec.draft_vocab_size is not None:
         raise DrafterError(f"a DFlash drafter with a reduced head ({drafter.spec.draft_vocab_size} tokens) cannot go to GGUF: "
-                           f"llama.cpp {VERSION}'s DFlash converter reads no d2t (export an EAGLE-3 drafter, or train "
-                           "DFlash with the full vocabulary)")
+                           f"llama.cpp {VERSION}'s DFlash converter reads no d2t (export with --widen-vocab: the same weights "
+                           "drafting over the whole vocabulary)")
 
 
 def export_gguf(drafter: Drafter, out_file: str | Path, target: Target, *, outtype: str = "f32",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -260,6 +260,23 @@ def drafter_for(spec: DrafterSpec, target: Target) -> Drafter:
     check_compatible(spec, target)
     cls = {"dflash": DFlashDrafter, "eagle3": Eagle3Drafter}[spec.arch]
     return cls(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
+
+
+def widen_vocab(drafter: Drafter) -> Drafter:
+    """The same drafter drafting over the target's whole vocabulary (a full-vocabulary drafter is returned as is).
+
+    A reduced head's rows are the target's own frozen head rows (`refresh_head`: nothing of the head is trained or
+    saved), so widening changes no weight: every slot keeps its logits at the kept tokens and gains the other tokens'
+    logits from the same head. Its argmax changes only where a dropped token scores highest (on the committed
+    drafter's 90 held-out greedy texts: never, README Interop). For formats that always apply the target's whole head
+    (the reference DFlash, llama.cpp's DFlash); decoding with either drafter stays lossless."""
+    if drafter.spec.draft_vocab_size is None:
+        return drafter
+    wide = type(drafter)(replace(drafter.spec, draft_vocab_size=None), drafter.embed_weight, drafter.lm_head_weight,
+                         drafter.target_name)
+    wide.load_state_dict({k: v for k, v in drafter.state_dict().items() if k not in ("d2t", "t2d")})
+    param = next(drafter.parameters())
+    return wide.to(dtype=param.dtype).requires_grad_(param.requires_grad).train(drafter.training)
 
 
 def default_mask_token(target: Target) -> int:
