@@ -243,17 +243,20 @@ def plot(curves: dict, start: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tab20 = plt.get_cmap("tab20").colors  # one colour an arm (the default cycle repeats after 10): dark shades first
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    tab20 = plt.get_cmap("tab20").colors  # one colour an arm, dark shades first; its seeds share it, one line style each
     colors = [tab20[k] for k in (*range(0, 20, 2), *range(1, 20, 2))]
-    for i, (name, c) in enumerate(curves.items()):
-        style = "-" if name.startswith(("opd-s", "sft-new-s", "sft-old-s")) else ":"
-        ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], style, marker="o", markersize=3, label=name,
-                color=colors[i % 20])
+    arms = list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in curves))
+    for name, c in curves.items():
+        arm, seed = name.rsplit("-s", 1)
+        main = arm in ("opd", "sft-new", "sft-old")
+        ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], {"0": "-", "1": "--"}.get(seed, ":"),
+                marker="o", markersize=3 if main else 2, linewidth=2 if main else 1, label=name,
+                color=colors[arms.index(arm) % 20])
     ax.set_xlabel("compute after the SFT start (TFLOPs, same counter for every arm)")
     ax.set_ylabel("held-out greedy tau (120 prompts, replay)")
     ax.set_title("Draft-OPD vs continued SFT on the embedded target (2-core CPU)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + len(curves) // 16)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,10 @@ intervals and, for every drafter after the first, the paired tau ratio against t
 listed before it (same prompts resampled together). Speed still needs `draftopd eval`.
 
     python benchmarks/replay_compare.py runs/a/last runs/b/last [--dtype bfloat16] [--json out.json]
+
+`--widen-vocab` adds, after each reduced-vocabulary drafter, the same drafter over the target's whole vocabulary
+(`models.drafter.widen_vocab`, what `export --widen-vocab` writes; row label `DIR+wide`), so the paired ratio against
+the row before it is what widening changes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import paired_ratio_ci, ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
-from draftopd.models.drafter import load_drafter  # noqa: E402
+from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
 
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("drafters", nargs="+")
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--widen-vocab", action="store_true", help="also replay each reduced-vocabulary drafter widened")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     ev = EvalConfig()
@@ -48,15 +53,20 @@ def main() -> None:
     print(f"greedy references: {sum(len(p) for p, _ in refs.values())} prompts in {time.time() - t:.0f} s", file=sys.stderr)
     results: dict[str, dict[str, ReplayedTau]] = {}
     scored: dict = {}  # (set, target layers) -> the target's features of those texts, shared by drafters reading the same layers
+    drafters = []  # (label, drafter)
     for path in args.drafters:
         drafter = load_drafter(path, target).to(target.dtype)
+        drafters.append((path, drafter))
+        if args.widen_vocab and drafter.spec.draft_vocab_size is not None:
+            drafters.append((path + "+wide", widen_vocab(drafter)))
+    for label, drafter in drafters:
         layers = tuple(drafter.spec.target_layer_ids)
         for name, (p, o) in refs.items():
             if (name, layers) not in scored:
                 scored[name, layers] = score_texts(target, layers, p, o)
         per_set = {name: replay_scored(drafter, scored[name, layers]) for name in refs}
         per_set["all"] = ReplayedTau.pool(list(per_set.values()))
-        results[path] = per_set
+        results[label] = per_set
     names = [*ev.sets, "all"]
     print("| drafter | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for path, per_set in results.items():
@@ -64,7 +74,8 @@ def main() -> None:
     out = {p: {n: {"tau": r.tau, "tau_ci": r.tau_ci(), "slot_acceptance": r.slot_acceptance(),
                    "committed": [x.committed for x in r.texts], "rounds": [x.rounds for x in r.texts]} for n, r in s.items()}
            for p, s in results.items()}
-    pairs = [(args.drafters[0], path) for path in args.drafters[1:]] + list(zip(args.drafters[1:], args.drafters[2:]))
+    labels = list(results)
+    pairs = [(labels[0], label) for label in labels[1:]] + list(zip(labels[1:], labels[2:]))
     for base, path in pairs:  # every drafter against the first, and each against the one before it
         cells = []
         for n in names:
