@@ -19,7 +19,7 @@ from draftopd.cli import main as cli_main
 from draftopd.eval.replay import replay_tau
 from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, check_gguf_exportable,
                                         export_gguf, server_binary, source_dir, target_gguf)
-from draftopd.models.drafter import DrafterError, save_drafter
+from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
 from draftopd.models.load import load_target, tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,10 @@ def drafters(target) -> dict:
     e3 = make_drafter(target, block_size=5, arch="eagle3", target_layer_ids=(0, 1, 2), vocab_size=512, seed=1)
     e3.set_draft_vocab(torch.sort(torch.randperm(target.vocab_size, generator=g)[:512]).values)
     df = make_drafter(target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2, seed=2)
-    return {"eagle3": e3, "dflash": df}
+    # a reduced-vocabulary DFlash drafter (as the committed one), served widened (`export --widen-vocab`)
+    narrow = make_drafter(target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2,
+                          vocab_size=512, seed=4)
+    return {"eagle3": e3, "dflash": df, "dflash-wide": narrow}
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +104,11 @@ def trained(folder_target, tmp_path_factory):
     seen = sorted({t for o in outputs for t in o})  # the draft vocabulary must hold the looping tokens to accept them
     rest = [i for i in range(folder_target.vocab_size) if i not in set(seen)][: 512 - len(seen)]
     made["eagle3"].set_draft_vocab(torch.tensor(sorted(seen + rest)))
+    made["dflash-wide"].set_draft_vocab(torch.tensor(sorted(seen + rest)))
     for arch, drafter in made.items():
         train_sft(folder_target, drafter.train().requires_grad_(True), examples, cfg, tmp_path_factory.mktemp(arch), progress=False)
         out[arch] = drafter.eval().requires_grad_(False)
+    out["dflash-wide"] = widen_vocab(out["dflash-wide"])
     return out, prompts
 
 
@@ -138,7 +143,8 @@ def test_gguf_holds_what_we_wrote(arch, folder_target, tmp_path):
 
 
 def served(arch: str, folder_target, trained, tmp_path):
-    """(drafter, 4 prompts, the drafter's GGUF, the target's f32 GGUF) for a llama-server test."""
+    """(drafter, 4 prompts, the drafter's GGUF, the target's f32 GGUF) for a llama-server test (`dflash-wide`: a
+    reduced-vocabulary DFlash drafter trained as such, widened to the whole vocabulary for export)."""
     drafter = trained[0][arch]
     draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
     return drafter, trained[1][:4], draft, target_gguf(folder_target, "f32", root=None)
@@ -146,12 +152,12 @@ def served(arch: str, folder_target, trained, tmp_path):
 
 @pytest.mark.slow
 @needs_server
-@pytest.mark.parametrize("arch", ["eagle3", "dflash"])
+@pytest.mark.parametrize("arch", ["eagle3", "dflash", "dflash-wide"])
 def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_path):
     drafter, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
     # n_max = K: llama.cpp clamps DFlash to its block size but chains EAGLE-3 for all n_max steps (7 by default, which
     # on this looping text gave 12 rounds for 39 tokens where our K=4 decoder takes 15)
-    with LlamaServer(model, draft, SPEC_TYPES[arch], ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
+    with LlamaServer(model, draft, SPEC_TYPES[drafter.spec.arch], ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
         s = [spec.complete(p, 40) for p in prompts]
     replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in s])
     assert sum(x.draft_accepted for x in s) > 0  # the counts compared include accepted drafts
@@ -160,10 +166,10 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
 
 @pytest.mark.slow
 @needs_server
-@pytest.mark.parametrize("arch", ["eagle3", "dflash"])
+@pytest.mark.parametrize("arch", ["eagle3", "dflash", "dflash-wide"])
 def test_llama_server_is_lossless(arch, folder_target, trained, tmp_path):
-    _, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
-    with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[arch]) as spec:
+    drafter, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
+    with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[drafter.spec.arch]) as spec:
         a = [plain.complete(p, 40) for p in prompts]
         s = [spec.complete(p, 40) for p in prompts]
     assert sum(x.draft_accepted for x in s) > 0  # it accepted drafts, so verification had something to keep
