@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=EvalConfig().num_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=EvalConfig().max_new_tokens)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--outtype", default="f32", choices=("f32", "bf16", "f16"), help="the drafter GGUF's weight type")
     parser.add_argument("--draft-n-max", type=int, default=None, help="drafted tokens per round (default: block size - 1)")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/llama/report.json"))
@@ -108,9 +109,9 @@ def main() -> None:
     drafter = load_drafter(args.drafter, target)
     drafter = widen_vocab(drafter) if args.widen_vocab else drafter
     wide = "-wide" if args.widen_vocab else ""
-    draft_gguf = args.out.parent / (Path(args.drafter).resolve().parent.name + "-" + Path(args.drafter).name + wide + ".gguf")
+    draft_gguf = args.out.parent / f"{Path(args.drafter).resolve().parent.name}-{Path(args.drafter).name}{wide}-{args.outtype}.gguf"
     if not draft_gguf.exists():
-        export_gguf(drafter, draft_gguf, target)
+        export_gguf(drafter, draft_gguf, target, outtype=args.outtype)
     spec_type = SPEC_TYPES[drafter.spec.arch]
     cfg = ServerConfig(threads=args.threads, draft_n_max=args.draft_n_max or drafter.block_size - 1)
     items = []

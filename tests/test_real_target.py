@@ -41,15 +41,20 @@ def test_greedy_speculative_equals_autoregressive_on_real_prompts(smollm, block_
 
 def test_committed_drafter_speeds_up_acceptance_on_held_out_text(smollm, tmp_path):
     """The drafter shipped for the embedded target (the demo's start) loads, exports to the speculators format
-    (its reduced vocabulary rules out the reference DFlash and GGUF formats), and accepts drafts on held-out
+    (the reference DFlash and GGUF formats take it widened, `export --widen-vocab`), and accepts drafts on held-out
     ShareGPT text as its README row says (replay tau about 1.35; a corrupt or mismatched file gives about 1.0)."""
     from draftopd.experiment import COMMITTED_DRAFTERS, ExperimentConfig, replay_curve
     from draftopd.interop.speculators import export_speculators, import_speculators
-    from draftopd.models.drafter import load_drafter
+    from draftopd.interop.dflash_ref import export_dflash, import_dflash
+    from draftopd.models.drafter import load_drafter, widen_vocab
 
     drafter = load_drafter(COMMITTED_DRAFTERS["smollm2-135m"], smollm)
-    export_speculators(drafter, tmp_path, smollm)
-    back = import_speculators(tmp_path, smollm)
+    export_speculators(drafter, tmp_path / "spec", smollm)
+    back = import_speculators(tmp_path / "spec", smollm)
     assert all(torch.equal(a, b) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))
+    export_dflash(widen_vocab(drafter), tmp_path / "ref", smollm)
+    wide = import_dflash(tmp_path / "ref", smollm)
+    assert wide.spec.draft_vocab_size is None
+    assert all(torch.equal(p, dict(drafter.named_parameters())[n]) for n, p in wide.named_parameters())
     tau = replay_curve(smollm, drafter, ExperimentConfig(curve_prompts=10, regen_max_new_tokens=48))(drafter)
     assert tau > 1.15, tau

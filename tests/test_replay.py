@@ -67,3 +67,31 @@ def test_scored_texts_are_shared_by_drafters_and_checked(llama_target):
     other = make_drafter(llama_target, block_size=4, target_layer_ids=(0,))
     with pytest.raises(ValueError, match="target layers"):
         replay_scored(other, scored)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 6])
+def test_tree_coverage_chain_equals_replay_and_wider_trees_accept_more(small_vocab_target, one_thread, monkeypatch, draft_vocab):
+    """benchmarks/tree_coverage.py: the top-1 chain over all slots walks exactly the replay's rounds (so the ranks are
+    right), and a wider tree never takes more rounds, every text."""
+    from pathlib import Path
+
+    from draftopd.eval.replay import replay_scored, score_texts
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tree_coverage import target_ranks, tree_rounds
+
+    target = small_vocab_target
+    drafter = make_drafter(target, block_size=4, seed=2, vocab_size=draft_vocab)
+    if draft_vocab is not None:
+        drafter.set_draft_vocab(torch.arange(draft_vocab))
+    prompts = random_prompts(target.vocab_size, [5, 9, 3, 12, 7, 4], seed=5)
+    outputs = [t.output for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=30)).traces]
+    scored = score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size=4)
+    ranks = target_ranks(drafter, scored)
+    replayed = replay_scored(drafter, scored)
+    chains = [tree_rounds(r, (1, 1, 1), len(o)) for r, o in zip(ranks, outputs)]
+    assert [c.accepted for c in chains] == [t.accepted for t in replayed.texts]
+    for r, o, chain in zip(ranks, outputs, chains):
+        wide = tree_rounds(r, (3, 2, 2), len(o))
+        assert wide.rounds <= chain.rounds and wide.committed == chain.committed
+    assert sum(tree_rounds(r, (8, 8, 8), len(o)).rounds for r, o in zip(ranks, outputs)) < sum(c.rounds for c in chains)
