@@ -174,3 +174,20 @@ def test_llama_server_is_lossless(arch, folder_target, trained, tmp_path):
         s = [spec.complete(p, 40) for p in prompts]
     assert sum(x.draft_accepted for x in s) > 0  # it accepted drafts, so verification had something to keep
     assert [x.tokens for x in s] == [x.tokens for x in a]
+
+
+def test_llama_profile_reads_the_last_statistics_line(tmp_path, monkeypatch):
+    """benchmarks/llama_profile.py: drafting calls and milliseconds come from llama.cpp's last (cumulative)
+    `statistics` trace line (the format of llama.cpp 11434's common/speculative.cpp, as its server logs it)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from llama_profile import draft_totals
+
+    line = ("0.21.981.314 I spec common_specu: statistics     draft-dflash: #calls(b,g,a) =   10    {g}    {g}, #gen drafts"
+            " =    {g}, #acc drafts =   236, #gen tokens =   1339, #acc tokens =   268, #mean acc len = 1.40, #acc rate/pos = "
+            "(0.350, 0.047), dur(b,g,a) = 0.025, {ms}, 0.278 ms")
+    log = tmp_path / "spec.log"
+    log.write_text("\n".join(["llama-server starting", line.format(g=70, ms="360.5"), "slot print_timing: id 0",
+                              line.format(g=674, ms="3601.308")]) + "\n")
+    assert draft_totals(log) == (674, 3601.308)
