@@ -268,7 +268,7 @@ def widen_vocab(drafter: Drafter) -> Drafter:
     A reduced head's rows are the target's own frozen head rows (`refresh_head`: nothing of the head is trained or
     saved), so widening changes no weight: every slot keeps its logits at the kept tokens and gains the other tokens'
     logits from the same head. Its argmax changes only where a dropped token scores highest (on the committed
-    drafter's 90 held-out greedy texts: never, README Interop). For formats that always apply the target's whole head
+    drafter's 90 held-out greedy texts no accepted length changes: README, Interop). For formats that always apply the target's whole head
     (the reference DFlash, llama.cpp's DFlash); decoding with either drafter stays lossless."""
     if drafter.spec.draft_vocab_size is None:
         return drafter
