@@ -1,6 +1,7 @@
 """Where a speculative round's time goes in llama-server: drafting vs the rest, from llama.cpp's own counters.
 
-    python benchmarks/llama_profile.py --drafter-gguf runs/llama-v3/drafters-smollm2-135m-dflash-wide.gguf
+    ./run export --format gguf --widen-vocab --drafter draftopd/drafters/smollm2-135m-dflash --out v3.gguf
+    python benchmarks/llama_profile.py --drafter-gguf v3.gguf [--weights q4_1]
 
 A plain llama-server and one with the drafter (`--spec-type draft-dflash` or `draft-eagle3`) decode the first
 `--num-prompts` MT-Bench prompts (greedy, 96 new tokens, 2 threads, one request at a time) for each `--draft-n-max`.
