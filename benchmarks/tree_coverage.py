@@ -32,29 +32,23 @@ from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci  # noqa: E402
-from draftopd.eval.replay import score_texts, walk_rounds  # noqa: E402
+from draftopd.eval.replay import anchor_logits, score_texts, walk_rounds  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
-from draftopd.train.blocks import block_logits, text_at  # noqa: E402
 
 SHAPES = [(1,), (1, 1), (1,) * 7, (2,), (3,), (4,), (2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 2), (4, 1, 1), (8, 1),
           (4, 2, 1), (8, 2), (16, 1)]
 NEVER = 1 << 30  # rank of a token the drafter cannot propose (outside its draft vocabulary, or past the text's end)
 
 
-@torch.no_grad()
 def target_ranks(drafter, scored) -> list[torch.Tensor]:
     """Per text, (anchors, K-1): the rank of the text's next token at each slot among the drafter's logits."""
     ranks = []
     for s in scored:
-        batch = s.batch
-        n = max(max(length - 1, 1) for length in s.lengths)
-        anchors = (batch.response_start[:, None] + torch.arange(n)).clamp(max=batch.tokens.shape[1] - 1)
-        logits = block_logits(drafter, batch, s.features, anchors, draft_vocab=True).float()  # (b, n, K-1, V_draft)
-        slots = torch.arange(1, drafter.block_size)
-        truth = drafter.target_to_draft(text_at(batch, anchors, slots))
-        rank = (logits > logits.gather(-1, truth.clamp(min=0)[..., None])).sum(-1)
-        rank[(truth < 0) | (anchors[..., None] + slots >= batch.lengths[:, None, None])] = NEVER
+        logits, truth, inside = anchor_logits(drafter, s)
+        truth = drafter.target_to_draft(truth)
+        rank = (logits.float() > logits.float().gather(-1, truth.clamp(min=0)[..., None])).sum(-1)
+        rank[(truth < 0) | ~inside] = NEVER
         ranks += [rank[i, :max(length - 1, 0)] for i, length in enumerate(s.lengths)]
     return ranks
 

@@ -87,17 +87,26 @@ def score_texts(target: Target, layer_ids: tuple[int, ...], prompts: Sequence[Se
 
 
 @torch.no_grad()
-def accepted_at_anchors(drafter: Drafter, scored: ScoredTexts) -> list[list[int]]:
-    """For each text, the drafts verification would accept at every anchor position P .. P+L-2 (P = prompt length,
-    L = output length): leading drafter argmaxes equal to the text's next tokens."""
+def anchor_logits(drafter: Drafter, scored: ScoredTexts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The drafter's block at every anchor position P .. P+L-2 of each text (P = prompt length, L = output length):
+    draft-vocabulary logits (b, n, K-1, V_draft), the text's tokens at slots 1..K-1 (b, n, K-1, target ids), and
+    which of those slots lie inside the text (b, n, K-1)."""
     if tuple(drafter.spec.target_layer_ids) != scored.layer_ids:
         raise ValueError(f"texts were scored for target layers {scored.layer_ids}, the drafter reads {drafter.spec.target_layer_ids}")
     batch, device = scored.batch, scored.batch.tokens.device
     n = max(max(length - 1, 1) for length in scored.lengths)
     anchors = (batch.response_start[:, None] + torch.arange(n, device=device)).clamp(max=batch.tokens.shape[1] - 1)  # (b, n)
-    guess = drafter.draft_to_target(block_logits(drafter, batch, scored.features, anchors, draft_vocab=True).argmax(-1))  # (b, n, K-1)
     slots = torch.arange(1, drafter.block_size, device=device)
-    hit = (guess == text_at(batch, anchors, slots)) & (anchors[..., None] + slots < batch.lengths[:, None, None])
+    logits = block_logits(drafter, batch, scored.features, anchors, draft_vocab=True)
+    return logits, text_at(batch, anchors, slots), anchors[..., None] + slots < batch.lengths[:, None, None]
+
+
+@torch.no_grad()
+def accepted_at_anchors(drafter: Drafter, scored: ScoredTexts) -> list[list[int]]:
+    """For each text, the drafts verification would accept at every anchor position (`anchor_logits`): leading
+    drafter argmaxes equal to the text's next tokens."""
+    logits, truth, inside = anchor_logits(drafter, scored)
+    hit = (drafter.draft_to_target(logits.argmax(-1)) == truth) & inside
     accepted = hit.long().cumprod(-1).sum(-1).tolist()
     return [row[: max(length - 1, 0)] for row, length in zip(accepted, scored.lengths)]
 
