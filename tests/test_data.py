@@ -254,3 +254,18 @@ def test_prompt_split_auto_keeps_a_named_sets_heldout_out_and_uses_a_file_whole(
     assert PromptConfig(prompts="runs/mine.jsonl", split="heldout").resolved_split() == "heldout"
     with pytest.raises(ConfigError, match="split"):
         PromptConfig(split="test")
+
+
+def test_repetition_counts_an_answer_repeating_itself(monkeypatch, tmp_path):
+    """benchmarks/repetition.py: a greedy loop repeats its own n-grams; distinct counts over all answers; a regenerated
+    JSONL is read as its response tokens."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from repetition import Repetition, repetition, responses_of
+
+    loop, fresh = [1, 2, 3] * 10, list(range(30))
+    assert repetition([loop], 4) == Repetition(1, 30, 3 / 27, 24 / 27)
+    both = repetition([fresh, fresh], 4)
+    assert (both.distinct, both.self_repeat) == (0.5, 0.0)  # the second answer repeats the first, not itself
+    path = tmp_path / "regen.jsonl"
+    path.write_text(json.dumps({"id": "a", "prompt_ids": [5, 6], "response_ids": loop}) + "\n")
+    assert responses_of(str(path)) == [loop]

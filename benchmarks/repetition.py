@@ -1,0 +1,83 @@
+"""How repetitive is training text? Distinct and self-repeating n-grams of answers, per source.
+
+Sources: a feature cache folder (its answers' response tokens), a regenerated JSONL (`draftopd regenerate`), or
+`eval` (the target's greedy answers to the evaluation prompts, 30 per set x 96 tokens, as `replay_compare.py`
+makes them). For each: answers, response tokens, distinct n-grams / all n-grams over the whole source, and the
+share of n-grams that repeat one seen earlier in the same answer (a greedy loop repeats almost all of its own).
+
+    python benchmarks/repetition.py runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@dataclass(frozen=True)
+class Repetition:
+    answers: int
+    tokens: int
+    distinct: float  # distinct n-grams / n-grams, over all answers
+    self_repeat: float  # n-grams equal to an earlier one of the same answer / n-grams
+
+
+def repetition(responses: Sequence[Sequence[int]], n: int = 4) -> Repetition:
+    seen_all, total, repeats = set(), 0, 0
+    for r in responses:
+        own = set()
+        for j in range(len(r) - n + 1):
+            gram = tuple(r[j:j + n])
+            total += 1
+            repeats += gram in own
+            own.add(gram)
+            seen_all.add(gram)
+    return Repetition(len(responses), sum(map(len, responses)), len(seen_all) / max(total, 1), repeats / max(total, 1))
+
+
+def responses_of(source: str) -> list[list[int]]:
+    path = Path(source)
+    if path.is_dir():  # a feature cache: its shards hold tokens, offsets and each sequence's response start
+        from safetensors.torch import load_file
+
+        out = []
+        for shard in json.loads((path / "manifest.json").read_text())["shards"]:
+            s = load_file(str(path / shard["file"]))
+            tokens, offsets, starts = s["tokens"].tolist(), s["offsets"].tolist(), s["response_start"].tolist()
+            out += [tokens[offsets[i] + starts[i]:offsets[i + 1]] for i in range(len(starts))]
+        return out
+    if source == "eval":
+        import torch
+
+        from draftopd.config import DecodeConfig, EvalConfig
+        from draftopd.data.prompts import load_prompts, render_prompt
+        from draftopd.decode.speculative import autoregressive_generate
+        from draftopd.models.load import load_target
+
+        ev, target = EvalConfig(), load_target("smollm2-135m", dtype=torch.bfloat16)
+        prompts = [render_prompt(p, target.tokenizer) for name in ev.sets for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
+        return [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens)).traces]
+    from draftopd.data.regenerate import load_regenerated
+
+    return [list(e.response_ids) for e in load_regenerated(path).examples]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sources", nargs="+", help="feature cache folders, regenerated JSONL files, or 'eval'")
+    parser.add_argument("--n", type=int, default=4)
+    args = parser.parse_args()
+    print(f"| source | answers | response tokens | distinct {args.n}-grams | {args.n}-grams repeating one of the same answer |\n|---|---|---|---|---|")
+    for source in args.sources:
+        r = repetition(responses_of(source), args.n)
+        print(f"| {source} | {r.answers:,} | {r.tokens:,} | {r.distinct:.3f} | {r.self_repeat:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
