@@ -287,6 +287,10 @@ class SFTConfig:
     # Gaussian noise on the target features the drafter's context reads, std = this x each position's feature RMS
     # (robustness to features it will see at decoding time, as EAGLE trains with uniform noise); 0 = off
     feature_noise: float = 0.0
+    # "bfloat16": the drafter's forward (hence its backward) runs under torch.autocast: bf16 matmuls, float32 weights,
+    # optimizer state and loss; "float32": off; "auto": bfloat16 where it is fast (`resolve_dtype`). On this
+    # AVX512-BF16 CPU the recipe's SFT ran 1.5x faster at the same held-out tau (README, "Strong drafters")
+    autocast: str = "auto"
     save_every: int = 50
     log_every: int = 1
     seed: int = 0
@@ -299,6 +303,7 @@ class SFTConfig:
         check_choice(self, "labels", SFT_LABELS)
         check_number(self, "slot_decay", 0, above=True, optional=True)
         check_number(self, "feature_noise", 0)
+        check_choice(self, "autocast", ("auto", "float32", "bfloat16"))
         check_number(self, "max_flops", 0, above=True, optional=True)
         check_seed(self)
 

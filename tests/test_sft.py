@@ -57,7 +57,7 @@ def reference_sft_loss(target, drafter, examples, anchors_per_example, decay):
 def test_sft_loss_matches_reference(learnable):
     target, examples, _ = learnable
     drafter = new_drafter(target, DrafterConfig(block_size=8))
-    cfg = SFTConfig(anchors_per_seq=5, slot_decay=4.0)
+    cfg = SFTConfig(anchors_per_seq=5, slot_decay=4.0, autocast="float32")
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         result = sft_micro_batch(target, drafter, examples[:3], cfg, gen)
@@ -141,3 +141,32 @@ def test_planned_step_compute_is_what_the_trainer_counts(learnable, tmp_path):
     assert sft_step_flops(target, drafter, same, cfg) == pytest.approx(counted, rel=1e-6)
     short = [Example(e.prompt_ids, e.response_ids[:3]) for e in same]
     assert sft_step_flops(target, drafter, short, cfg) < sft_step_flops(target, drafter, same, cfg) / 2
+
+
+def test_bf16_autocast_is_close_to_float32_and_keeps_float32_state(learnable, tmp_path, monkeypatch):
+    """`SFTConfig.autocast`: bfloat16 runs the drafter's matmuls in bf16 (the loss differs from float32's, so it really
+    ran), close to float32's loss and gradient; weights, AdamW state and the checkpoint stay float32; "auto" is float32
+    on a CPU without fast bf16."""
+    from draftopd.train.common import train_autocast
+
+    target, examples, _ = learnable
+    base = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0), seed=1)  # logits far from uniform
+    out = {}
+    for name in ("float32", "bfloat16"):
+        drafter = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0), seed=1)
+        drafter.load_state_dict(base.state_dict())
+        r = sft_micro_batch(target, drafter, examples[:4], SFTConfig(anchors_per_seq=8, autocast=name), torch.Generator().manual_seed(0))
+        loss = r.loss_sum / r.weight_sum
+        loss.backward()
+        out[name] = float(loss.detach()), torch.cat([p.grad.flatten() for p in drafter.parameters() if p.grad is not None])
+    (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
+    assert F.cosine_similarity(g16, g32, dim=0) > 0.98
+    drafter = new_drafter(target, DrafterConfig(block_size=8), seed=1)
+    final = train_sft(target, drafter, examples, SFTConfig(steps=2, batch_size=4, anchors_per_seq=4, autocast="bfloat16"), tmp_path, progress=False)
+    assert {p.dtype for p in load_drafter(final, target).parameters()} == {torch.float32}
+    state = torch.load(final / "trainer.pt", weights_only=True)["optimizer"]["state"]
+    assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not train_autocast("auto", "cpu")._enabled and not train_autocast("float32", "cpu")._enabled
+    assert train_autocast("bfloat16", "cpu")._enabled

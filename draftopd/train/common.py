@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import OptimConfig
+from ..config import OptimConfig, resolve_dtype
 from ..models.drafter import Drafter, load_drafter, save_drafter
 from ..models.target import Target
 from . import distributed as ddp
@@ -47,6 +47,13 @@ def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_autocast(name: str, device) -> torch.autocast:
+    """The context a drafter's training forward runs in: bf16 autocast when `name` (SFTConfig.autocast) resolves to
+    bfloat16 on `device`, else a disabled one (float32 throughout)."""
+    dtype = resolve_dtype(name, str(device)) if name == "auto" else getattr(torch, name)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 PHASES = ("rollout", "teacher", "train")

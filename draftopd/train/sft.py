@@ -8,7 +8,9 @@ hard-label cross-entropy or the soft forward KL to the target distribution. Labe
 (`labels="text"`, regenerated answers) or the target's greedy token there (`"greedy"`, fixed text). With a reduced
 draft vocabulary, logits and soft targets live over the kept tokens (the target's distribution renormalised there)
 and labels outside it are skipped. `feature_noise` s > 0 adds N(0, (s x RMS)^2) noise to the target features the
-drafter's context reads (the labels stay the clean target's).
+drafter's context reads (the labels stay the clean target's). `autocast` bfloat16 runs the drafter's forward (and
+so its backward) with bf16 matmuls while weights, AdamW state and the loss stay float32: on an AVX512-BF16 CPU the
+recipe's SFT ran 1.5x faster with the same training curve and held-out tau (README).
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
 full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of every micro-batch, and the
 step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
@@ -35,7 +37,7 @@ from ..models.target import Target
 from ..data.features import CachedSequence
 from . import distributed as ddp
 from .blocks import add_feature_noise, block_labels, block_logits, draw_anchors, pad_batch, teach_cached, teach_online
-from .common import Compute, TrainerState, data_order, param_counts
+from .common import Compute, TrainerState, data_order, param_counts, train_autocast
 from .losses import sft_slot_weights, sft_token_loss
 
 
@@ -62,12 +64,13 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
     items, batch = items[rows], pad_batch(seqs[rows], starts[rows], target.pad_id, target.device)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
     features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(seqs), max(map(len, seqs))), rows)
-    logits = block_logits(drafter, batch, features, anchors, draft_vocab=True)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
     pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
+    with train_autocast(cfg.autocast, target.device):  # the loss below upcasts to float32
+        logits = block_logits(drafter, batch, features, anchors, draft_vocab=True)
+        target_logits = teacher.draft_vocab_logits_at(drafter, pos) if cfg.loss == "kl" else None
     labels = drafter.target_to_draft(lab.labels if cfg.labels == "text" else teacher.greedy.gather(1, pos.flatten(1)).view_as(pos))
     mask = lab.mask & (labels >= 0)
-    target_logits = teacher.draft_vocab_logits_at(drafter, pos) if cfg.loss == "kl" else None
     per_token = sft_token_loss(logits, labels.clamp(min=0), target_logits, kind=cfg.loss)
     weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * mask
     correct = (logits.argmax(-1) == labels) & mask
