@@ -5,7 +5,14 @@ Sources: a feature cache folder (its answers' response tokens), a regenerated JS
 makes them). For each: answers, response tokens, distinct n-grams / all n-grams over the whole source, and the
 share of n-grams that repeat one seen earlier in the same answer (a greedy loop repeats almost all of its own).
 
-    python benchmarks/repetition.py runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
+    python benchmarks/repetition.py stats runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
+
+`trim` writes regenerated answers cut where a greedy loop starts (`loop_start`: the first position from which
+`run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop included,
+stays), taking whole files in order until the kept response tokens reach `--response-tokens`:
+
+    python benchmarks/repetition.py trim runs/cpu-regen/regen.jsonl runs/cpu-regen2/regen.jsonl --response-tokens 349568 \
+        --out runs/recipe-trim/regen-trimmed.jsonl
 """
 
 from __future__ import annotations
@@ -41,6 +48,35 @@ def repetition(responses: Sequence[Sequence[int]], n: int = 4) -> Repetition:
     return Repetition(len(responses), sum(map(len, responses)), len(seen_all) / max(total, 1), repeats / max(total, 1))
 
 
+def loop_start(response: Sequence[int], n: int = 4, run: int = 8) -> int:
+    """Index of the first token of a greedy loop: the first j from which the n-grams at j .. j+run-1 all repeat an
+    n-gram seen earlier in `response`; len(response) if there is none."""
+    seen, repeats = set(), []
+    for j in range(len(response) - n + 1):
+        gram = tuple(response[j:j + n])
+        repeats.append(gram in seen)
+        seen.add(gram)
+        if len(repeats) >= run and all(repeats[-run:]):
+            return j - run + 1
+    return len(response)
+
+
+def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, run: int = 8) -> Repetition:
+    """Write the sources' records, each response cut at `loop_start`, until `response_tokens` are kept."""
+    kept, lines = [], []
+    for source in sources:
+        for line in Path(source).read_text().splitlines():
+            record = json.loads(line)
+            cut = record["response_ids"][:loop_start(record["response_ids"], n, run)]
+            if len(cut) < 2 or sum(map(len, kept)) >= response_tokens:
+                continue
+            kept.append(cut)
+            lines.append(json.dumps({**record, "response_ids": cut, "trimmed_from": len(record["response_ids"])}, separators=(",", ":")))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return repetition(kept, n)
+
+
 def responses_of(source: str) -> list[list[int]]:
     path = Path(source)
     if path.is_dir():  # a feature cache: its shards hold tokens, offsets and each sequence's response start
@@ -70,9 +106,20 @@ def responses_of(source: str) -> list[list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sources", nargs="+", help="feature cache folders, regenerated JSONL files, or 'eval'")
+    parser.add_argument("mode", choices=("stats", "trim"))
+    parser.add_argument("sources", nargs="+", help="feature cache folders, regenerated JSONL files, or 'eval' (trim: JSONL files)")
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--run", type=int, default=8, help="trim: n-grams in a row that repeat earlier ones where a loop starts")
+    parser.add_argument("--response-tokens", type=int, default=None, help="trim: stop once this many response tokens are kept")
+    parser.add_argument("--out", type=Path, default=None, help="trim: the JSONL to write")
     args = parser.parse_args()
+    if args.mode == "trim":
+        if args.out is None or args.response_tokens is None:
+            parser.error("trim needs --out and --response-tokens")
+        r = trim(args.sources, args.response_tokens, args.out, args.n, args.run)
+        print(f"kept {r.answers:,} answers, {r.tokens:,} response tokens; distinct {args.n}-grams {r.distinct:.3f}, "
+              f"repeating one of the same answer {r.self_repeat:.3f} -> {args.out}")
+        return
     print(f"| source | answers | response tokens | distinct {args.n}-grams | {args.n}-grams repeating one of the same answer |\n|---|---|---|---|---|")
     for source in args.sources:
         r = repetition(responses_of(source), args.n)
