@@ -11,7 +11,7 @@ share of n-grams that repeat one seen earlier in the same answer (a greedy loop 
 `run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop included,
 stays), taking whole files in order until the kept response tokens reach `--response-tokens`:
 
-    python benchmarks/repetition.py trim runs/cpu-regen/regen.jsonl runs/cpu-regen2/regen.jsonl --response-tokens 349568 \
+    python benchmarks/repetition.py trim runs/cpu-regen/regen.jsonl runs/cpu-regen2/regen.jsonl --response-tokens 327405 \
         --out runs/recipe-trim/regen-trimmed.jsonl
 """
 
@@ -63,14 +63,15 @@ def loop_start(response: Sequence[int], n: int = 4, run: int = 8) -> int:
 
 def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, run: int = 8) -> Repetition:
     """Write the sources' records, each response cut at `loop_start`, until `response_tokens` are kept."""
-    kept, lines = [], []
-    for source in sources:
-        for line in Path(source).read_text().splitlines():
-            record = json.loads(line)
-            cut = record["response_ids"][:loop_start(record["response_ids"], n, run)]
-            if len(cut) < 2 or sum(map(len, kept)) >= response_tokens:
-                continue
+    kept, lines, tokens = [], [], 0
+    records = (json.loads(line) for source in sources for line in Path(source).read_text().splitlines() if line.strip())
+    for record in records:
+        if tokens >= response_tokens:
+            break
+        cut = record["response_ids"][:loop_start(record["response_ids"], n, run)]
+        if len(cut) >= 2:  # an answer that loops from its start is dropped
             kept.append(cut)
+            tokens += len(cut)
             lines.append(json.dumps({**record, "response_ids": cut, "trimmed_from": len(record["response_ids"])}, separators=(",", ":")))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
