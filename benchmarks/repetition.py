@@ -7,9 +7,10 @@ share of n-grams that repeat one seen earlier in the same answer (a greedy loop 
 
     python benchmarks/repetition.py stats runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
 
-`trim` writes regenerated answers cut where a greedy loop starts (`loop_start`: the first position from which
-`run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop included,
-stays), taking whole files in order until the kept response tokens reach `--response-tokens`:
+`trim` writes regenerated answers cut where a greedy loop starts (`data.regenerate.loop_start`: the first position
+from which `run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop
+included, stays; `--trim-loops` on `features`, `recipe` and `sft --data` does the same cut when reading), taking whole
+files in order until the kept response tokens reach `--response-tokens`:
 
     python benchmarks/repetition.py trim runs/cpu-regen/regen.jsonl runs/cpu-regen2/regen.jsonl --response-tokens 327405 \
         --out runs/recipe-trim/regen-trimmed.jsonl
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from draftopd.data.regenerate import loop_start  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -48,19 +51,6 @@ def repetition(responses: Sequence[Sequence[int]], n: int = 4) -> Repetition:
     return Repetition(len(responses), sum(map(len, responses)), len(seen_all) / max(total, 1), repeats / max(total, 1))
 
 
-def loop_start(response: Sequence[int], n: int = 4, run: int = 8) -> int:
-    """Index of the first token of a greedy loop: the first j from which the n-grams at j .. j+run-1 all repeat an
-    n-gram seen earlier in `response`; len(response) if there is none."""
-    seen, repeats = set(), []
-    for j in range(len(response) - n + 1):
-        gram = tuple(response[j:j + n])
-        repeats.append(gram in seen)
-        seen.add(gram)
-        if len(repeats) >= run and all(repeats[-run:]):
-            return j - run + 1
-    return len(response)
-
-
 def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, run: int = 8) -> Repetition:
     """Write the sources' records, each response cut at `loop_start`, until `response_tokens` are kept."""
     kept, lines, tokens = [], [], 0
@@ -69,7 +59,7 @@ def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, ru
         if tokens >= response_tokens:
             break
         cut = record["response_ids"][:loop_start(record["response_ids"], n, run)]
-        if len(cut) >= 2:  # an answer that loops from its start is dropped
+        if len(cut) >= 2:  # a one-token answer has no anchor to train
             kept.append(cut)
             tokens += len(cut)
             lines.append(json.dumps({**record, "response_ids": cut, "trimmed_from": len(record["response_ids"])}, separators=(",", ":")))

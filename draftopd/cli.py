@@ -178,7 +178,9 @@ def cmd_sft(args: argparse.Namespace) -> dict:
     if (args.data is None) == (args.features is None):
         raise UserError("give exactly one of --data FILE.jsonl (the target runs online) or --features DIR (the offline cache)")
     writable_dir(args.out, "--out")
-    data = load_regenerated(args.data) if args.data else None
+    if args.trim_loops and not args.data:
+        raise UserError("--trim-loops applies to --data FILE.jsonl (regenerated answers); a feature cache holds what it was built from")
+    data = load_regenerated(args.data, trim_loops=args.trim_loops) if args.data else None
     if args.features:
         read_manifest(args.features)  # a missing or corrupt cache fails before any model loads
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
@@ -250,7 +252,7 @@ def cmd_features(args: argparse.Namespace) -> dict:
 
     cfg, drafter_cfg = build_config(FeatureConfig, args), build_config(DrafterConfig, args)
     writable_dir(args.out, "--out")
-    data = None if cfg.data == "answers" else load_regenerated(cfg.data)
+    data = None if cfg.data == "answers" else load_regenerated(cfg.data, trim_loops=cfg.trim_loops)
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     if data is not None:
         check_token_ids(data, target.vocab_size, cfg.data)
@@ -418,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(sft)
     sft.add_argument("--data", help="JSONL written by `draftopd regenerate` (the target scores each batch online)")
     sft.add_argument("--features", help="feature cache written by `draftopd features` (no target forward while training)")
+    sft.add_argument("--trim-loops", action="store_true", help="with --data: cut each answer where a greedy loop starts")
     sft.add_argument("--out", default="runs/sft")
     sft.add_argument("--resume", action="store_true", help="continue from OUT/last exactly where it stopped")
     sft.add_argument("--json", action="store_true")

@@ -60,7 +60,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     times: dict[str, float] = {}
     start = t0 = time.perf_counter()
     data = cfg.features
-    regenerated = None if data.data == "answers" else load_regenerated(data.data)  # a bad path fails before any model loads
+    regenerated = None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)  # a bad path fails before any model loads
     target = load_target(cfg.target)  # float32: training reads only its embedding and head
     drafter_cfg = _with_mask(cfg.drafter, target)
     layers = DrafterSpec.resolve(drafter_cfg, target).target_layer_ids

@@ -108,6 +108,7 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("sft-data-notes", S + " --data {notes}", "no usable training examples", ("notes",)),
     ("sft-data-outside-vocab", S + " --data {big_vocab}", "outside the target vocabulary", ("big_vocab",)),
     ("sft-out-is-file", S + " --out {notes}", "not a folder", ("notes",)),
+    ("sft-trim-loops-without-data", "sft --target {target} --features {tmp}/cache --out {tmp}/sft --trim-loops", "--trim-loops", ()),
     # ---- eval
     ("eval-num-prompts-0", E + " --num-prompts 0", "--num-prompts", ()),
     ("eval-max-new-tokens-0", E + " --max-new-tokens 0", "--max-new-tokens", ()),
@@ -289,6 +290,7 @@ def test_every_default_passes_validation():
     ("config", "OptimConfig", {"lr": float("inf")}, "--optim-lr"),
     ("config", "SFTConfig", {"steps": 0}, "--steps must be at least 1, got 0"),
     ("config", "PromptConfig", {"prompts": " "}, "--prompts"),
+    ("config", "FeatureConfig", {"trim_loops": True}, "--trim-loops applies to regenerated data"),
     ("config", "EvalConfig", {"sets": ("",)}, "--sets"),
     ("train.losses", "LossConfig", {"gamma": float("nan")}, "--loss-gamma"),
     ("train.opd", "OPDConfig", {"anchors": "both"}, "--anchors"),

@@ -272,15 +272,12 @@ def test_repetition_counts_an_answer_repeating_itself(monkeypatch, tmp_path):
 
 
 def test_trim_cuts_regenerated_answers_where_a_loop_starts(monkeypatch, tmp_path):
-    """benchmarks/repetition.py trim: the text before a greedy loop stays (its first pass included), the loop goes;
-    records are taken in order until the response-token budget is met."""
+    """benchmarks/repetition.py trim: each answer cut at `loop_start` (test_regenerate.py), records taken in order until
+    the response-token budget is met."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from repetition import loop_start, trim
+    from repetition import trim
 
     looped = [10, 11, 12, 13, 14] + [1, 2, 3] * 10
-    assert loop_start(looped, 4, 8) == 8 and loop_start(list(range(40)), 4, 8) == 40
-    short_repeat = [1, 2, 3] * 3 + list(range(20, 40))
-    assert loop_start(short_repeat, 4, 8) == len(short_repeat)  # two repeated 4-grams are not a loop
     src = tmp_path / "regen.jsonl"
     src.write_text("".join(json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
                            for i, r in enumerate([looped, list(range(40)), list(range(50, 90))])))

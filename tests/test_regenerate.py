@@ -11,7 +11,7 @@ import torch
 
 from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import DataError, Prompt
-from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, record_seed, regenerate
+from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, loop_start, record_seed, regenerate
 from draftopd.decode.speculative import autoregressive_generate
 from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
@@ -201,3 +201,21 @@ def test_load_regenerated_reads_gzipped_files(tmp_path):
         f.write("\n".join(lines) + "\n")
     assert load_regenerated(packed).examples == load_regenerated(plain).examples
     assert len(load_regenerated(packed).examples) == 3
+
+
+def test_loop_start_and_trim_loops_on_load(tmp_path):
+    """A greedy loop starts where 8 repeated 4-grams in a row begin; the text before it (the loop's first pass
+    included) stays, so a cut answer is never empty. `load_regenerated(trim_loops=True)` cuts there and counts what it
+    cut."""
+    looped = [10, 11, 12, 13, 14] + [1, 2, 3] * 10
+    assert loop_start(looped) == 8 and loop_start(list(range(40))) == 40
+    short_repeat = [1, 2, 3] * 3 + list(range(20, 40))
+    assert loop_start(short_repeat) == len(short_repeat)  # three repeated 4-grams are not a loop
+    assert loop_start([7] * 20) == 1
+    path = tmp_path / "regen.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
+                            for i, r in enumerate([looped, list(range(40)), [7] * 20])))
+    plain, trimmed = load_regenerated(path), load_regenerated(path, trim_loops=True)
+    assert [e.response_ids for e in plain.examples] == [tuple(looped), tuple(range(40)), (7,) * 20] and plain.loop_tokens_cut == 0
+    assert [e.response_ids for e in trimmed.examples] == [tuple(looped[:8]), tuple(range(40)), (7,)]
+    assert (trimmed.skipped, trimmed.loop_tokens_cut) == (0, 27 + 19)
