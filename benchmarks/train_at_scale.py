@@ -188,7 +188,8 @@ def train_stage(target, examples: list, out: Path, args, summary: dict, scored: 
         stamps.append(time.perf_counter())
 
     train_sft(target, copy.deepcopy(drafter), examples, base, out / "calibrate", progress=False, stop_after=args.calibrate_steps, on_step=stamp)
-    step_s = (stamps[-1] - stamps[1]) / max(len(stamps) - 2, 1)  # after the first two: on the H200 a 6-step mean with them said 323 ms, the run then averaged 147
+    skip = 1 if len(stamps) > 2 else 0  # after the first two steps: on the H200 a 6-step mean with them said 323 ms, the run then averaged 147
+    step_s = (stamps[-1] - stamps[skip]) / max(len(stamps) - 1 - skip, 1)  # (--calibrate-steps 2 used to give 0 here)
     t = time.perf_counter()
     start = replay_all(drafter, scored)
     replay_s = time.perf_counter() - t
@@ -290,7 +291,9 @@ def run(args) -> None:
             dst.write(src.read())
     regenerate_stage(target, pack, out, args, summary)
     records = [json.loads(line) for line in regen_path.read_text().splitlines() if line.strip()]
-    examples, controls = split_controls(records, load_regenerated(regen_path).examples, args.control_answers, args.eval_new_tokens)
+    data = load_regenerated(regen_path, trim_loops=args.trim_loops)
+    examples, controls = split_controls(records, data.examples, args.control_answers, args.eval_new_tokens)
+    summary["regenerate"]["loop_tokens_cut"] = data.loop_tokens_cut
     refs.update(controls)
     summary["regenerate"]["examples"] = len(examples)
     summary["regenerate"]["response_tokens"] = sum(len(e.response_ids) for e in examples)
@@ -336,6 +339,7 @@ def main() -> None:
     r.add_argument("--regen-new-tokens", type=int, default=384)
     r.add_argument("--regen-temperatures", default="0.0,0.7")
     r.add_argument("--regenerated", default=None, help="regenerated JSONL(.gz) of this target to train on too (regeneration adds to it)")
+    r.add_argument("--trim-loops", action="store_true", help="train on the answers cut where a greedy loop starts (data.regenerate.loop_start)")
     r.add_argument("--control-answers", type=int, default=32, help="greedy answers held out of training (and as many seen ones) for the curve")
     r.add_argument("--max-prompt-tokens", type=int, default=512)
     r.add_argument("--eval-new-tokens", type=int, default=96)
