@@ -6,6 +6,7 @@ makes them). For each: answers, response tokens, distinct n-grams / all n-grams 
 share of n-grams that repeat one seen earlier in the same answer (a greedy loop repeats almost all of its own).
 
     python benchmarks/repetition.py stats runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
+    python benchmarks/repetition.py stats runs/cpu-regen2/regen.jsonl --bucket 64     # the same share by position
 
 `trim` writes regenerated answers cut where a greedy loop starts (`data.regenerate.loop_start`: the first position
 from which `run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop
@@ -51,6 +52,19 @@ def repetition(responses: Sequence[Sequence[int]], n: int = 4) -> Repetition:
     return Repetition(len(responses), sum(map(len, responses)), len(seen_all) / max(total, 1), repeats / max(total, 1))
 
 
+def self_repeat_by_position(responses: Sequence[Sequence[int]], n: int = 4, bucket: int = 64) -> dict[int, float]:
+    """The share of n-grams repeating one earlier in the same answer, by the n-gram's start position, per `bucket`
+    positions (key: the bucket's first position)."""
+    totals, repeats = {}, {}
+    for r in responses:
+        own = set()
+        for j in range(len(r) - n + 1):
+            gram, b = tuple(r[j:j + n]), j // bucket * bucket
+            totals[b], repeats[b] = totals.get(b, 0) + 1, repeats.get(b, 0) + (gram in own)
+            own.add(gram)
+    return {b: repeats[b] / totals[b] for b in sorted(totals)}
+
+
 def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, run: int = 8) -> Repetition:
     """Write the sources' records, each response cut at `loop_start`, until `response_tokens` are kept."""
     kept, lines, tokens = [], [], 0
@@ -73,8 +87,10 @@ def responses_of(source: str) -> list[list[int]]:
     if path.is_dir():  # a feature cache: its shards hold tokens, offsets and each sequence's response start
         from safetensors.torch import load_file
 
+        from draftopd.data.features import read_manifest
+
         out = []
-        for shard in json.loads((path / "manifest.json").read_text())["shards"]:
+        for shard in read_manifest(path).shards:
             s = load_file(str(path / shard["file"]))
             tokens, offsets, starts = s["tokens"].tolist(), s["offsets"].tolist(), s["response_start"].tolist()
             out += [tokens[offsets[i] + starts[i]:offsets[i + 1]] for i in range(len(starts))]
@@ -82,14 +98,10 @@ def responses_of(source: str) -> list[list[int]]:
     if source == "eval":
         import torch
 
-        from draftopd.config import DecodeConfig, EvalConfig
-        from draftopd.data.prompts import load_prompts, render_prompt
-        from draftopd.decode.speculative import autoregressive_generate
+        from draftopd.eval.replay import greedy_references
         from draftopd.models.load import load_target
 
-        ev, target = EvalConfig(), load_target("smollm2-135m", dtype=torch.bfloat16)
-        prompts = [render_prompt(p, target.tokenizer) for name in ev.sets for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
-        return [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens)).traces]
+        return [o for _, outputs in greedy_references(load_target("smollm2-135m", dtype=torch.bfloat16)).values() for o in outputs]
     from draftopd.data.regenerate import load_regenerated
 
     return [list(e.response_ids) for e in load_regenerated(path).examples]
@@ -100,6 +112,7 @@ def main() -> None:
     parser.add_argument("mode", choices=("stats", "trim"))
     parser.add_argument("sources", nargs="+", help="feature cache folders, regenerated JSONL files, or 'eval' (trim: JSONL files)")
     parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--bucket", type=int, default=0, help="stats: also the self-repeating share by position, per this many positions")
     parser.add_argument("--run", type=int, default=8, help="trim: n-grams in a row that repeat earlier ones where a loop starts")
     parser.add_argument("--response-tokens", type=int, default=None, help="trim: stop once this many response tokens are kept")
     parser.add_argument("--out", type=Path, default=None, help="trim: the JSONL to write")
@@ -108,13 +121,21 @@ def main() -> None:
         if args.out is None or args.response_tokens is None:
             parser.error("trim needs --out and --response-tokens")
         r = trim(args.sources, args.response_tokens, args.out, args.n, args.run)
-        print(f"kept {r.answers:,} answers, {r.tokens:,} response tokens; distinct {args.n}-grams {r.distinct:.3f}, "
-              f"repeating one of the same answer {r.self_repeat:.3f} -> {args.out}")
+        before = sum(json.loads(line)["trimmed_from"] for line in args.out.read_text().splitlines())
+        print(f"kept {r.answers:,} answers, {r.tokens:,} response tokens of their {before:,} ({1 - r.tokens / before:.1%} cut); "
+              f"distinct {args.n}-grams {r.distinct:.3f}, repeating one of the same answer {r.self_repeat:.3f} -> {args.out}")
         return
     print(f"| source | answers | response tokens | distinct {args.n}-grams | {args.n}-grams repeating one of the same answer |\n|---|---|---|---|---|")
+    by_position = {}
     for source in args.sources:
-        r = repetition(responses_of(source), args.n)
+        responses = responses_of(source)
+        r = repetition(responses, args.n)
         print(f"| {source} | {r.answers:,} | {r.tokens:,} | {r.distinct:.3f} | {r.self_repeat:.3f} |")
+        if args.bucket:
+            by_position[source] = self_repeat_by_position(responses, args.n, args.bucket)
+    for source, shares in by_position.items():
+        print(f"{source}: {args.n}-grams repeating one of the same answer, by position: "
+              + ", ".join(f"{b}-{b + args.bucket - 1} {v:.3f}" for b, v in shares.items()))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
-from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
-from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
+from draftopd.config import EvalConfig  # noqa: E402
 from draftopd.decode.stats import paired_ratio_ci, ratio_text  # noqa: E402
-from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, greedy_references, replay_scored, score_texts  # noqa: E402
 from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
@@ -45,11 +43,7 @@ def main() -> None:
     ev = EvalConfig()
     target = load_target(args.target, dtype=getattr(torch, args.dtype))
     t = time.time()
-    refs = {}
-    for name in ev.sets:
-        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
-        outputs = [tr.output for tr in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens)).traces]
-        refs[name] = (prompts, outputs)
+    refs = greedy_references(target, ev)
     print(f"greedy references: {sum(len(p) for p, _ in refs.values())} prompts in {time.time() - t:.0f} s", file=sys.stderr)
     results: dict[str, dict[str, ReplayedTau]] = {}
     scored: dict = {}  # (set, target layers) -> the target's features of those texts, shared by drafters reading the same layers

@@ -28,11 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
-from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
-from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
+from draftopd.config import EvalConfig  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci  # noqa: E402
-from draftopd.eval.replay import anchor_logits, score_texts, walk_rounds  # noqa: E402
+from draftopd.eval.replay import anchor_logits, greedy_references, score_texts, walk_rounds  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
@@ -76,9 +74,7 @@ def main() -> None:
     if drafter.spec.arch != "dflash":
         raise SystemExit("a top-k tree per slot needs a parallel drafter (DFlash)")
     ranks = []
-    for name in ev.sets:
-        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
-        outputs = [t.output for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens)).traces]
+    for prompts, outputs in greedy_references(target, ev).values():
         ranks += target_ranks(drafter, score_texts(target, drafter.spec.target_layer_ids, prompts, outputs))
     pooled = torch.cat(ranks)
     coverage = {f"slot {j + 1}": {k: float((pooled[:, j] < k).float().mean()) for k in (1, 2, 3, 4, 8, 16)} for j in range(3)}

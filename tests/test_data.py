@@ -260,12 +260,13 @@ def test_repetition_counts_an_answer_repeating_itself(monkeypatch, tmp_path):
     """benchmarks/repetition.py: a greedy loop repeats its own n-grams; distinct counts over all answers; a regenerated
     JSONL is read as its response tokens."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from repetition import Repetition, repetition, responses_of
+    from repetition import Repetition, repetition, responses_of, self_repeat_by_position
 
     loop, fresh = [1, 2, 3] * 10, list(range(30))
     assert repetition([loop], 4) == Repetition(1, 30, 3 / 27, 24 / 27)
     both = repetition([fresh, fresh], 4)
     assert (both.distinct, both.self_repeat) == (0.5, 0.0)  # the second answer repeats the first, not itself
+    assert self_repeat_by_position([fresh[:10] + loop], 4, 10) == {0: 0.0, 10: 7 / 10, 20: 1.0, 30: 1.0}
     path = tmp_path / "regen.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt_ids": [5, 6], "response_ids": loop}) + "\n")
     assert responses_of(str(path)) == [loop]

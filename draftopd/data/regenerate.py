@@ -260,8 +260,8 @@ def load_regenerated(path: str | Path, trim_loops: bool = False) -> SFTData:
             prompt = _token_list(record.get("prompt_ids")) if record else None
             response = _token_list(record.get("response_ids")) if record else None
             if trim_loops and response:
-                cut += len(response) - loop_start(response)
-                response = response[:loop_start(response)]
+                kept = loop_start(response)
+                cut, response = cut + len(response) - kept, response[:kept]
             if not prompt or not response or record["id"] in ids:
                 skipped += 1
                 continue

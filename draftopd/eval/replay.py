@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import DecodeConfig, EvalConfig
+from ..data.prompts import load_prompts, render_prompt
+from ..decode.speculative import autoregressive_generate
 from ..decode.stats import bootstrap_ratio_ci
 from ..models.drafter import Drafter
 from ..models.target import Target
@@ -135,3 +138,14 @@ def replay_tau(target: Target, drafter: Drafter, prompts: Sequence[Sequence[int]
     """tau of greedy speculative decoding on `prompts`, whose greedy outputs (from `autoregressive_generate`, with
     the same target) are `outputs`: what `evaluate` would measure, without decoding."""
     return replay_scored(drafter, score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size))
+
+
+def greedy_references(target: Target, cfg: EvalConfig = EvalConfig()) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
+    """Per evaluation set, the rendered prompts `draftopd eval` uses and the target's greedy answers to them
+    (`cfg.max_new_tokens`): the texts replay scores drafters on."""
+    refs = {}
+    for name in cfg.sets:
+        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=cfg.num_prompts, seed=cfg.seed).prompts]
+        outputs = [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=cfg.max_new_tokens)).traces]
+        refs[name] = (prompts, outputs)
+    return refs
