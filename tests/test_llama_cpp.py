@@ -4,8 +4,9 @@ Without llama.cpp: the round counting and the refusals. With its sources (`./run
 draftopd.interop.llama_cpp sources`): a tiny target with the embedded target's tokenizer and its EAGLE-3 and DFlash
 drafters convert, and the GGUF holds the architecture, layer ids, d2t and weights we wrote. With llama-server built:
 it decodes with each drafter (trained a little, so drafts get accepted) exactly as without it, and the rounds its own
-counts give equal our replay's, prompt by prompt, when it drafts the drafter's block_size - 1 tokens a round.
-Skipped with the reason where llama.cpp is absent (CI does not build it: about 5 minutes on 2 cores)."""
+counts give equal our replay's, prompt by prompt, when it drafts the drafter's block_size - 1 tokens a round (on the
+prompts where no drafter decision was a near-tie, which ggml's arithmetic may settle the other way).
+Skipped with the reason where llama.cpp is absent (`./run test` does not build it: about 5 minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from conftest import make_drafter
 from draftopd.cli import main as cli_main
-from draftopd.eval.replay import replay_tau
+from draftopd.eval.replay import accepted_at_anchors, anchor_logits, replay_tau, score_texts
 from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, check_gguf_exportable,
                                         export_gguf, server_binary, source_dir, target_gguf)
 from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
@@ -143,11 +144,34 @@ def test_gguf_holds_what_we_wrote(arch, folder_target, tmp_path):
 
 
 def served(arch: str, folder_target, trained, tmp_path):
-    """(drafter, 4 prompts, the drafter's GGUF, the target's f32 GGUF) for a llama-server test (`dflash-wide`: a
+    """(drafter, 8 prompts, the drafter's GGUF, the target's f32 GGUF) for a llama-server test (`dflash-wide`: a
     reduced-vocabulary DFlash drafter trained as such, widened to the whole vocabulary for export)."""
     drafter = trained[0][arch]
     draft = export_gguf(drafter, tmp_path / f"{arch}.gguf", folder_target)
-    return drafter, trained[1][:4], draft, target_gguf(folder_target, "f32", root=None)
+    return drafter, trained[1][:8], draft, target_gguf(folder_target, "f32", root=None)
+
+
+def closest_call_on_path(target, drafter, prompts, outputs) -> list[float]:
+    """Per text, how near the closest drafter decision on the path our replay walks (each round's accepted drafts and
+    its first rejected one) came to going the other way: the drafter's top logit minus the runner-up for an accepted
+    draft, minus the text's token for a rejected one (inf for a token outside the draft vocabulary)."""
+    out = []
+    for scored in score_texts(target, drafter.spec.target_layer_ids, prompts, outputs):
+        logits, truth, inside = anchor_logits(drafter, scored)
+        top = logits.topk(2, -1).values
+        wanted = drafter.target_to_draft(truth)
+        truth_logit = logits.gather(-1, wanted.clamp(min=0)[..., None])[..., 0]
+        hit = drafter.draft_to_target(logits.argmax(-1)) == truth
+        gap = torch.where(hit, top[..., 0] - top[..., 1], torch.where(wanted >= 0, top[..., 0] - truth_logit, torch.inf))
+        gap = gap.masked_fill(~inside, torch.inf)
+        for b, (accepted, length) in enumerate(zip(accepted_at_anchors(drafter, scored), scored.lengths)):
+            done, closest = 1, float("inf")
+            while done < length:
+                r = accepted[done - 1]
+                closest = min(closest, float(gap[b, done - 1, : r + 1].min()))
+                done += min(r + 1, length - done)
+            out.append(closest)
+    return out
 
 
 @pytest.mark.slow
@@ -161,7 +185,13 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
         s = [spec.complete(p, 40) for p in prompts]
     replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in s])
     assert sum(x.draft_accepted for x in s) > 0  # the counts compared include accepted drafts
-    assert [(x.committed, x.rounds) for x in s] == [(t.committed, t.rounds) for t in replayed.texts]
+    # ggml's f32 kernels sum in another order than torch's (and differently on another CPU): a draft decided by a
+    # near-tie may go either way, so texts with one on their path are left out, and most texts must have none
+    closest = closest_call_on_path(folder_target, drafter, prompts, [x.tokens for x in s])
+    tie_free = [c >= 5e-3 for c in closest]  # CI saw a call 6e-4 apart go the other way
+    assert sum(tie_free) >= len(s) // 2, closest
+    ours = [(t.committed, t.rounds) for t in replayed.texts]
+    assert [(x.committed, x.rounds) for x, ok in zip(s, tie_free) if ok] == [c for c, ok in zip(ours, tie_free) if ok]
 
 
 @pytest.mark.slow
