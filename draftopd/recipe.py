@@ -5,7 +5,7 @@
 1. **answers**: fixed text by default (existing ShareGPT answers, `data.answers`): data costs one target
    prefill, not a decode, and the target labels it itself (its greedy token after every position);
    optionally a regenerated JSONL (`draftopd regenerate`) instead, labelled by its own text;
-2. **features**: one batched target prefill (bf16 where the CPU supports it) into the offline feature cache;
+2. **features**: one batched target prefill (bf16 where the CPU runs it fast, else float32) into the offline feature cache;
 3. **vocabulary**: the `draft_vocab_size` most frequent label tokens (EAGLE-3 style reduced head);
 4. **SFT** from the cache for many epochs, without running the target's decoder layers;
 5. **evaluation** on held-out MT-Bench, GSM8K and HumanEval prompts, plain and speculative decoding interleaved.
@@ -22,9 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 
-from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice
+from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, resolve_dtype
 from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
@@ -39,18 +38,20 @@ class RecipeConfig:
     target: str = DEFAULT_TARGET
     out_dir: str = "runs/recipe"
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True))  # data and how it is cached
-    feature_dtype: str = "bfloat16"  # the target's dtype while caching features
+    # the target's dtype while caching features and while evaluating; auto = bfloat16 where it is fast
+    # (`config.resolve_dtype`: CPUs with AVX512-BF16), else float32 (an AVX2 CPU prefills 6x slower in bf16)
+    feature_dtype: str = "auto"
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), vocab_size=8192))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl",
                                                              save_every=50, optim=OptimConfig(lr=2e-3)))
     eval: EvalConfig = field(default_factory=EvalConfig)
-    eval_dtype: str = "bfloat16"
+    eval_dtype: str = "auto"
 
     flag_prefix = ""
 
     def __post_init__(self) -> None:
-        check_choice(self, "feature_dtype", ("float32", "bfloat16"))
-        check_choice(self, "eval_dtype", ("float32", "bfloat16"))
+        check_choice(self, "feature_dtype", ("auto", "float32", "bfloat16"))
+        check_choice(self, "eval_dtype", ("auto", "float32", "bfloat16"))
 
 
 def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
@@ -67,7 +68,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = build_feature_cache(load_target(cfg.target, dtype=getattr(torch, cfg.feature_dtype)), examples, out / "features", layers,
+    manifest = build_feature_cache(load_target(cfg.target, dtype=resolve_dtype(cfg.feature_dtype, "cpu")), examples, out / "features", layers,
                                    keep_final=data.keep_final, shard_tokens=data.shard_tokens, batch_tokens=data.batch_tokens,
                                    progress=progress)
     times["features_s"] = time.perf_counter() - t0
@@ -77,7 +78,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
     times["sft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    target = load_target(cfg.target, dtype=getattr(torch, cfg.eval_dtype))
+    target = load_target(cfg.target, dtype=resolve_dtype(cfg.eval_dtype, "cpu"))
     report = evaluate(target, load_drafter(final, target).to(target.dtype), cfg.eval, progress=progress)
     report.save(out / "eval.json")
     times["eval_s"] = time.perf_counter() - t0

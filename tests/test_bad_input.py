@@ -294,6 +294,8 @@ def test_every_default_passes_validation():
     ("config", "EvalConfig", {"sets": ("",)}, "--sets"),
     ("train.losses", "LossConfig", {"gamma": float("nan")}, "--loss-gamma"),
     ("train.opd", "OPDConfig", {"anchors": "both"}, "--anchors"),
+    ("recipe", "RecipeConfig", {"feature_dtype": "float16"}, "--feature-dtype"),
+    ("recipe", "RecipeConfig", {"eval_dtype": "half"}, "--eval-dtype"),
 ])
 def test_configs_check_their_values_when_built(module, name, change, flag):
     import importlib
