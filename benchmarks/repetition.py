@@ -8,7 +8,7 @@ share of n-grams that repeat one seen earlier in the same answer (a greedy loop 
     python benchmarks/repetition.py stats runs/recipe-e2e/features runs/recipe-regen/features runs/cpu-regen/regen.jsonl eval
     python benchmarks/repetition.py stats runs/cpu-regen2/regen.jsonl --bucket 64     # the same share by position
 
-`trim` writes regenerated answers cut where a greedy loop starts (`data.regenerate.loop_start`: the first position
+`trim` writes regenerated answers cut where a greedy loop starts (`decode.loops.loop_start`: the first position
 from which `run` n-grams in a row each repeat one earlier in the answer; the text before it, first pass of the loop
 included, stays; `--trim-loops` on `features`, `recipe` and `sft --data` does the same cut when reading), taking whole
 files in order until the kept response tokens reach `--response-tokens`:
@@ -28,7 +28,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from draftopd.data.regenerate import loop_start  # noqa: E402
+from draftopd.decode.loops import loop_start  # noqa: E402
 
 
 @dataclass(frozen=True)

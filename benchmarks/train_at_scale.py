@@ -150,13 +150,15 @@ def regenerate_stage(target, pack: dict, out: Path, args, summary: dict) -> None
             break
         chunk = train[start:start + args.regen_batch]
         prompts = [Prompt(pid, "sharegpt", (("user", ""),)) for pid, _ in chunk]
-        cfg = DecodeConfig(max_new_tokens=args.regen_new_tokens, temperature=temps[i % len(temps)], seed=args.seed)
+        cfg = DecodeConfig(max_new_tokens=args.regen_new_tokens, temperature=temps[i % len(temps)], seed=args.seed,
+                           stop_at_loop=args.trim_loops)  # what trimming would cut is never decoded
         s = regenerate(target, prompts, path, cfg, batch_size=args.regen_batch, prompt_ids=[ids for _, ids in chunk], progress=False,
                        max_prompt_tokens=args.max_prompt_tokens)
         stats["chunks"] += 1
         stats["records"] += s.written
         stats["tokens"] += s.tokens
         stats["seconds"] += s.seconds
+        stats["looped"] = stats.get("looped", 0) + s.looped
         log(f"regenerate chunk {i} T={cfg.temperature}: {s.written} answers, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):.0f} tok/s")
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     summary["regenerate"] = stats
@@ -339,7 +341,7 @@ def main() -> None:
     r.add_argument("--regen-new-tokens", type=int, default=384)
     r.add_argument("--regen-temperatures", default="0.0,0.7")
     r.add_argument("--regenerated", default=None, help="regenerated JSONL(.gz) of this target to train on too (regeneration adds to it)")
-    r.add_argument("--trim-loops", action="store_true", help="train on the answers cut where a greedy loop starts (data.regenerate.loop_start)")
+    r.add_argument("--trim-loops", action="store_true", help="stop regenerating an answer where it starts looping and train on it cut there (decode/loops.py)")
     r.add_argument("--control-answers", type=int, default=32, help="greedy answers held out of training (and as many seen ones) for the curve")
     r.add_argument("--max-prompt-tokens", type=int, default=512)
     r.add_argument("--eval-new-tokens", type=int, default=96)

@@ -182,7 +182,7 @@ class FeatureConfig:
     limit: int = 1500  # ShareGPT train-split conversations to take answers from (answers only)
     max_response_tokens: int = 384
     keep_final: bool = False  # also keep the target's final hidden state (soft labels, `--loss kl`)
-    # regenerated data only: cut each answer where a greedy loop starts (`data.regenerate.loop_start`); from scratch
+    # regenerated data only: cut each answer where a greedy loop starts (`decode.loops.loop_start`); from scratch
     # on SmolLM2-135M's answers this raised held-out tau 1.048 [1.039, 1.057] at equal response tokens (README)
     trim_loops: bool = False
     shard_tokens: int = 65536
@@ -225,6 +225,9 @@ class DecodeConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy; > 0 = lossless speculative sampling
     stop_at_eos: bool = True
+    # stop a row where its text starts looping (`decode/loops.py`: 8 repeated 4-grams in a row), finish "loop": the text
+    # is a prefix of the full one, so cutting it at the loop (`--trim-loops`) gives the same tokens for less decoding
+    stop_at_loop: bool = False
     seed: int = 0
     record_draft_logits: bool = False  # keep every round's full drafter logits in the trace (tests, debugging)
     # drafts verified per round; None = the drafter's block size - 1. Fewer stays lossless and narrows the verify

@@ -12,7 +12,8 @@ import torch
 from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import DataError, Prompt
 from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, loop_start, record_seed, regenerate
-from draftopd.decode.speculative import autoregressive_generate
+from draftopd.decode.loops import LoopWatch
+from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 
@@ -50,7 +51,7 @@ def test_writes_records_equal_to_autoregressive(target, tmp_path):
             assert r["source"] == "unit" and r["prompt_ids"] == p
             assert r["response_ids"] == trace.output and r["finish"] == trace.finish in ("eos", "length")
             assert r["settings"] == {"target": target.name, "max_new_tokens": 12, "temperature": 0.0,
-                                     "seed": 0, "record_seed": record_seed(0, r["id"]), "chat_template": None}
+                                     "seed": 0, "stop_at_loop": False, "record_seed": record_seed(0, r["id"]), "chat_template": None}
     for p, r in zip(ids, records):  # batching does not change greedy text
         assert autoregressive_generate(target, [p], CFG).traces[0].output == r["response_ids"]
 
@@ -219,3 +220,45 @@ def test_loop_start_and_trim_loops_on_load(tmp_path):
     assert [e.response_ids for e in plain.examples] == [tuple(looped), tuple(range(40)), (7,) * 20] and plain.loop_tokens_cut == 0
     assert [e.response_ids for e in trimmed.examples] == [tuple(looped[:8]), tuple(range(40)), (7,)]
     assert (trimmed.skipped, trimmed.loop_tokens_cut) == (0, 27 + 19)
+
+
+def test_loop_watch_finds_the_loop_when_its_last_token_arrives():
+    """`LoopWatch` (one token at a time) says "looped" exactly at the token that completes the 8th repeated 4-gram,
+    and its start is `loop_start`'s, on texts with and without loops."""
+    g = torch.Generator().manual_seed(0)
+    texts = [[10, 11, 12, 13, 14] + [1, 2, 3] * 10, list(range(40)), [7] * 20,
+             *(torch.randint(0, 4, (60,), generator=g).tolist() for _ in range(20))]
+    for text in texts:
+        watch, when = LoopWatch(), None
+        for i, token in enumerate(text):
+            if watch.push(token) and when is None:
+                when = i + 1
+        start = loop_start(text)
+        assert (when is None) == (start == len(text))
+        if when is not None:
+            assert watch.start == start and when == start + 8 + 4 - 1
+
+
+@pytest.mark.parametrize("with_drafter", [False, True])
+def test_stop_at_loop_writes_a_prefix_that_trims_to_the_same_answer(target, tmp_path, with_drafter):
+    """`stop_at_loop`: each record is a prefix of the full answer, stopped (finish "loop") right where the loop is
+    seen, and cut by `trim_loops` it is the full answer cut: the same training text for fewer decoded tokens."""
+    prompts, ids = _prompts(8)
+    drafter = new_drafter(target, DrafterConfig(block_size=8)) if with_drafter else None
+    full, stopped = tmp_path / "full.jsonl", tmp_path / "stopped.jsonl"
+    cfg = DecodeConfig(max_new_tokens=80, stop_at_eos=False)
+    regenerate(target, prompts, full, cfg, batch_size=3, prompt_ids=ids, drafter=drafter, progress=False)
+    summary = regenerate(target, prompts, stopped, DecodeConfig(max_new_tokens=80, stop_at_eos=False, stop_at_loop=True),
+                         batch_size=3, prompt_ids=ids, drafter=drafter, progress=False)
+    a, b = _records(full), _records(stopped)
+    assert summary.looped == sum(r["finish"] == "loop" for r in b) >= 4  # the tiny target's greedy text loops
+    assert summary.tokens == sum(len(r["response_ids"]) for r in b) < sum(len(r["response_ids"]) for r in a)
+    for x, y in zip(a, b):
+        assert x["response_ids"][: len(y["response_ids"])] == y["response_ids"]
+        assert y["settings"]["stop_at_loop"] and not x["settings"]["stop_at_loop"]
+        if y["finish"] == "loop":
+            assert len(y["response_ids"]) == loop_start(x["response_ids"]) + 8 + 4 - 1
+        else:
+            assert y == {**x, "settings": y["settings"]}
+    cut_full, cut_stopped = load_regenerated(full, trim_loops=True), load_regenerated(stopped, trim_loops=True)
+    assert cut_full.examples == cut_stopped.examples

@@ -23,7 +23,8 @@ row found one skips the drafter. The choice reads only committed text, so this t
 a round without a match verifies the anchor alone, a plain decoding step (its context is still projected each round).
 
 `autoregressive_generate` is the baseline: the same Target path with blocks of one token.
-Rows that hit EOS or max_new_tokens are finished; the batch stops when every row is.
+Rows that hit EOS or max_new_tokens, or (`stop_at_loop`) start repeating themselves (`loops.py`), are finished;
+the batch stops when every row is.
 
 Randomness (temperature > 0): one generator seeded with `cfg.seed` for the batch, or, with `row_seeds`, one
 generator per row, which follows its row as finished rows leave; a row's text then depends only on its prompt and
@@ -43,6 +44,7 @@ from ..models.drafter import DraftContext, Drafter
 from ..models.target import Target, TargetState
 from .accept import Acceptance, Gen, accept_greedy, accept_sampling, sample
 from .lookup import lookup, point_mass
+from .loops import LoopWatch
 from .trace import Generation, RolloutTrace, Timing
 
 
@@ -298,14 +300,20 @@ def _record(traces: list[RolloutTrace], rnd: Round, keep_logits: bool) -> None:
 
 
 def _append(traces: list[RolloutTrace], committed: list[list[int]], eos_ids: set[int], cfg: DecodeConfig) -> None:
-    """Append each row's committed tokens, cutting at EOS and at max_new_tokens."""
+    """Append each row's committed tokens, cutting at EOS, where the row starts looping (`stop_at_loop`) and at
+    max_new_tokens."""
     for trace, tokens in zip(traces, committed):
         if trace.finish:
             continue
+        if cfg.stop_at_loop and trace.loop_watch is None:
+            trace.loop_watch = LoopWatch()
         for token in tokens:
             trace.output.append(token)
             if cfg.stop_at_eos and token in eos_ids:
                 trace.finish = "eos"
+                break
+            if trace.loop_watch is not None and trace.loop_watch.push(token):
+                trace.finish = "loop"
                 break
             if len(trace.output) >= cfg.max_new_tokens:
                 trace.finish = "length"

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .loops import LoopWatch
+
 
 @dataclass
 class RolloutTrace:
@@ -35,7 +37,8 @@ class RolloutTrace:
     target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
     draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
     draft_logits: list[Tensor] = field(default_factory=list)  # each (K, V), only with record_draft_logits
-    finish: str = ""  # "eos" | "length"
+    finish: str = ""  # "eos" | "length" | "loop" (DecodeConfig.stop_at_loop)
+    loop_watch: LoopWatch | None = field(default=None, repr=False, compare=False)  # only with stop_at_loop
 
     @property
     def rounds(self) -> int:
