@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
 from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, resolve_dtype
 from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens

@@ -13,7 +13,7 @@ from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.data.prompts import DataError, Prompt
 from draftopd.data.regenerate import SFTExample, check_output, load_regenerated, loop_start, record_seed, regenerate
 from draftopd.decode.loops import LoopWatch
-from draftopd.decode.speculative import autoregressive_generate, generate
+from draftopd.decode.speculative import autoregressive_generate
 from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 
