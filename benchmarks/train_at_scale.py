@@ -143,7 +143,7 @@ def regenerate_stage(target, pack: dict, out: Path, args, summary: dict) -> None
     path = out / "regenerated.jsonl"
     temps = [float(t) for t in args.regen_temperatures.split(",")]
     train = pack["train"]
-    stats = {"chunks": 0, "records": 0, "tokens": 0, "seconds": 0.0, "temperatures": temps}
+    stats = {"chunks": 0, "records": 0, "tokens": 0, "looped": 0, "seconds": 0.0, "temperatures": temps}
     stop = T0 + args.regen_s
     for i, start in enumerate(range(0, len(train), args.regen_batch)):
         if time.time() > stop:
@@ -158,7 +158,7 @@ def regenerate_stage(target, pack: dict, out: Path, args, summary: dict) -> None
         stats["records"] += s.written
         stats["tokens"] += s.tokens
         stats["seconds"] += s.seconds
-        stats["looped"] = stats.get("looped", 0) + s.looped
+        stats["looped"] += s.looped
         log(f"regenerate chunk {i} T={cfg.temperature}: {s.written} answers, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):.0f} tok/s")
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     summary["regenerate"] = stats

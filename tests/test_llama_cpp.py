@@ -17,7 +17,7 @@ import torch
 
 from conftest import make_drafter
 from draftopd.cli import main as cli_main
-from draftopd.eval.replay import accepted_at_anchors, anchor_logits, replay_tau, score_texts
+from draftopd.eval.replay import accepted_at_anchors, anchor_logits, replay_scored, score_texts
 from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, check_gguf_exportable,
                                         export_gguf, server_binary, source_dir, target_gguf)
 from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
@@ -151,12 +151,13 @@ def served(arch: str, folder_target, trained, tmp_path):
     return drafter, trained[1][:8], draft, target_gguf(folder_target, "f32", root=None)
 
 
-def closest_call_on_path(target, drafter, prompts, outputs) -> list[float]:
-    """Per text, how near the closest drafter decision on the path our replay walks (each round's accepted drafts and
-    its first rejected one) came to going the other way: the drafter's top logit minus the runner-up for an accepted
-    draft, minus the text's token for a rejected one (inf for a token outside the draft vocabulary)."""
+def closest_call_on_path(drafter, texts) -> list[float]:
+    """Per text (`score_texts`), how near the closest drafter decision on the path our replay walks (each round's
+    accepted drafts and its first rejected one) came to going the other way: the drafter's top logit minus the
+    runner-up for an accepted draft, minus the text's token for a rejected one (inf for a token outside the draft
+    vocabulary)."""
     out = []
-    for scored in score_texts(target, drafter.spec.target_layer_ids, prompts, outputs):
+    for scored in texts:
         logits, truth, inside = anchor_logits(drafter, scored)
         top = logits.topk(2, -1).values
         wanted = drafter.target_to_draft(truth)
@@ -183,11 +184,12 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
     # on this looping text gave 12 rounds for 39 tokens where our K=4 decoder takes 15)
     with LlamaServer(model, draft, SPEC_TYPES[drafter.spec.arch], ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
         s = [spec.complete(p, 40) for p in prompts]
-    replayed = replay_tau(folder_target, drafter, prompts, [x.tokens for x in s])
+    texts = score_texts(folder_target, drafter.spec.target_layer_ids, prompts, [x.tokens for x in s])
+    replayed = replay_scored(drafter, texts)
     assert sum(x.draft_accepted for x in s) > 0  # the counts compared include accepted drafts
     # ggml's f32 kernels sum in another order than torch's (and differently on another CPU): a draft decided by a
     # near-tie may go either way, so texts with one on their path are left out, and most texts must have none
-    closest = closest_call_on_path(folder_target, drafter, prompts, [x.tokens for x in s])
+    closest = closest_call_on_path(drafter, texts)
     tie_free = [c >= 5e-3 for c in closest]  # CI saw a call 6e-4 apart go the other way
     assert sum(tie_free) >= len(s) // 2, closest
     ours = [(t.committed, t.rounds) for t in replayed.texts]
