@@ -6,7 +6,7 @@ For each dtype: the target's forward over n = 1..16 new tokens on a `--context`-
 rolled back after every call, so each is the same forward), median of `--repeats`, as milliseconds and as a
 multiple of the one-token step (plain decoding's cost per token); then the drafter's cost per round (draft one
 block + project the new context) as a fraction of that step, and the ideal speedup `tau * t_1 / (t_verify(B) +
-t_draft)` it would give at tau = 2, 3, 4. Run it on an otherwise idle machine: timings are medians, not asserts.
+t_draft)` it would give at tau = 2, 3, 4; last, a prefill of 2 x 384 tokens (as `features` caches them) in tokens/s. Run it on an otherwise idle machine: timings are medians, not asserts.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> di
         drafter.draft(ctx, anchor, pos, lambda logits: logits.argmax(-1))
         drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:], following)
 
-    return {"verify_ms": verify_ms, "draft_ms": median_ms(draft, repeats)}
+    rows = torch.randint(100, 10000, (2, 384), generator=torch.Generator().manual_seed(1))  # a feature-cache batch
+    prefill_ms = median_ms(lambda: target.score(rows, torch.ones_like(rows, dtype=torch.bool), drafter.spec.target_layer_ids), 1)
+    return {"verify_ms": verify_ms, "draft_ms": median_ms(draft, repeats), "prefill_tok_s": rows.numel() / prefill_ms * 1e3}
 
 
 def main() -> None:
@@ -72,8 +74,8 @@ def main() -> None:
     sizes = [1, 2, 4, 6, 8, 10, 12, 16]
     print(f"target {args.target}, {args.context}-token cache, drafter {args.drafter or 'new'} (block {drafter.block_size}), "
           f"{args.threads} threads, median of {args.repeats}\n")
-    print("| dtype | one token (ms) | " + " | ".join(f"verify {n}" for n in sizes[1:]) + " | draft/round (x one token) | ideal speedup at tau 2 / 3 / 4 |")
-    print("|---|---|" + "---|" * (len(sizes) - 1) + "---|---|")
+    print("| dtype | one token (ms) | " + " | ".join(f"verify {n}" for n in sizes[1:]) + " | draft/round (x one token) | ideal speedup at tau 2 / 3 / 4 | prefill tok/s |")
+    print("|---|---|" + "---|" * (len(sizes) - 1) + "---|---|---|")
     for name in args.dtypes:
         dtype = getattr(torch, name)
         target.model.to(dtype)
@@ -81,7 +83,7 @@ def main() -> None:
         one, block = r["verify_ms"][1], r["verify_ms"].get(drafter.block_size) or r["verify_ms"][max(sizes)]
         ideal = [tau * one / (block + r["draft_ms"]) for tau in (2, 3, 4)]
         print(f"| {name} | {one:.1f} | " + " | ".join(f"{r['verify_ms'][n] / one:.2f}x" for n in sizes[1:])
-              + f" | {r['draft_ms'] / one:.2f} | " + " / ".join(f"{x:.2f}x" for x in ideal) + " |")
+              + f" | {r['draft_ms'] / one:.2f} | " + " / ".join(f"{x:.2f}x" for x in ideal) + f" | {r['prefill_tok_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class RecipeConfig:
     out_dir: str = "runs/recipe"
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True))  # data and how it is cached
     # the target's dtype while caching features and while evaluating; auto = bfloat16 where it is fast
-    # (`config.resolve_dtype`: CPUs with AVX512-BF16), else float32 (an AVX2 CPU prefills 6x slower in bf16)
+    # (`config.resolve_dtype`: CPUs with AVX512-BF16), else float32 (an AVX2 CPU prefills 6x slower in bf16: README)
     feature_dtype: str = "auto"
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), vocab_size=8192))
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl",

@@ -284,7 +284,8 @@ def test_demo_refuses_a_folder_of_another_run(capsys, tmp_path):
 
 
 def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
-    """`--dtype auto` (and the recipe's feature and evaluation dtypes): an AVX2-only CPU prefills 6x slower in bf16."""
+    """`--dtype auto` (and the recipe's feature and evaluation dtypes): an AVX2-only CPU prefills 6x slower in bf16
+    (`benchmarks/bench_verify.py`, README)."""
     from draftopd.config import resolve_dtype
 
     for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
