@@ -6,7 +6,7 @@ Tolerance: summing gradients over ranks changes only the float summation order (
 to its own width), so the first step's gradient, taken at equal weights, matches the single process's to `GRAD_ATOL`
 (float32, gradients of order 0.1-1). AdamW's first updates are about lr * g / (|g| + eps), which turns a 1e-7 change in a
 near-zero gradient entry into a visible change of that weight, so after a few steps the weights agree to `WEIGHT_ATOL`
-(under 1% of one step's lr), not bit for bit. Between ranks, and between a DDP run and its own resume, they are equal.
+(2.5% of one step's lr), not bit for bit. Between ranks, and between a DDP run and its own resume, they are equal.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from draftopd.train.sft import train_sft
 
 WORLD = 2
 GRAD_ATOL = 1e-6
-WEIGHT_ATOL = 1e-5
+WEIGHT_ATOL = 5e-5
 SFT = SFTConfig(steps=4, batch_size=4, grad_accum=2, anchors_per_seq=4, save_every=2, feature_noise=0.1,  # noise drawn alike on every rank
                 autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1))  # bf16 rounds differently per shard
 OPD = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=1, max_new_tokens=12, optim=OptimConfig(lr=2e-3, min_warmup_steps=1))

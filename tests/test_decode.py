@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import full_logits, hf_greedy, make_drafter, random_prompts
 from draftopd.config import DecodeConfig
 from draftopd.decode import speculative as S
-from draftopd.decode.accept import Acceptance, accept_greedy, accept_sampling, sample
+from draftopd.decode.accept import Acceptance, RowRandom, accept_greedy, accept_sampling, sample
 from draftopd.decode.lookup import lookup
 from draftopd.decode.speculative import Draft, autoregressive_generate, generate, prompt_following_tokens
 from draftopd.models.load import load_target
@@ -293,7 +293,7 @@ def test_fewer_drafts_per_round_stay_lossless(small_vocab_target, arch, num_draf
     assert all(len(d) == num_drafts for t in out.traces for d in t.drafts) and max(a for t in out.traces for a in t.accepted) <= num_drafts
     assert any(a > 0 for t in out.traces for a in t.accepted)
     state, first = target.prefill([prompts[0]], drafter.spec.target_layer_ids)
-    anchor = first.logits[:, -1].argmax(-1)
+    anchor = first.last_logits.argmax(-1)
     ctx = drafter.project_context(first.features, state.positions, state.valid, prompt_following_tokens([prompts[0]], anchor, target.pad_id))
     pick = lambda logits: logits.argmax(-1)  # noqa: E731
     full, _ = drafter.draft(ctx, anchor, state.lengths.clone(), pick)
@@ -523,18 +523,32 @@ def test_sampling_is_reproducible_with_seed(small_vocab_target) -> None:
     assert run(3) != run(4)
 
 
-def test_per_row_generators_draw_row_by_row() -> None:
-    """A list of generators: row b's draws equal a lone draw with gen[b], whatever the other rows are."""
+def test_per_row_streams_draw_row_by_row() -> None:
+    """`RowRandom`: row b's draws equal a lone draw with its own seed, whatever the other rows are."""
     logits = torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(0))
     draft = torch.randint(0, 9, (3, 2), generator=torch.Generator().manual_seed(1))
     target_logits = torch.randn(3, 3, 9, generator=torch.Generator().manual_seed(2))
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]  # noqa: E731
+    gens = lambda: RowRandom.seeded([5, 6, 7], "cpu")  # noqa: E731
     batch = sample(logits, 0.8, gens())
     acc = accept_sampling(target_logits, logits, draft, 0.8, gens())
     for b, seed in enumerate((5, 6, 7)):
-        assert torch.equal(batch[b], sample(logits[b:b + 1], 0.8, [torch.Generator().manual_seed(seed)])[0])
-        one = accept_sampling(target_logits[b:b + 1], logits[b:b + 1], draft[b:b + 1], 0.8, [torch.Generator().manual_seed(seed)])
+        assert torch.equal(batch[b], sample(logits[b:b + 1], 0.8, RowRandom.seeded([seed], "cpu"))[0])
+        one = accept_sampling(target_logits[b:b + 1], logits[b:b + 1], draft[b:b + 1], 0.8, RowRandom.seeded([seed], "cpu"))
         assert (acc.accepted[b], acc.next_token[b]) == (one.accepted[0], one.next_token[0])
+
+
+def test_row_streams_are_uniform_and_follow_their_counters() -> None:
+    """Each row's stream is a function of (seed, draw index): drawing 3 then 4 numbers gives the same 7 as drawing 7;
+    other seeds give other numbers; and the numbers are uniform (a chi-square over 20 bins, 200K draws)."""
+    a = RowRandom.seeded([11, 12], "cpu")
+    split = torch.cat([a.uniform((3,)), a.uniform((4,))], 1)
+    whole = RowRandom.seeded([11, 12], "cpu").uniform((7,))
+    assert torch.equal(split, whole) and not torch.equal(whole[0], whole[1])
+    u = RowRandom.seeded(list(range(100)), "cpu").uniform((2000,)).flatten()
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    expected = u.numel() / 20
+    assert float(((counts - expected) ** 2 / expected).sum()) < 43.8  # chi-square, 19 dof, p = 0.001
 
 
 @pytest.mark.parametrize("speculative", [True, False])
@@ -643,11 +657,12 @@ def test_prefill_ragged_state_and_logits(llama_target) -> None:
     assert state.valid.sum(1).tolist() == [len(p) for p in prompts]
     for b, p in enumerate(prompts):
         assert state.positions[b][state.valid[b]].tolist() == list(range(len(p)))
-        torch.testing.assert_close(out.logits[b, -1], full_logits(target, p)[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.last_logits[b], full_logits(target, p)[-1], atol=1e-4, rtol=1e-4)
 
 
-def test_verify_commit_with_holes_matches_full_forward(qwen3_target) -> None:
-    """Two blocks verified and committed raggedly; a third verify equals fresh full forwards per row."""
+def test_verify_commit_ragged_matches_full_forward(qwen3_target) -> None:
+    """Two blocks verified and committed raggedly (each row's rejected slots are overwritten by its next block); a third
+    verify equals fresh full forwards per row."""
     target = qwen3_target
     prompts = random_prompts(target.vocab_size, [4, 10, 2], seed=32)
     g = torch.Generator().manual_seed(0)

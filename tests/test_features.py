@@ -45,8 +45,8 @@ def test_cache_equals_online_forward_and_resumes(llama_target, tmp_path, one_thr
         c, n = cache[i], len(e.prompt_ids) + len(e.response_ids)
         assert c.tokens.tolist() == list(e.prompt_ids) + list(e.response_ids) and c.response_start == 4
         torch.testing.assert_close(c.features.float(), online.features[i, :n].float(), atol=0.05, rtol=0.02)  # bf16 storage
-        assert torch.equal(c.greedy, online.logits[i, :n].argmax(-1))
-        torch.testing.assert_close(llama_target.lm_head(c.final.float()), online.logits[i, :n], atol=0.1, rtol=0.05)
+        assert torch.equal(c.greedy, llama_target.logits(online.final[i, :n]).argmax(-1))
+        torch.testing.assert_close(llama_target.lm_head(c.final.float()), llama_target.logits(online.final[i, :n]), atol=0.1, rtol=0.05)
     # kill -9 after two shards: the manifest lists only finished shards; a rerun completes the same cache
     partial = tmp_path / "b"
     build_feature_cache(llama_target, data, partial, LAYERS, shard_tokens=60, progress=False)

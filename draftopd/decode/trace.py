@@ -17,6 +17,7 @@ that the cut stopped early did not draft its last slots at all (`drafts` -1, `dr
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,7 @@ class RolloutTrace:
 
 @dataclass
 class Timing:
-    """Wall-clock seconds of a generation call, split by phase (for the whole batch)."""
+    """Seconds of a generation call, split by phase (for the whole batch; `PhaseClock` measures them)."""
 
     draft_s: float = 0.0
     verify_s: float = 0.0
@@ -69,6 +70,40 @@ class Timing:
     @property
     def total_s(self) -> float:
         return self.draft_s + self.verify_s + self.other_s + self.prefill_s
+
+
+class PhaseClock:
+    """Times the phases of a generation without making the host wait for the device.
+
+    `lap(phase)` ends the interval since the previous lap and files it under `phase`. On CUDA each lap records an event
+    in the stream (asynchronous); `timing()` waits once for the last one and sums the intervals between events, which
+    is device time, host gaps included, as the phases follow each other. Elsewhere laps read `time.perf_counter`."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.laps: list[tuple[str, object]] = []
+        self.start = self._now()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, phase: str) -> None:
+        self.laps.append((phase, self._now()))
+
+    def timing(self, rounds: int) -> Timing:
+        """The phases' totals (draft, verify, other, prefill) and the round count."""
+        seconds = {"draft": 0.0, "verify": 0.0, "other": 0.0, "prefill": 0.0}
+        if self.laps and self.cuda:
+            self.laps[-1][1].synchronize()
+        previous = self.start
+        for phase, mark in self.laps:
+            seconds[phase] += previous.elapsed_time(mark) / 1000.0 if self.cuda else mark - previous
+            previous = mark
+        return Timing(seconds["draft"], seconds["verify"], seconds["other"], seconds["prefill"], rounds)
 
 
 @dataclass

@@ -85,9 +85,9 @@ class DFlashDrafter(Drafter):
         kvs = [layer.keys_values(x, positions) for layer in self.layers]
         return DraftContext([k for k, _ in kvs], [v for _, v in kvs], positions, valid)
 
-    def forward(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
-        """Fill one block per anchor. anchor_tokens/positions: (b, n_blocks) -> logits (b, n_blocks, B-1, V_draft)
-        over the draft vocabulary, where [..., k-1, :] is slot k's distribution over the token at anchor position + k.
+    def hidden(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+        """Fill one block per anchor. anchor_tokens/positions: (b, n_blocks) -> final hidden states (b, n_blocks, B-1, H),
+        where [..., k-1, :] is slot k's (the head gives its distribution over the token at anchor position + k).
         Every slot sees only MASK before it, so `block_tokens` are not used."""
         b, n_blocks = anchor_tokens.shape
         size = self.spec.block_size
@@ -99,7 +99,7 @@ class DFlashDrafter(Drafter):
         h = h.reshape(b, n_blocks * size, -1)
         for layer, k, v in zip(self.layers, ctx.keys, ctx.values):
             h = layer(h, k, v, mask, positions)
-        return self.head(self.norm(h).view(b, n_blocks, size, -1)[:, :, 1:])
+        return self.norm(h).view(b, n_blocks, size, -1)[:, :, 1:]
 
     def mask_vector(self) -> Tensor:
         if self.spec.mask_token_id is None:

@@ -123,23 +123,69 @@ class DraftContext:
     fused: Tensor | None = None
 
     def extend(self, other: "DraftContext") -> "DraftContext":
+        """This context followed by `other`'s slots (a context built piece by piece)."""
         cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
         fused = None if self.fused is None else torch.cat([self.fused, other.fused], 1)
         return DraftContext([cat(a, b) for a, b in zip(self.keys, other.keys)], [cat(a, b) for a, b in zip(self.values, other.values)],
                             torch.cat([self.positions, other.positions], 1), torch.cat([self.valid, other.valid], 1), fused)
 
-    def select(self, index: Tensor) -> "DraftContext":
-        """Keep only the batch rows `index` (no-op when all rows stay)."""
-        if len(index) == self.valid.shape[0]:
-            return self
-        return DraftContext([k[index] for k in self.keys], [v[index] for v in self.values], self.positions[index], self.valid[index],
-                            None if self.fused is None else self.fused[index])
 
-    def sync(self, valid: Tensor) -> "DraftContext":
-        """Follow the target cache after a commit: same slots, same holes."""
-        n = valid.shape[1]
-        return DraftContext([k[..., :n, :] for k in self.keys], [v[..., :n, :] for v in self.values], self.positions[:, :n], valid.clone(),
-                            None if self.fused is None else self.fused[:, :n])
+@dataclass
+class ContextCache:
+    """The drafter's context while decoding, preallocated and ragged like the target's KV cache (`target.RaggedCache`):
+    row b's context fills slots 0 .. lengths[b]-1 (slot = position), a verified block's context is written at the
+    row's own length and a commit only advances `lengths`, so rejected positions leave no holes.
+    keys/values (b, kv_heads, capacity, head_dim) per drafter layer; fused (b, capacity, H) or None;
+    lengths (b,) on the device and `host_lengths` on the host (sizing a view never waits for the device)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    fused: Tensor | None
+    lengths: Tensor
+    host_lengths: list[int]
+
+    @staticmethod
+    def start(ctx: DraftContext, lengths: Tensor, host_lengths: list[int], capacity: int) -> "ContextCache":
+        """A cache of `capacity` slots a row holding `ctx` (the prompt's context at slots 0 .. width-1) with row b's
+        first `lengths[b]` slots committed."""
+        width = ctx.valid.shape[1]
+        grow = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], max(capacity, width) - width, *x.shape[dim + 1:]))], dim)  # noqa: E731
+        return ContextCache([grow(k, 2) for k in ctx.keys], [grow(v, 2) for v in ctx.values],
+                            None if ctx.fused is None else grow(ctx.fused, 1), lengths, list(host_lengths))
+
+    def view(self) -> DraftContext:
+        """The committed context as a `DraftContext` over slots 0 .. max(lengths)-1."""
+        width = max(self.host_lengths)
+        slot = torch.arange(width, device=self.lengths.device)
+        return DraftContext([k[:, :, :width] for k in self.keys], [v[:, :, :width] for v in self.values],
+                            slot.expand(len(self.host_lengths), -1), slot[None, :] < self.lengths[:, None],
+                            None if self.fused is None else self.fused[:, :width])
+
+    def write(self, new: DraftContext, slots: Tensor) -> None:
+        """Store `new` (b, n slots) at `slots` (b, n) of each row (growing the buffers if they are too short)."""
+        need = max(self.host_lengths) + slots.shape[1]
+        if need > self.keys[0].shape[2]:
+            self._grow(need)
+        index = slots[:, None, :, None]
+        for buf, part in zip(self.keys + self.values, new.keys + new.values):
+            buf.scatter_(2, index.expand_as(part), part)
+        if self.fused is not None:
+            self.fused.scatter_(1, slots[..., None].expand_as(new.fused), new.fused)
+
+    def commit(self, keep: Tensor, keep_host: list[int]) -> None:
+        self.lengths = self.lengths + keep
+        self.host_lengths = [n + k for n, k in zip(self.host_lengths, keep_host)]
+
+    def select(self, index: Tensor, host_index: list[int]) -> "ContextCache":
+        """Keep only the batch rows `index` (their host list `host_index`)."""
+        return ContextCache([k[index] for k in self.keys], [v[index] for v in self.values], None if self.fused is None else self.fused[index],
+                            self.lengths[index], [self.host_lengths[i] for i in host_index])
+
+    def _grow(self, need: int) -> None:
+        size = max(need, 2 * self.keys[0].shape[2])
+        pad = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], size - x.shape[dim], *x.shape[dim + 1:]))], dim)  # noqa: E731
+        self.keys, self.values = [pad(k, 2) for k in self.keys], [pad(v, 2) for v in self.values]
+        self.fused = None if self.fused is None else pad(self.fused, 1)
 
 
 class Drafter(nn.Module):
@@ -225,9 +271,24 @@ class Drafter(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.spec.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.draft_to_target(torch.arange(logits.shape[-1], device=logits.device)), logits)
 
+    def target_ids(self) -> Tensor | None:
+        """Target id of every draft-vocabulary row (V_draft,), None for a full-vocabulary head."""
+        if self.spec.draft_vocab_size is None:
+            return None
+        return self.draft_to_target(torch.arange(self.spec.draft_vocab_size, device=self.d2t.device))
+
     # ---- the seam -------------------------------------------------------------------------------------
     def project_context(self, features: Tensor, positions: Tensor, valid: Tensor, next_tokens: Tensor | None = None) -> DraftContext:
         raise NotImplementedError
+
+    def hidden(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+        """The K slots' final hidden states (b, n, K, H) after each anchor (b, n), what the head reads: trainers apply the
+        head chunk by chunk (`train/chunked.py`) instead of holding every slot's logits."""
+        raise NotImplementedError
+
+    def forward(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+        """Draft-vocabulary logits (b, n, K, V_draft) of the K slots after each anchor."""
+        return self.head(self.hidden(ctx, anchor_tokens, anchor_positions, block_tokens))
 
     def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
         """`forward` over the target's whole vocabulary (b, n_blocks, K, V)."""

@@ -105,7 +105,8 @@ class Eagle3Drafter(Drafter):
     def chain(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor,
               next_token: Callable[[int, Tensor], Tensor | None], steps: int | None = None) -> list[Tensor]:
         """`steps` (default K) chain steps from each anchor (b, n); `next_token(k, logits_k)` gives the target-id token
-        of slot k (b, n) that feeds step k+1. Returns the steps' draft-vocabulary logits, (b, n, V_draft) each."""
+        of slot k (b, n) that feeds step k+1, from the step's final hidden states (b, n, H). Returns those hidden
+        states, one per step (the head gives each step's draft-vocabulary logits)."""
         layer, steps = self.layers[0], steps or self.block_size - 1
         base = anchor_positions - 1  # the context row (feature of a-1, token a) is step 1
         sees = ctx.valid[:, None, :] & (ctx.positions[:, None, :] < anchor_positions[..., None])  # (b, n, S)
@@ -118,21 +119,21 @@ class Eagle3Drafter(Drafter):
             if k > 1:  # step 1's keys/values are already in the context
                 chain.append(layer.keys_values(x, positions))
             hidden = layer(x, hidden, positions, ctx.keys[0], ctx.values[0], sees, chain)
-            out.append(self.head(self.norm(hidden)))
+            out.append(self.norm(hidden))
             tokens = next_token(k, out[-1])
             if tokens is None:  # the last step, or the caller stops the chain
                 break
         return out
 
-    def forward(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
-        """Logits (b, n, K, V_draft) of the chain at each anchor (b, n), teacher-forced on `block_tokens` (b, n, K-1)
-        (target ids of slots 1..K-1), or on its own argmax when None."""
+    def hidden(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+        """Final hidden states (b, n, K, H) of the chain at each anchor (b, n), teacher-forced on `block_tokens`
+        (b, n, K-1) (target ids of slots 1..K-1), or on its own argmax when None."""
         steps = self.block_size - 1
 
-        def next_token(k: int, logits: Tensor) -> Tensor | None:
+        def next_token(k: int, hidden: Tensor) -> Tensor | None:
             if k == steps:
                 return None
-            return block_tokens[..., k - 1] if block_tokens is not None else self.draft_to_target(logits.argmax(-1))
+            return block_tokens[..., k - 1] if block_tokens is not None else self.draft_to_target(self.head(hidden).argmax(-1))
 
         return torch.stack(self.chain(ctx, anchor_tokens, anchor_positions, next_token), 2)
 
@@ -145,8 +146,9 @@ class Eagle3Drafter(Drafter):
         tokens, logits = [], []
         reach = torch.ones(anchor.shape[0], device=anchor.device)
 
-        def next_token(_k: int, step_logits: Tensor) -> Tensor | None:
+        def next_token(_k: int, hidden: Tensor) -> Tensor | None:
             nonlocal reach
+            step_logits = self.head(hidden)
             full = self.to_target_vocab(step_logits[:, 0])
             tokens.append(pick(full))
             logits.append(full)

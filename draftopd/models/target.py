@@ -1,19 +1,26 @@
-"""The frozen target model `p`: any Hugging Face causal LM behind four calls.
+"""The frozen target model `p`: any Hugging Face causal LM behind a few calls.
 
-- `prefill(prompts)`: left-padded batch of prompts into a fresh KV cache.
-- `verify(state, block)`: append a block of tokens to every row's cache in one forward; returns the logits of
-  every block position and the context features (hidden states of the chosen layers, concatenated).
-- `commit(state, keep)`: keep the first `keep[b]` block tokens of row `b`; the rest become holes.
-- `embed` / `lm_head`: the frozen input embedding and output head, shared with the drafter.
+- `prefill(prompts)`: a batch of prompts into a fresh KV cache; the next-token logits of each prompt's last token.
+- `verify(state, block)`: append a block of tokens to every row in one forward; the logits of every block position
+  and the context features (hidden states of the chosen layers, concatenated).
+- `commit(state, keep)`: keep the first `keep[b]` block tokens of row `b`.
+- `score(sequences)`: a teacher-forced forward over whole sequences (training): features and the final hidden states.
+- `logits(hidden)`: the frozen output head (with the model's own logit scaling), applied only where logits are needed.
 
-Ragged batches: rows of a batch accept different numbers of draft tokens. Instead of per-row caches the
-cache keeps one physical length for all rows and a boolean `valid` map (batch, slots); rejected slots stay
-in the cache as masked holes and are cropped when no row needs them. Every forward gets an explicit 4-D
-attention mask built from `valid` and explicit per-row logical position ids, so the model computes
-exactly what it would for each row alone.
+The KV cache (`RaggedCache`) is preallocated for the whole generation and ragged: row b's committed tokens fill
+slots 0 .. lengths[b]-1 (prompts are right-padded), and a forward writes its n new tokens at slots lengths[b] ..
+lengths[b]+n-1 of each row. A commit only advances `lengths`, so rejected drafts leave no holes: the next block
+overwrites them. A slot's RoPE position is its index, so each forward gets an explicit 4-D mask (slot j visible to
+the i-th new token of row b iff j <= lengths[b] + i) and explicit position ids, and the model computes exactly what it
+would for each row alone. Attention covers slots 0 .. max(lengths) + n - 1; the host keeps the lengths too
+(`TargetState.host_lengths`), so sizing a forward never waits for the device.
 
-Context features follow the output-id convention: id `i` is the output of decoder layer `i`, captured with
-forward hooks on the decoder layers.
+Logits are computed from the base model's final hidden states only where they are used: the last prompt token at
+prefill, the block at verify, the trained positions in training (`logits`), in the model's dtype. A full-vocabulary
+float32 copy is never made here.
+
+Context features follow the output-id convention: id `i` is the output of decoder layer `i`, captured with forward
+hooks on the decoder layers.
 """
 
 from __future__ import annotations
@@ -23,40 +30,113 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import Cache
 
 
 class TargetError(ValueError):
     """A target that cannot be loaded or an input it cannot take (one clear line)."""
 
 
+class RaggedCache(Cache):
+    """Preallocated keys/values per layer, (batch, kv_heads, capacity, head_dim), written at per-row slots.
+
+    Before each forward the target sets `write_index` (b, n): the slots of the n new tokens of each row, and `width`:
+    how many leading slots the forward attends over. `update` scatters the new keys/values there and returns the
+    first `width` slots. The capacity doubles if a forward would run past it."""
+
+    def __init__(self, capacity: int):
+        super().__init__(layers=[])
+        self.capacity = capacity
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.write_index: Tensor | None = None
+        self.width = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if layer_idx == len(self.keys):
+            shape = (*key_states.shape[:2], max(self.capacity, self.width), key_states.shape[-1])
+            self.keys.append(key_states.new_zeros(shape))
+            self.values.append(value_states.new_zeros(shape[:-1] + value_states.shape[-1:]))
+        elif self.width > self.keys[layer_idx].shape[2]:
+            self.keys[layer_idx], self.values[layer_idx] = _grown(self.keys[layer_idx], self.width), _grown(self.values[layer_idx], self.width)
+        index = self.write_index[:, None, :, None]
+        self.keys[layer_idx].scatter_(2, index.expand_as(key_states), key_states)
+        self.values[layer_idx].scatter_(2, index.expand_as(value_states), value_states)
+        return self.keys[layer_idx][:, :, : self.width], self.values[layer_idx][:, :, : self.width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.width, 0
+
+    def select(self, index: Tensor) -> None:
+        """Keep only the batch rows `index`."""
+        self.keys = [k[index] for k in self.keys]
+        self.values = [v[index] for v in self.values]
+
+
+def _grown(buffer: Tensor, width: int) -> Tensor:
+    new = buffer.new_zeros((*buffer.shape[:2], max(width, 2 * buffer.shape[2]), buffer.shape[3]))
+    new[:, :, : buffer.shape[2]] = buffer
+    return new
+
+
 @dataclass
 class TargetState:
     """A batch of sequences held in the target's KV cache.
 
-    cache: the HF cache, `slots` physical positions per row.
-    valid: (batch, slots) bool, True where the slot holds a committed token of that row.
-    positions: (batch, slots) logical position (RoPE position) of each slot in its row.
-    lengths: (batch,) logical length (number of valid slots) of each row.
+    cache: the ragged cache; row b's tokens fill slots 0 .. lengths[b]-1 (a slot's RoPE position is its index).
+    lengths: (batch,) tokens of each row in the cache, on the device; `host_lengths` the same on the host.
+    last_block: width of the last forward's input, what `commit` keeps part of.
     """
 
-    cache: DynamicCache | None
-    valid: Tensor
-    positions: Tensor
+    cache: RaggedCache | None
     lengths: Tensor
-    last_block: int = 0  # width of the last forward's input, what `commit` trims
+    host_lengths: list[int]
+    last_block: int = 0
 
     @property
     def slots(self) -> int:
-        return self.valid.shape[1]
+        """Slots that hold committed tokens in some row (the cache's used width)."""
+        return max(self.host_lengths, default=0)
+
+    @property
+    def valid(self) -> Tensor:
+        """(batch, slots) True where the slot holds a committed token of that row."""
+        return torch.arange(self.slots, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    @property
+    def positions(self) -> Tensor:
+        """(batch, slots) the RoPE position of each slot: its index."""
+        return torch.arange(self.slots, device=self.lengths.device).expand(len(self.host_lengths), -1)
 
 
 @dataclass
 class TargetOutput:
-    """logits: (batch, n, V) next-token logits at each input position; features: (batch, n, len(layers)*H)."""
+    """logits: (batch, n, V) next-token logits at each input position, in the model's dtype; features: (batch, n,
+    len(layers)*H) the chosen layers' hidden states."""
 
     logits: Tensor
     features: Tensor | None
+
+
+@dataclass
+class PrefillOutput:
+    """last_logits: (batch, V) the next-token logits after each prompt's last token; features: (batch, width,
+    len(layers)*H) at every prompt slot (slots past a row's prompt hold padding)."""
+
+    last_logits: Tensor
+    features: Tensor | None
+
+
+@dataclass
+class ScoreOutput:
+    """A teacher-forced forward: features (batch, T, len(layers)*H) and final (batch, T, H), the hidden states the
+    output head reads (`Target.logits(final)` gives next-token logits wherever they are needed)."""
+
+    features: Tensor | None
+    final: Tensor
 
 
 class Target:
@@ -73,7 +153,9 @@ class Target:
         self.max_positions: int = getattr(cfg, "max_position_embeddings", 1 << 30)
         self.eos_ids: set[int] = _eos_ids(model, tokenizer)
         self.pad_id: int = next(iter(self.eos_ids), 0)
-        self.cache_kwarg: str = cache_kwarg(model)
+        self.cache_kwarg: str = cache_kwarg(model.base_model)
+        self.softcap: float | None = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+        self.logits_scaling: float | None = getattr(cfg, "logits_scaling", None)  # Granite divides by it
 
     # ---- shared frozen pieces -------------------------------------------------------------------------
     @property
@@ -90,52 +172,70 @@ class Target:
     def lm_head(self, hidden: Tensor) -> Tensor:
         return self.model.get_output_embeddings()(hidden)
 
-    # ---- the four calls ---------------------------------------------------------------------------------
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Next-token logits of final hidden states (..., H) -> (..., V), as the model's own forward computes them."""
+        return self.scale(self.lm_head(hidden))
+
+    def scale(self, logits: Tensor) -> Tensor:
+        """What the model's forward does to its head's output (Granite's logit scaling, Gemma's soft cap); elementwise,
+        so it applies to any subset of the vocabulary's logits."""
+        if self.logits_scaling:
+            logits = logits / self.logits_scaling
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    # ---- the calls ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], layers: tuple[int, ...] = ()) -> tuple[TargetState, TargetOutput]:
-        """Left-pad `prompts` into a new cache. Output row b position j is prompt slot j (pads included)."""
+    def prefill(self, prompts: list[list[int]], layers: tuple[int, ...] = (), capacity: int | None = None) -> tuple[TargetState, PrefillOutput]:
+        """Right-pad `prompts` into a new cache of `capacity` slots a row (default: the longest prompt; it grows when
+        needed). Features row b slot j is prompt token j (slots past the prompt: padding)."""
         self.check_prompts(prompts)
         width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
-        valid = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p):] = torch.tensor(p, device=self.device)
-            valid[b, width - len(p):] = True
-        state = _empty_state(DynamicCache(config=self.model.config), valid)
-        out = self._forward(state, ids, valid, layers)
-        return state, out
+        ids = torch.tensor([list(p) + [self.pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        state = TargetState(RaggedCache(max(capacity or 0, width)), torch.zeros_like(lengths), [0] * len(prompts))
+        slot = torch.arange(width, device=self.device)
+        mask = (slot[None, None, :] <= slot[None, :, None]) & (slot[None, None, :] < lengths[:, None, None])
+        hidden, features = self._forward(state, ids, slot.expand(len(prompts), -1), mask[:, None], layers)
+        state.lengths, state.host_lengths = lengths, [len(p) for p in prompts]
+        last = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        return state, PrefillOutput(self.logits(last), features)
 
     @torch.no_grad()
     def verify(self, state: TargetState, block: Tensor, layers: tuple[int, ...] = ()) -> TargetOutput:
-        """Append `block` (batch, n) to every row; all n slots start valid (callers `commit` afterwards)."""
-        return self._forward(state, block, torch.ones_like(block, dtype=torch.bool), layers)
+        """Append `block` (batch, n) to every row at its own length; `commit` then keeps a prefix of it."""
+        write = state.lengths[:, None] + torch.arange(block.shape[1], device=block.device)  # (b, n) slot = position
+        width = state.slots + block.shape[1]
+        mask = torch.arange(width, device=block.device)[None, None, :] <= write[:, :, None]
+        hidden, features = self._forward(state, block, write, mask[:, None], layers)
+        return TargetOutput(self.logits(hidden), features)
 
-    def commit(self, state: TargetState, keep: Tensor) -> None:
-        """Keep the first keep[b] tokens of the last verified block in row b; crop slots no row keeps."""
-        n = state.last_block
-        start = state.slots - n
-        slot = torch.arange(n, device=keep.device)
-        state.valid[:, start:] &= slot[None, :] < keep[:, None]
-        state.lengths -= n - keep
-        drop = n - int(keep.max())
-        if drop > 0:
-            state.cache.crop(-drop)
-            state.valid = state.valid[:, : state.slots - drop]
-            state.positions = state.positions[:, : state.slots]
+    def commit(self, state: TargetState, keep: Tensor, keep_host: list[int] | None = None) -> None:
+        """Keep the first keep[b] tokens of the last verified block in row b (`keep_host`: the same counts on the
+        host, which the caller usually has; else they are read from the device)."""
+        state.lengths = state.lengths + keep
+        keep_host = keep.tolist() if keep_host is None else keep_host
+        state.host_lengths = [n + k for n, k in zip(state.host_lengths, keep_host)]
 
-    def select_rows(self, state: TargetState, index: Tensor) -> TargetState:
+    def select_rows(self, state: TargetState, index: list[int]) -> TargetState:
         """Keep only the rows `index` of the batch (finished rows leave); a no-op when all rows stay."""
-        if len(index) == state.valid.shape[0]:
+        if len(index) == len(state.host_lengths):
             return state
-        index = index.to(state.valid.device)
-        if state.cache is not None and len(index) > 0:
-            state.cache.batch_select_indices(index)
-        return TargetState(state.cache, state.valid[index], state.positions[index], state.lengths[index], state.last_block)
+        rows = torch.tensor(index, dtype=torch.long, device=state.lengths.device)
+        if state.cache is not None and index:
+            state.cache.select(rows)
+        return TargetState(state.cache, state.lengths[rows], [state.host_lengths[i] for i in index], state.last_block)
 
     @torch.no_grad()
-    def score(self, sequences: Tensor, valid: Tensor, layers: tuple[int, ...] = ()) -> TargetOutput:
-        """Teacher-forced forward over whole (left-padded) sequences, no cache kept (training features)."""
-        return self._forward(_empty_state(None, valid), sequences, valid, layers)
+    def score(self, sequences: Tensor, valid: Tensor, layers: tuple[int, ...] = ()) -> ScoreOutput:
+        """Teacher-forced forward over whole right-padded sequences (valid (b, T)), no cache kept: features and the
+        final hidden states (logits come from `logits` at the positions a caller needs)."""
+        width = sequences.shape[1]
+        slot = torch.arange(width, device=sequences.device)
+        mask = (slot[None, None, :] <= slot[None, :, None]) & valid[:, None, :]
+        hidden, features = self._forward(None, sequences, slot.expand(len(sequences), -1), mask[:, None], layers)
+        return ScoreOutput(features, hidden)
 
     @torch.no_grad()
     def score_blocks(self, tokens: Tensor, anchors: Tensor, blocks: Tensor) -> Tensor:
@@ -143,41 +243,43 @@ class Target:
 
         tokens (T,) the committed sequence; blocks (M, n) the inputs `[anchor token, d_1 .. d_{n-1}]` that round m
         verified at positions anchors[m] .. anchors[m]+n-1. Each block sees the sequence strictly before its
-        anchor and itself causally. Returns logits (M, n, V): [m, j] = p(. | prefix, block[m, :j+1]).
+        anchor and itself causally. Returns final hidden states (M, n, H): [m, j] gives p(. | prefix, block[m, :j+1])
+        through `logits`.
         """
         length, (rounds, n) = tokens.shape[0], blocks.shape
+        device = tokens.device
         ids = torch.cat([tokens, blocks.flatten()])[None]
-        positions = torch.cat([torch.arange(length, device=tokens.device), (anchors[:, None] + torch.arange(n, device=tokens.device)).flatten()])
-        block_id = torch.cat([torch.full((length,), -1, device=tokens.device), torch.arange(rounds, device=tokens.device).repeat_interleave(n)])
-        q, kv = torch.arange(ids.shape[1], device=tokens.device)[:, None], torch.arange(ids.shape[1], device=tokens.device)[None, :]
+        positions = torch.cat([torch.arange(length, device=device), (anchors[:, None] + torch.arange(n, device=device)).flatten()])
+        block_id = torch.cat([torch.full((length,), -1, device=device), torch.arange(rounds, device=device).repeat_interleave(n, output_size=rounds * n)])
+        q, kv = torch.arange(ids.shape[1], device=device)[:, None], torch.arange(ids.shape[1], device=device)[None, :]
         in_seq, same_block = block_id[None, :] == -1, block_id[:, None] == block_id[None, :]
-        limit = torch.cat([torch.arange(1, length + 1, device=tokens.device), anchors.repeat_interleave(n)])  # query sees seq < limit
+        limit = torch.cat([torch.arange(1, length + 1, device=device), anchors.repeat_interleave(n, output_size=rounds * n)])  # query sees seq < limit
         sees_prefix = in_seq & (positions[None, :] < limit[:, None])
         mask = (sees_prefix | (same_block & (kv <= q)))[None, None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None], use_cache=False, logits_to_keep=rounds * n)
-        return out.logits[0].float().view(rounds, n, -1)
+        out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions[None], use_cache=False)
+        return out.last_hidden_state[0, length:].view(rounds, n, -1)
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _forward(self, state: TargetState, ids: Tensor, new_valid: Tensor, layers: tuple[int, ...]) -> TargetOutput:
-        valid = torch.cat([state.valid, new_valid], dim=1)
-        positions = (state.lengths[:, None] + new_valid.long().cumsum(1) - 1).clamp(min=0)
-        n_past = state.slots
-        causal = torch.arange(valid.shape[1], device=ids.device)[None, :] <= (n_past + torch.arange(ids.shape[1], device=ids.device))[:, None]
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (batch, 1, q, kv), True = attend
+    def _forward(self, state: TargetState | None, ids: Tensor, positions: Tensor, mask: Tensor,
+                 layers: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+        """One base-model forward of `ids` (b, n) at `positions` (b, n) (also their cache slots) under `mask`
+        (b, 1, n, kv): the final hidden states (b, n, H) and the chosen layers' features."""
+        cache = state.cache if state is not None else None
+        if cache is not None:
+            cache.write_index, cache.width = positions, mask.shape[-1]
         captured: dict[int, Tensor] = {}
-        hooks = [self.model.model.layers[i].register_forward_hook(_capture(captured, i)) for i in layers]
+        decoder = self.model.base_model.layers
+        hooks = [decoder[i].register_forward_hook(_capture(captured, i)) for i in layers]
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=state.cache is not None,
-                             **{self.cache_kwarg: state.cache})
+            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                                        **{self.cache_kwarg: cache})
         finally:
             for h in hooks:
                 h.remove()
-        state.valid = valid
-        state.positions = torch.cat([state.positions, positions], dim=1)
-        state.lengths = state.lengths + new_valid.sum(1)
-        state.last_block = ids.shape[1]
+        if state is not None:
+            state.last_block = ids.shape[1]
         features = torch.cat([captured[i] for i in layers], dim=-1) if layers else None
-        return TargetOutput(out.logits.float(), features)
+        return out.last_hidden_state, features
 
     def check_prompts(self, prompts: list[list[int]], max_new_tokens: int = 0) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -195,11 +297,6 @@ def cache_kwarg(model) -> str:
     `**kwargs` and the model runs without its cache."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _empty_state(cache: DynamicCache | None, like: Tensor) -> TargetState:
-    zeros = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-    return TargetState(cache, like[:, :0], zeros[:, None][:, :0], zeros)
 
 
 def _capture(store: dict[int, Tensor], layer: int):

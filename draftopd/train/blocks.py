@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..models.drafter import Drafter
-from ..models.target import Target, TargetOutput
+from ..models.target import ScoreOutput, Target
+from .chunked import chunk_rows
 
 
 @dataclass
@@ -51,25 +52,39 @@ def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: in
 
 @dataclass
 class Teacher:
-    """What the frozen target says about a SequenceBatch: features (b, T, L*H) for the drafter's context,
-    greedy (b, T) its argmax next token after each position, and either its logits (b, T, V) (online forward)
-    or its final hidden states (b, T, H) (feature cache), from which `logits_at` makes logits only where asked."""
+    """What the frozen target says about a SequenceBatch: `features` (b, T, L*H) for the drafter's context and `final`
+    (b, T, H), the hidden states its head reads (None from a feature cache built without them), from which logits are
+    made only at the positions a loss trains (`logits_at`); `cached_greedy` (b, T) a feature cache's argmax labels."""
 
     features: Tensor
-    greedy: Tensor
-    logits: Tensor | None = None
-    final: Tensor | None = None
+    final: Tensor | None
+    cached_greedy: Tensor | None = None
 
-    def draft_vocab_logits_at(self, drafter: Drafter, pos: Tensor) -> Tensor:
-        """The target's next-token logits after positions `pos` (b, M, K), over the drafter's vocabulary."""
-        if self.logits is not None:
-            return drafter.restrict(gather_positions(self.logits, pos))
-        return drafter.head(gather_positions(self.final, pos))
+    def greedy(self, target: Target) -> Tensor:
+        """(b, T) the target's argmax next token after each position (over its whole vocabulary), computed a chunk of
+        positions at a time when not cached."""
+        if self.cached_greedy is not None:
+            return self.cached_greedy
+        flat = self.final.reshape(-1, self.final.shape[-1])
+        rows = chunk_rows(target.vocab_size)
+        return torch.cat([target.logits(part).argmax(-1) for part in flat.split(rows)]).view(self.final.shape[:-1])
+
+    def final_at(self, pos: Tensor) -> Tensor:
+        """The final hidden states at positions pos (b, M, K) -> (b, M, K, H): what the head turns into the target's
+        next-token distribution there."""
+        return gather_positions(self.final, pos)
+
+
+def draft_vocab_logits(target: Target, drafter: Drafter, final: Tensor) -> Tensor:
+    """The target's next-token logits of final hidden states (..., H), over the drafter's vocabulary (..., V_draft):
+    its head rows of the kept tokens (the drafter's own head shares them) with the target's logit scaling (a softmax
+    renormalises over the kept tokens)."""
+    return target.scale(drafter.head(final))
 
 
 def teach_online(target: Target, drafter: Drafter, batch: SequenceBatch) -> Teacher:
     scored = score_batch(target, drafter, batch)
-    return Teacher(scored.features, scored.logits.argmax(-1), logits=scored.logits)
+    return Teacher(scored.features, scored.final)
 
 
 def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
@@ -78,7 +93,7 @@ def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
     pad = lambda key, *shape: torch.stack([torch.cat([getattr(c, key), getattr(c, key).new_zeros(width - len(c.tokens), *shape)])  # noqa: E731
                                            for c in cached]).to(device)
     final = pad("final", cached[0].final.shape[-1]) if cached[0].final is not None else None
-    return Teacher(pad("features", cached[0].features.shape[-1]), pad("greedy"), final=final)
+    return Teacher(pad("features", cached[0].features.shape[-1]), final, cached_greedy=pad("greedy"))
 
 
 def add_feature_noise(features: Tensor, scale: float, gen: torch.Generator, shape: tuple[int, int], rows: slice) -> Tensor:
@@ -92,23 +107,35 @@ def add_feature_noise(features: Tensor, scale: float, gen: torch.Generator, shap
     return (features.float() + scale * rms * noise).to(features.dtype)
 
 
-def score_batch(target: Target, drafter: Drafter, batch: SequenceBatch) -> TargetOutput:
-    """One teacher-forced target forward: logits and the drafter's context features for every position."""
+def score_batch(target: Target, drafter: Drafter, batch: SequenceBatch) -> ScoreOutput:
+    """One teacher-forced target forward: the drafter's context features and the final hidden states at every position."""
     return target.score(batch.tokens, batch.valid, drafter.spec.target_layer_ids)
+
+
+def block_hidden(drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+    """The drafter's slot hidden states (b, n, K, H) for the blocks at `anchors` (b, n), from the scored context (the
+    head, applied by the caller, gives their logits). A sequential drafter (EAGLE-3) is teacher-forced on
+    `block_tokens` (b, n, K-1), by default the text's own."""
+    ctx, block_tokens = _context(drafter, batch, features, anchors, block_tokens)
+    return drafter.hidden(ctx, batch.tokens.gather(1, anchors), anchors, block_tokens)
 
 
 def block_logits(drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False,
                  block_tokens: Tensor | None = None) -> Tensor:
     """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context; over the draft
-    vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses).
-    A sequential drafter (EAGLE-3) is teacher-forced on `block_tokens` (b, n, K-1), by default the text's own."""
+    vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses)."""
+    ctx, block_tokens = _context(drafter, batch, features, anchors, block_tokens)
+    fill = drafter if draft_vocab else drafter.draft_logits
+    return fill(ctx, batch.tokens.gather(1, anchors), anchors, block_tokens)
+
+
+def _context(drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, block_tokens: Tensor | None):
     positions = torch.arange(batch.tokens.shape[1], device=anchors.device).expand_as(batch.tokens)
     following = torch.cat([batch.tokens[:, 1:], batch.tokens[:, -1:]], 1)  # the token after each position (pad at the end)
     ctx = drafter.project_context(features, positions, batch.valid, following)
     if block_tokens is None:
         block_tokens = text_at(batch, anchors, torch.arange(1, drafter.block_size - 1, device=anchors.device))
-    fill = drafter if draft_vocab else drafter.draft_logits
-    return fill(ctx, batch.tokens.gather(1, anchors), anchors, block_tokens)
+    return ctx, block_tokens
 
 
 def text_at(batch: SequenceBatch, anchors: Tensor, slots: Tensor) -> Tensor:

@@ -160,7 +160,7 @@ def token_kl(
 
 def decay_weights(slots: Tensor, gamma: float) -> Tensor:
     """Position decay ``w_k = gamma ** (k - 1)`` for 1-based slots ``k`` (float32)."""
-    return torch.pow(torch.tensor(float(gamma), device=slots.device), (slots - 1).float())
+    return torch.pow(float(gamma), (slots - 1).float())
 
 
 @dataclass(frozen=True)

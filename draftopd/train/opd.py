@@ -63,9 +63,11 @@ from ..models.drafter import Drafter
 from ..models.target import Target
 from . import distributed as ddp
 from .anchors import Segments, make_segments
-from .blocks import SequenceBatch, block_labels, block_logits, gather_positions, pad_batch, score_batch
-from .common import Compute, TrainerState, data_order, param_counts
-from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact, stream_sums
+from .blocks import SequenceBatch, block_hidden, block_labels, draft_vocab_logits, gather_positions, pad_batch, score_batch
+from .chunked import chunk_rows, chunked_sum
+from .common import Compute, TrainerState, data_order, param_counts, train_autocast
+from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact
+from .sft import logit_width
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class OPDConfig:
     save_every: int = 10
     seed: int = 0
     max_flops: float | None = None  # stop once this much compute is spent (compute-matched runs)
+    # the replay's drafter forward (and backward) under bf16 autocast, as SFT's (`SFTConfig.autocast`): "auto" = bfloat16
+    # where it is fast (CUDA, AVX512-BF16 CPUs); weights, AdamW state and the losses stay float32
+    autocast: str = "auto"
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
 
@@ -89,14 +94,16 @@ class OPDConfig:
         check_ints(self, 1, "steps", "prompts_per_rollout", "rollouts_per_step", "replay_batch", "max_new_tokens", "save_every")
         check_number(self, "temperature", 0)
         check_choice(self, "anchors", ("error", "random"))
+        check_choice(self, "autocast", ("auto", "float32", "bfloat16"))
         check_seed(self)
         check_number(self, "max_flops", 0, above=True, optional=True)
 
 
 @dataclass
 class ReplayBatch:
-    """Padded segments of a micro-batch of traces: anchors/accepted/acc_on/rej_on (b, M) (padding: both off);
-    drafts/target_logp (b, M, K)."""
+    """Padded segments of a micro-batch of traces, on the target's device: anchors/accepted/acc_on/rej_on (b, M)
+    (padding: both off); drafts/target_logp (b, M, K). On the host: the traces and their segments, so the replay
+    sizes and counts everything (`stream_counts`) without reading the device."""
 
     seq: SequenceBatch
     anchors: torch.Tensor
@@ -105,10 +112,35 @@ class ReplayBatch:
     rej_on: torch.Tensor
     drafts: torch.Tensor
     target_logp: torch.Tensor
+    traces: list[RolloutTrace]
+    segments: list[Segments]
 
     @property
     def valid(self) -> torch.Tensor:
         return self.acc_on | self.rej_on
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(t.tokens) for t in self.traces]
+
+    @property
+    def rej_segments(self) -> list[list[int]]:
+        """Per trace, the indices of its segments that feed the rejected stream."""
+        return [s.rej_on.nonzero()[:, 0].tolist() for s in self.segments]
+
+    @property
+    def replayed(self) -> int:
+        """Segments replayed (either stream)."""
+        return sum(int((s.acc_on | s.rej_on).sum()) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class StreamCounts:
+    """A set of traces' stream sizes: accepted-stream tokens, rejected-stream tokens and their decay-weight sum."""
+
+    acc_tokens: int
+    rej_tokens: int
+    rej_weight: float
 
 
 @dataclass
@@ -140,72 +172,108 @@ def proposal_right(drafts: torch.Tensor, labels: torch.Tensor, label_mask: torch
     return label_mask & (drafts == labels)
 
 
-def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size: int, cfg: LossConfig) -> tuple[float, float]:
-    """The whole step's accepted-token count and rejected weight sum (token-normalised accumulation)."""
-    acc_n, rej_w = 0.0, 0.0
+def stream_counts(traces: list[RolloutTrace], segments: list[Segments], block_size: int, cfg: LossConfig) -> StreamCounts:
+    """The traces' stream sizes, from their host-side segments (no device work)."""
+    acc_n, rej_n, rej_w = 0, 0, 0.0
     slots = torch.arange(1, block_size)
     for trace, seg in zip(traces, segments):
         pos = seg.anchors[:, None] + slots
         exists = pos < len(trace.tokens)
         text = torch.as_tensor(trace.tokens)[pos.clamp(max=len(trace.tokens) - 1)]
-        acc, _, w = stream_masks(seg.accepted, seg.acc_on, seg.rej_on, exists, slots, cfg, proposal_right(seg.drafts, text, exists))
-        acc_n, rej_w = acc_n + float(acc.sum()), rej_w + float(w.sum())
-    return acc_n, rej_w
+        acc, rej, w = stream_masks(seg.accepted, seg.acc_on, seg.rej_on, exists, slots, cfg, proposal_right(seg.drafts, text, exists))
+        acc_n, rej_n, rej_w = acc_n + int(acc.sum()), rej_n + int(rej.sum()), rej_w + float(w.sum())
+    return StreamCounts(acc_n, rej_n, rej_w)
+
+
+def step_norms(traces: list[RolloutTrace], segments: list[Segments], block_size: int, cfg: LossConfig) -> tuple[float, float]:
+    """The whole step's accepted-token count and rejected weight sum (token-normalised accumulation)."""
+    counts = stream_counts(traces, segments, block_size, cfg)
+    return float(counts.acc_tokens), counts.rej_weight
 
 
 def collate(target: Target, drafter: Drafter, traces: list[RolloutTrace], segments: list[Segments]) -> ReplayBatch:
-    seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, target.device)
+    """The traces' segments padded into one batch on the target's device (built on the host, one copy a tensor)."""
+    device = target.device
+    seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, device)
     width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
-    pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs])  # noqa: E731
+    pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs]).to(device)  # noqa: E731
     return ReplayBatch(seq, pad([s.anchors for s in segments], (), 0), pad([s.accepted for s in segments], (), 0),
                        pad([s.acc_on for s in segments], (), False), pad([s.rej_on for s in segments], (), False),
-                       pad([s.drafts for s in segments], (k,), 0), pad([s.target_logp for s in segments], (k,), 0.0))
+                       pad([s.drafts for s in segments], (k,), 0), pad([s.target_logp for s in segments], (k,), 0.0),
+                       traces, segments)
 
 
 def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
-    """Target logits of every drafted slot given its draft prefix: (b, M, K, V), one forward per sequence, only for
-    the segments that feed the rejected stream (zeros elsewhere: random anchors' accepted-only segments)."""
+    """The target's final hidden states at every drafted slot given its draft prefix: (b, M, K, H), one forward per
+    sequence, only for the segments that feed the rejected stream (zeros elsewhere: random anchors' accepted-only
+    segments); `Target.logits` of a slot's state is p(. | prefix, d_<k)."""
     out = []
-    for b in range(rb.seq.tokens.shape[0]):
-        idx = rb.rej_on[b].nonzero()[:, 0]
-        blocks = torch.cat([rb.seq.tokens[b, rb.anchors[b, idx]][:, None], rb.drafts[b, idx, :-1]], 1)
-        logits = target.score_blocks(rb.seq.tokens[b, : rb.seq.lengths[b]], rb.anchors[b, idx], blocks)
-        full = logits.new_zeros(rb.anchors.shape[1], *logits.shape[1:])
-        full[idx] = logits
-        out.append(full)
+    for b, idx in enumerate(rb.rej_segments):
+        index = torch.tensor(idx, dtype=torch.long, device=rb.anchors.device)
+        anchors = rb.anchors[b, index]
+        blocks = torch.cat([rb.seq.tokens[b, anchors][:, None], rb.drafts[b, index, :-1]], 1)
+        hidden = target.score_blocks(rb.seq.tokens[b, : rb.lengths[b]], anchors, blocks)
+        full = hidden.new_zeros(rb.anchors.shape[1], *hidden.shape[1:])
+        out.append(full.index_copy(0, index, hidden))
     return torch.stack(out)
 
 
-def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig) -> ReplayResult:
-    """Replay the drafter at every segment with gradients and return the two streams' loss sums."""
+def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig, autocast: str = "float32") -> ReplayResult:
+    """Replay the drafter at every segment with gradients and return the two streams' loss sums. The drafter's head
+    and both KL terms run a chunk of slots at a time (`chunked.py`), so no tensor holds every slot's logits; the
+    target's log-probs come from its final hidden states, through its head, only where a stream needs them."""
     t0 = time.perf_counter()
     scored = score_batch(target, drafter, rb.seq)
     teacher_s = time.perf_counter() - t0
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
     # a sequential drafter (EAGLE-3) replays its own drafts where the rejected stream is trained, the text elsewhere
     chain = torch.where(rb.rej_on[..., None], rb.drafts, lab.labels)[..., :-1]
-    # (b, M, K, V), with grad: exact KL over the draft vocabulary (p renormalised there, as SFT's soft labels: a reduced
-    # head's q is 0 elsewhere, which would make forward KL over the target's vocabulary infinite); estimates over the target's
-    exact = cfg.mode == "exact"
-    q_logits = block_logits(drafter, rb.seq, scored.features, rb.anchors, draft_vocab=exact, block_tokens=chain)
     acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg,
                                              proposal_right(rb.drafts, lab.labels, lab.mask))
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
+    exact = cfg.mode == "exact"
     t0 = time.perf_counter()
-    p_rej = reverify(target, rb) if exact else None
+    if exact:  # p's distributions: on the true prefix (accepted stream) and on the draft prefix (rejected stream)
+        p_acc, p_rej = gather_positions(scored.final, pos), reverify(target, rb)
+    else:  # log-probs of the observed tokens: the text's next token, and the rollout's own verify log-probs
+        p_acc, p_rej = gather_positions(next_token_logprobs(target, scored.final, rb.seq.tokens)[..., None], pos)[..., 0], rb.target_logp
     teacher_s += time.perf_counter() - t0
-    if exact:
-        acc_tok = kl_exact(drafter.restrict(gather_positions(scored.logits, pos)), q_logits, cfg.acc_direction)
-        rej_tok = kl_exact(drafter.restrict(p_rej), q_logits, cfg.rej_direction)
-    else:
-        q_logp = torch.log_softmax(q_logits, -1)
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None, None]
-        p_acc_logp = torch.log_softmax(scored.logits, -1)[rows, pos, lab.labels]
-        acc_tok = kl_estimate(p_acc_logp, q_logp.gather(-1, lab.labels[..., None])[..., 0], cfg.acc_direction, cfg.clamp, cfg.floor)
-        rej_tok = kl_estimate(rb.target_logp, q_logp.gather(-1, rb.drafts[..., None])[..., 0], cfg.rej_direction, cfg.clamp, cfg.floor)
-    return ReplayResult(stream_sums(acc_tok[acc_mask]), stream_sums(rej_tok[rej_mask], rej_w[rej_mask]),
-                        int(rb.seq.lengths.sum()) + (int(rb.rej_on.sum()) * (drafter.block_size - 1) if p_rej is not None else 0),
-                        int(rb.valid.sum()) * drafter.block_size, teacher_s)
+    labels, drafts = drafter.target_to_draft(lab.labels), drafter.target_to_draft(rb.drafts)
+
+    def chunk_loss(hidden, label, draft, acc_w, rej_weight, p_acc_part, p_rej_part):
+        q_logits = drafter.head(hidden)
+        if exact:  # over the draft vocabulary, p renormalised there (a reduced head's q is 0 elsewhere, as SFT's soft labels)
+            acc_tok = kl_exact(draft_vocab_logits(target, drafter, p_acc_part), q_logits, cfg.acc_direction)
+            rej_tok = kl_exact(draft_vocab_logits(target, drafter, p_rej_part), q_logits, cfg.rej_direction)
+        else:  # a token outside a reduced vocabulary has q = 0 (log q = -inf), as over the target's vocabulary
+            q_logp = torch.log_softmax(q_logits, -1)
+            at = lambda ids: torch.where(ids >= 0, q_logp.gather(-1, ids.clamp(min=0)[:, None])[:, 0], float("-inf"))  # noqa: E731
+            acc_tok = kl_estimate(p_acc_part, at(label), cfg.acc_direction, cfg.clamp, cfg.floor)
+            rej_tok = kl_estimate(p_rej_part, at(draft), cfg.rej_direction, cfg.clamp, cfg.floor)
+        zero = acc_tok.new_zeros(())
+        return torch.where(acc_w > 0, acc_tok * acc_w, zero).sum(), torch.where(rej_weight > 0, rej_tok * rej_weight, zero).sum()
+
+    flat = lambda x: x.flatten(0, 2)  # noqa: E731  (b, M, K, ...) -> (b*M*K, ...)
+    with train_autocast(autocast, target.device):
+        hidden = block_hidden(drafter, rb.seq, scored.features, rb.anchors, block_tokens=chain)
+        acc_sum, rej_sum = chunked_sum(chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(drafts),
+                                       flat(acc_mask.float()), flat(rej_w), flat(p_acc), flat(p_rej))
+    c = stream_counts(rb.traces, rb.segments, drafter.block_size, cfg)
+    return ReplayResult(StreamSums(acc_sum, float(c.acc_tokens), c.acc_tokens), StreamSums(rej_sum, c.rej_weight, c.rej_tokens),
+                        sum(rb.lengths) + (sum(map(len, rb.rej_segments)) * (drafter.block_size - 1) if exact else 0),
+                        rb.replayed * drafter.block_size, teacher_s)
+
+
+def next_token_logprobs(target: Target, final: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(b, T): log p(tokens[:, t+1] | tokens[:, :t+1]) at each position t from the final hidden states (b, T, H) (the last
+    position scores the pad after it), through the target's head a chunk of positions at a time, in float32."""
+    following = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1).flatten()
+    rows = chunk_rows(target.vocab_size)
+    out = []
+    for hidden, ids in zip(final.flatten(0, 1).split(rows), following.split(rows)):
+        logits = target.logits(hidden).float()
+        out.append(logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, -1))
+    return torch.cat(out).view(tokens.shape)
 
 
 def rollout_batch(prompts: list[list[int]], cfg: OPDConfig, start: int) -> tuple[list[list[int]], list[int] | None]:
@@ -248,40 +316,38 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         # 3-4. replay and loss, accumulated over micro-batches
         drafter.train()
         st.opt.zero_grad(set_to_none=True)
-        sums = {"acc": 0.0, "rej": 0.0, "total": 0.0, "teacher_s": 0.0}
+        losses, teacher_s = torch.zeros(3, device=target.device), 0.0  # total, acc, rej: summed on the device
         for i in range(0, len(own), cfg.replay_batch):
             mine = own[i:i + cfg.replay_batch]
             rb = collate(target, drafter, [traces[j] for j in mine], [segments[j] for j in mine])
-            res = replay(target, drafter, rb, cfg.loss)
+            res = replay(target, drafter, rb, cfg.loss, cfg.autocast)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
             loss.backward()
-            sums["total"] += float(loss.detach())
-            sums["teacher_s"] += res.teacher_s
-            sums["acc"] += float(res.acc.loss_sum.detach()) / max(acc_norm, 1e-9)
-            sums["rej"] += float(res.rej.loss_sum.detach()) / max(rej_norm, 1e-9)
+            losses += torch.stack([loss.detach(), res.acc.loss_sum.detach() / max(acc_norm, 1e-9), res.rej.loss_sum.detach() / max(rej_norm, 1e-9)])
+            teacher_s += res.teacher_s
             compute.add_target(res.target_tokens, target_params)
             compute.add_draft_train(res.draft_tokens, draft_params)
         ddp.sum_grads(drafter)
         compute.add_ranks(spent)
-        sums |= {k: ddp.all_sum(sums[k]) for k in ("total", "acc", "rej")}
         t2 = time.perf_counter()
         # 5. update
         grad_norm = torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.optim.grad_clip)
         st.opt.step(), st.sched.step()
         st.step += 1
         step = st.step
+        total, acc_loss, rej_loss, grad = torch.cat([ddp.all_sum(losses), grad_norm.float()[None]]).tolist()  # the update's one host sync
         t3 = time.perf_counter()
         stats = summarize(Generation(traces, Timing()), drafter.block_size)
         late = rejected_late_match(traces)
         row = {"rollout/tau": stats.tau, **{f"rollout/slot_acc_{k + 1}": a for k, a in enumerate(stats.slot_acceptance)},
                "rollout/rej_late_match": late.rate, "rollout/rej_late_n": late.count, "rollout/sequences": len(traces),
-               "loss/total": sums["total"], "loss/acc": sums["acc"], "loss/rej": sums["rej"],
-               "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": float(grad_norm),
-               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": sums["teacher_s"],
+               "loss/total": total, "loss/acc": acc_loss, "loss/rej": rej_loss,
+               "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": grad,
+               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": teacher_s,
                "time/update_s": t3 - t2, **compute.metrics()}
         st.metrics.write(step, row)
         bar.update(1)
-        bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{sums['total']:.3f}")
+        bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{total:.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps or (cfg.max_flops is not None and compute.flops >= cfg.max_flops):
             st.save(drafter)
         if on_step is not None:

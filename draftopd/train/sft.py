@@ -36,17 +36,21 @@ from ..models.drafter import Drafter
 from ..models.target import Target
 from ..data.features import CachedSequence
 from . import distributed as ddp
-from .blocks import add_feature_noise, block_labels, block_logits, draw_anchors, pad_batch, teach_cached, teach_online
+from .blocks import add_feature_noise, block_hidden, block_labels, draft_vocab_logits, draw_anchors, pad_batch, teach_cached, teach_online
+from .chunked import chunk_rows, chunked_sum
 from .common import Compute, TrainerState, data_order, param_counts, train_autocast
 from .losses import sft_slot_weights, sft_token_loss
 
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # weighted loss numerator (with grad)
-    weight_sum: float
-    slot_correct: torch.Tensor  # (K,) correct argmax per slot
-    slot_count: torch.Tensor  # (K,) labels per slot
+    """One micro-batch, on the device (read on the host once per step): the weighted loss numerator (with grad), its
+    weight sum, correct argmaxes and labels per slot (K,); and the token counts of the compute counter (host ints)."""
+
+    loss_sum: torch.Tensor
+    weight_sum: torch.Tensor
+    slot_correct: torch.Tensor
+    slot_count: torch.Tensor
     target_tokens: int
     draft_tokens: int
 
@@ -56,26 +60,46 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
     """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
     online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
     draft vocabulary; labels outside a reduced vocabulary are skipped. Anchors are drawn for all of `items`, then
-    only `rows` of them (this rank's share) are trained."""
+    only `rows` of them (this rank's share) are trained. The head and the loss run a chunk of slots at a time
+    (`chunked.py`): no tensor holds every slot's logits."""
     cached = isinstance(items[0], CachedSequence)
     seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
     starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
-    anchors, anchor_valid = (x[rows].to(target.device) for x in draw_anchors(starts, [len(s) for s in seqs], cfg.anchors_per_seq, gen))
+    anchors, anchor_valid = draw_anchors(starts, [len(s) for s in seqs], cfg.anchors_per_seq, gen)
+    trained = int(anchor_valid[rows].sum())  # counted on the host, before the device has the anchors
+    anchors, anchor_valid = anchors[rows].to(target.device), anchor_valid[rows].to(target.device)
     items, batch = items[rows], pad_batch(seqs[rows], starts[rows], target.pad_id, target.device)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
     features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(seqs), max(map(len, seqs))), rows)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
     pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
-    with train_autocast(cfg.autocast, target.device):  # the loss below upcasts to float32
-        logits = block_logits(drafter, batch, features, anchors, draft_vocab=True)
-        target_logits = teacher.draft_vocab_logits_at(drafter, pos) if cfg.loss == "kl" else None
-    labels = drafter.target_to_draft(lab.labels if cfg.labels == "text" else teacher.greedy.gather(1, pos.flatten(1)).view_as(pos))
+    text = lab.labels if cfg.labels == "text" else teacher.greedy(target).gather(1, pos.flatten(1)).view_as(pos)
+    labels = drafter.target_to_draft(text)
     mask = lab.mask & (labels >= 0)
-    per_token = sft_token_loss(logits, labels.clamp(min=0), target_logits, kind=cfg.loss)
     weights = sft_slot_weights(lab.slots, slot_decay(cfg, drafter.block_size)) * mask
-    correct = (logits.argmax(-1) == labels) & mask
-    return StepResult((per_token * weights).sum(), float(weights.sum()), correct.sum((0, 1)), mask.sum((0, 1)),
-                      0 if cached else int(batch.lengths.sum()), int(anchor_valid.sum()) * drafter.block_size)
+    final = teacher.final_at(pos) if cfg.loss == "kl" else pos.new_zeros(pos.shape + (0,)).float()
+    slot = (lab.slots - 1).expand_as(labels)
+    k = drafter.block_size - 1
+
+    def chunk_loss(hidden: torch.Tensor, label: torch.Tensor, weight: torch.Tensor, slot_id: torch.Tensor, teacher_final: torch.Tensor):
+        logits = drafter.head(hidden)
+        target_logits = draft_vocab_logits(target, drafter, teacher_final) if cfg.loss == "kl" else None
+        per_token = sft_token_loss(logits, label.clamp(min=0), target_logits, kind=cfg.loss)
+        right = ((logits.argmax(-1) == label) & (weight > 0)).float()
+        return (per_token * weight).sum(), torch.zeros(k, device=right.device).index_add_(0, slot_id, right)
+
+    with train_autocast(cfg.autocast, target.device):  # the loss upcasts to float32
+        hidden = block_hidden(drafter, batch, features, anchors)
+        flat = lambda x: x.flatten(0, 2)  # noqa: E731  (b, n, K, ...) -> (b*n*K, ...)
+        loss_sum, correct = chunked_sum(chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(weights),
+                                        flat(slot), flat(final))
+    return StepResult(loss_sum, weights.sum(), correct, mask.sum((0, 1)), 0 if cached else sum(map(len, seqs[rows])),
+                      trained * drafter.block_size)
+
+
+def logit_width(drafter: Drafter) -> int:
+    """Columns of the drafter's logits: its draft vocabulary or the target's."""
+    return drafter.spec.draft_vocab_size or drafter.spec.vocab_size
 
 
 def slot_decay(cfg: SFTConfig, block_size: int) -> float:
@@ -102,7 +126,7 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
             st.data_pos += cfg.batch_size
             results.append(sft_micro_batch(target, drafter, micro, cfg, st.gen, ddp.shard(cfg.batch_size)))
         total_weight = ddp.all_sum(sum(r.weight_sum for r in results))  # every rank's labels: the single process's normaliser
-        loss = sum(r.loss_sum for r in results) / max(total_weight, 1e-9)
+        loss = sum(r.loss_sum for r in results) / total_weight.clamp_min(1e-9)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         ddp.sum_grads(drafter)
@@ -115,8 +139,10 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
             compute.add_draft_train(r.draft_tokens, draft_params)
         compute.add_ranks(spent)
         correct, count = ddp.all_sum(sum(r.slot_correct for r in results)), ddp.all_sum(sum(r.slot_count for r in results))
-        row = {"train/loss": ddp.all_sum(float(loss.detach())), "train/grad_norm": float(grad_norm), "train/lr": st.sched.get_last_lr()[0],
-               **{f"train/acc_slot_{k + 1}": float(c) / max(int(n), 1) for k, (c, n) in enumerate(zip(correct, count))},
+        k = len(correct)
+        host = torch.cat([ddp.all_sum(loss.detach())[None], grad_norm.float()[None], correct.float(), count.float()]).tolist()  # the step's one host sync
+        row = {"train/loss": host[0], "train/grad_norm": host[1], "train/lr": st.sched.get_last_lr()[0],
+               **{f"train/acc_slot_{i + 1}": c / max(n, 1) for i, (c, n) in enumerate(zip(host[2:2 + k], host[2 + k:]))},
                **compute.metrics(), "time/step_s": time.perf_counter() - t0}
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
             st.metrics.write(step, row)
