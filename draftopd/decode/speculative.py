@@ -113,7 +113,7 @@ def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Ten
         return Proposal(draft, limit, looked_up, own)
     copied, lengths = _lookup_draft(found, drafter.spec.vocab_size, anchor.device)
     width = max(draft.tokens.shape[1], copied.tokens.shape[1])
-    pick = torch.tensor(looked_up, device=anchor.device)[:, None]
+    pick = (lengths > 0)[:, None]  # the rows that found a match
     tokens = torch.where(pick, pad_slots(copied.tokens, width, 0), pad_slots(draft.tokens, width, 0))
     logits = torch.where(pick[..., None], pad_slots(copied.logits.to(draft.logits.dtype), width, 0.0), pad_slots(draft.logits, width, 0.0))
     drafted = torch.full_like(anchor, draft.tokens.shape[1]) if limit is None else limit
@@ -198,9 +198,8 @@ def prompt_following_tokens(prompts: list[list[int]], first: Tensor, pad_id: int
     """The token after each prefill slot, right-padded as `Target.prefill` lays prompts out; each prompt's last token is
     followed by the first new token `first` (b,) (placed on the device: no host sync)."""
     width = max(len(p) for p in prompts)
-    rows = torch.tensor([list(p[1:]) + [pad_id] * (width - len(p) + 1) for p in prompts], dtype=torch.long, device=first.device)
-    last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=first.device)
-    return rows.scatter(1, last[:, None], first[:, None])
+    rows = torch.tensor([[len(p) - 1] + list(p[1:]) + [pad_id] * (width - len(p) + 1) for p in prompts], dtype=torch.long, device=first.device)
+    return rows[:, 1:].scatter(1, rows[:, :1], first[:, None])  # one copy to the device
 
 
 def accept(target_logits: Tensor, draft: Draft, temperature: float, gen, limit: Tensor | None = None) -> Acceptance:
@@ -295,7 +294,7 @@ def _keep(target: Target, rows: Rows, state: TargetState, ctx: ContextCache, anc
     if len(rows.index) == len(state.host_lengths):
         return state, ctx, anchor, gen
     index = torch.tensor(rows.index, dtype=torch.long, device=anchor.device)
-    return target.select_rows(state, rows.index), ctx.select(index, rows.index), anchor[index], _select(gen, index)
+    return target.select_rows(state, rows.index, index), ctx.select(index, rows.index), anchor[index], _select(gen, index)
 
 
 def generators(seed: int, row_seeds: list[int] | None, rows: int, device: torch.device) -> Gen:
@@ -327,7 +326,7 @@ def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: Decod
     while rows.traces:
         if len(rows.index) < len(state.host_lengths):
             index = torch.tensor(rows.index, dtype=torch.long, device=token.device)
-            state, token, gen = target.select_rows(state, rows.index), token[index], _select(gen, index)
+            state, token, gen = target.select_rows(state, rows.index, index), token[index], _select(gen, index)
         out = target.verify(state, token[:, None])
         clock.lap("verify")
         ones = torch.ones_like(token)

@@ -104,7 +104,7 @@ class DFlashDrafter(Drafter):
     def mask_vector(self) -> Tensor:
         if self.spec.mask_token_id is None:
             return self.mask_embedding
-        return F.embedding(torch.tensor(self.spec.mask_token_id, device=self.embed_weight.device), self.embed_weight)
+        return self.embed_weight[self.spec.mask_token_id]
 
     def block_mask(self, ctx: DraftContext, anchor_positions: Tensor) -> Tensor:
         """(b, 1, n_blocks*B, slots + n_blocks*B) bool: context strictly before the anchor; own block only."""

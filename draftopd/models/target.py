@@ -192,8 +192,8 @@ class Target:
         needed). Features row b slot j is prompt token j (slots past the prompt: padding)."""
         self.check_prompts(prompts)
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([list(p) + [self.pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        rows = torch.tensor([[len(p)] + list(p) + [self.pad_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        lengths, ids = rows[:, 0], rows[:, 1:]  # one copy to the device
         state = TargetState(RaggedCache(max(capacity or 0, width)), torch.zeros_like(lengths), [0] * len(prompts))
         slot = torch.arange(width, device=self.device)
         mask = (slot[None, None, :] <= slot[None, :, None]) & (slot[None, None, :] < lengths[:, None, None])
@@ -218,11 +218,12 @@ class Target:
         keep_host = keep.tolist() if keep_host is None else keep_host
         state.host_lengths = [n + k for n, k in zip(state.host_lengths, keep_host)]
 
-    def select_rows(self, state: TargetState, index: list[int]) -> TargetState:
-        """Keep only the rows `index` of the batch (finished rows leave); a no-op when all rows stay."""
+    def select_rows(self, state: TargetState, index: list[int], rows: Tensor | None = None) -> TargetState:
+        """Keep only the rows `index` of the batch (finished rows leave; `rows`: the same on the device, if the caller
+        has it); a no-op when all rows stay."""
         if len(index) == len(state.host_lengths):
             return state
-        rows = torch.tensor(index, dtype=torch.long, device=state.lengths.device)
+        rows = torch.tensor(index, dtype=torch.long, device=state.lengths.device) if rows is None else rows
         if state.cache is not None and index:
             state.cache.select(rows)
         return TargetState(state.cache, state.lengths[rows], [state.host_lengths[i] for i in index], state.last_block)
