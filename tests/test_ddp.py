@@ -1,6 +1,7 @@
 """Data-parallel training (`train/distributed.py`): two CPU processes (gloo, torchrun's environment variables) train
-the weights one process trains on the same global batches, write one run folder, resume exactly, and refuse a world
-size that does not divide the batch.
+the weights one process trains on the same global batches, write one run folder, resume exactly (SFT and Draft-OPD),
+continue a run written by another number of processes (2 -> 1 and 1 -> 2, with a note), and refuse a world size that
+does not divide the batch.
 
 Tolerance: summing gradients over ranks changes only the float summation order (and each rank pads its half batch
 to its own width), so the first step's gradient, taken at equal weights, matches the single process's to `GRAD_ATOL`
@@ -77,9 +78,14 @@ def worker(rank: int, port: int, examples: list, prompts: list, out: Path) -> No
     resumed = drafter(target, seed=99)  # another init: the weights must come from the checkpoint, on every rank
     train_sft(target, resumed, examples, SFT, out / "sft-killed", resume=True, progress=False)
     torch.save(resumed.state_dict(), out / f"resumed{rank}.pt")
+    train_sft(target, drafter(target), examples, SFT, out / "sft-2to1", progress=False, stop_after=2)  # the parent resumes it alone
+    train_sft(target, drafter(target, seed=99), examples, SFT, out / "sft-1to2", resume=True, progress=False)  # the parent wrote it alone
     weights = {}
     for name, cfg in OPD_RUNS.items():
         train_opd(target, weights.setdefault(name, drafter(target)), prompts, cfg, out / name, progress=False, on_step=keep_first_grad(grads, name))
+    saving = replace(OPD, save_every=1)
+    train_opd(target, drafter(target), prompts, saving, out / "opd-killed", progress=False, stop_after=1)
+    train_opd(target, weights.setdefault("opd-resumed", drafter(target, seed=99)), prompts, saving, out / "opd-killed", resume=True, progress=False)
     torch.save({"weights": {k: d.state_dict() for k, d in weights.items()}, "grads": grads}, out / f"rank{rank}.pt")
 
 
@@ -100,6 +106,7 @@ def ddp_runs(tmp_path_factory):
     gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=16, stop_at_eos=False))
     examples = [Example(tuple(t.prompt), tuple(t.output)) for t in gen.traces]
     out = tmp_path_factory.mktemp("ddp")
+    train_sft(target, drafter(target), examples, SFT, out / "sft-1to2", progress=False, stop_after=2)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OMP_NUM_THREADS", "1")  # the children's
         mp.spawn(worker, args=(free_port(), examples, prompts, out), nprocs=WORLD, join=True)
@@ -107,7 +114,7 @@ def ddp_runs(tmp_path_factory):
     train_sft(target, ref.setdefault("sft", drafter(target)), examples, SFT, single / "sft", progress=False, on_step=keep_first_grad(grads, "sft"))
     for name, cfg in OPD_RUNS.items():
         train_opd(target, ref.setdefault(name, drafter(target)), prompts, cfg, single / name, progress=False, on_step=keep_first_grad(grads, name))
-    return target, out, single, {**ref, "grads": grads}
+    return target, out, single, {**ref, "grads": grads, "examples": examples}
 
 
 def rows(path: Path) -> list[dict]:
@@ -146,6 +153,26 @@ def test_resume_under_ddp_continues_exactly(ddp_runs):
         resumed = torch.load(out / f"resumed{r}.pt")
         assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert rows(out / "sft-killed" / "metrics.jsonl") == rows(out / "sft" / "metrics.jsonl")
+    straight = load_drafter(out / "opd" / "last", target).state_dict()  # Draft-OPD: killed after its first step
+    for r in range(WORLD):
+        resumed = torch.load(out / f"rank{r}.pt")["weights"]["opd-resumed"]
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert rows(out / "opd-killed" / "metrics.jsonl") == rows(out / "opd" / "metrics.jsonl")
+
+
+def test_a_two_process_run_resumes_in_one_process_and_the_other_way_round(ddp_runs, capsys):
+    """Every rank holds the whole state and each step's global batch is split by rank, so another world size continues
+    the same run: weights close to the uninterrupted single process's (as two processes are), and a note says so."""
+    target, out, _, ref = ddp_runs
+    capsys.readouterr()
+    resumed = drafter(target, seed=99)
+    train_sft(target, resumed, ref["examples"], SFT, out / "sft-2to1", resume=True, progress=False)
+    assert ("resuming a run written on cpu by 2 processes on cpu with 1 process: every step still trains the same global batch"
+            in capsys.readouterr().err)
+    assert max_diff(resumed.state_dict(), ref["sft"].state_dict()) <= WEIGHT_ATOL
+    assert max_diff(load_drafter(out / "sft-1to2" / "last", target).state_dict(), ref["sft"].state_dict()) <= WEIGHT_ATOL
+    assert json.loads((out / "sft-1to2" / "last" / "config.json").read_text())["world_size"] == WORLD
+    assert [r["step"] for r in rows(out / "sft-2to1" / "metrics.jsonl")] == list(range(1, SFT.steps + 1))
 
 
 def test_world_size_that_does_not_divide_the_batch_is_one_line_on_every_rank(ddp_runs):

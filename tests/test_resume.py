@@ -1,6 +1,6 @@
 """Run folders: kills at any point resume to the uninterrupted run's weights, optimizer and metrics bit for bit;
 planted pickles are refused unrun; a folder holding a run is never overwritten or resumed by the wrong trainer
-or drafter shape."""
+or drafter shape; a run resumes on another device (a fake CUDA one here) to the same weights."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from draftopd.check.fake_cuda import FakeCuda, to_fake_cuda
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate
 from draftopd.models.drafter import new_drafter
@@ -216,3 +217,53 @@ def test_resume_refuses_another_drafter_shape(setup, straight_sft, tmp_path, sha
     name, out = next(iter(shape)), shutil.copytree(straight_sft[1], tmp_path / "run")
     with pytest.raises(RunDirError, match=f"another shape: .*{name}"):
         sft(setup, out, drafter_cfg=DrafterConfig(**{"block_size": 8, **shape}), resume=True)
+
+
+# ---- another device: trainer.pt is host tensors loaded onto the CPU; config.json records where the run was written
+ON_DEVICE = SFTConfig(steps=4, batch_size=4, anchors_per_seq=4, save_every=2, autocast="float32", optim=OptimConfig(lr=2e-3))  # no "auto": bf16 on one side only
+
+
+def sft_on(device: str, setup, out: Path, **kw):
+    """`sft` on the CPU, or inside `FakeCuda` on a copy of the target moved to the fake cuda:0 (a host without the GPU
+    that wrote the run resumes it on its CPU, and the other way round). Returns the checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    if device == "cpu":
+        sft(setup, out, cfg=ON_DEVICE, **kw)
+    else:
+        with FakeCuda():
+            target = tiny_target(vocab_size=64, hidden_size=32, num_layers=4, seed=0, sharpness=30.0)
+            assert to_fake_cuda(target.model) is target.model and target.device.type == "cuda"
+            sft((target, *setup[1:]), out, cfg=ON_DEVICE, **kw)
+    return load_file(out / "last" / "model.safetensors")
+
+
+@pytest.mark.parametrize("first, then", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_a_run_resumes_on_another_device(setup, tmp_path, capsys, first, then):
+    straight = sft_on("cpu", setup, tmp_path / "straight")
+    sft_on(first, setup, tmp_path / "moved", stop_after=2)
+    assert json.loads((tmp_path / "moved" / "last" / "config.json").read_text())["device"] == first
+    capsys.readouterr()
+    resumed = sft_on(then, setup, tmp_path / "moved", resume=True)
+    assert (f"[draftopd] resuming a run written on {first} by 1 process on {then} with 1 process: the same steps follow"
+            in capsys.readouterr().err)
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert metric_rows(tmp_path / "moved") == metric_rows(tmp_path / "straight")
+
+
+def test_a_trainer_state_written_on_a_gpu_loads_on_a_cpu_host(setup, tmp_path, monkeypatch):
+    """A trainer.pt whose tensors are tagged cuda:0 (as torch.save tags a GPU's) is read onto the CPU, not refused."""
+    import torch.serialization as ser
+
+    sft(setup, tmp_path, cfg=ON_DEVICE, stop_after=2)
+    path = tmp_path / "last" / "trainer.pt"
+    state = torch.load(path, weights_only=True)
+    tag = (-1, lambda storage: "cuda:0", lambda storage, location: None)  # (priority, tagger, deserializer): every storage says cuda:0
+    monkeypatch.setattr(ser, "_package_registry", [tag, *ser._package_registry])
+    torch.save(state, path)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does on this host
+        torch.load(path, weights_only=True)
+    straight = sft(setup, tmp_path / "straight", cfg=ON_DEVICE)
+    resumed = sft(setup, tmp_path, cfg=ON_DEVICE, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))

@@ -14,6 +14,10 @@ large vocabulary that head dominates the drafter's cost. SFT and Draft-OPD runs 
 Under torchrun (`distributed.py`) every rank keeps the same state: `start` joins the process group, rank 0 alone
 repairs, writes and rewinds the folder's files (the others wait at a barrier), and a step's `Compute` is summed
 over ranks (`add_ranks`), so checkpoints and metrics read as one process's.
+
+A checkpoint belongs to no device and no world size: trainer.pt holds host tensors and is loaded onto the CPU (the
+optimizer moves its state to the parameters' device), and config.json records the device type and world size that
+wrote it, so a resume elsewhere (GPU -> CPU, 2 processes -> 1) says in one line what changed and continues.
 """
 
 from __future__ import annotations
@@ -170,6 +174,17 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def on_host(state):
+    """`state` (nested dicts, lists, tuples) with every tensor copied to the CPU: trainer.pt names no device."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_host(v) for v in state)
+    return state
+
+
 def save_checkpoint(folder: Path, drafter: Drafter, trainer_state: dict, extra: dict | None = None) -> None:
     """Write `folder` atomically: a complete `folder.tmp` (trainer.pt last, itself renamed into place, so a folder
     holding trainer.pt is complete) is swapped in. A kill at any point leaves a complete checkpoint among
@@ -177,7 +192,7 @@ def save_checkpoint(folder: Path, drafter: Drafter, trainer_state: dict, extra: 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_drafter(drafter, tmp, extra)
-    torch.save(trainer_state, tmp / "trainer.pt.tmp")
+    torch.save(on_host(trainer_state), tmp / "trainer.pt.tmp")
     (tmp / "trainer.pt.tmp").replace(tmp / "trainer.pt")
     swap_in(folder)
 
@@ -250,9 +265,11 @@ def check_resumable(folder: Path, drafter: Drafter, trainer: str) -> None:
 
 def load_trainer_state(path: Path) -> dict:
     """trainer.pt with `weights_only=True` (tensors, numbers, strings, containers: what `TrainerState.save` writes),
-    so a planted pickle is refused instead of run."""
+    so a planted pickle is refused instead of run. Loaded onto the CPU (`map_location`), wherever it was written:
+    the optimizer's `load_state_dict` moves each state tensor to its parameter's device, and the RNG states are host
+    tensors, so a run written on a GPU resumes on a CPU host and the other way round."""
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # an unpickling error (foreign objects), a torn or corrupt file
         raise RunDirError(f"refusing trainer state {path}: not a checkpoint of plain tensors and numbers ({type(err).__name__}; "
                           "nothing in it was run); delete that folder or choose another --out") from None
@@ -273,6 +290,7 @@ class TrainerState:
     metrics: MetricsWriter
     step: int = 0
     data_pos: int = 0
+    device_type: str = "cpu"  # where this run computes ("cpu", "cuda"), recorded in each checkpoint's config.json
 
     @staticmethod
     def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool,
@@ -284,7 +302,8 @@ class TrainerState:
         ddp.init(target.device, split)
         opt, sched = build_optimizer(drafter, optim, steps)
         torch.manual_seed(seed)
-        state = TrainerState(trainer, out_dir, opt, sched, torch.Generator().manual_seed(seed), Compute(), MetricsWriter(out_dir / "metrics.jsonl"))
+        state = TrainerState(trainer, out_dir, opt, sched, torch.Generator().manual_seed(seed), Compute(), MetricsWriter(out_dir / "metrics.jsonl"),
+                             device_type=target.device.type)
         if not resume:
             check_fresh(out_dir)
         elif (found := ddp.main_first(lambda: recover_checkpoint(out_dir))) is None:
@@ -294,6 +313,8 @@ class TrainerState:
             state.restore(folder, target, drafter)
             note = f"; recovered from {name}, a save cut short" if name != folder.name else ""
             log(f"resuming from {folder} (step {state.step}{note})")
+            if (moved := placement_note(json.loads((folder / "config.json").read_text()), state.device_type, ddp.world_size())) is not None:
+                log(moved)
         state.metrics.rewind(state.step)
         ddp.same_weights(drafter)
         return state
@@ -321,8 +342,23 @@ class TrainerState:
         saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
                  "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
         if ddp.is_main():
-            save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops})
+            save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops,
+                                                                    "device": self.device_type, "world_size": ddp.world_size()})
         ddp.barrier()
+
+
+def placement_note(config: dict, device_type: str, world: int) -> str | None:
+    """The line a resume prints when its checkpoint (`config`, its config.json) was written on another device type or by
+    another number of processes; None when nothing changes or the checkpoint predates the record. Nothing else is
+    needed: every rank holds the same state and each step's global batch is split by rank, so any world size that
+    divides the batch (`distributed.init`) continues the same run."""
+    was_device, was_world = config.get("device"), config.get("world_size")
+    if was_device is None or was_world is None or (was_device, was_world) == (device_type, world):
+        return None
+    procs = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
+    same = ("every step still trains the same global batch, split across the processes, so the updates are the same up to "
+            "float summation order") if was_world != world else "the same steps follow, equal up to the devices' float rounding"
+    return f"resuming a run written on {was_device} by {procs(was_world)} on {device_type} with {procs(world)}: {same}"
 
 
 def data_order(n: int, seed: int, start: int, count: int) -> list[int]:
