@@ -265,6 +265,9 @@ class OptimConfig:
     min_warmup_steps: int = 3
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # recompute each drafter layer in the backward pass instead of keeping its activations: a fraction of the memory
+    # for about a third more drafter compute (DFlash; `draftopd plan` shows what a run needs either way)
+    checkpoint_layers: bool = False
 
     flag_prefix: ClassVar[str] = "optim_"
 

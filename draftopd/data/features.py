@@ -137,10 +137,8 @@ def shard_plan(lengths: list[int], shard_tokens: int) -> list[range]:
 @torch.no_grad()
 def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, ...], keep_final: bool,
                      batch_tokens: int = 4096) -> list[dict[str, Tensor]]:
-    """Run the target's base model over `sequences` (length-sorted batches of about `batch_tokens` padded tokens)."""
-    from ..models.target import _capture
-
-    base = target.model.model
+    """Run the target over `sequences` (length-sorted batches of about `batch_tokens` padded tokens, `Target.score`:
+    no logits over every position; the argmax is taken a chunk of positions at a time)."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[dict[str, Tensor] | None] = [None] * len(sequences)
     i = 0
@@ -150,23 +148,14 @@ def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, .
             j += 1
         batch = [sequences[k] for k in order[i:j]]
         width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), target.pad_id, dtype=torch.long, device=target.device)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(batch):
-            ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s, device=target.device), 1
-        captured: dict[int, Tensor] = {}
-        hooks = [base.layers[lid].register_forward_hook(_capture(captured, lid)) for lid in layer_ids]
-        try:
-            final = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        finally:
-            for h in hooks:
-                h.remove()
-        feats = torch.cat([captured[lid] for lid in layer_ids], -1)
+        rows = torch.tensor([[len(s)] + list(s) + [target.pad_id] * (width - len(s)) for s in batch], dtype=torch.long, device=target.device)
+        valid = torch.arange(width, device=target.device)[None, :] < rows[:, :1]
+        scored = target.score(rows[:, 1:], valid, tuple(layer_ids))
         for b, k in enumerate(order[i:j]):
             n = len(batch[b])
-            greedy = torch.cat([target.lm_head(c).argmax(-1) for c in final[b, :n].split(256)])
-            out[k] = {"features": feats[b, :n].to(torch.bfloat16).cpu(), "greedy": greedy.int().cpu(),
-                      **({"final": final[b, :n].to(torch.bfloat16).cpu()} if keep_final else {})}
+            greedy = torch.cat([target.logits(c).argmax(-1) for c in scored.final[b, :n].split(256)])
+            out[k] = {"features": scored.features[b, :n].to(torch.bfloat16).cpu(), "greedy": greedy.int().cpu(),
+                      **({"final": scored.final[b, :n].to(torch.bfloat16).cpu()} if keep_final else {})}
         i = j
     return out  # type: ignore[return-value]
 

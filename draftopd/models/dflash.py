@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .drafter import DraftContext, Drafter, DrafterError, DrafterSpec, RMSNorm, rope
 
@@ -56,9 +57,7 @@ class DraftLayer(nn.Module):
         q = rope(self.q_norm(self._heads(self.q_proj(x), self.s.num_heads)), positions, self.s.rope_theta)
         k, v = self.keys_values(x, positions)
         k, v = torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2)
-        groups = self.s.num_heads // self.s.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.s.num_heads != self.s.num_kv_heads)
         h = h + self.o_proj(attn.transpose(1, 2).reshape(*h.shape[:2], -1))
         x = self.post_attention_layernorm(h)
         return h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -95,10 +94,13 @@ class DFlashDrafter(Drafter):
         h = self.mask_vector().to(self.fc.weight.dtype).expand(b, n_blocks, size, -1).clone()
         h[:, :, 0] = self.embed(anchor_tokens).to(h.dtype)
         positions = (anchor_positions[..., None] + slot).reshape(b, n_blocks * size)
-        mask = self.block_mask(ctx, anchor_positions)
+        mask = attention_bias(self.block_mask(ctx, anchor_positions), h)
         h = h.reshape(b, n_blocks * size, -1)
         for layer, k, v in zip(self.layers, ctx.keys, ctx.values):
-            h = layer(h, k, v, mask, positions)
+            if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, k, v, mask, positions, use_reentrant=False)
+            else:
+                h = layer(h, k, v, mask, positions)
         return self.norm(h).view(b, n_blocks, size, -1)[:, :, 1:]
 
     def mask_vector(self) -> Tensor:
@@ -115,6 +117,16 @@ class DFlashDrafter(Drafter):
         block_id = torch.arange(n_blocks, device=anchor_positions.device).repeat_interleave(size)
         own = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)
         return torch.cat([sees_ctx, own], dim=2)[:, None]
+
+
+def attention_bias(mask: Tensor, like: Tensor) -> Tensor:
+    """A boolean attention mask (True = attend) as the additive bias attention adds to its scores (0 or -inf), made
+    once for every layer (each would otherwise convert the mask itself), in the dtype attention runs in: autocast's
+    where it is on, else `like`'s."""
+    device = like.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else like.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 # the target decoder layer's parameter (HF Llama / Qwen / Mistral naming) behind each drafter layer parameter

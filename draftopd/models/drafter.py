@@ -200,6 +200,7 @@ class Drafter(nn.Module):
         self.target_name = target_name
         self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
         self.register_buffer("lm_head_weight", lm_head_weight.detach(), persistent=False)
+        self.checkpoint_layers = False  # recompute each layer in backward (`OptimConfig.checkpoint_layers`; DFlash)
 
     def _finish(self) -> None:
         spec = self.spec

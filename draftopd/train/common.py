@@ -22,6 +22,7 @@ wrote it, so a resume elsewhere (GPU -> CPU, 2 processes -> 1) says in one line 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -57,7 +58,9 @@ def train_autocast(name: str, device) -> torch.autocast:
     """The context a drafter's training forward runs in: bf16 autocast when `name` (SFTConfig.autocast) resolves to
     bfloat16 on `device`, else a disabled one (float32 throughout)."""
     dtype = resolve_dtype(name, str(device)) if name == "auto" else getattr(torch, name)
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    if dtype != torch.bfloat16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 PHASES = ("rollout", "teacher", "train")

@@ -294,6 +294,7 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
     st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "prompts_per_rollout"))
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
+    drafter.checkpoint_layers = cfg.optim.checkpoint_layers
     bar = tqdm(total=cfg.steps, initial=st.step, desc="draft-opd", disable=not progress or not ddp.is_main(), dynamic_ncols=True)
     while st.running(cfg.steps, stop_after, cfg.max_flops):
         # 1. rollout with the current drafter through the speculative decoder (this rank's share of the prompts)

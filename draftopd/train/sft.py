@@ -117,6 +117,7 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     drafter.train()
+    drafter.checkpoint_layers = cfg.optim.checkpoint_layers
     bar = tqdm(total=cfg.steps, initial=st.step, desc="sft", disable=not progress or not ddp.is_main(), dynamic_ncols=True)
     while st.running(cfg.steps, stop_after, cfg.max_flops):
         t0, spent = time.perf_counter(), compute.copy()
