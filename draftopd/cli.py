@@ -197,6 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from .config import EvalConfig
     from .data.prompts import check_source
     from .eval.evaluate import evaluate
+    from .train import distributed as ddp
 
     cfg, drafter_cfg = build_config(EvalConfig, args), build_config(DrafterConfig, args)
     for name in cfg.sets:
@@ -206,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     report = evaluate(target, drafter, cfg)
     report.config["drafter"] = args.drafter or "untrained"
-    if args.out:
+    if args.out and ddp.is_main():  # under torchrun every rank holds the whole report
         report.save(args.out)
     return {"table": report.table(), **report.to_dict()}
 

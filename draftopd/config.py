@@ -147,7 +147,8 @@ class DrafterConfig:
 
 def resolve_device(name: str = "auto") -> str:
     """`auto` = cuda when available, else cpu; anything else as given (cpu, cuda, cuda:N). Under torchrun
-    (WORLD_SIZE > 1) `cuda` means this process's own GPU, `cuda:LOCAL_RANK`."""
+    (WORLD_SIZE > 1) `cuda` means this process's own GPU, `cuda:LOCAL_RANK`, and an explicit `cuda:N` is refused:
+    every rank would compute on that one GPU."""
     import os
 
     import torch
@@ -156,7 +157,11 @@ def resolve_device(name: str = "auto") -> str:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available here")
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if name.startswith("cuda:") and world > 1:
+        raise ConfigError(f"--device {name} under torchrun ({world} processes): each process takes its own GPU "
+                          "(cuda:LOCAL_RANK); pass --device cuda or auto")
+    if name == "cuda" and world > 1:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return name
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
-from draftopd.data.features import FeatureCache, build_feature_cache, read_manifest, shard_plan
+from draftopd.data.features import FeatureCache, SequenceShape, build_feature_cache, frequent_tokens, read_manifest, shard_plan
 from draftopd.data.prompts import DataError
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.models.drafter import DrafterError, load_drafter, new_drafter, save_drafter
@@ -103,6 +103,56 @@ def test_sft_from_cache_matches_online_sft(llama_target, tmp_path, loss, one_thr
     train_sft(llama_target, drafter_b, cache, SFTConfig(steps=3, batch_size=4, anchors_per_seq=4, labels="greedy", optim=OptimConfig(lr=1e-3)),
               tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "last" / "trainer.pt").exists()
+
+
+@pytest.fixture
+def read_keys(monkeypatch) -> list[str]:
+    """The tensors read from cache shards (every `get_tensor` / `get_slice` key), in order."""
+    import safetensors
+
+    keys, real = [], safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.handle = real(*args, **kwargs)
+
+        def get_tensor(self, key):
+            return keys.append(key) or self.handle.get_tensor(key)
+
+        def get_slice(self, key):
+            return keys.append(key) or self.handle.get_slice(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    return keys
+
+
+@pytest.mark.parametrize("labels", ["greedy", "text"])
+def test_frequent_tokens_of_a_cache_read_no_features(llama_target, tmp_path, labels, read_keys, monkeypatch) -> None:
+    data = examples()
+    data[0] = Example((), data[0].response_ids)  # no prompt: greedy labels from its first position on
+    build_feature_cache(llama_target, data, tmp_path, LAYERS, shard_tokens=60, progress=False)
+    cache = FeatureCache.open(tmp_path, llama_target, LAYERS)
+    want = frequent_tokens([cache[i] for i in range(len(cache))], 64, 20, labels)
+    counted = torch.zeros(64, dtype=torch.long)
+    for i in range(len(cache)):
+        c = cache[i]
+        ids = c.greedy[max(c.response_start - 1, 0):-1] if labels == "greedy" else c.tokens[c.response_start:]
+        counted += torch.bincount(ids, minlength=64)
+    assert torch.equal(want, counted.topk(20).indices.sort().values)
+    read_keys.clear()
+    monkeypatch.setattr(FeatureCache, "__getitem__", lambda self, i: pytest.fail("read a whole sequence"))
+    fresh = FeatureCache.open(tmp_path, llama_target, LAYERS)
+    assert torch.equal(frequent_tokens(fresh, 64, 20, labels), want)
+    assert set(read_keys) == {"offsets", "response_start", "greedy" if labels == "greedy" else "tokens"}
+
+
+def test_sequence_shape_reads_offsets_and_response_starts_only(llama_target, tmp_path, read_keys) -> None:
+    build_feature_cache(llama_target, examples(), tmp_path, LAYERS, shard_tokens=60, progress=False)
+    cache = FeatureCache.open(tmp_path, llama_target, LAYERS)
+    read_keys.clear()
+    shapes = [cache.shape(i) for i in range(len(cache))]
+    assert set(read_keys) == {"offsets", "response_start"}
+    assert shapes == [SequenceShape(len(cache[i].tokens), cache[i].response_start) for i in range(len(cache))]
 
 
 def reduced_drafter(target, vocab: int, block_size: int = 4, **cfg):

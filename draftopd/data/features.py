@@ -15,20 +15,25 @@ A manifest (`manifest.json`) names the target and a fingerprint of its weights, 
 ids, dtype and token counts; opening a cache for another target, layer set or tokenizer is an error.
 Resumable after kill -9: shards are formed deterministically from the example order, each is written to a
 temporary file and renamed, and the manifest lists only finished shards, so a restart redoes at most one.
+Under torchrun (`train/distributed.py`) rank r computes shards r, r + W, r + 2W, ... and rank 0 writes the manifest
+of every shard once all are written; a restart (any world size) also keeps a shard file the manifest does not list
+yet when it holds exactly its planned tokens. The cache is the one a single process writes, byte for byte.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..train import distributed as ddp
 from .prompts import DataError
 
 FORMAT = "draftopd-features-v1"
@@ -162,56 +167,115 @@ def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, .
 
 def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: tuple[int, ...], *, keep_final: bool = True,
                         shard_tokens: int = 65536, batch_tokens: int = 4096, progress: bool = True) -> FeatureManifest:
-    """Cache features of `examples` (objects with prompt_ids, response_ids) in `out_dir`; resumes a partial cache."""
-    from safetensors.torch import save_file
+    """Cache features of `examples` (objects with prompt_ids, response_ids) in `out_dir`; resumes a partial cache.
+    Under torchrun shard i is computed by rank i % world size and rank 0 writes the manifest of every shard."""
     from tqdm import tqdm
 
     if not examples:
         raise DataError("no examples to cache features for")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    want = expected_manifest(target, layer_ids, keep_final)
-    manifest = read_manifest(folder) if (folder / "manifest.json").exists() else want
-    _check_same(manifest, want, folder)
+    ddp.init(target.device)
+    manifest = ddp.main_first(lambda: _start_manifest(folder, expected_manifest(target, layer_ids, keep_final)))
     seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples]
     plan = shard_plan([len(s) for s in seqs], shard_tokens)
-    done = len(manifest.shards)
-    bar = tqdm(total=sum(len(s) for s in seqs), initial=sum(s["tokens"] for s in manifest.shards), desc="features",
-               unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    entries = [{"file": f"shard-{index:05d}.safetensors", "sequences": len(rows), "tokens": sum(len(seqs[i]) for i in rows)}
+               for index, rows in enumerate(plan)]
+    listed = {s["file"]: s for s in manifest.shards}
+    if any(listed.get(e["file"], e) != e for e in entries) or not listed.keys() <= {e["file"] for e in entries}:
+        raise DataError(f"feature cache {folder} was made from other examples or another --shard-tokens: use another --out folder")
+    done = [e["file"] in listed or _complete_shard(folder / e["file"], [seqs[i] for i in rows]) for e, rows in zip(entries, plan)]
+    mine = [i for i in range(len(plan)) if not done[i] and i % ddp.world_size() == ddp.rank()]
+    bar = tqdm(total=sum(entries[i]["tokens"] for i in mine), desc="features", unit="tok", unit_scale=True,
+               disable=not progress or not ddp.is_main(), dynamic_ncols=True)
     t0 = time.perf_counter()
-    for index, rows in enumerate(plan[done:], start=done):
-        cached = prefill_features(target, [seqs[i] for i in rows], layer_ids, keep_final, batch_tokens)
-        lengths = torch.tensor([len(seqs[i]) for i in rows])
-        tensors = {"tokens": torch.tensor([t for i in rows for t in seqs[i]], dtype=torch.int32),
-                   "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-                   "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
-                   **{key: torch.cat([c[key] for c in cached]) for key in cached[0]}}
-        name = f"shard-{index:05d}.safetensors"
-        save_file(tensors, str(folder / (name + ".tmp")))
-        os.replace(folder / (name + ".tmp"), folder / name)
-        manifest = FeatureManifest(**{**asdict(manifest), "layer_ids": tuple(layer_ids),
-                                      "shards": manifest.shards + ({"file": name, "sequences": len(rows), "tokens": int(lengths.sum())},)})
-        _write_manifest(folder, manifest)
-        bar.update(int(lengths.sum()))
+    for index in mine:
+        _write_shard(folder / entries[index]["file"], target, examples, seqs, plan[index], layer_ids, keep_final, batch_tokens)
+        done[index] = True
+        if ddp.world_size() == 1:  # the finished shards, in plan order: a kill loses at most the shard in flight
+            _write_manifest(folder, replace(manifest, shards=tuple(e for e, d in zip(entries, done) if d)))
+        bar.update(entries[index]["tokens"])
         bar.set_postfix(tok_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
     bar.close()
+    manifest = replace(manifest, shards=tuple(entries))
+    ddp.barrier()  # every rank's shards are written
+    if ddp.is_main():
+        _write_manifest(folder, manifest)
+    ddp.barrier()
     return manifest
 
 
+def _start_manifest(folder: Path, want: FeatureManifest) -> FeatureManifest:
+    """The folder's manifest (refused when made for another target or layer set), or `want` with no shards, written
+    before any shard so that every shard file in the folder belongs to it."""
+    if (folder / "manifest.json").exists():
+        manifest = read_manifest(folder)
+        _check_same(manifest, want, folder)
+        return manifest
+    _write_manifest(folder, want)
+    return want
+
+
+def _complete_shard(path: Path, seqs: list[list[int]]) -> bool:
+    """A shard file the manifest does not list yet (a multi-process run writes the manifest at its end) is complete
+    when it exists (written under a temporary name, then renamed) and holds exactly these sequences' tokens."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            offsets, tokens = handle.get_tensor("offsets"), handle.get_tensor("tokens")
+    except Exception:  # unreadable: computed again
+        return False
+    return offsets.tolist() == [0, *itertools.accumulate(map(len, seqs))] and tokens.tolist() == [t for s in seqs for t in s]
+
+
+def _write_shard(path: Path, target, examples: list, seqs: list[list[int]], rows: range, layer_ids: tuple[int, ...], keep_final: bool,
+                 batch_tokens: int) -> None:
+    """One shard file: the target's features of `rows`, written to a temporary file and renamed."""
+    from safetensors.torch import save_file
+
+    cached = prefill_features(target, [seqs[i] for i in rows], layer_ids, keep_final, batch_tokens)
+    lengths = torch.tensor([len(seqs[i]) for i in rows])
+    tensors = {"tokens": torch.tensor([t for i in rows for t in seqs[i]], dtype=torch.int32),
+               "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+               "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
+               **{key: torch.cat([c[key] for c in cached]) for key in cached[0]}}
+    save_file(tensors, str(path.with_name(path.name + ".tmp")))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
 def frequent_tokens(items, vocab_size: int, n: int, labels: str = "greedy") -> Tensor:
-    """The `n` most frequent label tokens over the response positions of `items` (CachedSequences, or examples
-    with prompt_ids/response_ids): the draft vocabulary. `labels` "greedy" counts the target's argmax after each
-    position (fixed-text training), "text" the sequence's own tokens (regenerated answers)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for item in items:
-        if isinstance(item, CachedSequence):
-            ids = item.greedy[item.response_start - 1 : -1] if labels == "greedy" else item.tokens[item.response_start :]
-        else:
-            ids = torch.tensor(item.response_ids, dtype=torch.long)
-        counts += torch.bincount(ids.long(), minlength=vocab_size)
+    """The `n` most frequent label tokens over the response positions of `items` (a FeatureCache, CachedSequences, or
+    examples with prompt_ids/response_ids): the draft vocabulary. `labels` "greedy" counts the target's argmax after
+    each position (fixed-text training), "text" the sequence's own tokens (regenerated answers). A FeatureCache is
+    read a shard at a time (`FeatureCache.labels`), never its features."""
     if n > vocab_size:
         raise DataError(f"draft vocabulary of {n} is larger than the target's {vocab_size}")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    if isinstance(items, FeatureCache):
+        chunks = (items.labels(s, labels) for s in range(len(items.manifest.shards)))
+    else:
+        chunks = (_item_labels(item, labels) for item in items)
+    for ids in chunks:
+        counts += torch.bincount(ids.long(), minlength=vocab_size)
     return counts.topk(n).indices.sort().values
+
+
+def _item_labels(item, labels: str) -> Tensor:
+    """The label tokens at one sequence's response positions (see `frequent_tokens`)."""
+    if isinstance(item, CachedSequence):
+        return item.greedy[max(item.response_start - 1, 0) : -1] if labels == "greedy" else item.tokens[item.response_start :]
+    return torch.tensor(item.response_ids, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    """What a batch needs of a cached sequence another rank trains: its length and where its response starts."""
+
+    length: int
+    response_start: int
 
 
 @dataclass
@@ -223,6 +287,7 @@ class FeatureCache:
     _index: list[tuple[int, int]] = field(default_factory=list)  # sequence -> (shard, row)
     _open: dict[int, object] = field(default_factory=dict)
     _offsets: dict[int, Tensor] = field(default_factory=dict)
+    _starts: dict[int, Tensor] = field(default_factory=dict)  # response starts of the shards `shape` has read
     columns: tuple[int, ...] | None = None  # the cached layers a drafter reads, when it reads a subset of them
 
     @staticmethod
@@ -263,6 +328,35 @@ class FeatureCache:
                 raise DataError(f"feature cache shard {path} does not match the manifest: rebuild the cache")
             self._open[s], self._offsets[s] = handle, offsets
         return self._open[s], self._offsets[s]
+
+    def _tensor(self, s: int, key: str) -> Tensor:
+        handle, _ = self._shard(s)
+        try:
+            return handle.get_tensor(key)
+        except Exception as err:
+            raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None
+
+    def shape(self, i: int) -> SequenceShape:
+        """Sequence i's length and response start, read from its shard's offsets and response starts (kept once the
+        shard is open), without touching its features."""
+        s, row = self._index[i]
+        _, offsets = self._shard(s)
+        if s not in self._starts:
+            self._starts[s] = self._tensor(s, "response_start")
+        return SequenceShape(int(offsets[row + 1] - offsets[row]), int(self._starts[s][row]))
+
+    def labels(self, s: int, labels: str = "greedy") -> Tensor:
+        """Shard s's label tokens at every response position (`frequent_tokens`): the target's argmax after each position
+        ("greedy": positions response_start - 1 .. length - 2 of each sequence) or the text itself ("text": positions
+        response_start .. length - 1). Reads the shard's tokens or greedy, offsets and response starts, no features."""
+        _, offsets = self._shard(s)
+        starts = self._tensor(s, "response_start")
+        lengths = offsets[1:] - offsets[:-1]
+        row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        local = torch.arange(int(offsets[-1])) - offsets[row]  # each position's index within its sequence
+        if labels == "greedy":
+            return self._tensor(s, "greedy")[(local >= starts[row] - 1) & (local < lengths[row] - 1)]
+        return self._tensor(s, "tokens")[local >= starts[row]]
 
     def __getitem__(self, i: int) -> CachedSequence:
         s, row = self._index[i]

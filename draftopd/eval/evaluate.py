@@ -21,6 +21,10 @@ first plain autoregressive decoding, then speculative decoding with the drafter,
   so mismatches are reported as numbers only. At temperature > 0 outputs legitimately differ (different random
   streams) and these fields are None.
 
+Under torchrun (`train/distributed.py`) each rank decodes a contiguous share of the prompts (all sets in a row);
+their runs' counts and timings are gathered, so every rank builds the report one process would (tau, counts and
+histograms equal; times are each prompt's own rank's), and `draftopd eval` saves it from rank 0.
+
 Per-prompt counts are kept (`SetResult.per_prompt`) so two drafters evaluated on the same prompts can be compared
 with a paired bootstrap (`compare_tau`: interval of tau_B / tau_A; an interval containing 1 is no evidence of a
 difference). `EvalReport.load` reads a saved report back.
@@ -40,8 +44,9 @@ from ..config import DecodeConfig, EvalConfig
 from ..data.prompts import load_prompts, render_prompt
 from ..decode.speculative import autoregressive_generate, generate
 from ..decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums, summarize
-from ..decode.trace import Generation, Timing
+from ..decode.trace import Generation, RolloutTrace, Timing
 from ..models.target import TargetError
+from ..train import distributed as ddp
 
 __all__ = ["EvalReport", "PromptStats", "SetResult", "TauComparison", "compare_tau", "evaluate"]
 
@@ -179,6 +184,13 @@ def _merge(gens: list[Generation]) -> Generation:
     return Generation([t for g in gens for t in g.traces], timing)
 
 
+def _counts_only(gen: Generation) -> Generation:
+    """`gen` with each trace reduced to the host lists `summarize` reads (no tensors): cheap to gather across ranks."""
+    traces = [RolloutTrace(t.prompt, t.output, t.anchors, accepted=t.accepted, proposed=t.proposed, looked_up=t.looked_up,
+                           finish=t.finish) for t in gen.traces]
+    return Generation(traces, gen.timing)
+
+
 def _prompt_stats(set_name: str, prompt_id: str, ar: Generation, sd: Generation, greedy: bool) -> PromptStats:
     a, s = ar.traces[0], sd.traces[0]
     return PromptStats(set_name, prompt_id, max(len(s.output) - 1, 0), s.rounds, ar.timing.total_s, sd.timing.total_s,
@@ -237,6 +249,7 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
     """
     from tqdm import tqdm
 
+    ddp.init(target.device)
     if prompt_sets is not None:
         sets = {name: [(f"{name}/{i}", [int(t) for t in ids]) for i, ids in enumerate(prompts)]
                 for name, prompts in prompt_sets.items()}
@@ -260,30 +273,27 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
     generate(target, drafter, [first], warm)
 
     strict = target.dtype in _LOSSLESS_DTYPES
-    rows, all_ar, all_sd, all_stats = [], [], [], []
-    bar = tqdm(total=sum(len(v) for v in sets.values()), desc="eval", unit="prompt", disable=not progress)
+    prompts = [(name, prompt_id, ids) for name, items in sets.items() for prompt_id, ids in items]
+    mine = prompts[ddp.share(len(prompts))]
+    runs = []  # (AR run, speculative run, PromptStats) of each of this rank's prompts
+    bar = tqdm(total=len(mine), desc="eval", unit="prompt", disable=not progress or not ddp.is_main())
     try:
-        for name, items in sets.items():
+        for name, prompt_id, ids in mine:
             bar.set_postfix(set=name)
-            ar_gens, sd_gens, stats = [], [], []
-            for prompt_id, ids in items:
-                a = autoregressive_generate(target, [ids], dcfg)
-                s = generate(target, drafter, [ids], dcfg)
-                ar_gens.append(a)
-                sd_gens.append(s)
-                stats.append(_prompt_stats(name, prompt_id, a, s, greedy))
-                if strict and stats[-1].first_divergence is not None:
-                    bar.write(f"MISMATCH: set '{name}' prompt '{prompt_id}': greedy speculative output differs from "
-                              f"autoregressive at new token {stats[-1].first_divergence} in {_dtype_name(target.dtype)} "
-                              f"(lossless decoding is broken)", file=sys.stderr)
-                bar.update(1)
-            rows.append(_set_result(name, ar_gens, sd_gens, drafter.block_size, stats, greedy, cfg))
-            all_ar += ar_gens
-            all_sd += sd_gens
-            all_stats += stats
+            a, s = autoregressive_generate(target, [ids], dcfg), generate(target, drafter, [ids], dcfg)
+            runs.append((_counts_only(a), _counts_only(s), _prompt_stats(name, prompt_id, a, s, greedy)))
+            if strict and runs[-1][2].first_divergence is not None:
+                bar.write(f"MISMATCH: set '{name}' prompt '{prompt_id}': greedy speculative output differs from "
+                          f"autoregressive at new token {runs[-1][2].first_divergence} in {_dtype_name(target.dtype)} "
+                          f"(lossless decoding is broken)", file=sys.stderr)
+            bar.update(1)
     finally:
         bar.close()
-    rows.append(_set_result("all", all_ar, all_sd, drafter.block_size, all_stats, greedy, cfg))
+    runs = [run for part in ddp.all_gather(runs) for run in part]  # every rank's prompts, in one process's order
+    rows = []
+    for name in [*sets, "all"]:
+        kept = [run for run in runs if name in (run[2].set, "all")]
+        rows.append(_set_result(name, [r[0] for r in kept], [r[1] for r in kept], drafter.block_size, [r[2] for r in kept], greedy, cfg))
     config = {**dataclasses.asdict(cfg), "sets": list(sets), "target": target.name, "block_size": drafter.block_size,
               "pretokenized": prompt_sets is not None, "target_dtype": _dtype_name(target.dtype),
               "lossless_required": strict and greedy, "ci_level": LEVEL}

@@ -1,4 +1,4 @@
-"""Data-parallel training across processes: `torchrun --nproc-per-node N -m draftopd.cli sft|opd ...`.
+"""Data-parallel work across processes: `torchrun --nproc-per-node N -m draftopd.cli sft|opd|regenerate|features|eval ...`.
 
 Choices:
 - Data parallelism with a full drafter per rank (DDP), not FSDP2: a drafter has 5-15M parameters, so its weights and
@@ -20,8 +20,12 @@ Choices:
 - Equal to one process up to float rounding: in float32 a two-process run's weights match a single process's to
   about 1e-6 (`tests/test_ddp.py`). With a bfloat16 target a rank's half batch is padded and rounded differently
   from the whole batch, so rollouts, and the runs, drift further apart (close, not equal).
+- Data commands split the work, not a batch: `regenerate` and `eval` give each rank a contiguous `share` of the prompts
+  (any world size; rank 0 merges the parts, or builds the report from every rank's per-prompt stats, in one process's
+  order), `features` gives shard i of the deterministic plan to rank i % world size. Their outputs equal one
+  process's: records are seeded per record, shards are computed alone.
 - Backend nccl for a CUDA target (one GPU per rank: `config.resolve_device` maps `auto`/`cuda` to `cuda:LOCAL_RANK`
-  under torchrun), gloo on CPU. The group comes from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR,
+  under torchrun and refuses an explicit `cuda:N`, which would put every rank on one GPU), gloo on CPU. The group comes from torchrun's environment (WORLD_SIZE, RANK, MASTER_ADDR,
   MASTER_PORT) or is one the caller already initialised. With one process every helper here is a no-op.
 """
 
@@ -76,6 +80,21 @@ def shard(n: int) -> slice:
     """This rank's rows of a batch of `n` (contiguous, n / world_size of them)."""
     size = n // world_size()
     return slice(rank() * size, (rank() + 1) * size)
+
+
+def share(n: int) -> slice:
+    """This rank's contiguous part of `n` items that need not split evenly (regeneration prompts, evaluation prompts):
+    rank r takes items r*n//W .. (r+1)*n//W - 1, so the ranks' parts, in rank order, are the items in order."""
+    return slice(rank() * n // world_size(), (rank() + 1) * n // world_size())
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's `obj` (any picklable value; keep tensors out of it or on the host), in rank order."""
+    if world_size() == 1:
+        return [obj]
+    everyone: list = [None] * world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
 
 
 def all_sum(x: T) -> T:

@@ -15,7 +15,8 @@ Gradient accumulation sums micro-batch numerators and divides by the step's tota
 full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of every micro-batch, and the
 step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
 on the same batch; every rank draws the anchors of the whole micro-batch and keeps its own rows, so each trains
-exactly the anchors one process would have.
+exactly the anchors one process would have. From the feature cache a rank reads only its own rows' sequences, and of
+the others only their lengths and response starts (`batch_items`).
 A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a killed run resumed with
 `resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an uninterrupted run's; folder
 rules in `common.py`).
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from ..config import SFTConfig
 from ..models.drafter import Drafter
 from ..models.target import Target
-from ..data.features import CachedSequence
+from ..data.features import CachedSequence, FeatureCache, SequenceShape
 from . import distributed as ddp
 from .blocks import add_feature_noise, block_hidden, block_labels, draft_vocab_logits, draw_anchors, pad_batch, teach_cached, teach_online
 from .chunked import chunk_rows, chunked_sum
@@ -62,15 +63,18 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
     draft vocabulary; labels outside a reduced vocabulary are skipped. Anchors are drawn for all of `items`, then
     only `rows` of them (this rank's share) are trained. The head and the loss run a chunk of slots at a time
     (`chunked.py`): no tensor holds every slot's logits."""
-    cached = isinstance(items[0], CachedSequence)
-    seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
+    cached = isinstance(items[0], (CachedSequence, SequenceShape))
+    lengths = [len(c.tokens) if isinstance(c, CachedSequence) else c.length for c in items] if cached else \
+        [len(e.prompt_ids) + len(e.response_ids) for e in items]
     starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
-    anchors, anchor_valid = draw_anchors(starts, [len(s) for s in seqs], cfg.anchors_per_seq, gen)
+    anchors, anchor_valid = draw_anchors(starts, lengths, cfg.anchors_per_seq, gen)
     trained = int(anchor_valid[rows].sum())  # counted on the host, before the device has the anchors
     anchors, anchor_valid = anchors[rows].to(target.device), anchor_valid[rows].to(target.device)
-    items, batch = items[rows], pad_batch(seqs[rows], starts[rows], target.pad_id, target.device)
+    items = items[rows]
+    seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
+    batch = pad_batch(seqs, starts[rows], target.pad_id, target.device)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
-    features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(seqs), max(map(len, seqs))), rows)
+    features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(lengths), max(lengths)), rows)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
     pos = (anchors[..., None] + lab.slots - 1).clamp(max=batch.tokens.shape[1] - 1)  # the target predicts token a+k at a+k-1
     text = lab.labels if cfg.labels == "text" else teacher.greedy(target).gather(1, pos.flatten(1)).view_as(pos)
@@ -93,8 +97,17 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
         flat = lambda x: x.flatten(0, 2)  # noqa: E731  (b, n, K, ...) -> (b*n*K, ...)
         loss_sum, correct = chunked_sum(chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(weights),
                                         flat(slot), flat(final))
-    return StepResult(loss_sum, weights.sum(), correct, mask.sum((0, 1)), 0 if cached else sum(map(len, seqs[rows])),
+    return StepResult(loss_sum, weights.sum(), correct, mask.sum((0, 1)), 0 if cached else sum(map(len, seqs)),
                       trained * drafter.block_size)
+
+
+def batch_items(examples, order: list[int], rows: slice) -> list:
+    """The items `order` of `examples`. From the feature cache only this rank's `rows` are read whole; the other ranks'
+    rows are `SequenceShape`s (length and response start, all that drawing the batch's anchors needs)."""
+    if not isinstance(examples, FeatureCache):
+        return [examples[i] for i in order]
+    own = range(len(order))[rows]
+    return [examples[i] if j in own else examples.shape(i) for j, i in enumerate(order)]
 
 
 def logit_width(drafter: Drafter) -> int:
@@ -123,7 +136,7 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
         t0, spent = time.perf_counter(), compute.copy()
         results = []
         for _ in range(cfg.grad_accum):
-            micro = [examples[i] for i in data_order(len(examples), cfg.seed, st.data_pos, cfg.batch_size)]
+            micro = batch_items(examples, data_order(len(examples), cfg.seed, st.data_pos, cfg.batch_size), ddp.shard(cfg.batch_size))
             st.data_pos += cfg.batch_size
             results.append(sft_micro_batch(target, drafter, micro, cfg, st.gen, ddp.shard(cfg.batch_size)))
         total_weight = ddp.all_sum(sum(r.weight_sum for r in results))  # every rank's labels: the single process's normaliser
