@@ -275,6 +275,14 @@ def cmd_recipe(args: argparse.Namespace) -> dict:
     return run_recipe(cfg)
 
 
+def cmd_plan(args: argparse.Namespace) -> dict:
+    """What a run needs per rank, measured on meta tensors of the target's shapes (`plan.py`)."""
+    from .plan import PlanConfig, plan
+
+    report = plan(build_config(PlanConfig, args), build_config(DrafterConfig, args))
+    return {"table": report.table(), **report.to_dict()}
+
+
 EXPORT_FORMATS = ("dflash", "speculators", "gguf")  # z-lab's reference DFlash (dflash==0.1.0); speculators (vLLM); llama.cpp
 IMPORT_FORMATS = ("dflash", "speculators")
 
@@ -487,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, help="new folder for the draftopd checkpoint")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=cmd_import, printer=print_table)
+
+    from .plan import PlanConfig
+
+    pl = sub.add_parser("plan", help="memory per rank, FLOPs and feature-cache size of a run, measured on the target's shapes (no weights)")
+    pl.add_argument("--json", action="store_true")
+    add_config_args(pl, PlanConfig)
+    add_config_args(pl, DrafterConfig)
+    pl.set_defaults(func=cmd_plan, printer=print_table)
 
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
     demo.add_argument("--target", default=DEFAULT_TARGET)
