@@ -133,6 +133,9 @@ class DrafterConfig:
         check_ints(self, 2, "block_size")
         check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", optional=True)
         check_ints(self, 0, "mask_token_id", optional=True)
+        require(self, "head_dim", self.head_dim is None or self.head_dim % 2 == 0, "must be even (RoPE rotates pairs of dimensions)")
+        require(self, "num_kv_heads", None in (self.num_heads, self.num_kv_heads) or self.num_heads % self.num_kv_heads == 0,
+                f"must divide --draft-num-heads {self.num_heads}")
         ids = self.target_layer_ids
         require(self, "target_layer_ids", ids is None or (isinstance(ids, tuple) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids)),
                 "must be one or more layer ids >= 0")

@@ -42,6 +42,17 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("gen-draft-heads-0", G + " --draft-num-heads 0", "--draft-num-heads", ()),
     ("gen-layer-ids-outside", G + " --draft-target-layer-ids 99", "outside", ()),
     ("gen-layer-ids-negative", G + " --draft-target-layer-ids -1", "--draft-target-layer-ids", ()),
+    ("gen-draft-heads-not-dividing-hidden", G + " --draft-num-heads 5", "--draft-num-heads 5 does not divide the target's hidden size 32", ()),
+    ("gen-draft-kv-heads-not-dividing", G + " --draft-num-heads 4 --draft-num-kv-heads 3", "--draft-num-kv-heads must divide", ()),
+    ("gen-draft-targets-kv-heads-not-dividing", G + " --draft-num-heads 1", "--draft-num-kv-heads must divide the 1 attention heads", ()),
+    ("gen-draft-head-dim-odd", G + " --draft-head-dim 7", "--draft-head-dim must be even", ()),
+    ("gen-drafter-block-size-text", G + " --drafter {drafter_block_text}", "draftopd_spec.block_size must be an integer >= 2, got '8'", ()),
+    ("gen-drafter-block-size-0", G + " --drafter {drafter_block_0}", "draftopd_spec.block_size must be an integer >= 2, got 0", ()),
+    ("gen-drafter-block-size-negative", G + " --drafter {drafter_block_negative}", "draftopd_spec.block_size", ()),
+    ("gen-drafter-layer-beyond-depth", G + " --drafter {drafter_deep_layer}", "outside the target's 4 layers", ()),
+    ("gen-drafter-kv-heads-not-dividing", G + " --drafter {drafter_kv_heads}", "draftopd_spec.num_kv_heads must divide", ()),
+    ("gen-drafter-rope-theta-text", G + " --drafter {drafter_rope_text}", "draftopd_spec.rope_theta", ()),
+    ("gen-drafter-mask-outside-vocab", G + " --drafter {drafter_mask_outside}", "draftopd_spec.mask_token_id", ()),
     ("gen-unknown-flag", G + " --no-such-flag", "unrecognized arguments", ()),
     ("gen-no-prompt", "generate --target {target}", "--prompt", ()),
     ("gen-missing-prompt-file", G + " --prompt-file {tmp}/missing.jsonl", "missing file", ()),
@@ -201,12 +212,38 @@ def targets(tmp_path_factory) -> dict[str, Path]:
     return found
 
 
+BROKEN_DRAFTERS = {  # config.json draftopd_spec changes of a good drafter checkpoint
+    "drafter_block_text": {"block_size": "8"}, "drafter_block_0": {"block_size": 0}, "drafter_block_negative": {"block_size": -3},
+    "drafter_deep_layer": {"target_layer_ids": [1, 9]}, "drafter_kv_heads": {"num_kv_heads": 3},
+    "drafter_rope_text": {"rope_theta": "big"}, "drafter_mask_outside": {"mask_token_id": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def drafters(targets, tmp_path_factory) -> dict[str, Path]:
+    """A drafter checkpoint of the tiny target with one bad shape value in its config.json, per BROKEN_DRAFTERS."""
+    from draftopd.config import DrafterConfig
+    from draftopd.models.drafter import new_drafter, save_drafter
+    from draftopd.models.load import load_target
+
+    good = tmp_path_factory.mktemp("drafter")
+    save_drafter(new_drafter(load_target(str(targets["target"])), DrafterConfig(block_size=4)), good)
+    found = {}
+    for name, change in BROKEN_DRAFTERS.items():
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copytree(good, folder, dirs_exist_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "draftopd_spec": {**config["draftopd_spec"], **change}}))
+        found[name] = folder
+    return found
+
+
 def _record(rid, prompt=(6, 7), response=(8, 9, 2)) -> str:
     return json.dumps({"id": rid, "source": "t", "prompt_ids": list(prompt), "response_ids": list(response), "finish": "eos"})
 
 
 @pytest.fixture
-def paths(targets, tmp_path) -> dict[str, str]:
+def paths(targets, drafters, tmp_path) -> dict[str, str]:
     """Every placeholder of CASES: targets, input files, and files that a bad --out must leave alone."""
     prompts = "\n".join(json.dumps({"prompt": " ".join(f"w{(i * 5 + j) % 50}" for j in range(4))}) for i in range(4)) + "\n"
     files = {
@@ -219,7 +256,7 @@ def paths(targets, tmp_path) -> dict[str, str]:
         "foreign_last_line.jsonl": _record("a") + "\n" + '{"id": 5}',
         "one_prompt.jsonl": json.dumps({"id": "q1", "prompt": "w1 w2"}),
     }
-    found = {name: str(path) for name, path in targets.items()}
+    found = {name: str(path) for name, path in {**targets, **drafters}.items()}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
         found[name.split(".")[0]] = str(tmp_path / name)

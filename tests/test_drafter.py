@@ -280,8 +280,53 @@ def test_copy_target_layers_refused_for_eagle3(llama_target) -> None:
 
 
 def test_target_layer_ids_out_of_range_raise(llama_target) -> None:
-    with pytest.raises(DrafterError, match="target_layer_ids"):
+    with pytest.raises(DrafterError, match=r"--draft-target-layer-ids .*outside the target's 4 layers, got \(1, 4\)"):
         new_drafter(llama_target, DrafterConfig(target_layer_ids=(1, llama_target.num_layers)))
+
+
+@pytest.mark.parametrize("cfg, error, words", [
+    (dict(num_heads=5), DrafterError, "--draft-num-heads 5 does not divide the target's hidden size 32"),
+    (dict(num_heads=1), DrafterError, "--draft-num-kv-heads must divide the 1 attention heads, got 2"),  # the target's 2 kv heads
+    (dict(num_heads=4, num_kv_heads=3), ConfigError, "--draft-num-kv-heads must divide --draft-num-heads 4, got 3"),
+    (dict(head_dim=7), ConfigError, "--draft-head-dim must be even"),
+    (dict(arch="eagle3", mask_token_id=3), None, None),  # EAGLE-3 has no MASK: the id is not kept
+    (dict(num_heads=5, head_dim=8, num_kv_heads=1), None, None),  # an explicit head_dim fits any head count
+], ids=str)
+def test_drafter_shape_relations_are_one_line(llama_target, cfg, error, words) -> None:
+    if error is None:
+        assert new_drafter(llama_target, DrafterConfig(**cfg)).spec.mask_token_id in (None, cfg.get("mask_token_id"))
+        return
+    with pytest.raises(error, match=words) as err:
+        new_drafter(llama_target, DrafterConfig(**cfg))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"block_size": "8"}, "block_size must be an integer >= 2, got '8'"),
+    ({"block_size": 0}, "block_size must be an integer >= 2, got 0"),
+    ({"block_size": -4}, "block_size must be an integer >= 2"),
+    ({"target_layer_ids": [0, 4]}, "target_layer_ids must be layer ids 0..3, none outside the target's 4 layers"),
+    ({"target_layer_ids": []}, "target_layer_ids"),
+    ({"num_heads": 3}, "num_kv_heads must divide the 3 attention heads"),
+    ({"num_kv_heads": 0}, "num_kv_heads must be an integer >= 1"),
+    ({"head_dim": 7}, "head_dim must be even"),
+    ({"intermediate_size": 2.5}, "intermediate_size must be an integer"),
+    ({"rope_theta": "big"}, "rope_theta must be a finite number > 0"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite number > 0"),
+    ({"mask_token_id": -1}, "mask_token_id must be a token id"),
+    ({"draft_vocab_size": 65}, "draft_vocab_size must be in [1, 64]"),
+    ({"num_layers": True}, "num_layers must be an integer"),
+], ids=str)
+def test_a_checkpoint_with_a_bad_shape_value_is_one_drafter_error(saved, llama_target, tmp_path, change, words) -> None:
+    """config.json is checked as strictly as flags are: one DrafterError line naming the field, not a traceback later."""
+    folder = _copy(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["draftopd_spec"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DrafterError) as err:
+        load_drafter(folder, llama_target)
+    assert f"drafter checkpoint at {folder}: config.json draftopd_spec." in str(err.value) and words in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_save_load_round_trip_identical_logits(drafter, llama_target, tmp_path) -> None:

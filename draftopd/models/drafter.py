@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DrafterConfig, dflash_default_layers, eagle3_default_layers
+from ..config import DrafterConfig, dflash_default_layers, eagle3_default_layers, flag
 from .target import Target
 
 ARCHITECTURES = {"dflash": "DFlashDrafter", "eagle3": "Eagle3Drafter"}  # spec.arch -> config.json "architecture"
@@ -64,6 +65,9 @@ class DrafterSpec:
 
     @staticmethod
     def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
+        """The shape `cfg` asks for on `target` (None fields from the target or the architecture's rule), refused with one
+        DrafterError line naming the flag to change when it cannot be built (layer ids past the target's depth, heads
+        that do not divide the hidden size, kv heads that do not divide the heads, ...)."""
         tcfg = target.model.config
         arch = cfg.arch or "dflash"
         heads = cfg.num_heads or tcfg.num_attention_heads
@@ -73,20 +77,49 @@ class DrafterSpec:
             layer_ids = cfg.target_layer_ids or eagle3_default_layers(target.num_layers)
         else:
             layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
-        mask_id, vocab = (cfg.mask_token_id if arch == "dflash" else None), cfg.vocab_size
-        if mask_id is not None and not 0 <= mask_id < target.vocab_size:
-            raise DrafterError(f"mask_token_id {mask_id} outside the target's vocabulary of {target.vocab_size}")
-        if vocab is not None and not 1 <= vocab <= target.vocab_size:
-            raise DrafterError(f"--draft-vocab-size {vocab} must be in [1, {target.vocab_size}] (the target's vocabulary)")
-        if max(layer_ids) >= target.num_layers or min(layer_ids) < 0:
-            raise DrafterError(f"target_layer_ids {layer_ids} outside the target's {target.num_layers} layers")
-        return DrafterSpec(
+        if cfg.num_heads is not None and cfg.head_dim is None and target.hidden_size % heads:
+            raise DrafterError(f"--draft-num-heads {heads} does not divide the target's hidden size {target.hidden_size}: "
+                               "choose a divisor or give --draft-head-dim")
+        spec = DrafterSpec(
             hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_target_layers=target.num_layers,
             target_layer_ids=tuple(layer_ids), num_layers=cfg.num_layers, block_size=cfg.block_size, num_heads=heads,
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
-            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
-            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, mask_token_id=mask_id, draft_vocab_size=vocab, arch=arch)
+            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size, rope_theta=cfg.rope_theta,
+            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=cfg.mask_token_id if arch == "dflash" else None, draft_vocab_size=cfg.vocab_size,
+            arch=arch)
+        spec.check(lambda name: flag(cfg, {"draft_vocab_size": "vocab_size"}.get(name, name)))
+        return spec
+
+    def check(self, name: Callable[[str], str]) -> None:
+        """Raise one DrafterError line unless every field holds a value a drafter can be built from: the same rules for a
+        spec resolved from flags and one read from a checkpoint's config.json (`load_drafter`). `name(field)` is how
+        the message names a field (its flag, or the file's key)."""
+        def need(field: str, ok: bool, rule: str) -> None:
+            if not ok:
+                raise DrafterError(f"{name(field)} {rule}, got {getattr(self, field)!r}")
+
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        need("arch", self.arch in ARCHITECTURES, f"must be one of {', '.join(ARCHITECTURES)}")
+        for field, low in (("hidden_size", 1), ("vocab_size", 1), ("num_target_layers", 1), ("num_layers", 1), ("block_size", 2),
+                           ("num_heads", 1), ("num_kv_heads", 1), ("head_dim", 2), ("intermediate_size", 1)):
+            need(field, is_int(getattr(self, field)) and getattr(self, field) >= low, f"must be an integer >= {low}")
+        need("head_dim", self.head_dim % 2 == 0, "must be even (RoPE rotates pairs of dimensions)")
+        need("num_kv_heads", self.num_heads % self.num_kv_heads == 0, f"must divide the {self.num_heads} attention heads")
+        for field in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, field)
+            need(field, isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                 "must be a finite number > 0")
+        ids, depth = self.target_layer_ids, self.num_target_layers
+        need("target_layer_ids", isinstance(ids, tuple) and len(ids) > 0 and all(is_int(i) and 0 <= i < depth for i in ids),
+             f"must be layer ids 0..{depth - 1}, none outside the target's {depth} layers")
+        need("mask_token_id", self.mask_token_id is None or (is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size),
+             f"must be a token id of the target's vocabulary (0..{self.vocab_size - 1})")
+        need("draft_vocab_size", self.draft_vocab_size is None or (is_int(self.draft_vocab_size) and 1 <= self.draft_vocab_size <= self.vocab_size),
+             f"must be in [1, {self.vocab_size}] (the target's vocabulary)")
+        if self.arch == "eagle3":
+            need("num_layers", self.num_layers == 1, "must be 1 (an EAGLE-3 drafter has one decoder layer)")
+            need("mask_token_id", self.mask_token_id is None, "must be null (an EAGLE-3 drafter has no MASK)")
 
 
 class RMSNorm(nn.Module):
@@ -404,6 +437,7 @@ def load_drafter(folder: str | Path, target: Target, arch: str | None = None) ->
         raise DrafterError(f"no drafter checkpoint at {folder}: missing {Path(err.filename or 'model.safetensors').name}") from None
     except Exception as err:  # json, key, type and safetensors header errors all mean a corrupt checkpoint
         raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
+    spec.check(lambda name: f"drafter checkpoint at {folder}: config.json draftopd_spec.{name}")  # as strict as flags
     if arch is not None and arch != spec.arch:
         raise DrafterError(f"{folder} holds {ARCH_NAMES[spec.arch]} drafter, not {ARCH_NAMES.get(arch, arch)} one "
                            f"(drop --draft-arch or pass --draft-arch {spec.arch})")
