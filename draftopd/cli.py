@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DecodeConfig, DrafterConfig, PromptConfig
+from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, PromptConfig
 
 
 class UserError(ValueError):
@@ -240,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     start = None if args.start == "none" else args.start
     if start not in (None, "committed") and not (Path(start) / "config.json").is_file():
         raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'committed' / 'none'")
-    cfg = ExperimentConfig(target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations))
+    cfg = ExperimentConfig(target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations), device=args.device, dtype=args.dtype)
     summary = run_experiment(cfg)
     return {"table": format_results(summary), **summary}
 
@@ -504,12 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(pl, DrafterConfig)
     pl.set_defaults(func=cmd_plan, printer=print_table)
 
+    from .experiment import ExperimentConfig
+
     demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
     demo.add_argument("--target", default=DEFAULT_TARGET)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--start", default="committed",
                       help="start drafter: 'committed' (the one shipped for the embedded target; others build one), a folder, or 'none' (build)")
     demo.add_argument("--ablations", nargs="*", default=[], help="Draft-OPD variants to add as rows")
+    demo.add_argument("--device", default=ExperimentConfig.device, help=f"cpu, cuda, cuda:N; auto = cuda when available (default {ExperimentConfig.device})")
+    demo.add_argument("--dtype", default=ExperimentConfig.dtype, choices=DTYPES, help=f"the target's dtype in every stage (default {ExperimentConfig.dtype})")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo, printer=print_table)
     return parser
@@ -518,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
     parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one committed for the target, if any)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     add_config_args(parser, DrafterConfig)

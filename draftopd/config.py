@@ -10,6 +10,7 @@ Layer ids everywhere are the Hugging Face "output" convention: id `i` is the out
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -148,6 +149,15 @@ class DrafterConfig:
                 f"must be one target layer id >= 0 per drafter layer ({self.num_layers})")
 
 
+DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts (a regular expression)
+DTYPES = ("auto", "float32", "bfloat16")  # what --dtype accepts (`resolve_dtype`)
+
+
+def check_device(cfg: Any, name: str = "device") -> None:
+    require(cfg, name, isinstance(getattr(cfg, name), str) and re.fullmatch(DEVICES, getattr(cfg, name)) is not None,
+            "must be auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(name: str = "auto") -> str:
     """`auto` = cuda when available, else cpu; anything else as given (cpu, cuda, cuda:N). Under torchrun
     (WORLD_SIZE > 1) `cuda` means this process's own GPU, `cuda:LOCAL_RANK`, and an explicit `cuda:N` is refused:
@@ -156,6 +166,8 @@ def resolve_device(name: str = "auto") -> str:
 
     import torch
 
+    if not isinstance(name, str) or re.fullmatch(DEVICES, name) is None:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -177,7 +189,7 @@ def resolve_dtype(name: str, device: str):
     if name == "auto":
         fast_bf16 = device.startswith("cuda") or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
         return torch.bfloat16 if fast_bf16 else torch.float32
-    if name not in ("float32", "bfloat16"):
+    if name not in DTYPES[1:]:
         raise ConfigError(f"--dtype must be auto, float32 or bfloat16, got {name!r}")
     return getattr(torch, name)
 

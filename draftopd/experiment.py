@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
-from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig
+from .config import (COMMITTED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice,
+                     check_device, resolve_device, resolve_dtype)
 from .data.prompts import load_prompts, render_prompt
 from .data.regenerate import load_regenerated, regenerate
 from .decode.speculative import autoregressive_generate
@@ -75,13 +76,20 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_prompts=4, max_new_tokens=48))
     ablations: tuple[str, ...] = ()
     ablation_steps: int | None = None  # Draft-OPD steps of each ablation row (None = opd.steps)
+    device: str = "auto"  # where every stage runs (`config.resolve_device`); not part of what makes a run the same run
+    dtype: str = "float32"  # the target's, in every stage (`config.resolve_dtype`); the demo's numbers are float32
+
+    def __post_init__(self) -> None:
+        check_device(self)
+        check_choice(self, "dtype", DTYPES)
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_same_config(out, cfg)
-    target = load_target(cfg.target)
+    device = resolve_device(cfg.device)
+    target = load_target(cfg.target, dtype=resolve_dtype(cfg.dtype, device), device=device)
     # 1. data: the target answers fresh training prompts
     pool = load_prompts("sharegpt", split="train", limit=cfg.prompt_offset + cfg.train_prompts, seed=cfg.sft.seed).prompts
     regenerate(target, pool[cfg.prompt_offset:], out / "regenerated.jsonl", DecodeConfig(max_new_tokens=cfg.regen_max_new_tokens),
@@ -120,14 +128,18 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
 
 def check_same_config(out: Path, cfg: ExperimentConfig) -> None:
     """Cached stages are only reused by the configuration that wrote them: record it, refuse another one (for
-    example a folder written by an earlier version of the demo) before anything runs."""
+    example a folder written by an earlier version of the demo) before anything runs. Fields added since a folder's
+    record was written count at their defaults; the device is not recorded (a run may continue on another one)."""
     want, path = _jsonable(asdict(cfg)), out / "experiment.json"
+    del want["device"]
     have = _load(path)
     if have is None:
         if any(out.iterdir()):
             raise ValueError(f"--out {out} holds files of another run (no experiment.json): give a new folder")
         _save_json(path, want)
-    elif have != want:
+        return
+    have = {**{k: v for k, v in _jsonable(asdict(ExperimentConfig())).items() if k != "device"}, **have}
+    if have != want:
         changed = sorted(k for k in want if have.get(k) != want[k])
         raise ValueError(f"--out {out} holds a run of another configuration (differs in {', '.join(changed)}): give a new folder")
 

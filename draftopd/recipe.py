@@ -22,7 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import DEFAULT_TARGET, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, resolve_dtype
+from .config import DEFAULT_TARGET, DTYPES, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, check_device, \
+    resolve_device, resolve_dtype
 from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
@@ -45,12 +46,14 @@ class RecipeConfig:
                                                              save_every=50, optim=OptimConfig(lr=2e-3)))
     eval: EvalConfig = field(default_factory=EvalConfig)
     eval_dtype: str = "auto"
+    device: str = "auto"  # every stage's (`config.resolve_device`): auto = cuda when available, else cpu
 
     flag_prefix = ""
 
     def __post_init__(self) -> None:
-        check_choice(self, "feature_dtype", ("auto", "float32", "bfloat16"))
-        check_choice(self, "eval_dtype", ("auto", "float32", "bfloat16"))
+        check_choice(self, "feature_dtype", DTYPES)
+        check_choice(self, "eval_dtype", DTYPES)
+        check_device(self)
 
 
 def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
@@ -61,13 +64,14 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     start = t0 = time.perf_counter()
     data = cfg.features
     regenerated = None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)  # a bad path fails before any model loads
-    target = load_target(cfg.target)  # float32: training reads only its embedding and head
+    device = resolve_device(cfg.device)
+    target = load_target(cfg.target, device=device)  # float32: training reads only its embedding and head
     drafter_cfg = _with_mask(cfg.drafter, target)
     layers = DrafterSpec.resolve(drafter_cfg, target).target_layer_ids
     examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = build_feature_cache(load_target(cfg.target, dtype=resolve_dtype(cfg.feature_dtype, "cpu")), examples, out / "features", layers,
+    manifest = build_feature_cache(load_target(cfg.target, dtype=resolve_dtype(cfg.feature_dtype, device), device=device), examples, out / "features", layers,
                                    keep_final=data.keep_final, shard_tokens=data.shard_tokens, batch_tokens=data.batch_tokens,
                                    progress=progress)
     times["features_s"] = time.perf_counter() - t0
@@ -77,7 +81,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
     times["sft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    target = load_target(cfg.target, dtype=resolve_dtype(cfg.eval_dtype, "cpu"))
+    target = load_target(cfg.target, dtype=resolve_dtype(cfg.eval_dtype, device), device=device)
     report = evaluate(target, load_drafter(final, target).to(target.dtype), cfg.eval, progress=progress)
     report.save(out / "eval.json")
     times["eval_s"] = time.perf_counter() - t0

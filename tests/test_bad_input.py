@@ -54,6 +54,7 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("gen-drafter-rope-theta-text", G + " --drafter {drafter_rope_text}", "draftopd_spec.rope_theta", ()),
     ("gen-drafter-mask-outside-vocab", G + " --drafter {drafter_mask_outside}", "draftopd_spec.mask_token_id", ()),
     ("gen-unknown-flag", G + " --no-such-flag", "unrecognized arguments", ()),
+    ("gen-device-bogus", G + " --device bogus", "--device must be auto, cpu, cuda or cuda:N, got 'bogus'", ()),
     ("gen-no-prompt", "generate --target {target}", "--prompt", ()),
     ("gen-missing-prompt-file", G + " --prompt-file {tmp}/missing.jsonl", "missing file", ()),
     ("gen-missing-drafter", G + " --drafter {tmp}/missing", "drafter", ()),
@@ -158,6 +159,11 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("demo-unknown-flag", "demo --out {tmp}/demo --bogus", "unrecognized arguments", ()),
     ("demo-out-is-file", "demo --out {notes}", "not a folder", ("notes",)),
     ("demo-unknown-target", "demo --out {tmp}/demo --target {tmp}/nothing", "unknown target", ()),
+    ("demo-device-bogus", "demo --out {tmp}/demo --device gpu", "--device must be auto, cpu, cuda or cuda:N, got 'gpu'", ()),
+    ("demo-dtype-bogus", "demo --out {tmp}/demo --dtype half", "invalid choice", ()),
+    # ---- recipe
+    ("recipe-device-bogus", "recipe --target {target} --out-dir {tmp}/rec --device cuda:one", "--device must be auto", ()),
+    ("recipe-feature-dtype-bogus", "recipe --target {target} --out-dir {tmp}/rec --feature-dtype half", "--feature-dtype", ()),
     ("no-command", "", "required", ()),
     ("unknown-command", "bogus", "invalid choice", ()),
 ]
@@ -303,7 +309,7 @@ def test_bad_input_is_one_line(case_id, command, fragment, keep, paths, capfd):
 
 def test_table_covers_every_command():
     commands = {command.split()[0] for _, command, _, _ in CASES if command}
-    assert commands == {"generate", "regenerate", "sft", "eval", "opd", "demo", "bogus"}
+    assert commands == {"generate", "regenerate", "sft", "eval", "opd", "demo", "recipe", "bogus"}
     assert len({c[0] for c in CASES}) == len(CASES) >= 100
 
 

@@ -156,8 +156,13 @@ def test_target_loading_never_trusts_remote_code(target_dir, tmp_path, monkeypat
         load_target(str(remote))
 
 
-def test_features_and_recipe_commands(target_dir, tmp_path, capsys):
-    """regenerate -> features -> recipe (features again, cached; SFT from the cache; evaluation) on the tiny target."""
+def test_features_and_recipe_commands(target_dir, tmp_path, capsys, monkeypatch):
+    """regenerate -> features -> recipe (features again, cached; SFT from the cache; evaluation) on the tiny target;
+    the recipe's --device reaches every target it loads."""
+    import draftopd.recipe
+
+    loads, real = [], draftopd.recipe.load_target
+    monkeypatch.setattr(draftopd.recipe, "load_target", lambda *a, **kw: loads.append(kw.get("device")) or real(*a, **kw))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 5 + j) % 50}" for j in range(6))}) for i in range(10)))
     data = tmp_path / "data.jsonl"
@@ -168,8 +173,9 @@ def test_features_and_recipe_commands(target_dir, tmp_path, capsys):
     assert json.loads(out)["sequences"] == 10 and (tmp_path / "feat" / "manifest.json").exists()
     rc, out, err = run(capsys, "recipe", "--target", target_dir, "--data", data, "--out-dir", tmp_path / "rec", "--steps", 3,
                        "--labels", "text", "--draft-vocab-size", 32, "--draft-target-layer-ids", 0, 2, "--eval-sets", prompts, "--eval-num-prompts", 2,
-                       "--eval-max-new-tokens", 8, "--json")
+                       "--eval-max-new-tokens", 8, "--device", "cpu", "--json")
     assert rc == 0, err
+    assert loads == ["cpu"] * 3  # training (embedding and head), features, evaluation
     result = json.loads(out)
     assert result["feature_tokens"] > 0 and set(result["times"]) == {"answers_s", "features_s", "sft_s", "eval_s", "total_s"}
     assert result["times"]["total_s"] >= sum(v for k, v in result["times"].items() if k != "total_s")
@@ -281,6 +287,21 @@ def test_demo_refuses_a_folder_of_another_run(capsys, tmp_path):
     (new / "experiment.json").write_text('{"start": "committed"}')
     rc, _, err = run(capsys, "demo", "--out", str(new), "--start", "none")
     assert rc == 2 and "another configuration" in err and "start" in err
+
+
+def test_demo_loads_its_target_with_its_device_and_dtype(capsys, tmp_path, monkeypatch):
+    import draftopd.experiment
+    from draftopd.models.target import TargetError
+
+    def stop(name, dtype, device):
+        raise TargetError(f"loading {name} as {dtype} on {device}")
+
+    monkeypatch.setattr(draftopd.experiment, "load_target", stop)
+    rc, _, err = run(capsys, "demo", "--out", str(tmp_path / "a"), "--device", "cpu", "--dtype", "bfloat16")
+    assert rc == 2 and err.strip() == "draftopd: error: loading smollm2-135m as torch.bfloat16 on cpu"
+    rc, _, err = run(capsys, "demo", "--out", str(tmp_path / "b"))
+    assert rc == 2 and err.strip().endswith(f"as torch.float32 on {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    assert "device" not in json.loads((tmp_path / "a" / "experiment.json").read_text())  # a run may move to another device
 
 
 def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
