@@ -6,7 +6,10 @@ Per token of every sequence (prompt + response) the cache keeps, in bf16 safeten
 - `greedy`: the target's argmax next token after this position over its *whole* vocabulary (int32): the hard
   label of fixed-text training, and what greedy verification checks a draft against;
 - `final` (optional): the target's last hidden state after its final norm, so soft labels (the target's
-  distribution) come from the frozen head at the trained positions only, never stored V-wide.
+  distribution) come from the frozen head at the trained positions only, never stored V-wide;
+- `loss_mask` (bool): which tokens are trained, only in shards that hold a sequence whose mask is not simply its
+  response (multi-turn data: `SFTExample.loss_mask`); the manifest's shard entry then says `"loss_mask": true`.
+  Otherwise, and in caches of format v1, a sequence trains from its `response_start` on.
 
 SFT then trains for many epochs without running the target's decoder layers. The prefill runs the base model
 (no LM head over every position; the argmax is taken chunk by chunk) on length-sorted batches.
@@ -36,7 +39,8 @@ from torch import Tensor
 from ..train import distributed as ddp
 from .prompts import DataError
 
-FORMAT = "draftopd-features-v1"
+FORMAT = "draftopd-features-v2"  # v2: loss masks of multi-turn sequences
+READABLE_FORMATS = (FORMAT, "draftopd-features-v1")  # v1 caches read as response masks
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class FeatureManifest:
     hidden_size: int
     keep_final: bool
     dtype: str = "bfloat16"
-    shards: tuple[dict, ...] = ()  # {"file", "sequences", "tokens"} per finished shard
+    shards: tuple[dict, ...] = ()  # {"file", "sequences", "tokens"[, "loss_mask": True]} per finished shard
     format: str = FORMAT
 
     @property
@@ -68,13 +72,28 @@ class FeatureManifest:
 
 @dataclass
 class CachedSequence:
-    """One cached sequence: tokens (T,), response_start, features (T, L*H) bf16, greedy (T,), final (T, H) or None."""
+    """One cached sequence: tokens (T,), response_start, features (T, L*H) bf16, greedy (T,), final (T, H) or None,
+    loss_mask (T,) bool or None (trained from response_start on)."""
 
     tokens: Tensor
     response_start: int
     features: Tensor
     greedy: Tensor
     final: Tensor | None
+    loss_mask: Tensor | None = None
+
+
+def loss_mask(item) -> Tensor:
+    """(T,) bool: the tokens an item trains on: its own `loss_mask` (multi-turn data), else its response. Items are
+    examples (prompt_ids, response_ids, optional loss_mask), `CachedSequence`s or `SequenceShape`s."""
+    own = getattr(item, "loss_mask", None)
+    if own is not None:
+        return torch.as_tensor(own, dtype=torch.bool)
+    if isinstance(item, CachedSequence):
+        return torch.arange(len(item.tokens)) >= item.response_start
+    if isinstance(item, SequenceShape):
+        return torch.arange(item.length) >= item.response_start
+    return torch.arange(len(item.prompt_ids) + len(item.response_ids)) >= len(item.prompt_ids)
 
 
 def weights_hash(model) -> str:
@@ -167,7 +186,8 @@ def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, .
 
 def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: tuple[int, ...], *, keep_final: bool = True,
                         shard_tokens: int = 65536, batch_tokens: int = 4096, progress: bool = True) -> FeatureManifest:
-    """Cache features of `examples` (objects with prompt_ids, response_ids) in `out_dir`; resumes a partial cache.
+    """Cache features of `examples` (objects with prompt_ids, response_ids, optional loss_mask) in `out_dir`; resumes a
+    partial cache.
     Under torchrun shard i is computed by rank i % world size and rank 0 writes the manifest of every shard."""
     from tqdm import tqdm
 
@@ -179,8 +199,8 @@ def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: 
     manifest = ddp.main_first(lambda: _start_manifest(folder, expected_manifest(target, layer_ids, keep_final)))
     seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples]
     plan = shard_plan([len(s) for s in seqs], shard_tokens)
-    entries = [{"file": f"shard-{index:05d}.safetensors", "sequences": len(rows), "tokens": sum(len(seqs[i]) for i in rows)}
-               for index, rows in enumerate(plan)]
+    entries = [{"file": f"shard-{index:05d}.safetensors", "sequences": len(rows), "tokens": sum(len(seqs[i]) for i in rows),
+                **({"loss_mask": True} if _masked(examples, rows) else {})} for index, rows in enumerate(plan)]
     listed = {s["file"]: s for s in manifest.shards}
     if any(listed.get(e["file"], e) != e for e in entries) or not listed.keys() <= {e["file"] for e in entries}:
         raise DataError(f"feature cache {folder} was made from other examples or another --shard-tokens: use another --out folder")
@@ -203,6 +223,11 @@ def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: 
         _write_manifest(folder, manifest)
     ddp.barrier()
     return manifest
+
+
+def _masked(examples: list, rows: range) -> bool:
+    """Whether a shard of these rows stores loss masks: one of them has its own (not simply its response)."""
+    return any(getattr(examples[i], "loss_mask", None) is not None for i in rows)
 
 
 def _start_manifest(folder: Path, want: FeatureManifest) -> FeatureManifest:
@@ -242,14 +267,16 @@ def _write_shard(path: Path, target, examples: list, seqs: list[list[int]], rows
                "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
                "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
                **{key: torch.cat([c[key] for c in cached]) for key in cached[0]}}
+    if _masked(examples, rows):
+        tensors["loss_mask"] = torch.cat([loss_mask(examples[i]) for i in rows])
     save_file(tensors, str(path.with_name(path.name + ".tmp")))
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def frequent_tokens(items, vocab_size: int, n: int, labels: str = "greedy") -> Tensor:
-    """The `n` most frequent label tokens over the response positions of `items` (a FeatureCache, CachedSequences, or
-    examples with prompt_ids/response_ids): the draft vocabulary. `labels` "greedy" counts the target's argmax after
-    each position (fixed-text training), "text" the sequence's own tokens (regenerated answers). A FeatureCache is
+    """The `n` most frequent label tokens over the trained positions (`loss_mask`) of `items` (a FeatureCache,
+    CachedSequences, or examples): the draft vocabulary. `labels` "greedy" counts the target's argmax before each
+    trained token (fixed-text training), "text" the trained tokens themselves (regenerated answers). A FeatureCache is
     read a shard at a time (`FeatureCache.labels`), never its features."""
     if n > vocab_size:
         raise DataError(f"draft vocabulary of {n} is larger than the target's {vocab_size}")
@@ -264,18 +291,21 @@ def frequent_tokens(items, vocab_size: int, n: int, labels: str = "greedy") -> T
 
 
 def _item_labels(item, labels: str) -> Tensor:
-    """The label tokens at one sequence's response positions (see `frequent_tokens`)."""
+    """The label tokens at one sequence's trained positions (see `frequent_tokens`)."""
+    mask = loss_mask(item)
     if isinstance(item, CachedSequence):
-        return item.greedy[max(item.response_start - 1, 0) : -1] if labels == "greedy" else item.tokens[item.response_start :]
-    return torch.tensor(item.response_ids, dtype=torch.long)
+        return item.greedy[:-1][mask[1:]] if labels == "greedy" else item.tokens[mask]
+    return torch.tensor(list(item.prompt_ids) + list(item.response_ids), dtype=torch.long)[mask]
 
 
 @dataclass(frozen=True)
 class SequenceShape:
-    """What a batch needs of a cached sequence another rank trains: its length and where its response starts."""
+    """What a batch needs of a cached sequence another rank trains: its length, where its response starts, and its loss
+    mask when it has its own (None: trained from response_start on)."""
 
     length: int
     response_start: int
+    loss_mask: Tensor | None = None
 
 
 @dataclass
@@ -288,6 +318,7 @@ class FeatureCache:
     _open: dict[int, object] = field(default_factory=dict)
     _offsets: dict[int, Tensor] = field(default_factory=dict)
     _starts: dict[int, Tensor] = field(default_factory=dict)  # response starts of the shards `shape` has read
+    _masks: dict[int, Tensor] = field(default_factory=dict)  # loss masks of the shards `shape` has read (those that hold them)
     columns: tuple[int, ...] | None = None  # the cached layers a drafter reads, when it reads a subset of them
 
     @staticmethod
@@ -296,6 +327,8 @@ class FeatureCache:
         drafters fed different layers (DFlash and EAGLE-3) train from one cache."""
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if manifest.format in READABLE_FORMATS:  # an older format this version reads
+            manifest = replace(manifest, format=FORMAT)
         _check_same(manifest, expected_manifest(target, layer_ids, manifest.keep_final), folder,
                     ("format", "weights_hash", "tokenizer_hash", "hidden_size", "keep_final"))
         missing = [i for i in layer_ids if i not in manifest.layer_ids]
@@ -337,26 +370,32 @@ class FeatureCache:
             raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None
 
     def shape(self, i: int) -> SequenceShape:
-        """Sequence i's length and response start, read from its shard's offsets and response starts (kept once the
-        shard is open), without touching its features."""
+        """Sequence i's length, response start and (a shard that holds them) loss mask, read from its shard's offsets,
+        response starts and loss masks (kept once the shard is open), without touching its features."""
         s, row = self._index[i]
         _, offsets = self._shard(s)
         if s not in self._starts:
             self._starts[s] = self._tensor(s, "response_start")
-        return SequenceShape(int(offsets[row + 1] - offsets[row]), int(self._starts[s][row]))
+            if self._has_masks(s):
+                self._masks[s] = self._tensor(s, "loss_mask")
+        a, b = int(offsets[row]), int(offsets[row + 1])
+        return SequenceShape(b - a, int(self._starts[s][row]), self._masks[s][a:b] if s in self._masks else None)
+
+    def _has_masks(self, s: int) -> bool:
+        return bool(self.manifest.shards[s].get("loss_mask"))
 
     def labels(self, s: int, labels: str = "greedy") -> Tensor:
-        """Shard s's label tokens at every response position (`frequent_tokens`): the target's argmax after each position
-        ("greedy": positions response_start - 1 .. length - 2 of each sequence) or the text itself ("text": positions
-        response_start .. length - 1). Reads the shard's tokens or greedy, offsets and response starts, no features."""
+        """Shard s's label tokens at every trained position (`frequent_tokens`): the text itself ("text") or the
+        target's argmax at the position before ("greedy"). Reads the shard's tokens or greedy, offsets and response
+        starts (or loss masks, in a shard that holds them), no features."""
         _, offsets = self._shard(s)
-        starts = self._tensor(s, "response_start")
         lengths = offsets[1:] - offsets[:-1]
         row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
         local = torch.arange(int(offsets[-1])) - offsets[row]  # each position's index within its sequence
-        if labels == "greedy":
-            return self._tensor(s, "greedy")[(local >= starts[row] - 1) & (local < lengths[row] - 1)]
-        return self._tensor(s, "tokens")[local >= starts[row]]
+        mask = self._tensor(s, "loss_mask") if self._has_masks(s) else local >= self._tensor(s, "response_start")[row]
+        if labels == "greedy":  # the argmax at position p labels the token at p + 1, within one sequence
+            return self._tensor(s, "greedy")[(local < lengths[row] - 1) & torch.cat([mask[1:], mask.new_zeros(1)])]
+        return self._tensor(s, "tokens")[mask]
 
     def __getitem__(self, i: int) -> CachedSequence:
         s, row = self._index[i]
@@ -368,6 +407,7 @@ class FeatureCache:
             if self.columns is not None:
                 features = features.view(b - a, len(self.manifest.layer_ids), -1)[:, list(self.columns)].reshape(b - a, -1)
             return CachedSequence(get("tokens").long(), int(handle.get_slice("response_start")[row : row + 1][0]), features,
-                                  get("greedy").long(), get("final") if self.manifest.keep_final else None)
+                                  get("greedy").long(), get("final") if self.manifest.keep_final else None,
+                                  get("loss_mask") if self._has_masks(s) else None)
         except Exception as err:
             raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None

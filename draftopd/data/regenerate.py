@@ -6,7 +6,8 @@ distribution it will be verified against. `regenerate` writes one JSON line per 
     {"id", "source", "prompt_ids": [...], "response_ids": [...], "finish": "eos" | "length" | "loop",
      "settings": {"target", "max_new_tokens", "temperature", "seed", "stop_at_loop", "record_seed", "chat_template"}}
 
-`response_ids` is exactly what the decoder committed, so a response that ended at EOS ends with the EOS id.
+`response_ids` is exactly what the decoder committed, so a response that ended at EOS ends with the EOS id. Another
+engine (vLLM, SGLang) can write the same records, or `input_ids` / `loss_mask` ones for multi-turn data: `data/training.py`.
 With a drafter the batches run through speculative `generate` (lossless: the same target distribution, and
 token-for-token the same text at temperature 0), else through `autoregressive_generate`. With `stop_at_loop` a row
 stops where its text starts repeating itself (finish "loop", `decode/loops.py`): the record is a prefix of the full
@@ -42,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import DecodeConfig, PromptConfig
 from ..decode.loops import loop_start
@@ -50,8 +51,11 @@ from ..decode.speculative import autoregressive_generate, generate
 from ..train import distributed as ddp
 from .prompts import DataError, Prompt, render_prompt, stable_hash
 
+if TYPE_CHECKING:
+    from .training import DataSummary
+
 __all__ = ["RegenerateSummary", "SFTData", "SFTExample", "check_output", "check_token_ids", "load_regenerated", "loop_start", "record_seed",
-           "regenerate"]
+           "regenerate", "regenerated_example"]
 
 _RECORD_START = b'{"id":'  # how every line this module writes begins (json.dumps, compact, "id" first)
 
@@ -71,16 +75,30 @@ class RegenerateSummary:
 
 @dataclass(frozen=True)
 class SFTExample:
+    """One training sequence, prompt_ids + response_ids. `loss_mask` (one bool per token of the whole sequence) marks
+    the tokens trained on; None means exactly the response. `prompt_ids` always ends where the first trained token
+    starts, so a multi-turn conversation's response holds its later user turns too, as context (mask False)."""
+
     id: str
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
+    loss_mask: tuple[bool, ...] | None = None
+
+    @staticmethod
+    def masked(id: str, tokens: Sequence[int], loss_mask: Sequence[bool]) -> "SFTExample":
+        """The example of `tokens` trained where `loss_mask` is True (at least once); a mask that is True from its first
+        True to the end is a plain response (loss_mask None)."""
+        first = list(loss_mask).index(True)
+        mask = None if all(loss_mask[first:]) else tuple(bool(m) for m in loss_mask)
+        return SFTExample(id, tuple(tokens[:first]), tuple(tokens[first:]), mask)
 
 
 @dataclass(frozen=True)
 class SFTData:
     examples: list[SFTExample]
-    skipped: int  # malformed lines, records with an empty response, repeated ids
+    skipped: int  # malformed lines, records with an empty response, repeated ids (by reason: `summary.skipped`)
     loop_tokens_cut: int = 0  # response tokens dropped by `trim_loops`
+    summary: DataSummary | None = None  # what a file read by `data.training.read_data` gave, by kind and reason
 
 
 # --------------------------------------------------------------------------- resuming
@@ -302,27 +320,40 @@ def load_regenerated(path: str | Path, trim_loops: bool = False) -> SFTData:
         for line in f:
             if not line.strip():
                 continue
-            record = _parse_line(line)
-            prompt = _token_list(record.get("prompt_ids")) if record else None
-            response = _token_list(record.get("response_ids")) if record else None
-            if trim_loops and response:
-                kept = loop_start(response)
-                cut, response = cut + len(response) - kept, response[:kept]
-            if not prompt or not response or record["id"] in ids:
+            example, loop_cut = regenerated_example(_parse_line(line) or {}, trim_loops)
+            cut += loop_cut
+            if isinstance(example, str) or example.id in ids:
                 skipped += 1
                 continue
-            ids.add(record["id"])
-            examples.append(SFTExample(record["id"], prompt, response))
+            ids.add(example.id)
+            examples.append(example)
     if not examples:
         raise DataError(f"no usable training examples in {path} ({skipped} lines skipped)")
     return SFTData(examples, skipped, cut)
+
+
+def regenerated_example(record: dict, trim_loops: bool = False) -> tuple[SFTExample | str, int]:
+    """The example of one regenerate record, or why it has none ("no id", "bad token ids", "nothing trained"); and the
+    response tokens `trim_loops` cut from it."""
+    if not isinstance(record.get("id"), str):
+        return "no id", 0
+    prompt, response = _token_list(record.get("prompt_ids")), _token_list(record.get("response_ids"))
+    cut = 0
+    if trim_loops and response:
+        kept = loop_start(response)
+        cut, response = len(response) - kept, response[:kept]
+    if prompt is None or response is None:
+        return "bad token ids", cut
+    if not prompt or not response:
+        return "nothing trained", cut
+    return SFTExample(record["id"], prompt, response), cut
 
 
 def check_token_ids(data: SFTData, vocab_size: int, source: str | Path) -> None:
     """Raise DataError when an example holds a token id outside a vocabulary of `vocab_size` (data regenerated
     with another target): one line before training, not an index error inside it."""
     for example in data.examples:
-        top = max(max(example.prompt_ids), max(example.response_ids))
+        top = max(example.prompt_ids + example.response_ids)
         if top >= vocab_size:
             raise DataError(f"{source}: record {example.id!r} has token id {top}, outside the target vocabulary of {vocab_size} "
-                            "(regenerated with another target?)")
+                            "(written with another target's tokenizer?)")

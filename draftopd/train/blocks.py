@@ -6,6 +6,10 @@ forward would have given (`Teacher`); the drafter then fills one block per ancho
 anchors of all sequences in one `draft_logits` call: the same function inference uses, with each block
 seeing only context strictly before its anchor and only its own block.
 Labels: slot k of the block at anchor a is labelled with the sequence token at position a + k.
+Loss mask: which tokens are trained (an answer's; a multi-turn conversation's assistant turns, not the user turns
+between them). An anchor is a trained token whose next token is trained too (as at decoding, where a block starts at
+the answer's last committed token), and a label counts only where the mask is True, so a block that runs past the end
+of an assistant turn is not trained on the next user turn. Without a mask, the response (from its start on) is trained.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from .chunked import chunk_rows
 
 @dataclass
 class SequenceBatch:
-    """tokens/valid: (b, T) right-padded; response_start/lengths: (b,) first response position, true length."""
+    """tokens/valid: (b, T) right-padded; response_start/lengths: (b,) first response position, true length;
+    loss_mask: (b, T) trained tokens, None when every sequence trains its whole response."""
 
     tokens: Tensor
     valid: Tensor
     response_start: Tensor
     lengths: Tensor
+    loss_mask: Tensor | None = None
 
 
 @dataclass
@@ -40,14 +46,21 @@ class BlockLabels:
     slots: Tensor
 
 
-def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: int, device="cpu") -> SequenceBatch:
+def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: int, device="cpu",
+              loss_masks: list[Tensor] | None = None) -> SequenceBatch:
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for b, s in enumerate(sequences):
         tokens[b, : len(s)] = torch.as_tensor(s)
     lengths = torch.tensor([len(s) for s in sequences])
     valid = torch.arange(width)[None, :] < lengths[:, None]
-    return SequenceBatch(tokens.to(device), valid.to(device), torch.tensor(response_starts, device=device), lengths.to(device))
+    mask = None
+    if loss_masks is not None:
+        mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+        for b, m in enumerate(loss_masks):
+            mask[b, : len(m)] = m
+        mask = mask.to(device)
+    return SequenceBatch(tokens.to(device), valid.to(device), torch.tensor(response_starts, device=device), lengths.to(device), mask)
 
 
 @dataclass
@@ -145,18 +158,31 @@ def text_at(batch: SequenceBatch, anchors: Tensor, slots: Tensor) -> Tensor:
 
 
 def block_labels(batch: SequenceBatch, anchors: Tensor, anchor_valid: Tensor, block_size: int) -> BlockLabels:
+    """Labels of the blocks at `anchors`; a label counts where its position exists and (with a loss mask) is trained."""
     slots = torch.arange(1, block_size, device=anchors.device)
     mask = anchor_valid[..., None] & (anchors[..., None] + slots < batch.lengths[:, None, None])
+    if batch.loss_mask is not None:
+        pos = (anchors[..., None] + slots).clamp(max=batch.tokens.shape[1] - 1)
+        mask = mask & batch.loss_mask.gather(1, pos.flatten(1)).view_as(pos)
     return BlockLabels(text_at(batch, anchors, slots), mask, slots)
 
 
-def draw_anchors(starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Up to `per_seq` distinct anchors per sequence among response positions [start, length-2] (each has at least
-    one label), drawn on the CPU one sequence after another from the sequences' response starts and lengths alone
-    (so every rank can draw a whole micro-batch's). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
+def anchor_candidates(start: int, length: int, loss_mask: Tensor | None = None) -> Tensor:
+    """Positions a block may start at: trained tokens whose next token is trained, i.e. with a response mask the
+    response positions [start, length-2] (each has at least one label)."""
+    if loss_mask is None:
+        return torch.arange(start, max(start, length - 1))
+    return torch.nonzero(loss_mask[:-1] & loss_mask[1:]).flatten()
+
+
+def draw_anchors(starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator,
+                 loss_masks: list[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+    """Up to `per_seq` distinct anchors per sequence among its `anchor_candidates` (by default its response positions),
+    drawn on the CPU one sequence after another from the sequences' response starts, lengths and loss masks alone (so
+    every rank can draw a whole micro-batch's). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""
     rows, valid_rows = [], []
-    for start, length in zip(starts, lengths):
-        candidates = torch.arange(start, max(start, length - 1))
+    for b, (start, length) in enumerate(zip(starts, lengths)):
+        candidates = anchor_candidates(start, length, loss_masks[b] if loss_masks is not None else None)
         pick = candidates[torch.randperm(len(candidates), generator=gen)[:per_seq]].sort().values
         rows.append(torch.cat([pick, torch.zeros(per_seq - len(pick), dtype=torch.long)]))
         valid_rows.append(torch.arange(per_seq) < len(pick))

@@ -2,7 +2,8 @@
 
 Per step: take the next `batch_size` sequences (a seeded permutation per epoch), get the frozen target's view of
 them (one online forward, or the offline feature cache: `data/features.py`), sample `anchors_per_seq` anchors
-among response positions, fill every block in one drafter forward, and minimise the slot-weighted loss
+among trained positions (the response; every assistant turn of a multi-turn conversation: its loss mask, `blocks.py`),
+fill every block in one drafter forward, and minimise the slot-weighted loss
 `sum_k w_k * l(slot k) / sum_k w_k` with `w_k = exp(-(k-1)/decay)` over labels that exist, where `l` is
 hard-label cross-entropy or the soft forward KL to the target distribution. Labels: the sequence's own next token
 (`labels="text"`, regenerated answers) or the target's greedy token there (`"greedy"`, fixed text). With a reduced
@@ -16,7 +17,7 @@ full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of
 step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
 on the same batch; every rank draws the anchors of the whole micro-batch and keeps its own rows, so each trains
 exactly the anchors one process would have. From the feature cache a rank reads only its own rows' sequences, and of
-the others only their lengths and response starts (`batch_items`).
+the others only their lengths, response starts and loss masks (`batch_items`).
 A checkpoint (`last/`) holds weights, optimizer, scheduler, RNG and data position; a killed run resumed with
 `resume=True` continues exactly where it stopped (weights and metrics.jsonl equal an uninterrupted run's; folder
 rules in `common.py`).
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from ..config import SFTConfig
 from ..models.drafter import Drafter
 from ..models.target import Target
-from ..data.features import CachedSequence, FeatureCache, SequenceShape
+from ..data.features import CachedSequence, FeatureCache, SequenceShape, loss_mask
 from . import distributed as ddp
 from .blocks import add_feature_noise, block_hidden, block_labels, draft_vocab_logits, draw_anchors, pad_batch, teach_cached, teach_online
 from .chunked import chunk_rows, chunked_sum
@@ -58,21 +59,22 @@ class StepResult:
 
 def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator,
                     rows: slice = slice(None)) -> StepResult:
-    """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids), scored
-    online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
+    """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids, optional
+    loss_mask), scored online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
     draft vocabulary; labels outside a reduced vocabulary are skipped. Anchors are drawn for all of `items`, then
     only `rows` of them (this rank's share) are trained. The head and the loss run a chunk of slots at a time
     (`chunked.py`): no tensor holds every slot's logits."""
     cached = isinstance(items[0], (CachedSequence, SequenceShape))
-    lengths = [len(c.tokens) if isinstance(c, CachedSequence) else c.length for c in items] if cached else \
-        [len(e.prompt_ids) + len(e.response_ids) for e in items]
+    masks = [loss_mask(item) for item in items]
+    lengths = [len(m) for m in masks]
     starts = [c.response_start for c in items] if cached else [len(e.prompt_ids) for e in items]
-    anchors, anchor_valid = draw_anchors(starts, lengths, cfg.anchors_per_seq, gen)
+    anchors, anchor_valid = draw_anchors(starts, lengths, cfg.anchors_per_seq, gen, masks)
     trained = int(anchor_valid[rows].sum())  # counted on the host, before the device has the anchors
     anchors, anchor_valid = anchors[rows].to(target.device), anchor_valid[rows].to(target.device)
     items = items[rows]
+    multi_turn = any(getattr(item, "loss_mask", None) is not None for item in items)  # else the response is trained
     seqs = [c.tokens for c in items] if cached else [list(e.prompt_ids) + list(e.response_ids) for e in items]
-    batch = pad_batch(seqs, starts[rows], target.pad_id, target.device)
+    batch = pad_batch(seqs, starts[rows], target.pad_id, target.device, masks[rows] if multi_turn else None)
     teacher = teach_cached(items, batch, target.device) if cached else teach_online(target, drafter, batch)
     features = add_feature_noise(teacher.features, cfg.feature_noise, gen, (len(lengths), max(lengths)), rows)
     lab = block_labels(batch, anchors, anchor_valid, drafter.block_size)
@@ -103,7 +105,7 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
 
 def batch_items(examples, order: list[int], rows: slice) -> list:
     """The items `order` of `examples`. From the feature cache only this rank's `rows` are read whole; the other ranks'
-    rows are `SequenceShape`s (length and response start, all that drawing the batch's anchors needs)."""
+    rows are `SequenceShape`s (length, response start and loss mask: all that drawing the batch's anchors needs)."""
     if not isinstance(examples, FeatureCache):
         return [examples[i] for i in order]
     own = range(len(order))[rows]
