@@ -168,29 +168,44 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
 
 
 def cmd_sft(args: argparse.Namespace) -> dict:
-    from .config import OptimConfig, SFTConfig
-    from .data.regenerate import check_token_ids, load_regenerated
+    from .config import DataConfig, OptimConfig, SFTConfig
+    from .data.training import read_data
     from .train.sft import train_sft
 
     from .data.features import FeatureCache, frequent_tokens, read_manifest
 
     cfg, drafter_cfg = build_config(SFTConfig, args, optim=build_config(OptimConfig, args)), build_config(DrafterConfig, args)
+    data_cfg = build_config(DataConfig, args)
     if (args.data is None) == (args.features is None):
         raise UserError("give exactly one of --data FILE.jsonl (the target runs online) or --features DIR (the offline cache)")
     writable_dir(args.out, "--out")
     if args.trim_loops and not args.data:
         raise UserError("--trim-loops applies to --data FILE.jsonl (regenerated answers); a feature cache holds what it was built from")
-    data = load_regenerated(args.data, trim_loops=args.trim_loops) if args.data else None
+    data = read_data(args.data, data_cfg.format, trim_loops=args.trim_loops, max_tokens=data_cfg.max_tokens) if args.data else None
     if args.features:
         read_manifest(args.features)  # a missing or corrupt cache fails before any model loads
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
-    if data is not None:
-        check_token_ids(data, target.vocab_size, args.data)
+    data = data_examples(data, target, args.data) if data is not None else None
     items = data.examples if data is not None else FeatureCache.open(args.features, target, drafter.spec.target_layer_ids, need_final=cfg.loss == "kl")
     if drafter.spec.draft_vocab_size is not None and not args.drafter:  # a new reduced head: the data's most frequent labels
         drafter.set_draft_vocab(frequent_tokens(items, target.vocab_size, drafter.spec.draft_vocab_size, cfg.labels))
     final = train_sft(target, drafter, items, cfg, args.out, resume=args.resume)
-    return {"checkpoint": str(final), "examples": len(items), "skipped": data.skipped if data is not None else 0}
+    return {"checkpoint": str(final), "examples": len(items), "skipped": data.skipped if data is not None else 0,
+            **({"data": data.summary.to_dict()} if data is not None else {})}
+
+
+def data_examples(data, target, path: str):
+    """The examples of a `read_data` file for `target` (conversations rendered with its chat template), checked against
+    its vocabulary; what was skipped or cut is one stderr line."""
+    from .data.regenerate import check_token_ids
+    from .train.common import log
+
+    examples = data.examples(target.tokenizer, target.name)
+    check_token_ids(examples, target.vocab_size, path)
+    summary = examples.summary
+    if summary.skipped or summary.truncated or summary.context_turns or summary.loop_tokens_cut:
+        log(f"data {summary.line()}")
+    return examples
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -246,22 +261,21 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 
 def cmd_features(args: argparse.Namespace) -> dict:
-    from .config import FeatureConfig
+    from .config import DataConfig, FeatureConfig
     from .data.answers import training_examples
     from .data.features import build_feature_cache
-    from .data.regenerate import check_token_ids, load_regenerated
+    from .data.training import read_data
 
-    cfg, drafter_cfg = build_config(FeatureConfig, args), build_config(DrafterConfig, args)
+    cfg, drafter_cfg, data_cfg = build_config(FeatureConfig, args), build_config(DrafterConfig, args), build_config(DataConfig, args)
     writable_dir(args.out, "--out")
-    data = None if cfg.data == "answers" else load_regenerated(cfg.data, trim_loops=cfg.trim_loops)
+    data = None if cfg.data == "answers" else read_data(cfg.data, data_cfg.format, trim_loops=cfg.trim_loops, max_tokens=data_cfg.max_tokens)
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
-    if data is not None:
-        check_token_ids(data, target.vocab_size, cfg.data)
+    data = data_examples(data, target, cfg.data) if data is not None else None
     examples = training_examples(cfg, target.tokenizer, data)
     manifest = build_feature_cache(target, examples, args.out, drafter.spec.target_layer_ids, keep_final=cfg.keep_final,
                                    shard_tokens=cfg.shard_tokens, batch_tokens=cfg.batch_tokens)
     return {"out": args.out, "sequences": manifest.sequences, "tokens": manifest.tokens, "bytes_per_token": manifest.bytes_per_token,
-            "layer_ids": list(manifest.layer_ids)}
+            "layer_ids": list(manifest.layer_ids), **({"data": data.summary.to_dict()} if data is not None else {})}
 
 
 def cmd_recipe(args: argparse.Namespace) -> dict:
@@ -412,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(gen, DecodeConfig, unset=("num_drafts", "draft_confidence", "lookup_ngram"))  # not given: the drafter's choice
     gen.set_defaults(func=cmd_generate, printer=print_generate)
 
-    from .config import EvalConfig, OptimConfig, SFTConfig
+    from .config import DataConfig, EvalConfig, OptimConfig, SFTConfig
     from .train.losses import LossConfig
     from .train.opd import OPDConfig
 
@@ -427,12 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="DFlash SFT of a drafter on regenerated data (resumable)")
     _target_args(sft)
-    sft.add_argument("--data", help="JSONL written by `draftopd regenerate` (the target scores each batch online)")
+    sft.add_argument("--data", help="JSONL of regenerated answers (`draftopd regenerate`), token ids (input_ids / loss_mask) or "
+                     "conversations (ShareGPT, OpenAI messages): the target scores each batch online (data/training.py)")
     sft.add_argument("--features", help="feature cache written by `draftopd features` (no target forward while training)")
     sft.add_argument("--trim-loops", action="store_true", help="with --data: cut each answer where a greedy loop starts")
     sft.add_argument("--out", default="runs/sft")
     sft.add_argument("--resume", action="store_true", help="continue from OUT/last exactly where it stopped")
     sft.add_argument("--json", action="store_true")
+    add_config_args(sft, DataConfig)
     add_config_args(sft, SFTConfig)
     add_config_args(sft, OptimConfig)
     sft.set_defaults(func=cmd_sft, printer=print_table)
@@ -464,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--out", default="runs/features")
     feat.add_argument("--json", action="store_true")
     add_config_args(feat, FeatureConfig)
+    add_config_args(feat, DataConfig)
     feat.set_defaults(func=cmd_features, printer=print_table)
 
     rec = sub.add_parser("recipe", help="from nothing to a strong drafter: answers, features, SFT, evaluation (resumable)")

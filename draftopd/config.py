@@ -198,7 +198,7 @@ def resolve_dtype(name: str, device: str):
 class FeatureConfig:
     """What `draftopd features` caches: which answers, and how the prefill batches and shards them."""
 
-    data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a regenerated JSONL path
+    data: str = "answers"  # "answers" (ShareGPT answers, fixed text) or a data file: regenerated, token ids, conversations (DataConfig)
     limit: int = 1500  # ShareGPT train-split conversations to take answers from (answers only)
     max_response_tokens: int = 384
     keep_final: bool = False  # also keep the target's final hidden state (soft labels, `--loss kl`)
@@ -209,9 +209,29 @@ class FeatureConfig:
     batch_tokens: int = 4096
 
     def __post_init__(self) -> None:
-        require(self, "data", isinstance(self.data, str) and bool(self.data.strip()), "must be 'answers' or a regenerated JSONL path")
+        require(self, "data", isinstance(self.data, str) and bool(self.data.strip()), "must be 'answers' or a data file path")
         require(self, "trim_loops", not (self.trim_loops and self.data == "answers"), "applies to regenerated data (--data FILE.jsonl) only")
         check_ints(self, 1, "limit", "max_response_tokens", "shard_tokens", "batch_tokens")
+
+
+DATA_FORMATS = ("auto", "regenerated", "token-ids", "conversations")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How `sft --data` and `features --data` read a training file (`data/training.py`)."""
+
+    format: str = field(default="auto", metadata={"help": "auto (told per record) | regenerated (prompt_ids / response_ids) | "
+                                                          "token-ids (those, or input_ids / loss_mask) | conversations (ShareGPT or "
+                                                          "OpenAI messages, rendered with the target's chat template)"})
+    max_tokens: int = field(default=2048, metadata={"help": "longer token-id or conversation sequences are cut after their last "
+                                                           "assistant turn that fits, else skipped (regenerated records are never cut)"})
+
+    flag_prefix: ClassVar[str] = "data_"
+
+    def __post_init__(self) -> None:
+        check_choice(self, "format", DATA_FORMATS)
+        check_ints(self, 2, "max_tokens")
 
 
 @dataclass(frozen=True)
