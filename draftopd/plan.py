@@ -158,91 +158,102 @@ def plan(cfg: PlanConfig, drafter_cfg: DrafterConfig = DrafterConfig()) -> PlanR
                               live.largest, time.perf_counter() - t0))
 
     t, d, forward = target_params, draft_params + head, lambda params, tokens: 2.0 * params * tokens  # noqa: E731
-    run("regenerate", lambda: measure_decode(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens), None, 0,
+    run("regenerate", lambda: measured(lambda: decode_step(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens), target.model), None, 0,
         forward(t, cfg.regen_batch * (cfg.prompt_tokens + cfg.new_tokens)))
-    run("features", lambda: measure_features(target, spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens), None, 0,
+    run("features", lambda: measured(lambda: features_step(target, spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens),
+                                     target.model), None, 0,
         forward(t, cfg.features_batch_tokens))
     blocks = cfg.sft_batch * cfg.anchors_per_seq
     sft_tokens = cfg.sft_batch * cfg.sequence_tokens
     for cached in (False, True):
         run("sft-cache" if cached else "sft-online",
-            lambda cached=cached: measure_sft(target, train_drafter, cfg, cached), train_drafter, optim,
+            lambda cached=cached: measured(lambda: sft_step(target, train_drafter, cfg, cached), target.model, train_drafter, autocast=cfg.autocast),
+            train_drafter, optim,
             (0 if cached else forward(t, sft_tokens)) + 6.0 * d * blocks * spec.block_size)
     rollout_tokens = cfg.opd_rollouts * (cfg.prompt_tokens + cfg.opd_new_tokens * spec.block_size / cfg.opd_tau)
-    run("opd-rollout", lambda: measure_decode(target, decode_drafter, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens), decode_drafter,
+    run("opd-rollout", lambda: measured(lambda: decode_step(target, decode_drafter, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens),
+                                        target.model, decode_drafter), decode_drafter,
         0, forward(t, rollout_tokens) + forward(d, cfg.opd_rollouts * cfg.opd_new_tokens * spec.block_size / cfg.opd_tau))
     segments = int(cfg.opd_new_tokens / cfg.opd_tau)
     replay_tokens = cfg.opd_rollouts * (cfg.prompt_tokens + cfg.opd_new_tokens)
-    run("opd-replay", lambda: measure_replay(target, train_drafter, cfg, segments), train_drafter, optim,
+    run("opd-replay", lambda: measured(lambda: replay_step(target, train_drafter, cfg, segments), target.model, train_drafter, autocast=cfg.autocast),
+        train_drafter, optim,
         forward(t, replay_tokens) + 6.0 * d * cfg.opd_rollouts * segments * spec.block_size)
     manifest = FeatureManifest("", "", None, spec.target_layer_ids, target.hidden_size, keep_final=True)
     return PlanReport(asdict(cfg), target_params, draft_params, asdict(spec), manifest.bytes_per_token, tuple(flows))
 
 
-# ---- the flows, measured -----------------------------------------------------------------------------------------
-def measure_decode(target: Target, drafter: Drafter | None, batch: int, prompt_tokens: int, new_tokens: int) -> tuple[LiveBytes, int]:
+# ---- the flows: one step each, on a target and drafter of any device (meta here, CUDA in benchmarks/device_check.py)
+def measured(step, *modules: torch.nn.Module, autocast: bool = False) -> tuple[LiveBytes, int]:
+    """Run `step()` (which returns KV-cache bytes) while counting live bytes on meta tensors (`check.memory.measure`)."""
+    with measure(*modules, autocast=autocast) as live:
+        kv = step()
+    return live, kv
+
+
+def _autocast(cfg: PlanConfig, target: Target) -> str:
+    """The trainers' autocast setting: bf16 where asked, except on meta tensors, whose autocast `measure` emulates."""
+    return "bfloat16" if cfg.autocast and target.device.type != "meta" else "float32"
+
+
+@torch.no_grad()
+def decode_step(target: Target, drafter: Drafter | None, batch: int, prompt_tokens: int, new_tokens: int) -> int:
     """A prefill of `batch` prompts into a cache sized for the whole generation, then a round at the longest context:
-    the drafter's block, the verify and acceptance (plain decoding: a one-token step). Returns the measurement and the
-    KV caches' bytes."""
+    the drafter's block, the verify and acceptance (plain decoding: a one-token step). Returns the KV caches' bytes."""
     prompts = [[1] * prompt_tokens] * batch
     block = drafter.block_size if drafter is not None else 1
     capacity = prompt_tokens + new_tokens + block
     longest = [prompt_tokens + new_tokens - 1] * batch
-    with torch.no_grad(), measure(target.model, *([drafter] if drafter is not None else [])) as live:
-        layers = drafter.spec.target_layer_ids if drafter is not None else ()
-        state, out = target.prefill(prompts, layers, capacity)
-        device = out.last_logits.device
-        state.lengths, state.host_lengths = torch.full((batch,), longest[0], dtype=torch.long, device=device), longest
-        anchor = out.last_logits.argmax(-1)
-        if drafter is None:
-            del out
-            target.verify(state, anchor[:, None])
-            kv = tensor_bytes(*state.cache.keys, *state.cache.values)
-        else:
-            following = torch.ones(batch, out.features.shape[1], dtype=torch.long, device=device)
-            ctx = ContextCache.start(drafter.project_context(out.features, state.positions[:, :prompt_tokens],
-                                                             torch.ones_like(following, dtype=torch.bool), following),
-                                     state.lengths, longest, capacity)
-            del out
-            speculative_round(target, drafter, state, ctx, anchor, DecodeConfig(), None, PhaseClock("cpu"))
-            kv = tensor_bytes(*state.cache.keys, *state.cache.values, *ctx.keys, *ctx.values, ctx.fused)
-    return live, kv
+    layers = drafter.spec.target_layer_ids if drafter is not None else ()
+    state, out = target.prefill(prompts, layers, capacity)
+    device = out.last_logits.device
+    state.lengths, state.host_lengths = torch.full((batch,), longest[0], dtype=torch.long, device=device), longest
+    anchor = out.last_logits.argmax(-1)
+    if drafter is None:
+        del out
+        target.verify(state, anchor[:, None])
+        return tensor_bytes(*state.cache.keys, *state.cache.values)
+    following = torch.ones(batch, out.features.shape[1], dtype=torch.long, device=device)
+    prompt_ctx = drafter.project_context(out.features, state.positions[:, :prompt_tokens], torch.ones_like(following, dtype=torch.bool), following)
+    ctx = ContextCache.start(prompt_ctx, state.lengths, longest, capacity)
+    del out, prompt_ctx
+    speculative_round(target, drafter, state, ctx, anchor, DecodeConfig(), None, PhaseClock("cpu"))
+    return tensor_bytes(*state.cache.keys, *state.cache.values, *ctx.keys, *ctx.values, ctx.fused)
 
 
-def measure_features(target: Target, layers: tuple[int, ...], batch_tokens: int, sequence_tokens: int) -> tuple[LiveBytes, int]:
+def features_step(target: Target, layers: tuple[int, ...], batch_tokens: int, sequence_tokens: int) -> int:
     """One prefill batch of the feature cache (`data.features.prefill_features`)."""
     rows = max(1, batch_tokens // sequence_tokens)
-    with measure(target.model) as live:
-        prefill_features(target, [[1] * sequence_tokens] * rows, layers, keep_final=True, batch_tokens=batch_tokens)
-    return live, 0
+    prefill_features(target, [[1] * sequence_tokens] * rows, layers, keep_final=True, batch_tokens=batch_tokens)
+    return 0
 
 
 def _train_step(drafter: Drafter, loss: torch.Tensor) -> None:
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], foreach=True)
     loss.backward()
     opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
-def measure_sft(target: Target, drafter: Drafter, cfg: PlanConfig, cached: bool) -> tuple[LiveBytes, int]:
+def sft_step(target: Target, drafter: Drafter, cfg: PlanConfig, cached: bool) -> int:
     """One SFT micro-batch (`train.sft.sft_micro_batch`): online, the target scores the batch first; from the cache, its
     features come from the cache's tensors. Forward, backward, AdamW step."""
     sft = SFTConfig(batch_size=cfg.sft_batch, anchors_per_seq=cfg.anchors_per_seq, loss=cfg.sft_loss, labels="greedy" if cached else "text",
-                    autocast="float32")
+                    autocast=_autocast(cfg, target))
     n, prompt = cfg.sequence_tokens, cfg.prompt_tokens
     if cached:
         width = len(drafter.spec.target_layer_ids) * target.hidden_size
-        meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-        items = [CachedSequence(torch.ones(n, dtype=torch.long), prompt, meta(n, width), meta(n, dtype=torch.long), meta(n, target.hidden_size))
+        empty = lambda *shape, dtype=torch.bfloat16: torch.zeros(shape, dtype=dtype, device=target.device)  # noqa: E731
+        items = [CachedSequence(torch.ones(n, dtype=torch.long), prompt, empty(n, width), empty(n, dtype=torch.long), empty(n, target.hidden_size))
                  for _ in range(cfg.sft_batch)]
     else:
         items = [SFTExample("plan", (1,) * prompt, (1,) * (n - prompt))] * cfg.sft_batch
-    with measure(target.model, drafter, autocast=cfg.autocast) as live:
-        result = sft_micro_batch(target, drafter, items, sft, torch.Generator().manual_seed(0))
-        _train_step(drafter, result.loss_sum / result.weight_sum.clamp_min(1e-9))
-    return live, 0
+    result = sft_micro_batch(target, drafter, items, sft, torch.Generator().manual_seed(0))
+    _train_step(drafter, result.loss_sum / result.weight_sum.clamp_min(1e-9))
+    return 0
 
 
-def measure_replay(target: Target, drafter: Drafter, cfg: PlanConfig, segments: int) -> tuple[LiveBytes, int]:
+def replay_step(target: Target, drafter: Drafter, cfg: PlanConfig, segments: int) -> int:
     """One Draft-OPD replay micro-batch (`train.opd.replay`) of `replay_batch` traces, each `segments` rounds long
     with one accepted draft a round: forward, backward, AdamW step."""
     k = drafter.block_size - 1
@@ -258,9 +269,6 @@ def measure_replay(target: Target, drafter: Drafter, cfg: PlanConfig, segments: 
     loss_cfg = LossConfig(mode=cfg.loss_mode)
     segs = [make_segments(t, "error", torch.Generator()) for t in traces]
     norms = step_norms(traces, segs, drafter.block_size, loss_cfg)
-    with measure(target.model, drafter, autocast=cfg.autocast) as live:
-        result = replay(target, drafter, collate(target, drafter, traces, segs), loss_cfg)
-        _train_step(drafter, combine_streams(result.acc, result.rej, *norms, loss_cfg))
-    return live, 0
-
-
+    result = replay(target, drafter, collate(target, drafter, traces, segs), loss_cfg, _autocast(cfg, target))
+    _train_step(drafter, combine_streams(result.acc, result.rej, *norms, loss_cfg))
+    return 0

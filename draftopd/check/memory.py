@@ -153,14 +153,14 @@ def model_config(name_or_path: str | Path) -> dict:
     return config
 
 
-def meta_target(config: dict, dtype: torch.dtype = torch.bfloat16, name: str = "meta") -> Target:
-    """A target of `config`'s shapes on the meta device (no weights)."""
+def meta_target(config: dict, dtype: torch.dtype = torch.bfloat16, name: str = "meta", device: str = "meta") -> Target:
+    """A target of `config`'s shapes on the meta device (no weights), or randomly initialised on another `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype", "dtype", "transformers_version")}
     try:
         cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        with torch.device("meta"):
+        with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     except Exception as err:  # an unknown model type or a config transformers refuses
         raise ConfigError(f"cannot build a model from this config: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
@@ -168,9 +168,10 @@ def meta_target(config: dict, dtype: torch.dtype = torch.bfloat16, name: str = "
 
 
 def meta_drafter(target: Target, cfg: DrafterConfig) -> Drafter:
-    """A drafter of `cfg`'s shape for `target`, on the meta device (a reduced head takes the first rows)."""
+    """A drafter of `cfg`'s shape for `target`, on the target's device (meta: no weights; a reduced head takes the first
+    rows)."""
     spec = DrafterSpec.resolve(cfg, target)
-    with torch.device("meta"):
+    with torch.device(target.device):
         drafter = drafter_for(spec, target)
     if spec.draft_vocab_size is not None:
         drafter.refresh_head()

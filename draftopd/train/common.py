@@ -54,13 +54,21 @@ def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def train_autocast(name: str, device) -> torch.autocast:
+@contextlib.contextmanager
+def train_autocast(name: str, device):
     """The context a drafter's training forward runs in: bf16 autocast when `name` (SFTConfig.autocast) resolves to
-    bfloat16 on `device`, else a disabled one (float32 throughout)."""
+    bfloat16 on `device`, else none (float32 throughout); on CUDA, float32 matmuls may use TF32 inside it (training
+    only: decoding keeps exact float32, which lossless greedy decoding in float32 needs)."""
     dtype = resolve_dtype(name, str(device)) if name == "auto" else getattr(torch, name)
-    if dtype != torch.bfloat16:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    kind = torch.device(device).type
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if kind == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.autocast(kind, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 PHASES = ("rollout", "teacher", "train")
