@@ -119,7 +119,10 @@ class DrafterConfig:
     intermediate_size: int | None = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
-    mask_token_id: int | None = None  # MASK = this target embedding row (exportable to the reference format); None = learned vector
+    # DFlash MASK = this target embedding row (what the reference DFlash and speculators formats hold); None = the target's
+    # default row (`models.drafter.default_mask_token`: a spare or unused special token; SmolLM2: 16 `<empty_output>`)
+    mask_token_id: int | None = None
+    learned_mask: bool = False  # DFlash: a learned MASK vector instead of a target row (not exportable to those formats)
     final_norm_init: float = 0.1  # initial weight of the drafter's final norm (see models/dflash.new_drafter)
     vocab_size: int | None = None  # reduced draft vocabulary (head over the most frequent label tokens); None = the target's whole vocabulary
     # DFlash: drafter layer i starts as a copy of target decoder layer copy_target_layers[i] (attention, MLP, norms;
@@ -134,6 +137,9 @@ class DrafterConfig:
         check_ints(self, 2, "block_size")
         check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", optional=True)
         check_ints(self, 0, "mask_token_id", optional=True)
+        require(self, "learned_mask", isinstance(self.learned_mask, bool), "must be true or false")
+        require(self, "learned_mask", not (self.learned_mask and self.mask_token_id is not None),
+                f"and --draft-mask-token-id {self.mask_token_id} exclude each other (a learned vector or a target row)")
         require(self, "head_dim", self.head_dim is None or self.head_dim % 2 == 0, "must be even (RoPE rotates pairs of dimensions)")
         require(self, "num_kv_heads", None in (self.num_heads, self.num_kv_heads) or self.num_heads % self.num_kv_heads == 0,
                 f"must divide --draft-num-heads {self.num_heads}")

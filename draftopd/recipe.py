@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import DEFAULT_TARGET, DTYPES, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, check_device, \
@@ -28,7 +28,7 @@ from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
 from .eval.evaluate import evaluate
-from .models.drafter import default_mask_token, Drafter, DrafterSpec, load_drafter, new_drafter
+from .models.drafter import Drafter, DrafterSpec, load_drafter, new_drafter
 from .models.load import load_target
 from .train.sft import train_sft
 
@@ -66,8 +66,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     regenerated = None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)  # a bad path fails before any model loads
     device = resolve_device(cfg.device)
     target = load_target(cfg.target, device=device)  # float32: training reads only its embedding and head
-    drafter_cfg = _with_mask(cfg.drafter, target)
-    layers = DrafterSpec.resolve(drafter_cfg, target).target_layer_ids
+    layers = DrafterSpec.resolve(cfg.drafter, target).target_layer_ids
     examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -76,7 +75,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
                                    progress=progress)
     times["features_s"] = time.perf_counter() - t0
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
-    drafter = _drafter(target, drafter_cfg, cache, cfg.sft.labels)
+    drafter = _drafter(target, cfg.drafter, cache, cfg.sft.labels)
     t0 = time.perf_counter()
     final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
     times["sft_s"] = time.perf_counter() - t0
@@ -92,11 +91,6 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     (out / "recipe.json").write_text(json.dumps(summary, indent=2))
     summary["table"] = report.table()
     return summary
-
-
-def _with_mask(cfg: DrafterConfig, target) -> DrafterConfig:
-    """MASK as a target token row (the reference format) unless the config names one."""
-    return cfg if cfg.mask_token_id is not None else replace(cfg, mask_token_id=default_mask_token(target))
 
 
 def _drafter(target, cfg: DrafterConfig, cache: FeatureCache, labels: str) -> Drafter:

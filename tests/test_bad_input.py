@@ -46,6 +46,8 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("gen-draft-kv-heads-not-dividing", G + " --draft-num-heads 4 --draft-num-kv-heads 3", "--draft-num-kv-heads must divide", ()),
     ("gen-draft-targets-kv-heads-not-dividing", G + " --draft-num-heads 1", "--draft-num-kv-heads must divide the 1 attention heads", ()),
     ("gen-draft-head-dim-odd", G + " --draft-head-dim 7", "--draft-head-dim must be even", ()),
+    ("gen-learned-mask-and-mask-id", G + " --draft-learned-mask --draft-mask-token-id 3", "exclude each other", ()),
+    ("gen-learned-mask-eagle3", G + " --draft-arch eagle3 --draft-learned-mask", "applies to DFlash drafters", ()),
     ("gen-drafter-block-size-text", G + " --drafter {drafter_block_text}", "draftopd_spec.block_size must be an integer >= 2, got '8'", ()),
     ("gen-drafter-block-size-0", G + " --drafter {drafter_block_0}", "draftopd_spec.block_size must be an integer >= 2, got 0", ()),
     ("gen-drafter-block-size-negative", G + " --drafter {drafter_block_negative}", "draftopd_spec.block_size", ()),

@@ -180,6 +180,7 @@ def test_features_and_recipe_commands(target_dir, tmp_path, capsys, monkeypatch)
     assert result["feature_tokens"] > 0 and set(result["times"]) == {"answers_s", "features_s", "sft_s", "eval_s", "total_s"}
     assert result["times"]["total_s"] >= sum(v for k, v in result["times"].items() if k != "total_s")
     assert (Path(result["checkpoint"]) / "model.safetensors").exists() and (tmp_path / "rec" / "eval.json").exists()
+    assert json.loads((Path(result["checkpoint"]) / "config.json").read_text())["draftopd_spec"]["mask_token_id"] is not None  # exportable
     rc, _, err = run(capsys, "recipe", "--target", target_dir, "--data", tmp_path / "missing.jsonl", "--out-dir", tmp_path / "r2")
     assert_one_line_error(rc, err, "no regenerated data")
 

@@ -289,12 +289,11 @@ def test_target_layer_ids_out_of_range_raise(llama_target) -> None:
     (dict(num_heads=1), DrafterError, "--draft-num-kv-heads must divide the 1 attention heads, got 2"),  # the target's 2 kv heads
     (dict(num_heads=4, num_kv_heads=3), ConfigError, "--draft-num-kv-heads must divide --draft-num-heads 4, got 3"),
     (dict(head_dim=7), ConfigError, "--draft-head-dim must be even"),
-    (dict(arch="eagle3", mask_token_id=3), None, None),  # EAGLE-3 has no MASK: the id is not kept
     (dict(num_heads=5, head_dim=8, num_kv_heads=1), None, None),  # an explicit head_dim fits any head count
 ], ids=str)
 def test_drafter_shape_relations_are_one_line(llama_target, cfg, error, words) -> None:
     if error is None:
-        assert new_drafter(llama_target, DrafterConfig(**cfg)).spec.mask_token_id in (None, cfg.get("mask_token_id"))
+        assert new_drafter(llama_target, DrafterConfig(**cfg)).spec.num_heads * 8 == 40
         return
     with pytest.raises(error, match=words) as err:
         new_drafter(llama_target, DrafterConfig(**cfg))
@@ -327,6 +326,31 @@ def test_a_checkpoint_with_a_bad_shape_value_is_one_drafter_error(saved, llama_t
         load_drafter(folder, llama_target)
     assert f"drafter checkpoint at {folder}: config.json draftopd_spec." in str(err.value) and words in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_default_mask_is_a_target_row_that_exports_and_learned_is_asked_for(target, tmp_path) -> None:
+    """A new DFlash drafter's MASK is the target's default row (the reference format holds it) unless `learned_mask`; a
+    saved spec's null still means a learned vector, so checkpoints written before the default changed load unchanged."""
+    from draftopd.interop.dflash_ref import export_dflash
+    from draftopd.models.drafter import default_mask_token
+
+    drafter = make_drafter(target, block_size=4, target_layer_ids=(0, 2))
+    assert drafter.spec.mask_token_id == default_mask_token(target) == target.vocab_size - 2 and not hasattr(drafter, "mask_embedding")
+    export_dflash(drafter, tmp_path / "exported", target)
+    assert make_drafter(target, block_size=4, mask_token_id=5).spec.mask_token_id == 5
+    learned = make_drafter(target, block_size=4, target_layer_ids=(0, 2), learned_mask=True)
+    assert learned.spec.mask_token_id is None and hasattr(learned, "mask_embedding")
+    save_drafter(learned, tmp_path / "learned")
+    assert json.loads((tmp_path / "learned" / "config.json").read_text())["draftopd_spec"]["mask_token_id"] is None
+    loaded = load_drafter(tmp_path / "learned", target)
+    assert loaded.spec == learned.spec and torch.equal(loaded.mask_embedding, learned.mask_embedding)
+    with pytest.raises(DrafterError, match="learned MASK"):
+        export_dflash(learned, tmp_path / "refused", target)
+    with pytest.raises(ConfigError, match="--draft-learned-mask and --draft-mask-token-id 5 exclude each other"):
+        DrafterConfig(learned_mask=True, mask_token_id=5)
+    with pytest.raises(DrafterError, match="--draft-learned-mask applies to DFlash drafters"):
+        new_drafter(target, DrafterConfig(arch="eagle3", learned_mask=True))
+    assert new_drafter(target, DrafterConfig(arch="eagle3")).spec.mask_token_id is None
 
 
 def test_save_load_round_trip_identical_logits(drafter, llama_target, tmp_path) -> None:

@@ -135,7 +135,7 @@ def test_round_trip_is_bit_identical(qwen3_target, tmp_path):
 # ---- (d) refusals -----------------------------------------------------------------------------------------------------
 EXPORT_REFUSALS = {
     "eagle3": (dict(arch="eagle3"), "only a DFlash drafter"),
-    "learned MASK": (dict(mask_token_id=None), "learned MASK"),
+    "learned MASK": (dict(mask_token_id=None, learned_mask=True), "learned MASK"),
     "reduced vocabulary": (dict(vocab_size=16), "the reference DFlash format has no reduced vocabulary"),
     "last target layer": (dict(target_layer_ids=(1, 3)), "last layer: the reference reads it after the final norm"),
 }

@@ -189,7 +189,7 @@ REFUSALS = {
     "last target layer": ("eagle3", dict(target_layer_ids=(0, 1, 3)), "target layer id 3 is the target's last layer"),
     "a layer twice": ("eagle3", dict(target_layer_ids=(1, 1, 0)), r"name a layer twice: vLLM captures each layer once"),
     "two EAGLE-3 layers": ("eagle3", dict(target_layer_ids=(0, 2)), "vLLM's EAGLE-3 fc takes exactly 3"),
-    "learned MASK": ("dflash", dict(mask_token_id=None), "learned MASK"),
+    "learned MASK": ("dflash", dict(mask_token_id=None, learned_mask=True), "learned MASK"),
     "DFlash last layer": ("dflash", dict(target_layer_ids=(3, 0)), "last layer"),
 }
 

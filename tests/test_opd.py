@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
     prompts = [[rng.randrange(60) for _ in range(rng.randint(3, 10))] for _ in range(80)]
     gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
     examples = [Example(tuple(t.prompt), tuple(t.output)) for t in gen.traces]
-    drafter = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0), seed=0)  # the init the pinned numbers below were measured with
+    drafter = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0, learned_mask=True), seed=0)  # the init the pinned numbers below were measured with
     train_sft(target, drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3, min_warmup_steps=1)), tmp_path_factory.mktemp("sft"), progress=False)
     return target, prompts[:64], prompts[64:], drafter
 

@@ -86,10 +86,21 @@ class DrafterSpec:
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
             intermediate_size=cfg.intermediate_size or tcfg.intermediate_size, rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=cfg.mask_token_id if arch == "dflash" else None, draft_vocab_size=cfg.vocab_size,
-            arch=arch)
+            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=DrafterSpec._mask(cfg, arch, target), draft_vocab_size=cfg.vocab_size, arch=arch)
         spec.check(lambda name: flag(cfg, {"draft_vocab_size": "vocab_size"}.get(name, name)))
         return spec
+
+    @staticmethod
+    def _mask(cfg: DrafterConfig, arch: str, target: Target) -> int | None:
+        """The MASK row a new drafter gets: DFlash takes `cfg.mask_token_id`, else the target's default row (a drafter
+        that the reference format can hold), or None, a learned vector, with `cfg.learned_mask`; EAGLE-3 has no MASK."""
+        if arch != "dflash":
+            if cfg.learned_mask:
+                raise DrafterError("--draft-learned-mask applies to DFlash drafters: an EAGLE-3 drafter has no MASK")
+            return None
+        if cfg.learned_mask:
+            return None
+        return cfg.mask_token_id if cfg.mask_token_id is not None else default_mask_token(target)
 
     def check(self, name: Callable[[str], str]) -> None:
         """Raise one DrafterError line unless every field holds a value a drafter can be built from: the same rules for a
@@ -385,7 +396,7 @@ def default_mask_token(target: Target) -> int:
     taken |= set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
     special = sorted(i for i in tokenizer.added_tokens_decoder if i not in taken)
     if not special:
-        raise DrafterError(f"target '{target.name}' has no spare token row for MASK: pass --draft-mask-token-id")
+        raise DrafterError(f"target '{target.name}' has no spare token row for MASK: pass --draft-mask-token-id or --draft-learned-mask")
     return special[-1]
 
 
