@@ -142,6 +142,7 @@ def test_every_bad_record_is_counted_by_its_reason(tmp_path):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "anyone?"}]},
         {"messages": [{"role": "assistant", "content": "unprompted"}, {"role": "user", "content": "hi"}]},
+        {"id": "empty", "conversations": []},
         {**SHAREGPT},  # repeated id s1
         long_answer,
         {"id": 7, "input_ids": [1, 2, 3], "loss_mask": [0, 1]},
@@ -152,10 +153,10 @@ def test_every_bad_record_is_counted_by_its_reason(tmp_path):
     ]
     data = read_data(write_lines(tmp_path / "mixed.jsonl", records), max_tokens=120).examples(tok)
     assert data.summary.skipped == {"not JSON": 1, "unrecognised record": 2, "bad turn": 1, "unknown role": 1, "empty content": 1,
-                                    "no assistant turn": 2, "repeated id": 1, "too long": 2, "bad token ids": 1, "nothing trained": 2,
+                                    "no assistant turn": 3, "repeated id": 1, "too long": 2, "bad token ids": 1, "nothing trained": 2,
                                     "no id": 1}
-    assert data.skipped == 15 and len(data.examples) == 2 and data.summary.examples == {"conversations": 2}
-    assert "15 skipped" in data.summary.line() and "no assistant turn 2" in data.summary.line()
+    assert data.skipped == 16 and len(data.examples) == 2 and data.summary.examples == {"conversations": 2}
+    assert "16 skipped" in data.summary.line() and "no assistant turn 3" in data.summary.line()
     refusing = chat_tokenizer(NO_SYSTEM)
     only = read_data(write_lines(tmp_path / "system.jsonl", [OPENAI, long_answer]), max_tokens=120)
     with pytest.raises(DataError, match="template error 1") as err:

@@ -26,9 +26,10 @@ Choices:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from .prompts import _ROLE_ALIASES, DataError
 
@@ -42,7 +43,7 @@ def parse_conversation(record: dict) -> Messages | str:
     sharegpt = "conversations" in record
     turns = record.get("conversations") if sharegpt else record.get("messages")
     role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
-    if not isinstance(turns, list) or not turns:
+    if not isinstance(turns, list):
         return "bad turn"
     messages = []
     for turn in turns:
@@ -81,7 +82,12 @@ def _render(tokenizer, messages: Sequence[tuple[str, str]]) -> str:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    return len(os.path.commonprefix([a, b]))
+    """Length of the longest common prefix (a binary search of slice comparisons: no Python loop over characters)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if a[:mid] == b[:mid] else (low, mid - 1)
+    return low
 
 
 def assistant_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
@@ -135,8 +141,11 @@ def render_conversation(tokenizer, messages: Messages, max_tokens: int, counts: 
         counts.skip("template error")
         return None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [b > a and any(a < end and b > start for start, end in spans) for a, b in encoded["offset_mapping"]]
-    fitted = fit(list(encoded["input_ids"]), mask, max_tokens)
+    first, last = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2).unbind(1)
+    mask = torch.zeros(len(first), dtype=torch.bool)
+    for start, end in spans:  # a token overlapping a span's characters is trained
+        mask |= (first < end) & (last > start) & (last > first)
+    fitted = fit(list(encoded["input_ids"]), mask.tolist(), max_tokens)
     if fitted is None:
         counts.skip("too long")
     elif len(fitted[0]) < len(mask):

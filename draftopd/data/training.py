@@ -129,8 +129,7 @@ def read_data(path: str | Path, data_format: str = DataConfig.format, *, trim_lo
         ids.add(name)
         data.records.append((kind, item, name))
     if not data.records:
-        raise DataError(f"no usable training examples in {path} ({sum(data.skipped.values())} records skipped: "
-                        + ", ".join(f"{k} {v}" for k, v in data.skipped.items()) + ")")
+        raise DataError(f"no usable training examples in {DataSummary(str(path), {}, data.skipped).line()}")
     return data
 
 
