@@ -43,7 +43,7 @@ from typing import IO, Any
 
 __all__ = ["NAMED_SETS", "DataError", "Prompt", "PromptSet", "check_source", "load_prompts", "render_prompt", "stable_hash"]
 
-NAMED_SETS = ("sharegpt", "mt-bench", "gsm8k", "humaneval")
+NAMED_SETS = ("sharegpt", "mt-bench", "gsm8k", "humaneval", "synthetic")
 SPLITS = ("all", "train", "heldout")
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
@@ -296,11 +296,17 @@ def _source(name_or_path: str) -> tuple[Path, str, RecordParser]:
 def check_source(name_or_path: str) -> None:
     """Raise DataError unless `name_or_path` is a named set (package installed) or an existing file (cheap:
     reads nothing, so commands can check their inputs before loading a model)."""
-    _source(str(name_or_path))
+    if str(name_or_path) != "synthetic":
+        _source(str(name_or_path))
 
 
 def _read_all(name_or_path: str) -> PromptSet:
-    """Every usable prompt of a named set or a user file, in file order."""
+    """Every usable prompt of a named set or a user file, in file order. `synthetic` is generated, not read: the
+    synthetic target's language (`models/synthetic.py`)."""
+    if name_or_path == "synthetic":
+        from ..models.synthetic import prompt_set
+
+        return prompt_set()
     return _parse_file(*_source(name_or_path))
 
 

@@ -24,6 +24,9 @@ EMBEDDED = {
 }
 
 
+SYNTHETIC = "synthetic"  # the target of a synthetic language, built on first use (`models/synthetic.py`)
+
+
 def cache_dir() -> Path:
     """User cache root: $DRAFTOPD_CACHE, else $XDG_CACHE_HOME/draftopd, else ~/.cache/draftopd."""
     root = os.environ.get("DRAFTOPD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "draftopd"
@@ -71,6 +74,10 @@ def _resolve(name_or_path: str) -> Path | str:
     """The folder of an embedded name or a local path, or the hub id itself."""
     if name_or_path in EMBEDDED:
         return embedded_folder(name_or_path)
+    if name_or_path == SYNTHETIC:
+        from .synthetic import synthetic_folder
+
+        return synthetic_folder()
     if Path(name_or_path).exists():
         folder = Path(name_or_path)
         if not (folder / "config.json").is_file():
@@ -78,7 +85,7 @@ def _resolve(name_or_path: str) -> Path | str:
         return folder
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
         return name_or_path  # a hub id: allowed for users with network
-    raise TargetError(f"unknown target '{name_or_path}': use one of {sorted(EMBEDDED)}, a local model folder, or a hub id")
+    raise TargetError(f"unknown target '{name_or_path}': use one of {sorted([*EMBEDDED, SYNTHETIC])}, a local model folder, or a hub id")
 
 
 def _check_config(folder: Path) -> None:
