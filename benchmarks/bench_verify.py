@@ -12,47 +12,13 @@ t_draft)` it would give at tau = 2, 3, 4; last, a prefill of 2 x 384 tokens (as 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from draftopd.config import DrafterConfig
+from draftopd.eval.round_cost import measure
 from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls pay allocation and kernel selection
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> dict:
-    prompt = torch.randint(100, 10000, (context,), generator=torch.Generator().manual_seed(0)).tolist()
-    state, out = target.prefill([prompt], drafter.spec.target_layer_ids)
-    ctx = drafter.project_context(out.features, state.positions, state.valid.clone(), torch.tensor([prompt[1:] + prompt[:1]]))
-
-    def verify(n: int):
-        target.verify(state, torch.randint(100, 10000, (1, n)), drafter.spec.target_layer_ids)
-        target.commit(state, torch.zeros(1, dtype=torch.long))  # roll back: every call sees the same cache
-
-    verify_ms = {n: median_ms(lambda n=n: verify(n), repeats) for n in sizes}
-    anchor, pos = torch.tensor([prompt[-1]]), state.lengths.clone()
-    feats, following = out.features[:, -drafter.block_size:], torch.tensor([prompt[-drafter.block_size:]])
-
-    def draft():  # EAGLE-3 drafts slot by slot, DFlash in one forward: `Drafter.draft`, as the decoder calls it
-        drafter.draft(ctx, anchor, pos, lambda logits: logits.argmax(-1))
-        drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:], following)
-
-    rows = torch.randint(100, 10000, (2, 384), generator=torch.Generator().manual_seed(1))  # a feature-cache batch
-    prefill_ms = median_ms(lambda: target.score(rows, torch.ones_like(rows, dtype=torch.bool), drafter.spec.target_layer_ids), 1)
-    return {"verify_ms": verify_ms, "draft_ms": median_ms(draft, repeats), "prefill_tok_s": rows.numel() / prefill_ms * 1e3}
 
 
 def main() -> None:

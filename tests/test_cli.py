@@ -307,7 +307,7 @@ def test_demo_loads_its_target_with_its_device_and_dtype(capsys, tmp_path, monke
 
 def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch):
     """`--dtype auto` (and the recipe's feature and evaluation dtypes): an AVX2-only CPU prefills 6x slower in bf16
-    (`benchmarks/bench_verify.py`, README)."""
+    (`benchmarks/bench_verify.py`, docs/results/strong-drafters.md)."""
     from draftopd.config import resolve_dtype
 
     for fast, want in ((False, torch.float32), (True, torch.bfloat16)):

@@ -194,7 +194,7 @@ def test_accumulation_normalises_by_tokens(setup, mode):
 def test_draft_opd_raises_heldout_tau(setup, tmp_path):
     """From this seeded SFT start, 12 exact-KL Draft-OPD steps (paper aggregation, 1 warm-up step) raise held-out tau (1.71 -> 1.84 when written).
     Pinned to one seed on purpose: across seeds and against compute-matched continued SFT, Draft-OPD does not
-    robustly raise tau on tiny targets (benchmarks/tiny_ablation.py; README findings)."""
+    robustly raise tau on tiny targets (experiments/tiny-ablation; docs/results/draft-opd-embedded.md)."""
     target, prompts, heldout, start = setup
     drafter = copy.deepcopy(start)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
@@ -252,12 +252,12 @@ def test_draft_opd_trains_an_eagle3_drafter_on_both_streams(setup, tmp_path):
 
 @pytest.mark.parametrize("loss", [LossConfig(), LossConfig(lam_rej=0.5, gamma=1.0), LossConfig(use_rejected=False)])
 def test_stream_gradients_split_the_update_gradient(setup, loss, monkeypatch):
-    """benchmarks/stream_gradients.py: its accepted and rejected parts add up to the gradient of the loss `train_opd`
+    """experiments/opd-headline/stream_gradients.py: its accepted and rejected parts add up to the gradient of the loss `train_opd`
     backpropagates on the same traces (token-normalised micro-batches, pooled weights), and the rejected part is
     zero without the rejected stream."""
     from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments" / "opd-headline"))
     from stream_gradients import flat_grad, stream_grads
 
     target, prompts, _, drafter = setup

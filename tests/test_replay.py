@@ -71,13 +71,13 @@ def test_scored_texts_are_shared_by_drafters_and_checked(llama_target):
 
 @pytest.mark.parametrize("draft_vocab", [None, 6])
 def test_tree_coverage_chain_equals_replay_and_wider_trees_accept_more(small_vocab_target, one_thread, monkeypatch, draft_vocab):
-    """benchmarks/tree_coverage.py: the top-1 chain over all slots walks exactly the replay's rounds (so the ranks are
+    """experiments/tree-coverage/tree_coverage.py: the top-1 chain over all slots walks exactly the replay's rounds (so the ranks are
     right), and a wider tree never takes more rounds, every text."""
     from pathlib import Path
 
     from draftopd.eval.replay import replay_scored, score_texts
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments" / "tree-coverage"))
     from tree_coverage import target_ranks, tree_rounds
 
     target = small_vocab_target

@@ -4,8 +4,8 @@ Both sets come from one regenerated file (same prompt pool, same regeneration); 
 are used, so their text is the target's greedy text and replay gives the tau decoding would (`eval/replay.py`).
 A large gap means the drafter is data-limited: more answers, not more steps, is what it needs.
 
-    python benchmarks/memorisation.py --drafter runs/scale-gpu/drafter \
-        --regenerated runs/scale-gpu/regenerated-1920.jsonl.gz --trained-first 768
+    python experiments/train-at-scale/memorisation.py --drafter runs/scale-gpu/drafter \
+        --regenerated runs/scale-gpu/regenerated-1920.jsonl.gz --trained-first 768   # the H200 run's drafter and answers
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from draftopd.eval.replay import replay_tau  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402

@@ -1,26 +1,29 @@
-"""Issue 10 side by side on this CPU: DFlash vs EAGLE-3 on the embedded target, each SFT and then Draft-OPD.
+"""DFlash vs EAGLE-3 on the embedded target, side by side on a 2-core CPU: each SFT, then Draft-OPD from each.
 
-    F=runs/e3/features ; O=runs/e3
+    F=runs/e3/features ; O=runs/e3 ; R=runs/scale-gpu/regenerated-1920.jsonl.gz   # R: the H200 run's answers
     ./run features --dtype bfloat16 --limit 700 --max-response-tokens 384 --keep-final \
         --draft-target-layer-ids 1 10 14 19 26 27 --out $F          # one cache holds both drafters' layers
     ./run sft --features $F --draft-num-layers 2 --draft-target-layer-ids 1 10 19 27 --draft-mask-token-id 16 $SFT --out $O/sft-dflash
     ./run sft --features $F --draft-arch eagle3 --draft-target-layer-ids 1 14 26 $SFT --out $O/sft-eagle3   # at the same time
     #   SFT="--draft-block-size 8 --draft-vocab-size 8192 --labels greedy --loss kl --steps 240 --batch-size 8
     #        --anchors-per-seq 64 --save-every 40 --optim-lr 2e-3 --dtype float32"
-    python benchmarks/arch_compare.py opd dflash --out $O           # Draft-OPD from each SFT drafter, same budget
-    python benchmarks/arch_compare.py opd eagle3 --out $O           # at the same time
-    python benchmarks/arch_compare.py opd eagle3 --no-rejected --out $O   # the rejected stream measured, not assumed off
-    python benchmarks/arch_compare.py report --out $O               # replay tau, paired ratios, drafter cost per round
+    python experiments/opd-headline/opd_headline.py refs --out runs/headline-cpu   # the held-out references (once)
+    A="--out $O --features $F --regenerated $R --refs runs/headline-cpu"
+    python experiments/dflash-vs-eagle3/arch_compare.py opd dflash $A   # Draft-OPD from each SFT drafter, same budget
+    python experiments/dflash-vs-eagle3/arch_compare.py opd eagle3 $A   # at the same time
+    python experiments/dflash-vs-eagle3/arch_compare.py opd eagle3 --no-rejected $A   # the rejected stream measured, not assumed off
+    python experiments/dflash-vs-eagle3/arch_compare.py report --out $O --refs runs/headline-cpu   # replay tau, paired ratios, drafter cost
 
 Same data (the 620 ShareGPT answers of one feature cache, fixed text labelled by the target's distribution), same
 steps and anchors, the same compute counter. The drafters differ as their architectures do: DFlash 2 layers fed
 target layers 1, 10, 19, 27 (its rule), MASK = token 16; EAGLE-3 one layer fed the inputs of layers 2, 15, 27
 (outputs 1, 14, 26), chain drafting. Both: block 8 (7 drafts a round), 8,192-token draft vocabulary.
-Draft-OPD: the authors' recipe as `opd_headline.py` (16 rollouts of up to 128 tokens an update, lr 3e-4), on
-ShareGPT prompts of the H200 regeneration pool that are not in the SFT cache, to `--budget-tflops`.
+Draft-OPD: the authors' recipe as `opd_headline.py` runs it (`draftopd.headline.OPD`: 16 rollouts of up to 128 tokens
+an update, lr 3e-4), on prompts of `--regenerated` that are not in the SFT cache, to `--budget-tflops`.
 Scoring: greedy replay (`eval/replay.py`, the tau greedy decoding would measure) over the target's greedy answers
 to 120 held-out prompts (`opd_headline.py refs`: 30 each of MT-Bench, GSM8K, HumanEval, held-out ShareGPT), so
-arms may share the 2 cores; drafter cost per round is timed separately (`bench_verify.measure`, machine idle).
+arms may share the 2 cores; drafter cost per round is timed separately (`draftopd.eval.round_cost.measure`, machine
+idle).
 """
 
 from __future__ import annotations
@@ -34,15 +37,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import opd_headline as H  # noqa: E402
-from bench_verify import measure  # noqa: E402
+from draftopd import headline as H  # noqa: E402
 from draftopd.data.features import FeatureCache  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.stats import ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, score_texts  # noqa: E402
+from draftopd.eval.round_cost import measure  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.common import Compute  # noqa: E402
@@ -152,10 +154,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cmd", choices=("opd", "report"))
     parser.add_argument("arch", nargs="?", choices=ARCHS)
-    parser.add_argument("--out", default="runs/e3")
-    parser.add_argument("--refs", default="runs/headline-cpu", help="folder of opd_headline.py's refs.json")
-    parser.add_argument("--features", default="runs/e3/features")
-    parser.add_argument("--regenerated", default="runs/scale-gpu/regenerated-1920.jsonl.gz")
+    parser.add_argument("--out", required=True, help="folder holding the SFT drafters sft-dflash/ and sft-eagle3/ (written by the "
+                        "`./run sft` commands above); the Draft-OPD runs and the report go there too")
+    parser.add_argument("--refs", required=True, help="folder of `opd_headline.py refs`'s refs.json")
+    parser.add_argument("--features", help="opd: the SFT feature cache (its prompts are left out of Draft-OPD's)")
+    parser.add_argument("--regenerated", help="opd: regenerated answers whose prompts Draft-OPD rolls out on")
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-tflops", type=float, default=45.0)
@@ -167,6 +170,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "opd" and args.arch is None:
         parser.error("opd needs the architecture")
+    if args.cmd == "opd" and (args.features is None or args.regenerated is None):
+        parser.error("opd needs --features and --regenerated")
     {"opd": opd_cmd, "report": report_cmd}[args.cmd](args)
 
 

@@ -1,6 +1,6 @@
 """Draft-OPD ablations on a tiny random target, in a few minutes on one CPU core.
 
-    .venv/bin/python benchmarks/tiny_ablation.py [--seeds 0 1 2] [--sft-steps 30] [--opd-steps 12]
+    .venv/bin/python experiments/tiny-ablation/tiny_ablation.py [--seeds 0 1 2] [--sft-steps 30] [--opd-steps 12]
 
 A tiny Llama target (vocab 64, sharpened head so greedy tokens have probability ~0.6) answers random
 prompts; a drafter is SFT-trained briefly (the warm start); then every Draft-OPD variant of

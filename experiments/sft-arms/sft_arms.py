@@ -1,21 +1,25 @@
-"""One arm of the small CPU SFT comparisons in the README ("Small CPU comparisons scored by greedy replay").
+"""One arm of the small SFT comparisons on a 2-core CPU, and the continuation stages that made v2 and v3.
 
-    R=runs/scale-gpu/regenerated-1920.jsonl.gz     # written by train_at_scale.py on the H200 (not in git)
-    python benchmarks/sft_arms.py fixed --out runs/regen-vs-fixed/fixed   # from scratch, 1,000 ShareGPT answers
-    python benchmarks/sft_arms.py regen --regenerated $R --out runs/regen-vs-fixed/regen   # from scratch, the last 1,000 regenerated
-    python benchmarks/sft_arms.py old --regenerated $R --out runs/continue/old --drafter runs/scale-gpu/drafter  # its own 768 answers
-    python benchmarks/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
-    python benchmarks/sft_arms.py fixed --copy-target-layers 0 1 --out runs/init/first   # fixed, layers start as target layers 0, 1
-    python benchmarks/sft_arms.py fixed --num-layers 1 --threads 2 --out runs/grid/layers1   # also --num-layers 3,
+Results: `docs/results/strong-drafters.md` ("Small CPU comparisons scored by greedy replay", "Regenerated on a 2-core
+CPU: v2 and v3"). `runs/...` below are working folders (not in git); R is the H200 run's regenerated answers
+(`experiments/train-at-scale/train_at_scale.py run` on a GPU) and runs/scale-gpu/drafter its drafter.
+
+    R=runs/scale-gpu/regenerated-1920.jsonl.gz
+    python experiments/sft-arms/sft_arms.py fixed --out runs/regen-vs-fixed/fixed   # from scratch, 1,000 ShareGPT answers
+    python experiments/sft-arms/sft_arms.py regen --regenerated $R --out runs/regen-vs-fixed/regen   # from scratch, the last 1,000 regenerated
+    python experiments/sft-arms/sft_arms.py old --regenerated $R --out runs/continue/old --drafter runs/scale-gpu/drafter  # its own 768 answers
+    python experiments/sft-arms/sft_arms.py new --regenerated $R --out runs/continue/new --drafter runs/scale-gpu/drafter  # 1,152 unseen ones
+    python experiments/sft-arms/sft_arms.py fixed --copy-target-layers 0 1 --out runs/init/first   # fixed, layers start as target layers 0, 1
+    python experiments/sft-arms/sft_arms.py fixed --num-layers 1 --threads 2 --out runs/grid/layers1   # also --num-layers 3,
         # --slot-decay 2, --target-layer-ids 1 27, --anchors-per-seq 384 --steps 30, --feature-noise 0.2 (the switches of the choice grid;
         # everything else as `fixed`)
-    python benchmarks/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
+    python experiments/sft-arms/sft_arms.py more --drafter draftopd/drafters/smollm2-135m-dflash --threads 2 --out runs/more  # 150 steps on
         # 1,200 ShareGPT answers to prompts past the first 2,000 of the train sample (none of its regenerated prompts)
-    python benchmarks/sft_arms.py continue --drafter draftopd/drafters/smollm2-135m-dflash --regenerated runs/cpu-regen/regen.jsonl \
+    python experiments/sft-arms/sft_arms.py continue --drafter draftopd/drafters/smollm2-135m-dflash --regenerated runs/cpu-regen/regen.jsonl \
         --steps 440 --threads 2 --out runs/cpu-regen/sft   # every record of a CPU regeneration (`draftopd regenerate`), lr 3e-4
 
-Each arm trains with the target online (bf16), one thread (two arms share this 2-core machine), and writes a
-checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
+Each arm trains with the target online (bf16), one thread by default (two arms can share a 2-core machine), and
+writes a checkpoint to OUT/last; `benchmarks/replay_compare.py` then scores the arms on the same held-out prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from draftopd.config import DrafterConfig, OptimConfig, SFTConfig  # noqa: E402
 from draftopd.data.answers import load_answers  # noqa: E402

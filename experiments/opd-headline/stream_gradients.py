@@ -1,12 +1,12 @@
 """Where each Draft-OPD stream's gradient points: first-order geometry of the first update, per ablation.
 
-The headline runs (`opd_headline.py`) found that, from a drafter at tau ~1.4, every variant that weakens the rejected
+The headline runs (`opd_headline.py`, same folder) found that, from a drafter at tau ~1.4, every variant that weakens the rejected
 stream trains better than the full method. This script measures why, at the start drafter, without training: it
 rolls out the first update's prompts exactly as `opd_headline.py arm` does (same config, same prompts, same
 seed), replays them under each variant's loss, and splits the step's gradient into its accepted-stream part
 `g_acc` and rejected-stream part `g_rej` (pooled aggregation: `g = g_acc + g_rej`, each already divided by the
 step's shared normaliser). It compares them with `g_H`, the gradient of continued SFT's own loss (soft forward KL,
-slot-weighted, the `opd_headline` SFT settings) on the target's greedy answers to held-out prompts (the first
+slot-weighted, `draftopd.headline.SFT`) on the target's greedy answers to held-out prompts (the first
 `--heldout-per-set` of each of the report's four sets): descending a loss whose gradient has a positive cosine
 with `g_H` lowers the held-out loss to first order. Reported per variant:
 - `n_acc`, `w_rej`: the step's accepted tokens and decayed rejected weight (the pooled weights of the streams);
@@ -18,7 +18,8 @@ and two references: `g_S`, continued SFT's gradient on the first `--sft-examples
 predicts another: the noise floor of every cosine here). One rollout batch, one seed: these are diagnostics of
 direction at the start, not of where a run ends (AdamW's later steps weigh coordinates by their history).
 
-    python benchmarks/stream_gradients.py --out runs/headline-v3 [--seed 1]   # v3 start, the v3 headline's prompt pool
+    python experiments/opd-headline/stream_gradients.py --out runs/headline-v3 --regenerated runs/headline-v3/regen.jsonl \
+        [--seed 1]   # the bundled drafter v3 as the start, the v3 headline's prompt pool (opd_headline.py's docstring)
     # 10-20 min on one thread (--threads 1) next to a training arm; the token counts it prints equal the arm's first
     # metrics.jsonl row (checked for opd-s0, opd-s1, opd-t07-s0)
 """
@@ -28,23 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from opd_headline import ABLATIONS, OPD, SFT  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from draftopd.config import DecodeConfig  # noqa: E402
 from draftopd.data.regenerate import SFTExample, load_regenerated  # noqa: E402
 from draftopd.decode.speculative import generate  # noqa: E402
+from draftopd.headline import ABLATIONS, SFT, opd_variant  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.anchors import make_segments  # noqa: E402
-from draftopd.train.losses import LossConfig  # noqa: E402
 from draftopd.train.opd import collate, replay, rollout_batch, step_norms  # noqa: E402
 from draftopd.train.sft import sft_micro_batch  # noqa: E402
 
@@ -61,7 +58,7 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sft_gradient(target, drafter, examples: list, params: list[torch.Tensor], seed: int) -> torch.Tensor:
-    """Gradient of continued SFT's loss (opd_headline's SFT settings) over `examples`, normalised as one step."""
+    """Gradient of continued SFT's loss (`draftopd.headline.SFT`) over `examples`, normalised as one step."""
     gen, sums, weight = torch.Generator().manual_seed(seed), 0.0, 0.0
     for i in range(0, len(examples), SFT.batch_size):
         res = sft_micro_batch(target, drafter, examples[i:i + SFT.batch_size], SFT, gen)
@@ -101,17 +98,12 @@ def stream_grads(target, drafter, traces: list, cfg, params: list[torch.Tensor])
     return {"n_acc": n_acc, "w_rej": w_rej, "g_acc": g_acc, "g_rej": g_rej}
 
 
-def variant_cfg(name: str, seed: int):
-    change = dict(ABLATIONS[name])
-    top = {k: change.pop(k) for k in ("anchors", "temperature") if k in change}
-    return replace(OPD, seed=seed, loss=replace(LossConfig(), **change), **top)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/headline-v3", help="an opd_headline folder: its refs.json; stream_gradients-sSEED.json is written there")
+    ap.add_argument("--out", required=True, help="an opd_headline.py folder: its refs.json (`opd_headline.py refs --out`); "
+                    "stream_gradients-sSEED.json is written there")
     ap.add_argument("--start", default="draftopd/drafters/smollm2-135m-dflash")
-    ap.add_argument("--regenerated", default="runs/headline-v3/regen.jsonl", help="the headline's prompt pool and continued SFT's answers")
+    ap.add_argument("--regenerated", required=True, help="the headline's prompt pool and continued SFT's answers (its --regenerated)")
     ap.add_argument("--trained-on", type=int, default=0)
     ap.add_argument("--target", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
@@ -139,7 +131,7 @@ def main() -> None:
     traces_by_temp: dict[float, list] = {}
     rows = []
     for name in args.variants:
-        cfg = variant_cfg(name, args.seed)
+        cfg = opd_variant(name, seed=args.seed)
         if cfg.temperature not in traces_by_temp:
             traces_by_temp[cfg.temperature] = rollouts(target, drafter, prompts, cfg)
         s = stream_grads(target, drafter, traces_by_temp[cfg.temperature], cfg, params)

@@ -1,34 +1,37 @@
-"""Issue 9's headline experiment on this CPU: Draft-OPD vs compute-matched continued SFT from a plateaued drafter.
+"""Draft-OPD vs compute-matched continued SFT from a plateaued drafter on the embedded target (2-core CPU sizes).
 
-    R=runs/scale-gpu/regenerated-1920.jsonl.gz ; S=runs/scale-gpu/drafter ; O=runs/headline-cpu   # the H200 run's
-    python benchmarks/opd_headline.py refs --out $O                 # greedy references of the held-out sets, once
-    python benchmarks/opd_headline.py arm opd --start $S --regenerated $R --out $O --seed 0
-    python benchmarks/opd_headline.py arm sft-new --start $S --regenerated $R --out $O --seed 0   # at the same time
-    python benchmarks/opd_headline.py report --out $O               # table, paired ratios, tau-vs-compute plot
+From the H200 drafter (`experiments/train-at-scale`, `docs/results/strong-drafters.md`): R and S are what
+`train_at_scale.py run` wrote on the GPU (a working folder, not in git):
 
-From the committed CPU drafter v3 instead (README "From the committed drafter v3"): R = the target's answers to
-ShareGPT train prompts 12,100-12,867 (`draftopd regenerate --split all`), none of which v3 trained on, so
-`--trained-on 0`; sft-old takes v3's last batch of answers:
+    R=runs/scale-gpu/regenerated-1920.jsonl.gz ; S=runs/scale-gpu/drafter ; O=runs/headline-cpu
+    python experiments/opd-headline/opd_headline.py refs --out $O        # greedy references of the held-out sets, once
+    python experiments/opd-headline/opd_headline.py arm opd --start $S --regenerated $R --out $O --seed 0
+    python experiments/opd-headline/opd_headline.py arm sft-new --start $S --regenerated $R --out $O --seed 0   # at the same time
+    python experiments/opd-headline/opd_headline.py report --out $O      # table, paired ratios, tau-vs-compute plot
+
+From the bundled drafter v3 instead (`docs/results/draft-opd-embedded.md`, "From the bundled drafter v3"): R = the
+target's answers to ShareGPT train prompts 12,100-12,867 (`draftopd regenerate --split all`), none of which v3 trained
+on, so `--trained-on 0`; sft-old takes v3's last batch of answers:
 
     C="--start draftopd/drafters/smollm2-135m-dflash --regenerated runs/headline-v3/regen.jsonl --trained-on 0
        --old-regenerated runs/cpu-regen2/regen.jsonl --out runs/headline-v3"
-    python benchmarks/opd_headline.py arm opd-wrong $C --seed 0 --curve-every 3      # and sft-new, opd, ... likewise
+    python experiments/opd-headline/opd_headline.py arm opd-wrong $C --seed 0 --curve-every 3   # and sft-new, opd, ... likewise
 
-The start is the H200 drafter (README "At scale on one H200"): its held-out tau plateaued at 1.32-1.33 over the
-last 250 of its 665 steps on its 768 answers (the first 768 records of R). Arms, each from that start:
+The start is a drafter whose held-out tau has stopped rising (the H200 drafter: 1.32-1.33 over the last 250 of its 665
+steps on its 768 answers, the first 768 records of R). Arms, each from that start:
 - `opd`: Draft-OPD with the authors' recipe (single-token estimators, pooled, lr 3e-4 cosine, warm-up) on the
-  prompts of R's other 1,152 records, which the start never saw (a prompt pool disjoint from its SFT data);
-  16 rollouts of up to 128 tokens per update (2 batches of 8), sized for this CPU.
-- `sft-new`: continued SFT on the target's answers to those same 1,152 prompts (the data-matched control: the
-  same prompts, the target's text instead of rollouts); `sft-old`: on the start's own 768 answers (the plateau).
+  prompts of R's records after the first `--trained-on`, which the start never saw (a prompt pool disjoint from its
+  SFT data); 16 rollouts of up to 128 tokens per update (2 batches of 8), sized for a 2-core CPU.
+- `sft-new`: continued SFT on the target's answers to those same prompts (the data-matched control: the same
+  prompts, the target's text instead of rollouts); `sft-old`: on the start's own answers (the plateau).
   Every arm stops at `--budget-tflops` of compute (the same counter: `train/common.Compute`).
-- ablations `opd-random` (accepted stream at random anchors, the real rejected stream kept), `opd-fwd`
-  (forward KL on both streams), `opd-rev` (reverse on both), `opd-nodecay` (gamma 1), `opd-norej` (no rejected
-  stream), `opd-first` (first rejected token only), `opd-t07` (rollouts at temperature 0.7), `opd-exact` (exact KL),
-  `opd-lam01` (rejected stream weighted 0.1: about the fifth of the loss it has in the paper's regime, tau ~6),
-  `opd-wrong` (the rejected stream without the late proposals that equal the final text; this project's switch).
-  Ablations ran at a smaller budget (`--budget-tflops 60`); the report compares each with the full method's curve
-  point nearest in compute.
+- ablations (`draftopd.headline.ABLATIONS`) `opd-random` (accepted stream at random anchors, the real rejected stream
+  kept), `opd-fwd` (forward KL on both streams), `opd-rev` (reverse on both), `opd-nodecay` (gamma 1), `opd-norej`
+  (no rejected stream), `opd-first` (first rejected token only), `opd-t07` (rollouts at temperature 0.7), `opd-exact`
+  (exact KL), `opd-lam01` (rejected stream weighted 0.1: about the fifth of the loss it has in the paper's regime,
+  tau ~6), `opd-wrong` (the rejected stream without the late proposals that equal the final text; this project's
+  switch). Ablations ran at a smaller budget (`--budget-tflops 60`); the report compares each with the full
+  method's curve point nearest in compute.
 Every arm replays its drafter over the target's greedy answers to the held-out prompts (30 each of MT-Bench,
 GSM8K, HumanEval, and held-out ShareGPT; `eval/replay.py`: the tau greedy decoding would measure, no timing)
 every `--curve-every` updates, so two arms can share the 2 cores (one thread each) without skewing anything.
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -46,32 +48,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from draftopd.config import DecodeConfig, EvalConfig, OptimConfig, SFTConfig  # noqa: E402
+from draftopd.config import DecodeConfig, EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
-from draftopd.decode.stats import paired_ratio_ci, ratio_text  # noqa: E402
-from draftopd.eval.replay import ReplayedTau, ReplayedText, replay_scored, score_texts  # noqa: E402
+from draftopd.decode.stats import ratio_text  # noqa: E402
+from draftopd.eval.replay import ReplayedTau, ReplayedText, score_texts  # noqa: E402
+from draftopd.headline import (ABLATIONS, OPD, OPD_FLOPS_PER_UPDATE, SETS, SFT, SFT_FLOPS_PER_STEP, opd_variant,  # noqa: E402
+                              paired, point, replay_all)
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
-from draftopd.train.losses import LossConfig  # noqa: E402
-from draftopd.train.opd import OPDConfig, train_opd  # noqa: E402
+from draftopd.train.opd import train_opd  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
-
-SETS = (*EvalConfig().sets, "sharegpt-heldout")
-OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, max_new_tokens=128, save_every=4,
-                optim=OptimConfig(lr=3e-4))
-ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_direction": "forward"},
-             "opd-rev": {"acc_direction": "reverse"}, "opd-nodecay": {"gamma": 1.0}, "opd-norej": {"use_rejected": False},
-             "opd-first": {"rej_slots": "first"}, "opd-t07": {"temperature": 0.7}, "opd-exact": {"mode": "exact"},
-             "opd-lam01": {"lam_rej": 0.1}, "opd-wrong": {"rej_slots": "wrong"}}
-# measured on this target with the start drafter (first smoke runs): planned step counts that fit the budget, so
-# each arm's cosine schedule spans the updates it actually takes; every arm stops at the same compute/flops
-OPD_FLOPS_PER_UPDATE = 7.4e12
-SFT_FLOPS_PER_STEP = 1.66e12
-SFT = SFTConfig(steps=1000, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=1000, optim=OptimConfig(lr=3e-4))
 
 
 def refs_cmd(args) -> None:
@@ -85,18 +75,6 @@ def refs_cmd(args) -> None:
         print(f"{name}: {len(prompts)} greedy references", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "refs.json").write_text(json.dumps(out))
-
-
-def replay_all(drafter, scored: dict) -> dict[str, ReplayedTau]:
-    rep = {name: replay_scored(drafter, s) for name, s in scored.items()}
-    rep["all"] = ReplayedTau.pool(list(rep.values()))
-    return rep
-
-
-def point(step: int, compute, rep: dict[str, ReplayedTau], t0: float) -> dict:
-    return {"step": step, "flops": compute.flops, "phase_flops": dict(compute.phase_flops), "elapsed_s": time.time() - t0,
-            "tau": {k: v.tau for k, v in rep.items()}, "slot_acceptance": rep["all"].slot_acceptance(),
-            "texts": {k: [[t.committed, list(t.accepted)] for t in v.texts] for k, v in rep.items() if k != "all"}}
 
 
 def arm_cmd(args) -> None:
@@ -128,11 +106,8 @@ def arm_cmd(args) -> None:
     run.mkdir(parents=True, exist_ok=True)
     budget = args.budget_tflops * 1e12
     if args.arm.startswith("opd"):
-        change = dict(ABLATIONS[args.arm])
-        top = {k: change.pop(k) for k in ("anchors", "temperature") if k in change}
         steps = round(budget / OPD_FLOPS_PER_UPDATE)
-        cfg = replace(OPD, steps=steps, seed=args.seed, max_flops=budget, loss=replace(LossConfig(), **change),
-                      optim=replace(OPD.optim, lr=args.lr), **top)
+        cfg = opd_variant(args.arm, steps=steps, seed=args.seed, max_flops=budget, optim=replace(OPD.optim, lr=args.lr))
         prompts = [list(e.prompt_ids) for e in new]
         print(f"{args.arm}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
         train_opd(target, drafter, prompts, cfg, run / "train", resume=True,
@@ -165,11 +140,6 @@ def _compute_of(checkpoint: Path):
 
 def texts_of(pt: dict) -> list[ReplayedText]:
     return [ReplayedText(tuple(acc), committed) for name in SETS for committed, acc in pt["texts"][name]]
-
-
-def paired(num_b, den_b, num_a, den_a) -> tuple[float, float, float]:
-    """tau_a / tau_b over the same prompts and its paired bootstrap interval."""
-    return ((sum(num_a) / sum(den_a)) / (sum(num_b) / sum(den_b)), *paired_ratio_ci(num_b, den_b, num_a, den_a))
 
 
 def report_cmd(args) -> None:
@@ -269,8 +239,8 @@ def main() -> None:
     parser.add_argument("arm", nargs="?", choices=(*ABLATIONS, "sft-new", "sft-old"))
     parser.add_argument("--out", default="runs/headline-cpu")
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--start", default="runs/scale-gpu/drafter")
-    parser.add_argument("--regenerated", default="runs/scale-gpu/regenerated-1920.jsonl.gz")
+    parser.add_argument("--start", help="arm: the start drafter folder (the H200 drafter, the bundled drafter, ...)")
+    parser.add_argument("--regenerated", help="arm: regenerated answers (JSONL[.gz]); the first --trained-on are the start's own")
     parser.add_argument("--trained-on", type=int, default=768, help="the first N records of --regenerated are the start's "
                         "own answers (sft-old trains on them); Draft-OPD's prompts and sft-new's answers are the rest")
     parser.add_argument("--old-regenerated", help="the start's own answers for sft-old, when they are not in --regenerated")
@@ -284,6 +254,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "arm" and args.arm is None:
         parser.error("arm needs its name")
+    if args.cmd == "arm" and (args.start is None or args.regenerated is None):
+        parser.error("arm needs --start and --regenerated")
     {"refs": refs_cmd, "arm": arm_cmd, "report": report_cmd}[args.cmd](args)
 
 

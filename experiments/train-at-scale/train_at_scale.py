@@ -13,11 +13,12 @@ Stages (each time-boxed, so the whole run ends inside --budget-s; every number l
 4. final: greedy-replay tau per set with 95% bootstrap intervals, per-slot acceptance, the drafter folder
    (OUT/drafter, loadable with `--drafter`).
 
-    python benchmarks/train_at_scale.py pack --out pack.json.gz          # tokenized prompts (for a machine without the data packages)
-    python benchmarks/train_at_scale.py run --out runs/scale --device cuda --budget-s 470 [--pack pack.json.gz] \
-        [--regenerated runs/scale-gpu/regenerated-1920.jsonl.gz]    # reuse answers regenerated before
+    python experiments/train-at-scale/train_at_scale.py pack --out pack.json.gz   # tokenized prompts (for a machine without the data packages)
+    python experiments/train-at-scale/train_at_scale.py run --out runs/scale --device cuda --budget-s 470 [--pack pack.json.gz] \
+        [--regenerated runs/scale-gpu/regenerated-1920.jsonl.gz]    # reuse answers an earlier run regenerated
 
-Speedup on the CPU is measured afterwards with `draftopd eval --drafter OUT/drafter` (README, "Strong drafters").
+Speedup on the CPU is measured afterwards with `draftopd eval --drafter OUT/drafter` (`docs/results/strong-drafters.md`,
+"At scale on one H200").
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, resolve_device, resolve_dtype  # noqa: E402
 from draftopd.data.features import frequent_tokens  # noqa: E402
@@ -304,7 +305,7 @@ def run(args) -> None:
     layers = DrafterSpec.resolve(drafter_config(args, target), target).target_layer_ids
     scored = {name: score_texts(target, layers, p, o, args.replay_batch) for name, (p, o) in refs.items()}
     drafter = train_stage(target, examples, out, args, summary, scored)
-    save_drafter(drafter, out / "drafter", extra={"made_by": "benchmarks/train_at_scale.py", "args": vars(args)})
+    save_drafter(drafter, out / "drafter", extra={"made_by": "experiments/train-at-scale/train_at_scale.py", "args": vars(args)})
     final = replay_all(drafter, scored)
     summary["final"] = {k: {"tau": v.tau, "tau_ci": v.tau_ci(), "slot_acceptance": v.slot_acceptance(), "texts": len(v.texts)}
                         for k, v in final.items()}

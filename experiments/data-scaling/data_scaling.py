@@ -1,19 +1,23 @@
-"""Held-out tau against supervised tokens: the data-scaling table of issue 8, on this CPU.
+"""Held-out tau against supervised tokens: the recipe's SFT on the first K shards of its feature cache (2-core CPU).
 
-Every arm trains the CPU recipe's drafter from scratch with the recipe's soft-label settings (README, "Strong
-drafters on a CPU budget": 2 layers, block 8, target layers 1, 10, 19, 27, MASK = token 16, 8,192-token head
+Every arm trains the CPU recipe's drafter from scratch with the recipe's soft-label settings
+(`docs/results/strong-drafters.md`, "The recipe stage by stage": 2 layers, block 8, target layers 1, 10, 19, 27, MASK = token 16, 8,192-token head
 chosen from the arm's own labels, 420 steps x 8 sequences x 64 anchors, lr 2e-3) on the first K shards of the
 recipe's feature cache (fixed ShareGPT text labelled by the target; a shard is about 65K tokens), so arms differ
 only in how much text they see: same steps, same compute. The full cache is the recipe's own `sft-kl` run.
 A subset cache is a manifest listing the first K shards, the shard files hard-linked, nothing copied.
 
-    python benchmarks/data_scaling.py subset --cache runs/recipe/features --shards 1 2 4 --out runs/scaling
-    python benchmarks/data_scaling.py arm runs/scaling/cache-1 --out runs/scaling/sft-1   # ~55 min, one thread, two arms at a time
-    python benchmarks/data_scaling.py arm runs/scaling/cache-2 --out runs/scaling/sft-2 --threads 2   # ~27 min alone
-    python benchmarks/data_scaling.py arm runs/scaling/cache-4 --out runs/scaling/sft-4
+    python experiments/data-scaling/data_scaling.py subset --cache runs/recipe/features --shards 1 2 4 --out runs/scaling
+    python experiments/data-scaling/data_scaling.py arm runs/scaling/cache-1 --out runs/scaling/sft-1   # ~55 min, one thread, two arms at a time
+    python experiments/data-scaling/data_scaling.py arm runs/scaling/cache-2 --out runs/scaling/sft-2 --threads 2   # ~27 min alone
+    python experiments/data-scaling/data_scaling.py arm runs/scaling/cache-4 --out runs/scaling/sft-4
     python benchmarks/replay_compare.py runs/scaling/sft-1/last runs/scaling/sft-2/last runs/scaling/sft-4/last \
         runs/recipe/sft-kl/last --json runs/scaling/replay4.json
-    python benchmarks/data_scaling.py report --replay runs/scaling/replay4.json --plot docs/data_scaling.png
+    python experiments/data-scaling/data_scaling.py report --replay runs/scaling/replay4.json --full-cache runs/recipe/features \
+        --plot docs/data_scaling.png
+
+`runs/recipe/features` is the recipe's feature cache (`./run features ... --out runs/recipe/features`, or what
+`./run recipe` writes under its default `--out-dir runs/recipe`); `runs/recipe/sft-kl` its soft-label SFT run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE_SFT = ["--draft-num-layers", "2", "--draft-block-size", "8", "--draft-target-layer-ids", "1", "10", "19", "27",
               "--draft-mask-token-id", "16", "--draft-vocab-size", "8192", "--labels", "greedy", "--loss", "kl",
               "--steps", "420", "--batch-size", "8", "--anchors-per-seq", "64", "--save-every", "50",
@@ -56,17 +59,17 @@ def arm(cache: Path, out: Path, threads: int) -> None:
     raise SystemExit(subprocess.call(cmd, env=env))
 
 
-def cache_tokens(drafter: Path) -> tuple[int, int]:
+def cache_tokens(drafter: Path, full_cache: Path) -> tuple[int, int]:
     """(sequences, tokens) of the cache a scaling arm trained on, from the arm's folder name."""
     name = drafter.parent.name  # sft-K, or the recipe's sft-kl (the full cache)
-    cache = drafter.parent.parent / f"cache-{name.split('-')[1]}" if name[4:].isdigit() else ROOT / "runs/recipe/features"
+    cache = drafter.parent.parent / f"cache-{name.split('-')[1]}" if name[4:].isdigit() else full_cache
     shards = json.loads((cache / "manifest.json").read_text())["shards"]
     return sum(s["sequences"] for s in shards), sum(s["tokens"] for s in shards)
 
 
-def report(replay: Path, plot: Path | None) -> None:
+def report(replay: Path, full_cache: Path, plot: Path | None) -> None:
     results = json.loads(replay.read_text())
-    rows = sorted(((cache_tokens(Path(path)), path, r) for path, r in results.items()), key=lambda x: x[0][1])
+    rows = sorted(((cache_tokens(Path(path), full_cache), path, r) for path, r in results.items()), key=lambda x: x[0][1])
     sets = [n for n in next(iter(results.values())) if n not in ("ratio_to",)]
     print("| training text | " + " | ".join(sets) + " | slot 1 / 2 acceptance |\n|---|" + "---|" * (len(sets) + 1))
     for (seqs, tokens), path, r in rows:
@@ -111,6 +114,8 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--replay", type=Path, required=True)
+    r.add_argument("--full-cache", type=Path, default=Path("runs/recipe/features"),
+                   help="the whole cache, for a drafter that is not an arm's sft-K (default: what `./run recipe` writes)")
     r.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     if args.cmd == "subset":
@@ -118,7 +123,7 @@ def main() -> None:
     elif args.cmd == "arm":
         arm(args.cache, args.out, args.threads)
     else:
-        report(args.replay, args.plot)
+        report(args.replay, args.full_cache, args.plot)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ the decoder would report), takes the rank of the target's token at each slot of 
 for each tree shape. Reported: per-slot top-k coverage (over anchors), and per shape its tau with a 95% bootstrap
 interval over prompts and its width (nodes: sum over depths of the product of the k's, plus the anchor).
 
-What a tree costs is the verify of its width (`benchmarks/bench_verify.py` gives a chain's cost per width on this
+What a tree costs is the verify of its width (`benchmarks/bench_verify.py` gives a chain's cost per width on a
 machine; a tree's custom attention mask costs at least as much): ideal speedup = tau / (verify(width) + draft).
 
-    python benchmarks/tree_coverage.py [--drafter draftopd/drafters/smollm2-135m-dflash] [--json runs/tree.json]
+    python experiments/tree-coverage/tree_coverage.py [--drafter draftopd/drafters/smollm2-135m-dflash] [--json runs/tree.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from draftopd.config import EvalConfig  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci  # noqa: E402
