@@ -1,4 +1,4 @@
-"""The prepared check for a lent GPU (one H100 or H200, under 8 minutes): what the CPU cannot prove.
+"""The prepared check to run on a GPU machine (one H100 or H200, under 8 minutes): what the CPU cannot prove.
 
 1. **flows**: every flow of `draftopd/check/flows.py` (decoding in each mode, regenerate, the feature cache, SFT online
    and cached, Draft-OPD in each loss mode, eval, replay, export/import) on a tiny target on the device, as

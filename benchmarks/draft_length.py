@@ -1,8 +1,8 @@
 """How many drafts to verify a round: speed of plain decoding against speculative decoding at several draft lengths.
 
 A drafter of block B proposes K = B - 1 drafts a round; `DecodeConfig.num_drafts` verifies only the first n. That
-stays lossless, and it narrows the verify pass. On this CPU a verify of 8 tokens costs about 1.4 plain steps and one
-of 2 tokens about 1.1 (README, "Cost of a round"), while the committed drafter's slot 2..7 acceptances are 0.06,
+stays lossless, and it narrows the verify pass. On a 2-core CPU a verify of 8 tokens costs about 1.4 plain steps and one
+of 2 tokens about 1.1 (docs/results/decoding-speed.md, "Cost of a round"), while the bundled drafter's (v1 at the time) slot 2..7 acceptances are 0.06,
 0.01, ...: most of the wide verify buys nothing. Per prompt (30 per set, the `draftopd eval` prompts), plain
 decoding and speculative decoding at each n run interleaved at batch 1, so machine noise hits every arm alike.
 `--confidence c ...` adds arms that verify the whole block cut by `DecodeConfig.draft_confidence` c (each row

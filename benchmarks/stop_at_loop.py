@@ -6,7 +6,7 @@ decode seconds and tokens of each arm, the time ratio stopped / full with a 95% 
 whether the two files cut at their loops (`load_regenerated(trim_loops=True)`, what `--trim-loops` trains on) hold
 the same examples (they must: a stopped answer is a prefix of the full one).
 
-    python benchmarks/stop_at_loop.py --limit 64 --batch-size 8 --max-new-tokens 256 --out runs/stop-at-loop   # the README's run
+    python benchmarks/stop_at_loop.py --limit 64 --batch-size 8 --max-new-tokens 256 --out runs/stop-at-loop   # the run in docs/results/strong-drafters.md
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ inputs of matmuls, linear layers and attention are cast to bfloat16 copies, whic
 backward pass.
 The measurement is of tensors the code asks for; allocator fragmentation, CUDA context and library workspaces (a few
 GB on a real GPU) are not in it: `PlanReport` adds a margin for them, and `benchmarks/device_check.py` compares with a
-real GPU's peak when one is lent.
+real GPU's peak on a GPU machine.
 """
 
 from __future__ import annotations
