@@ -37,8 +37,9 @@ from draftopd.config import EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci, ratio_of_sums  # noqa: E402
 from draftopd.eval.replay import replay_tau  # noqa: E402
-from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, export_gguf,  # noqa: E402
+from draftopd.interop.llama_cpp import (Completion, LlamaServer, ServerConfig, export_gguf,  # noqa: E402
                                         home, require_server, target_gguf)
+from draftopd.interop.llama_cpp import spec_type as spec_type_of  # noqa: E402
 from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import embedded_gguf, load_target  # noqa: E402
 
@@ -112,7 +113,7 @@ def main() -> None:
     draft_gguf = args.out.parent / f"{Path(args.drafter).resolve().parent.name}-{Path(args.drafter).name}{wide}-{args.outtype}.gguf"
     if not draft_gguf.exists():
         export_gguf(drafter, draft_gguf, target, outtype=args.outtype)
-    spec_type = SPEC_TYPES[drafter.spec.arch]
+    spec_type = spec_type_of(drafter.spec.arch)
     cfg = ServerConfig(threads=args.threads, draft_n_max=args.draft_n_max or drafter.block_size - 1)
     items = []
     for name in args.sets:

@@ -305,6 +305,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
     """Our checkpoint -> a folder another implementation loads (refused, nothing written, when not exact)."""
     from .interop.dflash_ref import export_dflash
     from .interop.speculators import export_speculators
+    from .models.registry import family
 
     if not args.drafter:
         raise UserError("export needs --drafter DIR (a draftopd checkpoint)")
@@ -317,7 +318,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
         export_dflash(drafter, args.out, target)
         return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
     export_speculators(drafter, args.out, target, args.verifier)
-    method = "eagle3" if drafter.spec.arch == "eagle3" else "dflash"
+    method = family(drafter.spec.arch).speculators.model_type  # vLLM's method: the speculators model type
     return {"format": args.format, "out": args.out, "serve_with": (
         f"vllm serve TARGET --speculative-config '{{\"model\": \"{args.out}\", \"method\": \"{method}\", "
         f"\"num_speculative_tokens\": {drafter.block_size - 1}}}'  (not run here: README, Interop)")}
@@ -333,7 +334,7 @@ def _export_drafter(args: argparse.Namespace, target):
 
 
 def _export_gguf(args: argparse.Namespace) -> dict:
-    from .interop.llama_cpp import SPEC_TYPES, export_gguf, require_sources
+    from .interop.llama_cpp import export_gguf, require_sources, spec_type
 
     if not args.out.endswith(".gguf"):
         raise UserError(f"--out {args.out}: a GGUF export is one file, name it *.gguf")
@@ -345,7 +346,7 @@ def _export_gguf(args: argparse.Namespace) -> dict:
     drafter = _export_drafter(args, target)
     export_gguf(drafter, args.out, target, outtype=args.outtype)
     return {"format": "gguf", "out": args.out, "serve_with": (
-        f"llama-server -m TARGET.gguf -md {args.out} --spec-type {SPEC_TYPES[drafter.spec.arch]} "
+        f"llama-server -m TARGET.gguf -md {args.out} --spec-type {spec_type(drafter.spec.arch)} "
         f"--spec-draft-n-max {drafter.block_size - 1}  (benchmarks/llama_server.py runs it)")}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .data.prompts import NAMED_SETS, SPLITS
+from .models.registry import NAMES as FAMILY_NAMES
 
 DEFAULT_TARGET = "smollm2-135m"
 # trained drafters shipped with the package, by target name: `generate`'s default drafter and the demo's start. A
@@ -82,37 +83,15 @@ def check_choice(cfg: Any, name: str, options: tuple[str, ...]) -> None:
     require(cfg, name, getattr(cfg, name) in options, f"must be one of {', '.join(options)}")
 
 
-def dflash_default_layers(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
-    """DFlash rule for which target layers feed the drafter (output-id convention).
-
-    One drafter layer -> the middle target layer; else `round(1 + i*(N-4)/(L-1))` for i in 0..L-1
-    (N=36, L=5 gives 1, 9, 17, 25, 33).
-    """
-    n, layers = num_target_layers, num_draft_layers
-    if layers == 1:
-        return (n // 2,)
-    return tuple(int(round(1 + i * (n - 4) / (layers - 1))) for i in range(layers))
-
-
-def eagle3_default_layers(num_target_layers: int) -> tuple[int, ...]:
-    """EAGLE-3 rule: the inputs of decoder layers 2, L/2 and L-3 (low, middle, high), i.e. in the output-id
-    convention the outputs of layers 1, L/2 - 1 and L - 4 (SmolLM2, L = 30: 1, 14, 26), clipped to the target's
-    layers (tiny test targets)."""
-    n = num_target_layers
-    return tuple(min(max(i, 0), n - 1) for i in (1, n // 2 - 1, n - 4))
-
-
-DRAFTER_ARCHS = ("dflash", "eagle3")
-
-
 @dataclass(frozen=True)
 class DrafterConfig:
     """Shape of a drafter (DFlash or EAGLE-3). `None` fields are filled from the target at construction."""
 
-    arch: str | None = None  # "dflash" | "eagle3"; None = dflash for a new drafter, a checkpoint's own when loading one
+    # a drafter family (models/registry.py); None = dflash for a new drafter, a checkpoint's own when loading one
+    arch: str | None = field(default=None, metadata={"choices": FAMILY_NAMES})
     num_layers: int = 1
     block_size: int = 16
-    target_layer_ids: tuple[int, ...] | None = None  # output-id convention; None = the architecture's rule
+    target_layer_ids: tuple[int, ...] | None = None  # output-id convention; None = the family's rule (its default_layers)
     num_heads: int | None = None
     num_kv_heads: int | None = None
     head_dim: int | None = None
@@ -132,7 +111,7 @@ class DrafterConfig:
     flag_prefix: ClassVar[str] = "draft_"
 
     def __post_init__(self) -> None:
-        require(self, "arch", self.arch is None or self.arch in DRAFTER_ARCHS, f"must be one of {', '.join(DRAFTER_ARCHS)}")
+        require(self, "arch", self.arch is None or self.arch in FAMILY_NAMES, f"must be one of {', '.join(FAMILY_NAMES)}")
         check_ints(self, 1, "num_layers")
         check_ints(self, 2, "block_size")
         check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", optional=True)

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import make_drafter
-from draftopd.config import ConfigError, DrafterConfig, dflash_default_layers, eagle3_default_layers
+from draftopd.config import ConfigError, DrafterConfig
+from draftopd.models.dflash import default_layers as dflash_default_layers
 from draftopd.models.drafter import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter
+from draftopd.models.eagle3 import default_layers as eagle3_default_layers
 from draftopd.models.load import tiny_target
 from draftopd.models.target import Target
 

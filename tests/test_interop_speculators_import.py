@@ -130,7 +130,7 @@ def other_verifier(folder: Path) -> None:
 
 CLI_REFUSALS = {
     "our own checkpoint": (lambda f: save_drafter(exportable(tiny_target(), "eagle3"), f),
-                           "is not a speculators EAGLE-3 or DFlash drafter: speculators_model_type None"),
+                           "is not a speculators DFlash or EAGLE-3 drafter: speculators_model_type None"),
     "no config": (lambda f: (f / "config.json").unlink(), "no speculators drafter at"),
     "corrupt config.json": (lambda f: (f / "config.json").write_text("{"), "corrupt speculators drafter at"),
     "another vocabulary": (lambda f: edit(f, lambda c: c["transformer_layer_config"].update(vocab_size=80)),

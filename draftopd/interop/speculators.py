@@ -36,6 +36,10 @@ MASK (speculators embeds the target's row `mask_token_id`), a draft vocabulary n
 shape. Exact means the same computation; eager attention in float32 agrees to rounding
 (benchmarks/check_speculators_export.py measures it).
 
+What differs between drafter families (class names, the layer config's type and keys, the family's own top-level keys,
+which tensors besides ours are written, which options import checks) is the family's `registry.Speculators` adapter,
+in its module (`models/dflash.py`, `models/eagle3.py`); this module is the same for every family.
+
 Import (`import_speculators`, `draftopd import --format speculators`) is the inverse, and as strict: config.json is read
 as plain JSON with every shape key wanted; `architectures` may be the config class's (as the export writes it) or the
 model class's (`Eagle3DraftModel` / `DFlashDraftModel`, what speculators' own save_pretrained writes); the spec's target layer ids are the capture ids - 1, ascending (the order of
@@ -58,12 +62,19 @@ import torch
 
 from ..models.drafter import Drafter, DrafterError, DrafterSpec, check_compatible, drafter_for
 from ..models.load import EMBEDDED, embedded_folder
+from ..models.registry import Family, Speculators, families, family, titles
 from ..models.target import Target
 from .dflash_ref import to_reference_name
 
 SPECULATORS_VERSION = "0.9.0"
-ALGORITHMS = {"eagle3": "Eagle3Speculator", "dflash": "DFlashSpeculator"}  # speculators_model_type -> architectures
-VLLM_EAGLE3_LAYERS = 3  # vLLM's Eagle3 fc is Linear(3H -> H)
+
+
+def adapter(arch: str) -> Speculators:
+    """The speculators pieces of the family `arch` (refused, one line, for a family speculators has no format for)."""
+    found = families().get(arch)
+    if found is None or found.speculators is None:
+        raise DrafterError(f"speculators has no format for a drafter of arch {arch!r}")
+    return found.speculators
 
 
 def capture_ids(spec: DrafterSpec) -> list[int]:
@@ -73,8 +84,7 @@ def capture_ids(spec: DrafterSpec) -> list[int]:
 
 def check_exportable(spec: DrafterSpec, target: Target) -> None:
     """Refuse a drafter speculators or vLLM would run differently from us on `target` (one line)."""
-    if spec.arch not in ALGORITHMS:
-        raise DrafterError(f"speculators has no format for a drafter of arch {spec.arch!r}")
+    fmt, fam = adapter(spec.arch), family(spec.arch)
     check_compatible(spec, target)
     ids, last = list(spec.target_layer_ids), spec.num_target_layers - 1
     if any(not 0 <= i <= last for i in ids):
@@ -84,11 +94,11 @@ def check_exportable(spec: DrafterSpec, target: Target) -> None:
                            f"only what enters layers 0..{last} (capture ids), so the drafter would not get it")
     if len(set(ids)) != len(ids):
         raise DrafterError(f"target_layer_ids {ids} name a layer twice: vLLM captures each layer once")
-    if spec.arch == "eagle3" and len(ids) != VLLM_EAGLE3_LAYERS:
-        raise DrafterError(f"an EAGLE-3 drafter fed {len(ids)} target layers cannot be served: vLLM's EAGLE-3 fc takes exactly "
-                           f"{VLLM_EAGLE3_LAYERS} (--draft-target-layer-ids with 3 ids)")
-    if spec.arch == "dflash" and spec.mask_token_id is None:
-        raise DrafterError("a DFlash drafter with a learned MASK vector cannot be exported exactly: speculators embeds a target token "
+    if fmt.num_features is not None and len(ids) != fmt.num_features:
+        raise DrafterError(f"{fam.named} drafter fed {len(ids)} target layers cannot be served: vLLM's {fam.title} fc takes exactly "
+                           f"{fmt.num_features} (--draft-target-layer-ids with {fmt.num_features} ids)")
+    if fam.has_mask and spec.mask_token_id is None:
+        raise DrafterError(f"{fam.named} drafter with a learned MASK vector cannot be exported exactly: speculators embeds a target token "
                            "row as MASK (train with --draft-mask-token-id)")
 
 
@@ -152,40 +162,37 @@ def read_verifier_config(folder: Path) -> dict:
 
 
 def layer_config(spec: DrafterSpec, target: Target, dtype: str) -> dict:
-    """transformer_layer_config: a Llama layer (no q/k norm) for EAGLE-3, Qwen3 layers (q/k norm) for DFlash."""
+    """transformer_layer_config: the family's layer type (a Llama layer, no q/k norm, for EAGLE-3; Qwen3 layers, q/k
+    norm, for DFlash) with every shape key, then the family's own keys."""
+    fmt = adapter(spec.arch)
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     config = {
-        "model_type": "llama" if spec.arch == "eagle3" else "qwen3", "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+        "model_type": fmt.layer_type, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
         "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "hidden_act": "silu", "rms_norm_eps": spec.rms_norm_eps,
         "max_position_embeddings": target.max_positions, "attention_bias": False, "attention_dropout": 0.0,
         "rope_parameters": rope, "rope_theta": spec.rope_theta, "tie_word_embeddings": False, "pad_token_id": None, "dtype": dtype,
     }
-    if spec.arch == "eagle3":
-        return {**config, "mlp_bias": False}
-    return {**config, "use_sliding_window": False, "sliding_window": None, "layer_types": ["full_attention"] * spec.num_layers}
+    return {**config, **fmt.layer_keys(spec)}
 
 
 def speculators_config(spec: DrafterSpec, target: Target, verifier: dict, dtype: str) -> dict:
+    fmt = adapter(spec.arch)
     proposal = {"proposal_type": "greedy", "speculative_tokens": spec.block_size - 1, "verifier_accept_k": 1, "accept_tolerance": 0.0}
     config = {
-        "architectures": [ALGORITHMS[spec.arch]], "speculators_model_type": spec.arch, "speculators_version": SPECULATORS_VERSION,
+        "architectures": [fmt.config_class], "speculators_model_type": fmt.model_type, "speculators_version": SPECULATORS_VERSION,
         "transformer_layer_config": layer_config(spec, target, dtype), "draft_vocab_size": spec.draft_vocab_size or spec.vocab_size,
         "target_hidden_size": None, "dtype": dtype,
-        "speculators_config": {"algorithm": spec.arch, "proposal_methods": [proposal], "default_proposal_method": "greedy",
+        "speculators_config": {"algorithm": fmt.model_type, "proposal_methods": [proposal], "default_proposal_method": "greedy",
                                "verifier": verifier},
     }
-    if spec.arch == "eagle3":
-        return {**config, "eagle_aux_hidden_state_layer_ids": capture_ids(spec), "norm_before_residual": False, "norm_before_fc": False,
-                "fc_norm": False, "norm_output": False, "embed_requires_grad": False}
-    return {**config, "block_size": spec.block_size, "aux_hidden_state_layer_ids": capture_ids(spec), "mask_token_id": spec.mask_token_id,
-            "sample_from_anchor": False, "sliding_window_non_causal": False}
+    return {**config, **fmt.config_keys(spec, capture_ids(spec))}
 
 
 def speculators_weights(drafter: Drafter) -> dict[str, torch.Tensor]:
-    """Our weights under speculators' names, fc's input blocks in ascending layer order, plus the head rows (and the
-    embedding for EAGLE-3)."""
-    spec = drafter.spec
+    """Our weights under speculators' names, fc's input blocks in ascending layer order, plus the head rows (and, as the
+    family's adapter asks, the whole head and the embedding: EAGLE-3)."""
+    spec, fmt = drafter.spec, adapter(drafter.spec.arch)
     weights = {to_reference_name(k): v.detach() for k, v in drafter.state_dict().items()}
     order = sorted(range(len(spec.target_layer_ids)), key=lambda j: spec.target_layer_ids[j])
     fc = weights["fc.weight"]
@@ -193,11 +200,11 @@ def speculators_weights(drafter: Drafter) -> dict[str, torch.Tensor]:
     if spec.draft_vocab_size is not None:
         drafter.refresh_head()
         weights["lm_head.weight"] = drafter.head_weight.detach()
-    elif spec.arch == "eagle3":
+    elif fmt.saves_full_head:
         weights["lm_head.weight"] = drafter.lm_head_weight.detach()
-    if spec.arch == "eagle3":
+    if fmt.saves_embedding:
         weights["embed_tokens.weight"] = drafter.embed_weight.detach()
-    dtype = drafter.fc.weight.dtype
+    dtype = drafter.weight_dtype
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in weights.items()}
 
 
@@ -211,7 +218,7 @@ def export_speculators(drafter: Drafter, folder: str | Path, target: Target, ver
     check_draft_vocab(drafter)
     verifier = verifier_entry(target, verifier_path)
     weights = speculators_weights(drafter)
-    dtype = str(drafter.fc.weight.dtype).removeprefix("torch.")
+    dtype = str(drafter.weight_dtype).removeprefix("torch.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -228,8 +235,9 @@ def check_file(folder: str | Path) -> Path:
 def write_check_file(drafter: Drafter, target: Target, folder: str | Path, length: int = 32, seed: int = 0) -> Path:
     """Inputs and our logits for benchmarks/check_speculators_export.py: random target tokens x_0..x_T (T = `length`),
     the target's features of positions 0..T-1 in the export's layer order, anchors a, and our draft-vocabulary logits
-    (n_anchors, K, V_draft), [a, k-1] predicting x_{a+k}. EAGLE-3 is teacher-forced on the tokens (speculators' TTT);
-    DFlash anchors stay below T - B, where speculators picks them."""
+    (n_anchors, K, V_draft), [a, k-1] predicting x_{a+k}. A sequential drafter (EAGLE-3) is teacher-forced on the tokens
+    (speculators' TTT; DFlash ignores them); the anchors end where the family's adapter says speculators picks them
+    (DFlash: below T - B)."""
     from safetensors.torch import save_file
 
     spec, steps, device = drafter.spec, drafter.spec.block_size - 1, target.device
@@ -240,14 +248,10 @@ def write_check_file(drafter: Drafter, target: Target, folder: str | Path, lengt
     features = target.score(sequence, valid, spec.target_layer_ids).features
     exported = target.score(sequence, valid, tuple(sorted(spec.target_layer_ids))).features
     positions = torch.arange(length, device=device)[None]
-    if spec.arch == "eagle3":
-        anchors = torch.arange(1, length - steps + 2, device=device)
-        ctx = drafter.project_context(features, positions, valid, tokens[None, 1:])
-        block = tokens[anchors[:, None] + torch.arange(1, steps, device=device)]  # (n, K-1): slots 1..K-1
-        logits = drafter(ctx, tokens[anchors][None], anchors[None], block[None])[0]
-    else:
-        anchors = torch.arange(1, length - spec.block_size, device=device)
-        logits = drafter(drafter.project_context(features, positions, valid), tokens[anchors][None], anchors[None])[0]
+    anchors = torch.arange(1, adapter(spec.arch).check_anchors(length, spec.block_size), device=device)
+    ctx = drafter.project_context(features, positions, valid, tokens[None, 1:])
+    block = tokens[anchors[:, None] + torch.arange(1, steps, device=device)]  # (n, K-1): slots 1..K-1
+    logits = drafter(ctx, tokens[anchors][None], anchors[None], block[None])[0]
     path = check_file(folder)
     save_file({"tokens": tokens.cpu(), "features": exported.float().contiguous().cpu(), "anchors": anchors.cpu(),
                "logits": logits.float().contiguous().cpu()}, str(path), metadata={"arch": spec.arch})
@@ -256,10 +260,6 @@ def write_check_file(drafter: Drafter, target: Target, folder: str | Path, lengt
 
 # ---- import -------------------------------------------------------------------------------------------------------------
 FROZEN = {"embed_tokens.weight": "embedding", "lm_head.weight": "head"}  # the target's own, checked and dropped
-EAGLE3_SWITCHES = ("norm_before_fc", "fc_norm", "norm_output")  # speculators' default: false
-DFLASH_SWITCHES = ("sample_from_anchor", "sliding_window_non_causal")  # speculators' default: false
-DFLASH_BLOCK_SIZE = 8  # DFlashSpeculatorConfig's default block_size
-SAVED_ARCHITECTURES = {"eagle3": "Eagle3DraftModel", "dflash": "DFlashDraftModel"}  # what speculators' save_pretrained writes
 
 
 def import_speculators(folder: str | Path, target: Target) -> Drafter:
@@ -291,21 +291,24 @@ def spec_from_speculators(config: dict, target: Target, folder: Path) -> Drafter
     defaults); the capture ids become sorted output ids, the order of fc's input blocks in the file."""
     kind = config.get("speculators_model_type") if isinstance(config, dict) else None
     found = config.get("architectures") if isinstance(config, dict) else None
-    if kind not in tuple(ALGORITHMS) or found not in ([ALGORITHMS[kind]], [SAVED_ARCHITECTURES[kind]]):
-        raise DrafterError(f"{folder} is not a speculators EAGLE-3 or DFlash drafter: speculators_model_type {kind!r}, architectures {found!r}")
+    fam = by_model_type().get(kind) if isinstance(kind, str) else None
+    if fam is None or found not in ([fam.speculators.config_class], [fam.speculators.model_class]):
+        raise DrafterError(f"{folder} is not a speculators {titles(lambda f: f.speculators is not None)} drafter: "
+                           f"speculators_model_type {kind!r}, architectures {found!r}")
+    fmt = fam.speculators
     try:
         layer = config["transformer_layer_config"]
-        unsupported = unsupported_options(config, layer)
+        unsupported = unsupported_options(config, layer, fmt)
         theta = (layer.get("rope_parameters") or {}).get("rope_theta") or layer["rope_theta"]
-        captures = [int(i) for i in layer_ids(config, target)]
+        captures = [int(i) for i in layer_ids(config, target, fmt)]
         vocab, draft_vocab, layers = int(layer["vocab_size"]), int(config["draft_vocab_size"]), int(layer["num_hidden_layers"])
         spec = DrafterSpec(
             hidden_size=int(layer["hidden_size"]), vocab_size=vocab, num_target_layers=target.num_layers,
-            target_layer_ids=tuple(sorted(c - 1 for c in captures)), num_layers=layers, block_size=block_size(config),
+            target_layer_ids=tuple(sorted(c - 1 for c in captures)), num_layers=layers, block_size=block_size(config, fmt),
             num_heads=int(layer["num_attention_heads"]), num_kv_heads=int(layer["num_key_value_heads"]), head_dim=int(layer["head_dim"]),
             intermediate_size=int(layer["intermediate_size"]), rope_theta=float(theta), rms_norm_eps=float(layer["rms_norm_eps"]),
-            mask_token_id=None if kind == "eagle3" or config["mask_token_id"] is None else int(config["mask_token_id"]),
-            draft_vocab_size=None if draft_vocab == vocab else draft_vocab, arch=kind)
+            mask_token_id=None if not fam.has_mask or config["mask_token_id"] is None else int(config["mask_token_id"]),
+            draft_vocab_size=None if draft_vocab == vocab else draft_vocab, arch=fam.name)
     except KeyError as err:
         raise DrafterError(f"{folder}/config.json lacks {err} (draftopd wants every shape key)") from None
     except (TypeError, ValueError, AttributeError) as err:
@@ -316,39 +319,36 @@ def spec_from_speculators(config: dict, target: Target, folder: Path) -> Drafter
     return spec
 
 
-def unsupported_options(config: dict, layer: dict) -> list[str]:
-    """`name=value` for each option that changes the computation and is not at the setting our drafter computes. A
-    missing norm_before_residual reads as true, as vLLM reads it (speculators' own default is false: the folder is
-    ambiguous). An EAGLE-3 layer must be a Llama one (speculators' default, Qwen3, adds q/k norms ours lacks)."""
+def by_model_type() -> dict[str, Family]:
+    """speculators_model_type -> the family whose adapter writes it."""
+    return {f.speculators.model_type: f for f in families().values() if f.speculators is not None}
+
+
+def unsupported_options(config: dict, layer: dict, fmt: Speculators) -> list[str]:
+    """`name=value` for each option that changes the computation and is not at the setting our drafter computes: the
+    shared ones, then the family's (`fmt.options`; EAGLE-3 reads a missing norm_before_residual as true, as vLLM does)."""
     scaling = {d.get("rope_type", d.get("type", "default")) for d in (layer.get("rope_parameters") or {}, layer.get("rope_scaling") or {})}
     checks = {"hidden_act": (layer.get("hidden_act", "silu"), "silu"), "attention_bias": (layer.get("attention_bias", False), False),
-              "rope_scaling": (sorted(scaling - {"default"}) or None, None)}
-    if config["speculators_model_type"] == "eagle3":
-        checks |= {"model_type": (layer.get("model_type"), "llama"), "mlp_bias": (layer.get("mlp_bias", False), False),
-                   "norm_before_residual": (config.get("norm_before_residual", "missing"), False),
-                   **{k: (config.get(k, False), False) for k in EAGLE3_SWITCHES}}
-    else:
-        sliding = sorted({t for t in layer.get("layer_types") or [] if t != "full_attention"}) or None
-        checks |= {"use_sliding_window": (layer.get("use_sliding_window", False), False), "layer_types": (sliding, None),
-                   **{k: (config.get(k, False), False) for k in DFLASH_SWITCHES}}
+              "rope_scaling": (sorted(scaling - {"default"}) or None, None), **fmt.options(config, layer)}
     return [f"{k}={got!r}" for k, (got, want) in checks.items() if got != want]
 
 
-def layer_ids(config: dict, target: Target) -> list:
-    """The capture ids; a missing EAGLE-3 list means speculators' and vLLM's default [2, N/2, N-3] on the target."""
-    eagle3 = config["speculators_model_type"] == "eagle3"
-    key = "eagle_aux_hidden_state_layer_ids" if eagle3 else "aux_hidden_state_layer_ids"
+def layer_ids(config: dict, target: Target, fmt: Speculators) -> list:
+    """The capture ids; a missing list means the family's default on the target (EAGLE-3: speculators' and vLLM's
+    [2, N/2, N-3]), where it has one."""
+    key = fmt.layer_ids_key
     if config.get(key) is not None:
         return config[key]
-    if not eagle3:
+    if fmt.default_captures is None:
         raise KeyError(key)
-    return [2, target.num_layers // 2, target.num_layers - 3]
+    return fmt.default_captures(target.num_layers)
 
 
-def block_size(config: dict) -> int:
-    """DFlash: `block_size`; EAGLE-3: the default proposal method's speculative_tokens + 1 (the anchor)."""
-    if config["speculators_model_type"] == "dflash":
-        return int(config.get("block_size", DFLASH_BLOCK_SIZE))
+def block_size(config: dict, fmt: Speculators) -> int:
+    """The family's own key where it has one (DFlash: `block_size`), else the default proposal method's
+    speculative_tokens + 1 (the anchor; EAGLE-3)."""
+    if fmt.block_size is not None:
+        return fmt.block_size(config)
     proposals, name = config["speculators_config"]["proposal_methods"], config["speculators_config"].get("default_proposal_method")
     chosen = [p for p in proposals if p.get("proposal_type") == name] if name else proposals[:1]
     if not chosen:
@@ -360,19 +360,19 @@ def check_for_target(config: dict, captures: list[int], spec: DrafterSpec, targe
     """Refuse a config for another target (hidden size: ours is the target's; vocabulary; capture ids; a local verifier
     folder of another shape) or one our drafter does not run the same (the export's own refusals)."""
     check_compatible(spec, target)
-    n = target.num_layers
+    fam, n = family(spec.arch), target.num_layers
     if config.get("target_hidden_size") not in (None, target.hidden_size):
         raise DrafterError(f"{folder} is for a target of hidden size {config['target_hidden_size']}, not {target.hidden_size}")
     if any(not 1 <= c < n for c in captures):
         raise DrafterError(f"{folder} feeds the drafter capture ids {captures}: draftopd feeds target layer outputs, capture ids "
                            f"1..{n - 1} of this {n}-layer target (0 is the embedding, {n} the output after the final norm)")
-    if spec.arch == "eagle3" and spec.num_layers != 1:
-        raise DrafterError(f"{folder} is an EAGLE-3 drafter of {spec.num_layers} decoder layers: draftopd's has one")
+    if fam.num_layers is not None and spec.num_layers != fam.num_layers:
+        raise DrafterError(f"{folder} is {fam.named} drafter of {spec.num_layers} decoder layers: draftopd's has {fam.depth}")
     size, mask = spec.draft_vocab_size, spec.mask_token_id
     if size is not None and not 1 <= size <= spec.vocab_size:
         raise DrafterError(f"{folder} has draft_vocab_size {size} outside [1, {spec.vocab_size}]")
-    if spec.arch == "dflash" and (mask is None or not 0 <= mask < spec.vocab_size):
-        raise DrafterError(f"{folder} has mask_token_id {mask}: DFlash needs a row of the target's {spec.vocab_size}-token vocabulary")
+    if fam.has_mask and (mask is None or not 0 <= mask < spec.vocab_size):
+        raise DrafterError(f"{folder} has mask_token_id {mask}: {fam.title} needs a row of the target's {spec.vocab_size}-token vocabulary")
     if spec.block_size < 2:
         raise DrafterError(f"{folder} drafts {spec.block_size - 1} tokens per block: draftopd drafts at least one")
     verifier = verifier_folder(config)

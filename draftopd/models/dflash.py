@@ -19,6 +19,9 @@ Algorithmic choices (see shared/docs/drafters.md):
 - Embedding and LM head are the target's own, frozen, and never stored in the drafter checkpoint (`drafter.py`).
 - Layers are Qwen3-style: RMSNorm, attention with per-head q_norm/k_norm and RoPE, SwiGLU MLP. They start random,
   or (`DrafterConfig.copy_target_layers`) as copies of chosen target decoder layers: `copy_target_layers` below.
+- The family (`FAMILY`, `registry.py`): default target layers `default_layers`, a MASK, any depth; exported exactly
+  to z-lab's reference format, speculators' (a Qwen3 layer config, `block_size`, `mask_token_id`) and, through
+  the reference format, llama.cpp's GGUF (whose DFlash converter reads no reduced vocabulary).
 """
 
 from __future__ import annotations
@@ -29,6 +32,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .drafter import DraftContext, Drafter, DrafterError, DrafterSpec, RMSNorm, rope
+from .registry import GGUF, Family, Speculators
+
+
+def default_layers(num_target_layers: int, num_draft_layers: int) -> tuple[int, ...]:
+    """DFlash rule for which target layers feed the drafter (output-id convention).
+
+    One drafter layer -> the middle target layer; else `round(1 + i*(N-4)/(L-1))` for i in 0..L-1
+    (N=36, L=5 gives 1, 9, 17, 25, 33).
+    """
+    n, layers = num_target_layers, num_draft_layers
+    if layers == 1:
+        return (n // 2,)
+    return tuple(int(round(1 + i * (n - 4) / (layers - 1))) for i in range(layers))
 
 
 class DraftLayer(nn.Module):
@@ -154,3 +170,29 @@ def copy_target_layers(drafter: DFlashDrafter, decoder_layers: nn.ModuleList, la
                     found = "missing" if weight is None else f"shaped {tuple(weight.shape)}"
                     raise DrafterError(f"copy_target_layers: target layer {i} has no {theirs}.weight of shape {tuple(param.shape)} ({found})")
                 param.copy_(weight.to(param.dtype))
+
+
+# ---- the family ---------------------------------------------------------------------------------------------------
+SPECULATORS_SWITCHES = ("sample_from_anchor", "sliding_window_non_causal")  # speculators' default: false
+SPECULATORS_BLOCK_SIZE = 8  # DFlashSpeculatorConfig's default block_size
+
+
+def _speculators_options(config: dict, layer: dict) -> dict:
+    sliding = sorted({t for t in layer.get("layer_types") or [] if t != "full_attention"}) or None
+    return {"use_sliding_window": (layer.get("use_sliding_window", False), False), "layer_types": (sliding, None),
+            **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES}}
+
+
+SPECULATORS = Speculators(
+    model_type="dflash", config_class="DFlashSpeculator", model_class="DFlashDraftModel", layer_type="qwen3",
+    layer_keys=lambda spec: {"use_sliding_window": False, "sliding_window": None, "layer_types": ["full_attention"] * spec.num_layers},
+    config_keys=lambda spec, captures: {"block_size": spec.block_size, "aux_hidden_state_layer_ids": captures,
+                                        "mask_token_id": spec.mask_token_id, "sample_from_anchor": False,
+                                        "sliding_window_non_causal": False},
+    layer_ids_key="aux_hidden_state_layer_ids", options=_speculators_options,
+    check_anchors=lambda length, block: length - block,
+    block_size=lambda config: int(config.get("block_size", SPECULATORS_BLOCK_SIZE)))
+
+FAMILY = Family(name="dflash", title="DFlash", article="a", drafter=DFlashDrafter, architecture="DFlashDrafter",
+                default_layers=default_layers, has_mask=True, copy_layers=copy_target_layers, speculators=SPECULATORS,
+                reference_dflash=True, gguf=GGUF(spec_type="draft-dflash", via="dflash", reads_d2t=False))

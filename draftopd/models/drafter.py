@@ -1,4 +1,4 @@
-"""What every drafter `q` shares, whatever its architecture (DFlash: `dflash.py`, EAGLE-3: `eagle3.py`).
+"""What every drafter `q` shares, whatever its family (DFlash: `dflash.py`, EAGLE-3: `eagle3.py`; `registry.py` finds them).
 
 The seam between drafters and the rest of the package (decoder, trainers, replay) is four calls:
 - `project_context(features, positions, valid, next_tokens)`: the target's features of committed positions ->
@@ -15,8 +15,9 @@ The seam between drafters and the rest of the package (decoder, trainers, replay
 
 Shared here: the target's frozen embedding and head (non-persistent buffers sharing its storage: never saved,
 never trained), the reduced draft vocabulary (`d2t`/`t2d`, as EAGLE-3 and speculators store it), the resolved
-shape (`DrafterSpec`, saved as config.json with the architecture), and save/load with target checks: a
-checkpoint of one architecture asked for as the other, or built for another target, is one clear error line.
+shape (`DrafterSpec`, saved as config.json with the family's architecture name), and save/load with target checks: a
+checkpoint of one family asked for as another, or built for another target, is one clear error line. What differs
+between families (the class, default target layers, a fixed depth, a MASK) is read from the family's registration.
 """
 
 from __future__ import annotations
@@ -32,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DrafterConfig, dflash_default_layers, eagle3_default_layers, flag
+from ..config import DrafterConfig, flag
+from .registry import DEFAULT, families, family, titles
 from .target import Target
-
-ARCHITECTURES = {"dflash": "DFlashDrafter", "eagle3": "Eagle3Drafter"}  # spec.arch -> config.json "architecture"
-ARCH_NAMES = {"dflash": "a DFlash", "eagle3": "an EAGLE-3"}
 
 
 class DrafterError(ValueError):
@@ -61,7 +60,7 @@ class DrafterSpec:
     rms_norm_eps: float
     mask_token_id: int | None = None  # DFlash: MASK = this target embedding row (reference format); None = a learned vector
     draft_vocab_size: int | None = None  # reduced head over this many target tokens (d2t/t2d); None = the full vocabulary
-    arch: str = "dflash"  # "dflash" | "eagle3"
+    arch: str = DEFAULT  # the drafter family (`registry.py`): "dflash" | "eagle3"
 
     @staticmethod
     def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
@@ -69,14 +68,11 @@ class DrafterSpec:
         DrafterError line naming the flag to change when it cannot be built (layer ids past the target's depth, heads
         that do not divide the hidden size, kv heads that do not divide the heads, ...)."""
         tcfg = target.model.config
-        arch = cfg.arch or "dflash"
+        fam = family(cfg.arch or DEFAULT)
         heads = cfg.num_heads or tcfg.num_attention_heads
-        if arch == "eagle3":
-            if cfg.num_layers != 1:
-                raise DrafterError(f"an EAGLE-3 drafter has one decoder layer, not {cfg.num_layers} (--draft-num-layers 1)")
-            layer_ids = cfg.target_layer_ids or eagle3_default_layers(target.num_layers)
-        else:
-            layer_ids = cfg.target_layer_ids or dflash_default_layers(target.num_layers, cfg.num_layers)
+        if fam.num_layers is not None and cfg.num_layers != fam.num_layers:
+            raise DrafterError(f"{fam.named} drafter has {fam.depth}, not {cfg.num_layers} (--draft-num-layers {fam.num_layers})")
+        layer_ids = cfg.target_layer_ids or fam.default_layers(target.num_layers, cfg.num_layers)
         if cfg.num_heads is not None and cfg.head_dim is None and target.hidden_size % heads:
             raise DrafterError(f"--draft-num-heads {heads} does not divide the target's hidden size {target.hidden_size}: "
                                "choose a divisor or give --draft-head-dim")
@@ -86,17 +82,19 @@ class DrafterSpec:
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
             intermediate_size=cfg.intermediate_size or tcfg.intermediate_size, rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=DrafterSpec._mask(cfg, arch, target), draft_vocab_size=cfg.vocab_size, arch=arch)
+            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=DrafterSpec._mask(cfg, fam.name, target), draft_vocab_size=cfg.vocab_size, arch=fam.name)
         spec.check(lambda name: flag(cfg, {"draft_vocab_size": "vocab_size"}.get(name, name)))
         return spec
 
     @staticmethod
     def _mask(cfg: DrafterConfig, arch: str, target: Target) -> int | None:
-        """The MASK row a new drafter gets: DFlash takes `cfg.mask_token_id`, else the target's default row (a drafter
-        that the reference format can hold), or None, a learned vector, with `cfg.learned_mask`; EAGLE-3 has no MASK."""
-        if arch != "dflash":
+        """The MASK row a new drafter gets: a family with a MASK (DFlash) takes `cfg.mask_token_id`, else the target's
+        default row (a drafter that the reference format can hold), or None, a learned vector, with `cfg.learned_mask`;
+        other families (EAGLE-3) have no MASK."""
+        fam = family(arch)
+        if not fam.has_mask:
             if cfg.learned_mask:
-                raise DrafterError("--draft-learned-mask applies to DFlash drafters: an EAGLE-3 drafter has no MASK")
+                raise DrafterError(f"--draft-learned-mask applies to {titles(lambda f: f.has_mask)} drafters: {fam.named} drafter has no MASK")
             return None
         if cfg.learned_mask:
             return None
@@ -111,7 +109,7 @@ class DrafterSpec:
                 raise DrafterError(f"{name(field)} {rule}, got {getattr(self, field)!r}")
 
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        need("arch", self.arch in ARCHITECTURES, f"must be one of {', '.join(ARCHITECTURES)}")
+        need("arch", isinstance(self.arch, str) and self.arch in families(), f"must be one of {', '.join(families())}")
         for field, low in (("hidden_size", 1), ("vocab_size", 1), ("num_target_layers", 1), ("num_layers", 1), ("block_size", 2),
                            ("num_heads", 1), ("num_kv_heads", 1), ("head_dim", 2), ("intermediate_size", 1)):
             need(field, is_int(getattr(self, field)) and getattr(self, field) >= low, f"must be an integer >= {low}")
@@ -128,9 +126,11 @@ class DrafterSpec:
              f"must be a token id of the target's vocabulary (0..{self.vocab_size - 1})")
         need("draft_vocab_size", self.draft_vocab_size is None or (is_int(self.draft_vocab_size) and 1 <= self.draft_vocab_size <= self.vocab_size),
              f"must be in [1, {self.vocab_size}] (the target's vocabulary)")
-        if self.arch == "eagle3":
-            need("num_layers", self.num_layers == 1, "must be 1 (an EAGLE-3 drafter has one decoder layer)")
-            need("mask_token_id", self.mask_token_id is None, "must be null (an EAGLE-3 drafter has no MASK)")
+        fam = family(self.arch)
+        if fam.num_layers is not None:
+            need("num_layers", self.num_layers == fam.num_layers, f"must be {fam.num_layers} ({fam.named} drafter has {fam.depth})")
+        if not fam.has_mask:
+            need("mask_token_id", self.mask_token_id is None, f"must be null ({fam.named} drafter has no MASK)")
 
 
 class RMSNorm(nn.Module):
@@ -197,6 +197,11 @@ class ContextCache:
         return ContextCache([grow(k, 2) for k in ctx.keys], [grow(v, 2) for v in ctx.values],
                             None if ctx.fused is None else grow(ctx.fused, 1), lengths, list(host_lengths))
 
+    @property
+    def capacity(self) -> int:
+        """Slots the buffers hold (a drafter without attention layers keeps only `fused`)."""
+        return self.keys[0].shape[2] if self.keys else self.fused.shape[1]
+
     def view(self) -> DraftContext:
         """The committed context as a `DraftContext` over slots 0 .. max(lengths)-1."""
         width = max(self.host_lengths)
@@ -208,7 +213,7 @@ class ContextCache:
     def write(self, new: DraftContext, slots: Tensor) -> None:
         """Store `new` (b, n slots) at `slots` (b, n) of each row (growing the buffers if they are too short)."""
         need = max(self.host_lengths) + slots.shape[1]
-        if need > self.keys[0].shape[2]:
+        if need > self.capacity:
             self._grow(need)
         index = slots[:, None, :, None]
         for buf, part in zip(self.keys + self.values, new.keys + new.values):
@@ -226,7 +231,7 @@ class ContextCache:
                             self.lengths[index], [self.host_lengths[i] for i in host_index])
 
     def _grow(self, need: int) -> None:
-        size = max(need, 2 * self.keys[0].shape[2])
+        size = max(need, 2 * self.capacity)
         pad = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], size - x.shape[dim], *x.shape[dim + 1:]))], dim)  # noqa: E731
         self.keys, self.values = [pad(k, 2) for k in self.keys], [pad(v, 2) for v in self.values]
         self.fused = None if self.fused is None else pad(self.fused, 1)
@@ -265,6 +270,11 @@ class Drafter(nn.Module):
     @property
     def block_size(self) -> int:
         return self.spec.block_size
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the drafter's own weights (what exports write)."""
+        return next(self.parameters()).dtype
 
     def embed(self, tokens: Tensor) -> Tensor:
         return F.embedding(tokens, self.embed_weight)
@@ -360,12 +370,8 @@ def check_compatible(spec: DrafterSpec, target: Target) -> None:
 
 def drafter_for(spec: DrafterSpec, target: Target) -> Drafter:
     """A drafter of `spec` on `target`'s frozen embedding and head (refused if built for another target)."""
-    from .dflash import DFlashDrafter
-    from .eagle3 import Eagle3Drafter
-
     check_compatible(spec, target)
-    cls = {"dflash": DFlashDrafter, "eagle3": Eagle3Drafter}[spec.arch]
-    return cls(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
+    return family(spec.arch).drafter(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
 
 
 def widen_vocab(drafter: Drafter) -> Drafter:
@@ -404,17 +410,16 @@ def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int 
     """A fresh drafter. Its final norm starts at `cfg.final_norm_init`: at 1.0 a block's MASK and anchor embeddings
     reach the target's (tied) head almost unchanged and come out as a very confident copy of themselves (SFT loss 35-44
     at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
-    (README, "Strong drafters"). `cfg.copy_target_layers` starts the DFlash layers as copies of target layers."""
+    (README, "Strong drafters"). `cfg.copy_target_layers` starts the layers as copies of target layers (DFlash)."""
     torch.manual_seed(seed)
     drafter = drafter_for(DrafterSpec.resolve(cfg, target), target)
     with torch.no_grad():
         drafter.norm.weight.fill_(cfg.final_norm_init)
     if cfg.copy_target_layers is not None:
-        from .dflash import DFlashDrafter, copy_target_layers
-
-        if not isinstance(drafter, DFlashDrafter):
-            raise DrafterError(f"copy_target_layers applies to DFlash drafters, not {drafter.spec.arch}")
-        copy_target_layers(drafter, target.model.model.layers, cfg.copy_target_layers)
+        copy_layers = family(drafter.spec.arch).copy_layers
+        if copy_layers is None:
+            raise DrafterError(f"copy_target_layers applies to {titles(lambda f: f.copy_layers is not None)} drafters, not {drafter.spec.arch}")
+        copy_layers(drafter, target.model.model.layers, cfg.copy_target_layers)
     return drafter
 
 
@@ -424,7 +429,7 @@ def save_drafter(drafter: Drafter, folder: str | Path, extra: dict | None = None
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": ARCHITECTURES[drafter.spec.arch], "draftopd_spec": asdict(drafter.spec), "target": drafter.target_name, **(extra or {})}
+    config = {"architecture": family(drafter.spec.arch).architecture, "draftopd_spec": asdict(drafter.spec), "target": drafter.target_name, **(extra or {})}
     tmp = folder / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}, str(tmp))
     tmp.replace(folder / "model.safetensors")
@@ -432,8 +437,8 @@ def save_drafter(drafter: Drafter, folder: str | Path, extra: dict | None = None
 
 
 def load_drafter(folder: str | Path, target: Target, arch: str | None = None) -> Drafter:
-    """The drafter saved at `folder`, on `target`. `arch` ("dflash" / "eagle3"), when given, must be what the
-    checkpoint holds."""
+    """The drafter saved at `folder`, on `target`. `arch` (a family name: "dflash" / "eagle3"), when given, must be what
+    the checkpoint holds."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -441,7 +446,8 @@ def load_drafter(folder: str | Path, target: Target, arch: str | None = None) ->
         config = json.loads((folder / "config.json").read_text())
         raw = config["draftopd_spec"]
         spec = DrafterSpec(**{**raw, "target_layer_ids": tuple(raw["target_layer_ids"])})
-        if spec.arch not in ARCHITECTURES or config.get("architecture", ARCHITECTURES[spec.arch]) != ARCHITECTURES[spec.arch]:
+        fam = families().get(spec.arch) if isinstance(spec.arch, str) else None
+        if fam is None or config.get("architecture", fam.architecture) != fam.architecture:
             raise ValueError(f"architecture {config.get('architecture')!r} with arch {spec.arch!r}")
         weights = load_file(str(folder / "model.safetensors"))
     except FileNotFoundError as err:
@@ -450,7 +456,8 @@ def load_drafter(folder: str | Path, target: Target, arch: str | None = None) ->
         raise DrafterError(f"corrupt drafter checkpoint at {folder}: {type(err).__name__}: {err}") from None
     spec.check(lambda name: f"drafter checkpoint at {folder}: config.json draftopd_spec.{name}")  # as strict as flags
     if arch is not None and arch != spec.arch:
-        raise DrafterError(f"{folder} holds {ARCH_NAMES[spec.arch]} drafter, not {ARCH_NAMES.get(arch, arch)} one "
+        asked = families().get(arch)
+        raise DrafterError(f"{folder} holds {family(spec.arch).named} drafter, not {asked.named if asked else arch} one "
                            f"(drop --draft-arch or pass --draft-arch {spec.arch})")
     drafter = drafter_for(spec, target)
     try:

@@ -23,6 +23,9 @@ Algorithmic choices (EAGLE-3 and its public implementations; names follow the sp
   computation decoding does (tests check it), and slot k's loss weight decays with k as in DFlash SFT
   (exp(-(k-1)/4) at block 8, about EAGLE-3's 0.8^(k-1)).
 - Head: the target's own, or a reduced draft vocabulary (d2t/t2d) with rows copied from it (`drafter.py`).
+- The family (`FAMILY`, `registry.py`): default target layers `default_layers`, one decoder layer, no MASK; exported
+  exactly to speculators' format (a Llama layer config, three target layers as vLLM's fc takes, the embedding and
+  the head rows written out) and, through it, llama.cpp's GGUF; z-lab's reference format is DFlash's alone.
 """
 
 from __future__ import annotations
@@ -34,8 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .drafter import DraftContext, Drafter, DrafterError, DrafterSpec, RMSNorm, rope
+from .registry import GGUF, Family, Speculators
 
 NEG = torch.finfo(torch.float32).min  # masked score: a row that sees nothing averages instead of giving NaN
+
+
+def default_layers(num_target_layers: int, num_draft_layers: int = 1) -> tuple[int, ...]:
+    """EAGLE-3 rule: the inputs of decoder layers 2, L/2 and L-3 (low, middle, high), i.e. in the output-id
+    convention the outputs of layers 1, L/2 - 1 and L - 4 (SmolLM2, L = 30: 1, 14, 26), clipped to the target's
+    layers (tiny test targets). One drafter layer, whatever `num_draft_layers`."""
+    n = num_target_layers
+    return tuple(min(max(i, 0), n - 1) for i in (1, n // 2 - 1, n - 4))
 
 
 class Eagle3Layer(nn.Module):
@@ -159,3 +171,31 @@ class Eagle3Drafter(Drafter):
 
         self.chain(ctx, anchor[:, None], anchor_pos[:, None], next_token, num_drafts)
         return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+# ---- the family ---------------------------------------------------------------------------------------------------
+SPECULATORS_SWITCHES = ("norm_before_fc", "fc_norm", "norm_output")  # speculators' default: false
+VLLM_LAYERS = 3  # vLLM's Eagle3 fc is Linear(3H -> H)
+
+
+def _speculators_options(config: dict, layer: dict) -> dict:
+    """A missing norm_before_residual reads as true, as vLLM reads it (speculators' own default is false: the folder is
+    ambiguous). The layer must be a Llama one (speculators' default, Qwen3, adds q/k norms ours lacks)."""
+    return {"model_type": (layer.get("model_type"), "llama"), "mlp_bias": (layer.get("mlp_bias", False), False),
+            "norm_before_residual": (config.get("norm_before_residual", "missing"), False),
+            **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES}}
+
+
+SPECULATORS = Speculators(
+    model_type="eagle3", config_class="Eagle3Speculator", model_class="Eagle3DraftModel", layer_type="llama",
+    layer_keys=lambda spec: {"mlp_bias": False},
+    config_keys=lambda spec, captures: {"eagle_aux_hidden_state_layer_ids": captures, "norm_before_residual": False,
+                                        "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+                                        "embed_requires_grad": False},
+    layer_ids_key="eagle_aux_hidden_state_layer_ids", options=_speculators_options,
+    check_anchors=lambda length, block: length - block + 3,  # teacher-forced chains of K = block - 1 steps from 1 .. T-K+1
+    default_captures=lambda n: [2, n // 2, n - 3], num_features=VLLM_LAYERS, saves_embedding=True, saves_full_head=True)
+
+FAMILY = Family(name="eagle3", title="EAGLE-3", article="an", drafter=Eagle3Drafter, architecture="Eagle3Drafter",
+                default_layers=default_layers, num_layers=1, speculators=SPECULATORS,
+                gguf=GGUF(spec_type="draft-eagle3", via="speculators", reads_d2t=True))
