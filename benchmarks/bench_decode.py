@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from draftopd.config import DEFAULT_TARGET, DrafterConfig, EvalConfig
+from draftopd.config import DEFAULT_TARGET, DecodeConfig, DrafterConfig, EvalConfig
 from draftopd.eval.evaluate import evaluate
 from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     target = load_target(args.target)
     drafter = load_drafter(args.drafter, target) if args.drafter else new_drafter(target, DrafterConfig(block_size=args.block_size))
-    report = evaluate(target, drafter, EvalConfig(sets=(args.prompt_set,), num_prompts=args.prompts, max_new_tokens=args.max_new_tokens), progress=False)
+    report = evaluate(target, drafter, EvalConfig(sets=(args.prompt_set,), num_prompts=args.prompts, decode=DecodeConfig(max_new_tokens=args.max_new_tokens)), progress=False)
     row = report.row(args.prompt_set)
     print(json.dumps({"target": args.target, "drafter": args.drafter or "untrained", "block_size": drafter.block_size,
                       "prompts": row.prompts, "max_new_tokens": args.max_new_tokens, "tau": row.tau,

@@ -94,14 +94,14 @@ def check_opd(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str, updates:
     drafter = meta_drafter(target, drafter_cfg).float()
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(64 + i)] for i in range(cfg.opd_rollouts * updates)]
     opd = OPDConfig(steps=updates, prompts_per_rollout=cfg.opd_rollouts, rollouts_per_step=1, replay_batch=cfg.replay_batch,
-                    max_new_tokens=min(128, cfg.opd_new_tokens), save_every=10_000,
+                    rollout=DecodeConfig(max_new_tokens=min(128, cfg.opd_new_tokens)), save_every=10_000,
                     autocast="auto", optim=OptimConfig(lr=3e-4))
     peak = peak_of(lambda: train_opd(target, drafter, prompts, opd, out / "opd", progress=False), device)
     rows = [json.loads(line) for line in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     per_update = [r["time/rollout_s"] + r["time/replay_s"] + r["time/update_s"] for r in rows]
     return {"updates": len(rows), "seconds_per_update_median": sorted(per_update)[len(per_update) // 2], "peak_gb": round(peak, 3),
             "rollout_s": [round(r["time/rollout_s"], 3) for r in rows], "replay_s": [round(r["time/replay_s"], 3) for r in rows],
-            "loss": [round(r["loss/total"], 4) for r in rows]}
+            "loss": [round(r["train/loss"], 4) for r in rows]}
 
 
 def profile_round(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str, out: Path) -> dict:

@@ -56,7 +56,7 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     target = load_target(args.target, dtype=torch.float32)
     model = target_gguf(target, "f32") if args.weights == "f32" else embedded_gguf(args.target)
-    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.num_prompts, seed=EvalConfig().seed).prompts]
+    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.num_prompts, seed=EvalConfig().decode.seed).prompts]
     with LlamaServer(model, log=args.logs / "plain.log") as plain:
         done = [plain.complete(p, args.max_new_tokens) for p in prompts]
     step = sum(c.predicted_ms for c in done) / sum(len(c.tokens) for c in done)

@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=["f32", "q4_1"], choices=["f32", "q4_1"])
     parser.add_argument("--sets", nargs="+", default=list(EvalConfig().sets))
     parser.add_argument("--num-prompts", type=int, default=EvalConfig().num_prompts)
-    parser.add_argument("--max-new-tokens", type=int, default=EvalConfig().max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=EvalConfig().decode.max_new_tokens)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--outtype", default="f32", choices=("f32", "bf16", "f16"), help="the drafter GGUF's weight type")
     parser.add_argument("--draft-n-max", type=int, default=None, help="drafted tokens per round (default: block size - 1)")
@@ -117,7 +117,7 @@ def main() -> None:
     cfg = ServerConfig(threads=args.threads, draft_n_max=args.draft_n_max or drafter.block_size - 1)
     items = []
     for name in args.sets:
-        for p in load_prompts(name, limit=args.num_prompts, seed=EvalConfig().seed).prompts:
+        for p in load_prompts(name, limit=args.num_prompts, seed=EvalConfig().decode.seed).prompts:
             items.append((name, p.id, render_prompt(p, target.tokenizer)))
     models = {"f32": lambda: target_gguf(target, "f32"), "q4_1": lambda: embedded_gguf(args.target)}
 

@@ -101,7 +101,7 @@ def run_prompt(target, drafter, reference, name: str, pid: str, prompt: list[int
 
 
 def summarize(results: list[PromptResult], ev: EvalConfig) -> Summary:
-    kw = dict(resamples=ev.bootstrap_resamples, seed=ev.seed)
+    kw = dict(resamples=ev.bootstrap_resamples, seed=ev.decode.seed)
     oc, orr = [r.ours_committed for r in results], [r.ours_rounds for r in results]
     rc, rr = [r.ref_committed for r in results], [r.ref_rounds for r in results]
     ours_tau, ref_tau = sum(oc) / max(sum(orr), 1), sum(rc) / max(sum(rr), 1)

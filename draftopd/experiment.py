@@ -40,6 +40,7 @@ from .models.load import load_target
 from .train.common import param_counts
 from .train.opd import OPDConfig, train_opd
 from .train.sft import train_sft
+from .train.tracking import RunInfo, write_run_files
 
 ABLATIONS = {
     "full": {},
@@ -56,9 +57,10 @@ ABLATIONS = {
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    target: str = DEFAULT_TARGET
-    out_dir: str = "runs/demo"
-    start: str | None = "committed"  # "committed" (the target's committed drafter, else built), a drafter folder, or None (build)
+    target: str = field(default=DEFAULT_TARGET, metadata={"help": "embedded name, local HF folder or hub id"})
+    out_dir: str = field(default="runs/demo", metadata={"help": "folder of every stage's output (a second run redoes only what is missing)"})
+    start: str | None = field(default="committed", metadata={
+        "help": "start drafter: 'committed' (the one shipped for the target; others build one), a drafter folder, or none (build)"})
     train_prompts: int = 64
     prompt_offset: int = 12000  # skip the ShareGPT train prompts the committed drafter's data came from
     regen_max_new_tokens: int = 96
@@ -66,29 +68,35 @@ class ExperimentConfig:
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=1, block_size=8))  # built starts only
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, batch_size=4, anchors_per_seq=16, save_every=20, optim=OptimConfig(lr=1e-3)))
     # the authors' recipe (the `draftopd opd` defaults: estimator losses, pooled, lr 3e-4 cosine) at demo size
-    opd: OPDConfig = field(default_factory=lambda: OPDConfig(steps=6, prompts_per_rollout=8, rollouts_per_step=1, replay_batch=8, max_new_tokens=96,
+    opd: OPDConfig = field(default_factory=lambda: OPDConfig(steps=6, prompts_per_rollout=8, rollouts_per_step=1, replay_batch=8, rollout=DecodeConfig(max_new_tokens=96),
                                                              save_every=2, optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
     # the data-matched control: soft labels on the target's answers to the rollout prompts; steps planned from compute
     continued_sft: SFTConfig = field(default_factory=lambda: SFTConfig(batch_size=8, anchors_per_seq=64, loss="kl", labels="text",
                                                                        optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
     curve_prompts: int = 30  # held-out ShareGPT prompts for the tau-vs-compute curve (greedy replay)
     curve_every: int = 2
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_prompts=4, max_new_tokens=48))
-    ablations: tuple[str, ...] = ()
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_prompts=4, decode=DecodeConfig(max_new_tokens=48)))
+    ablations: tuple[str, ...] = field(default=(), metadata={"help": f"Draft-OPD variants to add as rows: {', '.join(ABLATIONS)}"})
     ablation_steps: int | None = None  # Draft-OPD steps of each ablation row (None = opd.steps)
-    device: str = "auto"  # where every stage runs (`config.resolve_device`); not part of what makes a run the same run
-    dtype: str = "float32"  # the target's, in every stage (`config.resolve_dtype`); the demo's numbers are float32
+    device: str = field(default="auto", metadata={"help": "where every stage runs: cpu, cuda, cuda:N; auto = cuda when available (not "
+                                                          "part of what makes a run the same run)"})
+    dtype: str = field(default="float32", metadata={"help": "the target's dtype in every stage (the demo's numbers are float32)",
+                                                    "choices": DTYPES})
 
     def __post_init__(self) -> None:
         check_device(self)
-        check_choice(self, "dtype", DTYPES)
+        check_choice(self, "dtype")
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
+def run_experiment(cfg: ExperimentConfig, progress: bool = True, run: RunInfo | None = None) -> dict:
+    """Every stage (module docstring); `run` (the command's record and tracker, `train/tracking.py`) writes run.yaml,
+    command.txt and env.json into `out_dir` and beside each training stage's checkpoints, which report to its tracker."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_same_config(out, cfg)
     device = resolve_device(cfg.device)
+    if run is not None:
+        write_run_files(out, run, device, cfg.dtype)
     target = load_target(cfg.target, dtype=resolve_dtype(cfg.dtype, device), device=device)
     # 1. data: the target answers fresh training prompts
     pool = load_prompts("sharegpt", split="train", limit=cfg.prompt_offset + cfg.train_prompts, seed=cfg.sft.seed).prompts
@@ -97,13 +105,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     examples = load_regenerated(out / "regenerated.jsonl").examples
     rollout_prompts = [list(e.prompt_ids) for e in examples]
     # 2. the start: a committed drafter, or an SFT warm start on these answers
-    rows, start = start_drafter(target, cfg, examples, out, progress)
+    rows, start = start_drafter(target, cfg, examples, out, progress, run)
     curve_tau = replay_curve(target, start, cfg)
     # 3. equal compute: Draft-OPD first, continued SFT stops at the same FLOPs
     curves = _load(out / "curves.json") or {"opd": [], "sft_continued": []}
     save_curves = lambda: _save_json(out / "curves.json", curves)  # noqa: E731
-    opd, opd_flops = _run_opd(target, start, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves)
-    sft_cont = _run_continued_sft(target, start, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves)
+    opd, opd_flops = _run_opd(target, start, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress,
+                              save_curves, run)
+    sft_cont = _run_continued_sft(target, start, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves,
+                                  run)
     first = {"flops": 0.0, "tau": curve_tau(start)}  # compute is counted from the start drafter
     curves = {"opd": [first] + [c for c in curves["opd"] if c["flops"] > 0], "sft_continued": [first] + [c for c in curves["sft_continued"] if c["flops"] > 0]}
     _save_json(out / "curves.json", curves)
@@ -118,7 +128,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     ablations = {}
     for name in (("full",) + tuple(a for a in cfg.ablations if a != "full")) if cfg.ablations else ():
         variant = replace(_ablation_config(cfg.opd, name), steps=cfg.ablation_steps or cfg.opd.steps)
-        drafter, _ = _run_opd(target, start, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress)
+        drafter, _ = _run_opd(target, start, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress, run=run)
         ablations[name] = {"curve_tau": curve_tau(drafter)}
     summary = {"config": _jsonable(asdict(cfg)), "results": results, "curves": curves, "ablations": ablations,
                "plot": str(plot_curves(curves, out / "tau_vs_compute.png"))}
@@ -144,7 +154,7 @@ def check_same_config(out: Path, cfg: ExperimentConfig) -> None:
         raise ValueError(f"--out {out} holds a run of another configuration (differs in {', '.join(changed)}): give a new folder")
 
 
-def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: bool) -> tuple[list[tuple[str, Drafter]], Drafter]:
+def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: bool, run: RunInfo | None = None) -> tuple[list[tuple[str, Drafter]], Drafter]:
     """(rows to evaluate before the two arms, the start drafter). A committed or given drafter is the "start" row;
     a built one adds the untrained drafter and its SFT warm start ("sft") on the demo's answers."""
     folder = COMMITTED_DRAFTERS.get(cfg.target) if cfg.start == "committed" else cfg.start
@@ -152,7 +162,7 @@ def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: 
         return [("start", (d := load_drafter(folder, target)))], d
     untrained = new_drafter(target, cfg.drafter, seed=cfg.sft.seed)
     sft = copy.deepcopy(untrained)
-    train_sft(target, sft, examples, cfg.sft, out / "sft", resume=True, progress=progress)
+    train_sft(target, sft, examples, cfg.sft, out / "sft", resume=True, progress=progress, run=run)
     return [("untrained", untrained), ("sft", sft)], sft
 
 
@@ -164,7 +174,8 @@ def replay_curve(target, drafter: Drafter, cfg: ExperimentConfig):
     return lambda d: replay_scored(d, scored).tau
 
 
-def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None):
+def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None,
+             run: RunInfo | None = None):
     drafter = copy.deepcopy(start)
     flops = {"v": 0.0}
 
@@ -174,12 +185,12 @@ def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: 
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
             save_curve()
 
-    train_opd(target, drafter, prompts, cfg, out, resume=True, progress=progress, on_step=on_step)
+    train_opd(target, drafter, prompts, cfg, out, resume=True, progress=progress, on_step=on_step, run=run)
     return drafter, flops["v"] or _last_flops(out)
 
 
 def _run_continued_sft(target, start: Drafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
-                       save_curve):
+                       save_curve, run: RunInfo | None = None):
     steps = max(1, math.ceil(1.05 * max_flops / sft_step_flops(target, start, examples, cfg.continued_sft)))  # the cosine spans the budget
     sft_cfg = replace(cfg.continued_sft, steps=steps, max_flops=max_flops, save_every=max(1, steps // 3), seed=cfg.continued_sft.seed + 1)
     drafter = copy.deepcopy(start)
@@ -191,7 +202,7 @@ def _run_continued_sft(target, start: Drafter, examples, cfg: ExperimentConfig, 
             curve.append({"step": step, "flops": compute.flops, "tau": curve_tau(d)})
             save_curve()
 
-    train_sft(target, drafter, examples, sft_cfg, out / "sft_continued", resume=True, progress=progress, on_step=on_step)
+    train_sft(target, drafter, examples, sft_cfg, out / "sft_continued", resume=True, progress=progress, on_step=on_step, run=run)
     return drafter
 
 

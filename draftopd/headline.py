@@ -20,14 +20,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from .config import EvalConfig, OptimConfig, SFTConfig
+from .config import DecodeConfig, EvalConfig, OptimConfig, SFTConfig
 from .decode.stats import paired_ratio_ci
 from .eval.replay import ReplayedTau, replay_scored
 from .train.losses import LossConfig
 from .train.opd import OPDConfig
 
 SETS = (*EvalConfig().sets, "sharegpt-heldout")
-OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, max_new_tokens=128, save_every=4,
+OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, rollout=DecodeConfig(max_new_tokens=128), save_every=4,
                 optim=OptimConfig(lr=3e-4))
 ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_direction": "forward"},
              "opd-rev": {"acc_direction": "reverse"}, "opd-nodecay": {"gamma": 1.0}, "opd-norej": {"use_rejected": False},
@@ -36,14 +36,16 @@ ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_di
 OPD_FLOPS_PER_UPDATE = 7.4e12
 SFT_FLOPS_PER_STEP = 1.66e12
 SFT = SFTConfig(steps=1000, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=1000, optim=OptimConfig(lr=3e-4))
-_OPD_FIELDS = ("anchors", "temperature")  # ablation keys that are OPDConfig fields; the others are LossConfig fields
+_OPD_FIELDS = ("anchors",)  # ablation keys that are OPDConfig fields; "temperature" is the rollout's, the others LossConfig fields
 
 
 def opd_variant(name: str, **changes) -> OPDConfig:
-    """`OPD` with the ablation `name` applied (its OPDConfig fields and its LossConfig fields) and then `changes`."""
+    """`OPD` with the ablation `name` applied (its OPDConfig, rollout and LossConfig fields) and then `changes`."""
     loss_changes = dict(ABLATIONS[name])
     top = {k: loss_changes.pop(k) for k in _OPD_FIELDS if k in loss_changes}
-    return replace(OPD, loss=replace(LossConfig(), **loss_changes), **top, **changes)
+    rollout = {k: loss_changes.pop(k) for k in ("temperature",) if k in loss_changes}
+    rollout |= {k: changes.pop(k) for k in ("seed",) if k in changes}  # the run's seed is the rollout's
+    return replace(OPD, loss=replace(LossConfig(), **loss_changes), rollout=replace(OPD.rollout, **rollout), **top, **changes)
 
 
 def replay_all(drafter, scored: dict) -> dict[str, ReplayedTau]:

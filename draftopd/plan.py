@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .check.memory import LiveBytes, measure, meta_drafter, meta_target, model_config, module_bytes, tensor_bytes
-from .config import ConfigError, DecodeConfig, DrafterConfig, SFTConfig, check_choice, check_ints, check_number
+from .config import SFT_LOSSES, ConfigError, DecodeConfig, DrafterConfig, SFTConfig, check_choice, check_ints, check_number
 from .data.features import CachedSequence, FeatureManifest, prefill_features
 from .data.regenerate import SFTExample
 from .decode.speculative import speculative_round
@@ -48,7 +48,7 @@ class PlanConfig:
 
     target_config: str = field(default="qwen3-8b", metadata={"help": "a shipped config (qwen3-8b, llama-3.1-8b, qwen3-0.6b), a "
                                                                       "config.json or a model folder: only its shapes are read"})
-    dtype: str = field(default="bfloat16", metadata={"help": "the target's dtype on the device"})
+    dtype: str = field(default="bfloat16", metadata={"help": "the target's dtype on the device", "choices": ("bfloat16", "float32")})
     world_size: int = field(default=1, metadata={"help": "torchrun processes (the dataset and the FLOPs a step are shared among them)"})
     device_gb: float = field(default=80.0, metadata={"help": "memory of one device, to say what fits"})
     regen_batch: int = field(default=64, metadata={"help": "regeneration: prompts decoded together"})
@@ -57,14 +57,15 @@ class PlanConfig:
     sequence_tokens: int = field(default=4096, metadata={"help": "SFT and the feature prefill: tokens a training sequence"})
     sft_batch: int = field(default=2, metadata={"help": "SFT: sequences a micro-batch"})
     anchors_per_seq: int = field(default=512, metadata={"help": "SFT: blocks trained a sequence"})
-    sft_loss: str = field(default="kl", metadata={"help": "SFT loss: ce (hard labels) or kl (soft, the target's distribution)"})
+    sft_loss: str = field(default="kl", metadata={"help": "SFT loss: ce (hard labels) or kl (soft, the target's distribution)",
+                                                  "choices": SFT_LOSSES})
     opd_rollouts: int = field(default=16, metadata={"help": "Draft-OPD: prompts a rollout batch"})
     opd_new_tokens: int = field(default=2048, metadata={"help": "Draft-OPD: tokens a rollout"})
     opd_tau: float = field(default=3.0, metadata={"help": "Draft-OPD: acceptance length assumed, which sets the segments a "
                                                          "rollout leaves (new tokens / tau); lower tau, more segments"})
     replay_batch: int = field(default=4, metadata={"help": "Draft-OPD: traces a replay micro-batch"})
     loss_mode: str = field(default="estimate", metadata={"help": "Draft-OPD loss: estimate (single-token) or exact (re-verifies "
-                                                                  "every rejected block)"})
+                                                                  "every rejected block)", "choices": ("estimate", "exact")})
     features_batch_tokens: int = field(default=16384, metadata={"help": "feature cache: padded tokens a prefill batch"})
     dataset_tokens: float = field(default=1e9, metadata={"help": "tokens of the training set (feature-cache size)"})
     autocast: bool = field(default=True, metadata={"help": "the drafter trains under bf16 autocast (the CUDA default)"})
@@ -72,9 +73,9 @@ class PlanConfig:
                                                                      "(--optim-checkpoint-layers)"})
 
     def __post_init__(self) -> None:
-        check_choice(self, "dtype", ("bfloat16", "float32"))
-        check_choice(self, "sft_loss", ("ce", "kl"))
-        check_choice(self, "loss_mode", ("estimate", "exact"))
+        check_choice(self, "dtype")
+        check_choice(self, "sft_loss")
+        check_choice(self, "loss_mode")
         check_ints(self, 1, "world_size", "regen_batch", "prompt_tokens", "new_tokens", "sequence_tokens", "sft_batch",
                    "anchors_per_seq", "opd_rollouts", "opd_new_tokens", "replay_batch", "features_batch_tokens")
         check_number(self, "opd_tau", 1)

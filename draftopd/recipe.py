@@ -11,7 +11,7 @@
 5. **evaluation** on held-out MT-Bench, GSM8K and HumanEval prompts, plain and speculative decoding interleaved.
 
 Timing of each stage and the total are written to `out_dir/recipe.json`. The defaults are the run measured in the
-README ("Strong drafters on a CPU budget": soft labels beat hard ones there, tau ratio 1.020 [1.012, 1.029]); every
+docs/results/strong-drafters.md (soft labels beat hard ones there, tau ratio 1.020 [1.012, 1.029]); every
 one is a flag.
 """
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import DEFAULT_TARGET, DTYPES, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, check_device, \
-    resolve_device, resolve_dtype
+    check_ints, resolve_device, resolve_dtype
 from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated
@@ -31,33 +31,59 @@ from .eval.evaluate import evaluate
 from .models.drafter import Drafter, DrafterSpec, load_drafter, new_drafter
 from .models.load import load_target
 from .train.sft import train_sft
+from .train.tracking import RunInfo, write_run_files
 
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    target: str = DEFAULT_TARGET
-    out_dir: str = "runs/recipe"
-    features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True))  # data and how it is cached
-    # the target's dtype while caching features and while evaluating; auto = bfloat16 where it is fast
-    # (`config.resolve_dtype`: CPUs with AVX512-BF16), else float32 (an AVX2 CPU prefills 6x slower in bf16: README)
-    feature_dtype: str = "auto"
-    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, target_layer_ids=(1, 10, 19, 27), vocab_size=8192))
+    target: str = field(default=DEFAULT_TARGET, metadata={"help": "embedded name, local HF folder or hub id"})
+    out_dir: str = field(default="runs/recipe", metadata={"help": "folder of every stage's output (resumable)"})
+    features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True), metadata={"help": "data and how it is cached"})
+    feature_dtype: str = field(default="auto", metadata={
+        "help": "the target's dtype while caching features; auto = bfloat16 where it is fast (CUDA, CPUs with AVX512-BF16), else float32 "
+                "(an AVX2 CPU prefills 6x slower in bf16: docs/results/README.md)", "choices": DTYPES})
+    feature_layers: int = field(default=4, metadata={
+        "help": "target layers the drafter reads unless --draft-target-layer-ids names them: evenly spaced from layer 1 to layer N-3 of "
+                "the target's N, rounded up (`spread_layers`; SmolLM2-135M, N = 30: 1, 10, 19, 27)"})
+    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, vocab_size=8192), metadata={
+        "help": "the drafter's shape (target layers: feature_layers)"})
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl",
-                                                             save_every=50, optim=OptimConfig(lr=2e-3)))
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    eval_dtype: str = "auto"
-    device: str = "auto"  # every stage's (`config.resolve_device`): auto = cuda when available, else cpu
+                                                             save_every=50, optim=OptimConfig(lr=2e-3)), metadata={"help": "SFT from the cache"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "the held-out evaluation"})
+    eval_dtype: str = field(default="auto", metadata={"help": "the target's dtype while evaluating (as --feature-dtype)", "choices": DTYPES})
+    device: str = field(default="auto", metadata={"help": "every stage's: cpu, cuda, cuda:N; auto = cuda when available, else cpu"})
 
     flag_prefix = ""
 
     def __post_init__(self) -> None:
-        check_choice(self, "feature_dtype", DTYPES)
-        check_choice(self, "eval_dtype", DTYPES)
+        check_choice(self, "feature_dtype")
+        check_choice(self, "eval_dtype")
+        check_ints(self, 1, "feature_layers")
         check_device(self)
 
 
-def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
-    """Run (or resume) every stage; returns the summary also written to `out_dir/recipe.json`."""
+def spread_layers(num_target_layers: int, count: int) -> tuple[int, ...]:
+    """`count` target layers (output ids) evenly spaced from layer 1 to layer N-3 of the target's N, rounded up:
+    `1 + ceil(i * (N - 4) / (count - 1))` for i in 0..count-1 (SmolLM2-135M, N = 30, 4 layers: 1, 10, 19, 27); one layer
+    is the middle one; a shallow target gets fewer (repeats dropped, ids kept below N)."""
+    n = num_target_layers
+    if count == 1:
+        return (n // 2,)
+    span = max(n - 4, 0)
+    return tuple(sorted({min(1 + -(-i * span // (count - 1)), n - 1) for i in range(count)}))
+
+
+def recipe_drafter(cfg: RecipeConfig, num_target_layers: int) -> DrafterConfig:
+    """The recipe's drafter shape on a target of `num_target_layers` layers: its target layers named, or spread."""
+    if cfg.drafter.target_layer_ids is not None:
+        return cfg.drafter
+    return replace(cfg.drafter, target_layer_ids=spread_layers(num_target_layers, cfg.feature_layers))
+
+
+def run_recipe(cfg: RecipeConfig, progress: bool = True, run: RunInfo | None = None) -> dict:
+    """Run (or resume) every stage; returns the summary also written to `out_dir/recipe.json`. `run` (the command's record
+    and tracker, `train/tracking.py`): run.yaml, command.txt and env.json into `out_dir` and beside the SFT checkpoints,
+    with the target layers resolved."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -66,7 +92,11 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     regenerated = None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)  # a bad path fails before any model loads
     device = resolve_device(cfg.device)
     target = load_target(cfg.target, device=device)  # float32: training reads only its embedding and head
+    cfg = replace(cfg, drafter=recipe_drafter(cfg, target.num_layers))
     layers = DrafterSpec.resolve(cfg.drafter, target).target_layer_ids
+    if run is not None:
+        run = replace(run, configs={**run.configs, "recipe": cfg})
+        write_run_files(out, run, device, resolve_dtype(cfg.feature_dtype, device))
     examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -77,7 +107,7 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True) -> dict:
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
     drafter = _drafter(target, cfg.drafter, cache, cfg.sft.labels)
     t0 = time.perf_counter()
-    final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress)
+    final = train_sft(target, drafter, cache, cfg.sft, out / "sft", resume=True, progress=progress, run=run)
     times["sft_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     target = load_target(cfg.target, dtype=resolve_dtype(cfg.eval_dtype, device), device=device)

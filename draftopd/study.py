@@ -88,7 +88,7 @@ class StudyConfig:
     low_tau: tuple[float, float] = (1.5, 2.0)  # the low start: the first checkpoint of the start run whose tuning tau is in this range
     low_every: int = 25  # steps between candidate low-tau checkpoints
     arm_sft: SFTConfig = field(default_factory=lambda: SFTConfig(batch_size=16, anchors_per_seq=32, optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
-    opd: OPDConfig = field(default_factory=lambda: OPDConfig(prompts_per_rollout=64, rollouts_per_step=1, replay_batch=16, max_new_tokens=128,
+    opd: OPDConfig = field(default_factory=lambda: OPDConfig(prompts_per_rollout=64, rollouts_per_step=1, replay_batch=16, rollout=DecodeConfig(max_new_tokens=128),
                                                              save_every=1000, autocast="float32"))
     opd_updates: int = 50
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -200,7 +200,7 @@ def run_arm(target: Target, start: Drafter, name: str, seed: int, budget: str, f
     arm, drafter = ARMS[name], copy.deepcopy(start).train()
     if arm.kind == "opd":
         loss = replace(cfg.opd.loss, **dict(arm.loss_changes))
-        opd = replace(cfg.opd, steps=cfg.opd_updates, seed=seed, anchors=arm.anchors, loss=loss)
+        opd = replace(cfg.opd, steps=cfg.opd_updates, rollout=replace(cfg.opd.rollout, seed=seed), anchors=arm.anchors, loss=loss)
         train_opd(target, drafter, data.rollout_prompts, opd, out, resume=True, progress=progress)
     else:
         examples = data.start if arm.data == "start" else data.greedy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,22 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("sft-data-token-ids-outside-vocab", S + " --data {ids_big_vocab}", "outside the target vocabulary", ("ids_big_vocab",)),
     ("sft-data-token-ids-bad-mask", S + " --data {ids_bad_mask}", "bad token ids 1", ("ids_bad_mask",)),
     ("sft-trim-loops-without-data", "sft --target {target} --features {tmp}/cache --out {tmp}/sft --trim-loops", "--trim-loops", ()),
+    ("sft-report-to-bogus", S + " --report-to mlflow", "invalid choice", ()),
+    # ---- --config FILE (a run.yaml): unreadable, unknown keys, wrong types, another command's
+    ("sft-config-missing", S + " --config {tmp}/missing.yaml", "cannot read it", ()),
+    ("sft-config-not-yaml", S + " --config {config_not_yaml}", "not YAML", ()),
+    ("sft-config-not-mapping", S + " --config {config_list}", "not a mapping of sections", ()),
+    ("sft-config-unknown-section", S + " --config {config_unknown_section}", "unknown key 'trainer'", ()),
+    ("sft-config-unknown-key", S + " --config {config_unknown_key}", "unknown key sft.stepz (not a field of SFTConfig)", ()),
+    ("sft-config-unknown-nested-key", S + " --config {config_unknown_nested}", "unknown key sft.optim.learning_rate", ()),
+    ("sft-config-wrong-type", S + " --config {config_wrong_type}", "sft.steps must be an integer, got 'ten'", ()),
+    ("sft-config-bool-for-int", S + " --config {config_bool_steps}", "sft.steps must be an integer, got True", ()),
+    ("sft-config-wrong-list", S + " --config {config_wrong_betas}", "sft.optim.betas must be a list of 2 numbers, got [0.9]", ()),
+    ("sft-config-wrong-section-type", S + " --config {config_section_list}", "drafter must be a mapping of DrafterConfig fields", ()),
+    ("sft-config-out-of-range", S + " --config {config_steps_0}", "sft: --steps must be at least 1, got 0", ()),
+    ("sft-config-unknown-arg", S + " --config {config_unknown_arg}", "unknown key args.bogus", ()),
+    ("sft-config-arg-wrong-type", S + " --config {config_arg_type}", "args.trim_loops must be true or false, got 'yes please'", ()),
+    ("sft-config-other-command", S + " --config {config_opd}", "records a `draftopd opd` run, not `draftopd sft`", ()),
     # ---- eval
     ("eval-num-prompts-0", E + " --num-prompts 0", "--num-prompts", ()),
     ("eval-max-new-tokens-0", E + " --max-new-tokens 0", "--max-new-tokens", ()),
@@ -163,6 +180,8 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("opd-missing-prompts", O + " --prompts {tmp}/missing.jsonl", "missing file", ()),
     ("opd-missing-drafter", O + " --drafter {tmp}/missing", "drafter", ()),
     ("opd-out-is-file", O + " --out {notes}", "not a folder", ("notes",)),
+    ("opd-config-rollout-wrong-type", O + " --config {config_opd_rollout}", "opd.rollout.temperature must be a number, got 'hot'", ()),
+    ("opd-config-rollout-lookup", O + " --config {config_opd_lookup}", "Draft-OPD rollouts draft every slot", ()),
     # ---- demo and the top level
     ("demo-unknown-ablation", "demo --out {tmp}/demo --ablations nonsense", "unknown ablation", ()),
     ("demo-unknown-flag", "demo --out {tmp}/demo --bogus", "unrecognized arguments", ()),
@@ -173,6 +192,9 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     # ---- recipe
     ("recipe-device-bogus", "recipe --target {target} --out-dir {tmp}/rec --device cuda:one", "--device must be auto", ()),
     ("recipe-feature-dtype-bogus", "recipe --target {target} --out-dir {tmp}/rec --feature-dtype half", "--feature-dtype", ()),
+    ("recipe-config-wrong-type", "recipe --target {target} --out-dir {tmp}/rec --config {config_recipe}",
+     "recipe.eval.decode.max_new_tokens must be an integer, got 1.5", ()),
+    ("demo-config-unknown-key", "demo --out {tmp}/demo --config {config_demo}", "unknown key experiment.opd.rollout.bogus", ()),
     ("no-command", "", "required", ()),
     ("unknown-command", "bogus", "invalid choice", ()),
 ]
@@ -275,6 +297,23 @@ def paths(targets, drafters, tmp_path) -> dict[str, str]:
         "junk_in_middle.jsonl": _record("a") + "\nnot json\n" + _record("b") + "\n",
         "foreign_last_line.jsonl": _record("a") + "\n" + '{"id": 5}',
         "one_prompt.jsonl": json.dumps({"id": "q1", "prompt": "w1 w2"}),
+        "config_not_yaml.yaml": "sft: {steps: [1,\n",
+        "config_list.yaml": "- sft\n- opd\n",
+        "config_unknown_section.yaml": "command: sft\ntrainer: {steps: 1}\n",
+        "config_unknown_key.yaml": "command: sft\nsft: {stepz: 1}\n",
+        "config_unknown_nested.yaml": "sft: {optim: {learning_rate: 1e-3}}\n",
+        "config_wrong_type.yaml": "sft: {steps: ten}\n",
+        "config_bool_steps.yaml": "sft: {steps: true}\n",
+        "config_wrong_betas.yaml": "sft: {optim: {betas: [0.9]}}\n",
+        "config_section_list.yaml": "drafter: [1, 2]\n",
+        "config_steps_0.yaml": "sft: {steps: 0}\n",
+        "config_unknown_arg.yaml": "args: {bogus: 1}\n",
+        "config_arg_type.yaml": "args: {trim_loops: yes please}\n",
+        "config_opd.yaml": "command: opd\nopd: {steps: 1}\n",
+        "config_opd_rollout.yaml": "opd: {rollout: {temperature: hot}}\n",
+        "config_opd_lookup.yaml": "opd: {rollout: {lookup_ngram: 2}}\n",
+        "config_recipe.yaml": "recipe: {eval: {decode: {max_new_tokens: 1.5}}}\n",
+        "config_demo.yaml": "experiment: {opd: {rollout: {bogus: 1}}}\n",
     }
     found = {name: str(path) for name, path in {**targets, **drafters}.items()}
     for name, text in files.items():
@@ -319,6 +358,16 @@ def test_bad_input_is_one_line(case_id, command, fragment, keep, paths, capfd):
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("draftopd: error: "), err
     assert fragment in lines[0], lines[0]
     assert snapshot(paths, keep) == before, "a refused command changed a file"
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_missing_tracker_is_one_line(tracker, paths, capfd, monkeypatch):
+    """--report-to a tracker whose package is not installed: one line naming the package, before any model loads."""
+    monkeypatch.setitem(sys.modules, tracker, None)  # what an uninstalled package looks like to importlib
+    rc = main(argv(S + f" --report-to {tracker}", paths))
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and lines == [f"draftopd: error: --report-to {tracker}: the {tracker} package is not installed (pip install {tracker})"]
+    assert not Path(paths["tmp"], "sft").exists()
 
 
 def test_table_covers_every_command():

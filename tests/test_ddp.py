@@ -35,8 +35,8 @@ GRAD_ATOL = 1e-6
 WEIGHT_ATOL = 5e-5
 SFT = SFTConfig(steps=4, batch_size=4, grad_accum=2, anchors_per_seq=4, save_every=2, feature_noise=0.1,  # noise drawn alike on every rank
                 autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1))  # bf16 rounds differently per shard
-OPD = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=1, max_new_tokens=12, optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
-OPD_RUNS = {"opd": OPD, "opd-sampled": replace(OPD, temperature=1.0, anchors="random")}  # per-prompt seeds; anchors drawn in order
+OPD = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=1, rollout=DecodeConfig(max_new_tokens=12), optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
+OPD_RUNS = {"opd": OPD, "opd-sampled": replace(OPD, rollout=replace(OPD.rollout, temperature=1.0), anchors="random")}  # per-prompt seeds; anchors drawn in order
 SHAPE = DrafterConfig(block_size=8)
 
 
@@ -118,7 +118,7 @@ def ddp_runs(tmp_path_factory):
 
 
 def rows(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time" and not k.startswith("time/")}
+    return [{k: v for k, v in json.loads(line).items() if k != "time" and not k.startswith(("time/", "memory/"))}
             for line in path.read_text().splitlines()]
 
 

@@ -32,7 +32,7 @@ from test_ddp import WEIGHT_ATOL, free_port, make_target, max_diff
 REGEN = DecodeConfig(max_new_tokens=10, temperature=1.0, stop_at_eos=False)  # sampled: records seeded by id, not by batch
 LAYERS = (1, 3)
 SHARD_TOKENS = 16  # one or two sequences a shard: 8 shards
-EVAL = EvalConfig(num_prompts=3, max_new_tokens=12, bootstrap_resamples=50)
+EVAL = EvalConfig(num_prompts=3, bootstrap_resamples=50, decode=DecodeConfig(max_new_tokens=12))
 SFT = SFTConfig(steps=2, batch_size=4, grad_accum=2, anchors_per_seq=4, autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
 
 

@@ -76,7 +76,7 @@ def test_a_draft_opd_update_waits_once_beyond_its_rollout(tmp_path, one_thread):
     from draftopd.config import OptimConfig
     from draftopd.train.opd import OPDConfig, train_opd
 
-    cfg = OPDConfig(steps=10, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, max_new_tokens=16, autocast="float32",
+    cfg = OPDConfig(steps=10, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, rollout=DecodeConfig(max_new_tokens=16), autocast="float32",
                     optim=OptimConfig(min_warmup_steps=1))
     with FakeCuda() as fake:
         bench = Bench("cuda", tmp_path)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import draftopd.eval.evaluate as evaluate_mod
-from draftopd.config import DrafterConfig, EvalConfig
+from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig
 from draftopd.decode.stats import (bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums,
                                    resampled_sums)
 from draftopd.eval.evaluate import EvalReport, compare_tau, evaluate
 from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 
-CFG = EvalConfig(sets=(), num_prompts=3, max_new_tokens=16)
+CFG = EvalConfig(sets=(), num_prompts=3, decode=DecodeConfig(max_new_tokens=16))
 
 
 # --------------------------------------------------------------------------- pure statistics
@@ -132,8 +132,8 @@ def test_default_eval_config_is_trustworthy():
 def test_intervals_are_the_bootstrap_of_the_per_prompt_counts(report):
     for r in report.rows:
         p = r.per_prompt
-        assert r.tau_ci == bootstrap_ratio_ci([x.committed for x in p], [x.rounds for x in p], seed=CFG.seed)
-        assert r.speedup_ci == bootstrap_ratio_ci([x.ar_seconds for x in p], [x.spec_seconds for x in p], seed=CFG.seed)
+        assert r.tau_ci == bootstrap_ratio_ci([x.committed for x in p], [x.rounds for x in p], seed=CFG.decode.seed)
+        assert r.speedup_ci == bootstrap_ratio_ci([x.ar_seconds for x in p], [x.spec_seconds for x in p], seed=CFG.decode.seed)
 
 
 def test_all_row_aggregates(report):
@@ -158,7 +158,7 @@ def test_table_and_save(report, tmp_path):
     report.save(path)
     data = json.loads(path.read_text())
     assert [r["name"] for r in data["rows"]] == ["alpha", "beta", "all"]
-    assert data["config"]["max_new_tokens"] == 16 and data == report.to_dict() | {"rows": data["rows"]}
+    assert data["config"]["decode"]["max_new_tokens"] == 16 and data == report.to_dict() | {"rows": data["rows"]}
     assert EvalReport.load(path) == report  # tuples, intervals and per-prompt counts survive JSON
 
 
@@ -243,7 +243,7 @@ def test_mismatch_in_bfloat16_is_a_number_only(sets, monkeypatch, capsys):
 
 
 def test_sampling_does_not_count_mismatches(pair, sets):
-    cfg = EvalConfig(sets=(), max_new_tokens=8, temperature=1.0)
+    cfg = EvalConfig(sets=(), decode=DecodeConfig(max_new_tokens=8, temperature=1.0))
     report = evaluate(*pair, cfg, prompt_sets={"beta": sets["beta"]}, progress=False)
     assert [r.mismatches for r in report.rows] == [None, None]
     assert all(r.match_rate is None and r.mean_first_divergence is None for r in report.rows)

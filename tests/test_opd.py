@@ -199,7 +199,7 @@ def test_draft_opd_raises_heldout_tau(setup, tmp_path):
     drafter = copy.deepcopy(start)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
-    train_opd(target, drafter, prompts, OPDConfig(steps=12, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32,
+    train_opd(target, drafter, prompts, OPDConfig(steps=12, prompts_per_rollout=8, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=32),
                                           loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=2e-3, min_warmup_steps=1)), tmp_path, progress=False)
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -227,7 +227,7 @@ def test_max_flops_stops_draft_opd_at_the_compute_budget(setup, tmp_path):
     """Compute-matched comparisons stop every arm at the same `compute/flops`: the first update past the budget
     is the last, and it is saved."""
     target, prompts, _, start = setup
-    cfg = OPDConfig(steps=50, prompts_per_rollout=2, rollouts_per_step=1, max_new_tokens=8, save_every=50)
+    cfg = OPDConfig(steps=50, prompts_per_rollout=2, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=8), save_every=50)
     train_opd(target, copy.deepcopy(start), prompts, cfg, tmp_path / "a", progress=False, stop_after=1)
     one = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])["compute/flops"]
     train_opd(target, copy.deepcopy(start), prompts, replace(cfg, max_flops=2.5 * one), tmp_path / "b", progress=False)
@@ -243,10 +243,10 @@ def test_draft_opd_trains_an_eagle3_drafter_on_both_streams(setup, tmp_path):
     target, prompts, _, _ = setup
     drafter = new_drafter(target, DrafterConfig(arch="eagle3", block_size=8, final_norm_init=1.0), seed=0)
     before = copy.deepcopy(drafter.state_dict())
-    cfg = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, max_new_tokens=24)
+    cfg = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=24))
     train_opd(target, drafter, prompts, cfg, tmp_path, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["tokens/rej_weight"] > 0 and r["loss/rej"] != 0 and r["tokens/acc"] > 0 for r in rows)
+    assert len(rows) == 2 and all(r["rollout/rej_weight"] > 0 and r["train/loss_rej"] != 0 and r["rollout/acc_tokens"] > 0 for r in rows)
     assert any(not torch.equal(before[k], v) for k, v in drafter.state_dict().items())
 
 

@@ -24,7 +24,7 @@ from draftopd.train.opd import OPDConfig, train_opd
 from draftopd.train.sft import train_sft
 
 SFT = SFTConfig(steps=6, batch_size=4, anchors_per_seq=4, save_every=2, optim=OptimConfig(lr=2e-3))
-OPD = OPDConfig(steps=4, prompts_per_rollout=2, rollouts_per_step=1, replay_batch=2, max_new_tokens=12, save_every=2,
+OPD = OPDConfig(steps=4, prompts_per_rollout=2, rollouts_per_step=1, replay_batch=2, rollout=DecodeConfig(max_new_tokens=12), save_every=2,
                 optim=OptimConfig(lr=2e-3))
 
 
@@ -57,9 +57,9 @@ def opd(setup, out: Path, drafter_cfg=DrafterConfig(block_size=8), **kw):
 
 
 def metric_rows(out: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields (`time`, `time/*`)."""
+    """metrics.jsonl without the fields of the machine, not the run: wall clock (`time`, `time/*`) and memory (`memory/*`)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")} for r in rows]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "memory/"))} for r in rows]
 
 
 def assert_same_run(drafter, out: Path, ref_drafter, ref: Path) -> None:

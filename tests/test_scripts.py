@@ -43,10 +43,10 @@ def test_opd_variant_applies_an_ablation_and_the_overrides():
 
     assert opd_variant("opd") == OPD
     assert opd_variant("opd-random").anchors == "random" and opd_variant("opd-random").loss == OPD.loss
-    assert opd_variant("opd-t07").temperature == 0.7 and opd_variant("opd-t07").loss == OPD.loss
+    assert opd_variant("opd-t07").rollout.temperature == 0.7 and opd_variant("opd-t07").loss == OPD.loss
     assert opd_variant("opd-lam01").loss.lam_rej == 0.1 and opd_variant("opd-norej").loss.use_rejected is False
     cfg = opd_variant("opd-fwd", seed=3, steps=5, max_flops=1e12)
-    assert (cfg.seed, cfg.steps, cfg.max_flops, cfg.loss.rej_direction) == (3, 5, 1e12, "forward")
+    assert (cfg.rollout.seed, cfg.steps, cfg.max_flops, cfg.loss.rej_direction) == (3, 5, 1e12, "forward")
     for name in ABLATIONS:  # every ablation builds a valid config
         opd_variant(name)
 

@@ -75,7 +75,7 @@ def _decode(bench: Bench, arch: str = "dflash", row_seeds: bool = False, **cfg) 
 
 
 def _metrics(folder: Path) -> list[dict]:
-    keep = ("train/loss", "loss/total", "loss/acc", "loss/rej", "rollout/tau", "train/grad_norm")
+    keep = ("train/loss", "train/loss_acc", "train/loss_rej", "rollout/tau", "train/grad_norm")
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return [{k: round(r[k], 5) for k in keep if k in r} for r in rows]
 
@@ -101,7 +101,8 @@ def _opd(bench: Bench, name: str, **cfg) -> dict:
     from ..train.opd import OPDConfig, train_opd
 
     loss = LossConfig(mode=cfg.pop("mode", "estimate"))
-    opd = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, max_new_tokens=16, autocast="float32",
+    rollout = DecodeConfig(max_new_tokens=16, temperature=cfg.pop("temperature", 0.0))
+    opd = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, rollout=rollout, autocast="float32",
                     loss=loss, optim=OptimConfig(lr=2e-3, min_warmup_steps=1), **cfg)
     train_opd(bench.target, bench.drafter(), bench.prompts, opd, bench.out / name, progress=False)
     return {"metrics": _metrics(bench.out / name)}
@@ -127,7 +128,7 @@ def _features(bench: Bench) -> dict:
 def _eval(bench: Bench) -> dict:
     from ..eval.evaluate import evaluate
 
-    report = evaluate(bench.target, bench.drafter().to(bench.dtype), EvalConfig(num_prompts=4, max_new_tokens=16, bootstrap_resamples=50),
+    report = evaluate(bench.target, bench.drafter().to(bench.dtype), EvalConfig(num_prompts=4, bootstrap_resamples=50, decode=DecodeConfig(max_new_tokens=16)),
                       prompt_sets={"bench": bench.prompts[:4]}, progress=False)
     row = report.row("all")
     return {"tau": round(row.tau, 6), "rounds": row.rounds, "mismatches": row.mismatches}

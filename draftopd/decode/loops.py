@@ -1,6 +1,6 @@
 """Greedy loops: where a generated text starts repeating itself.
 
-Small targets' greedy answers loop: SmolLM2-135M's repeat 52-86% of their own 4-grams past token 64 (README), and
+Small targets' greedy answers loop: SmolLM2-135M's repeat 52-86% of their own 4-grams past token 64 (docs/LOG.md), and
 trained on, those loops make a weaker drafter than fixed text. A loop starts at the first index j from which the
 `run` n-grams at j .. j+run-1 all repeat an n-gram seen earlier in the text, so the loop's first pass stays before j.
 

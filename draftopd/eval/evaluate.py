@@ -9,7 +9,7 @@ first plain autoregressive decoding, then speculative decoding with the drafter,
   (prefill included on both sides); the ideal speedup `tau * t_AR / (t_draft + t_verify)` is what the observed
   tau would give with no engine overhead;
 * draft / verify / other milliseconds per speculative round and AR milliseconds per token (prefill excluded);
-* 95% percentile-bootstrap intervals over prompts (`cfg.bootstrap_resamples` resamples, seeded by `cfg.seed`):
+* 95% percentile-bootstrap intervals over prompts (`cfg.bootstrap_resamples` resamples, seeded by `cfg.decode.seed`):
   `tau_ci` resamples prompts and recomputes tau = sum committed tokens / sum rounds, `speedup_ci` recomputes
   sum AR seconds / sum speculative seconds (`decode.stats.bootstrap_ratio_ci`). The "all" row resamples the pooled
   prompts of every set;
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DecodeConfig, EvalConfig
+from ..config import EvalConfig
 from ..data.prompts import load_prompts, render_prompt
 from ..decode.speculative import autoregressive_generate, generate
 from ..decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums, summarize
@@ -227,7 +227,7 @@ def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation],
         speedup=ar.timing.total_s / max(sd.timing.total_s, 1e-9), ideal_speedup=s.tau * ar_ms_tok / max(denom, 1e-9),
         spec_ms_per_round=spec_ms, ar_ms_per_token=ar_ms_tok, spec_seconds=sd.timing.total_s, ar_seconds=ar.timing.total_s,
         spec_new_tokens=s.new_tokens, ar_new_tokens=a.new_tokens, rounds=s.rounds,
-        **_intervals(stats, cfg.bootstrap_resamples, cfg.seed), **_equality(stats, greedy), per_prompt=tuple(stats))
+        **_intervals(stats, cfg.bootstrap_resamples, cfg.decode.seed), **_equality(stats, greedy), per_prompt=tuple(stats))
 
 
 def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
@@ -236,7 +236,7 @@ def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[in
         raise TargetError(f"target '{target.name}' has no tokenizer: pass pre-tokenized prompt_sets")
     sets = {}
     for name in cfg.sets:
-        prompts = load_prompts(name, limit=cfg.num_prompts, seed=cfg.seed).prompts
+        prompts = load_prompts(name, limit=cfg.num_prompts, seed=cfg.decode.seed).prompts
         sets[name] = [(p.id, render_prompt(p, target.tokenizer)) for p in prompts]
     return sets
 
@@ -260,15 +260,14 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
         raise ValueError("no prompts to evaluate")
     for name, items in sets.items():  # fail before any decoding, with the set named
         try:
-            target.check_prompts([ids for _, ids in items], cfg.max_new_tokens + drafter.block_size)
+            target.check_prompts([ids for _, ids in items], cfg.decode.max_new_tokens + drafter.block_size)
         except TargetError as err:
             raise TargetError(f"prompt set '{name}': {err}") from None
 
-    dcfg = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, num_drafts=cfg.num_drafts,
-                        draft_confidence=cfg.draft_confidence, lookup_ngram=cfg.lookup_ngram)
-    greedy = cfg.temperature <= 0
+    dcfg = cfg.decode
+    greedy = dcfg.temperature <= 0
     first = next(iter(sets.values()))[0][1]
-    warm = dataclasses.replace(dcfg, max_new_tokens=min(8, cfg.max_new_tokens))
+    warm = dataclasses.replace(dcfg, max_new_tokens=min(8, dcfg.max_new_tokens))
     autoregressive_generate(target, [first], warm)  # warm-up: first calls pay allocation / kernel selection
     generate(target, drafter, [first], warm)
 

@@ -142,10 +142,10 @@ def replay_tau(target: Target, drafter: Drafter, prompts: Sequence[Sequence[int]
 
 def greedy_references(target: Target, cfg: EvalConfig = EvalConfig()) -> dict[str, tuple[list[list[int]], list[list[int]]]]:
     """Per evaluation set, the rendered prompts `draftopd eval` uses and the target's greedy answers to them
-    (`cfg.max_new_tokens`): the texts replay scores drafters on."""
+    (`cfg.decode.max_new_tokens`): the texts replay scores drafters on."""
     refs = {}
     for name in cfg.sets:
-        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=cfg.num_prompts, seed=cfg.seed).prompts]
-        outputs = [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=cfg.max_new_tokens)).traces]
+        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=cfg.num_prompts, seed=cfg.decode.seed).prompts]
+        outputs = [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=cfg.decode.max_new_tokens)).traces]
         refs[name] = (prompts, outputs)
     return refs

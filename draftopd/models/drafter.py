@@ -380,7 +380,7 @@ def widen_vocab(drafter: Drafter) -> Drafter:
     A reduced head's rows are the target's own frozen head rows (`refresh_head`: nothing of the head is trained or
     saved), so widening changes no weight: every slot keeps its logits at the kept tokens and gains the other tokens'
     logits from the same head. Its argmax changes only where a dropped token scores highest (on the committed
-    drafter's 90 held-out greedy texts no accepted length changes: README, Interop). For formats that always apply the target's whole head
+    drafter's 90 held-out greedy texts no accepted length changes: docs/interop.md). For formats that always apply the target's whole head
     (the reference DFlash, llama.cpp's DFlash); decoding with either drafter stays lossless."""
     if drafter.spec.draft_vocab_size is None:
         return drafter
@@ -410,7 +410,7 @@ def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int 
     """A fresh drafter. Its final norm starts at `cfg.final_norm_init`: at 1.0 a block's MASK and anchor embeddings
     reach the target's (tied) head almost unchanged and come out as a very confident copy of themselves (SFT loss 35-44
     at step 1 on SmolLM2, for a uniform guess's 9); at 0.1 the first logits are near uniform and the loss falls faster
-    (README, "Strong drafters"). `cfg.copy_target_layers` starts the layers as copies of target layers (DFlash)."""
+    (docs/results/strong-drafters.md). `cfg.copy_target_layers` starts the layers as copies of target layers (DFlash)."""
     torch.manual_seed(seed)
     drafter = drafter_for(DrafterSpec.resolve(cfg, target), target)
     with torch.no_grad():

@@ -38,6 +38,7 @@ from ..config import OptimConfig, resolve_dtype
 from ..models.drafter import Drafter, load_drafter, save_drafter
 from ..models.target import Target
 from . import distributed as ddp
+from .tracking import RunInfo, Tracker, open_tracker, write_run_files
 
 
 def build_optimizer(drafter: Drafter, cfg: OptimConfig, total_steps: int):
@@ -146,10 +147,11 @@ def log(message: str) -> None:
 
 
 class MetricsWriter:
-    """Append-only `metrics.jsonl`: one JSON object per step with namespaced keys (`train/loss`, ...)."""
+    """Append-only `metrics.jsonl`: one JSON object per step with namespaced keys (`train/loss`, `rollout/tau`, `compute/`,
+    `time/`, `memory/`...), each row also sent to the run's tracker (`tracking.py`; none by default). Rank 0 only."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tracker: Tracker | None = None):
+        self.path, self.tracker = path, tracker or Tracker()
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, metrics: dict) -> None:
@@ -157,6 +159,10 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.tracker.log(metrics, step)
+
+    def close(self) -> None:
+        self.tracker.close()
 
     def rewind(self, step: int) -> None:
         """Keep the rows of steps <= `step` (the checkpoint a run resumes from; rows after it are redone) and
@@ -305,11 +311,12 @@ class TrainerState:
 
     @staticmethod
     def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool,
-              split: tuple[object, str] | None = None) -> "TrainerState":
+              split: tuple[object, str] | None = None, run: RunInfo | None = None) -> "TrainerState":
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
         complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from.
         Under torchrun, first joins the process group; `split = (config, field)` names the count each step shares
-        out across ranks, which the world size must divide (`distributed.init`)."""
+        out across ranks, which the world size must divide (`distributed.init`). With `run` (the command's configs
+        and tracker), rank 0 then writes run.yaml, command.txt and env.json into `out_dir` and opens the tracker."""
         ddp.init(target.device, split)
         opt, sched = build_optimizer(drafter, optim, steps)
         torch.manual_seed(seed)
@@ -327,6 +334,9 @@ class TrainerState:
             if (moved := placement_note(json.loads((folder / "config.json").read_text()), state.device_type, ddp.world_size())) is not None:
                 log(moved)
         state.metrics.rewind(state.step)
+        if run is not None and ddp.is_main():
+            write_run_files(out_dir, run, target.device, target.dtype)
+            state.metrics.tracker = open_tracker(run, out_dir, state.step)
         ddp.same_weights(drafter)
         return state
 

@@ -58,6 +58,7 @@ from torch import Tensor
 from ..config import ConfigError, check_choice, check_number
 
 KLDirection = Literal["forward", "reverse"]
+KL_DIRECTIONS = ("forward", "reverse")
 KLMode = Literal["exact", "estimate"]
 
 # Upper bound on log-probs fed to log(1 - exp(x)): keeps log(1 - p) finite (and its
@@ -187,28 +188,32 @@ def stream_sums(per_token_loss: Tensor, weights: Tensor | None = None) -> Stream
 class LossConfig:
     """The single home of the Draft-OPD loss defaults."""
 
-    acc_direction: KLDirection = "forward"
-    rej_direction: KLDirection = "reverse"
-    mode: KLMode = "estimate"
-    gamma: float = 0.8
-    lam_acc: float = 1.0
-    lam_rej: float = 1.0
-    use_rejected: bool = True
+    acc_direction: KLDirection = field(default="forward", metadata={"help": "accepted stream's KL: forward KL(p || q) or reverse KL(q || p)",
+                                                                     "choices": KL_DIRECTIONS})
+    rej_direction: KLDirection = field(default="reverse", metadata={"help": "rejected stream's KL (as --loss-acc-direction)",
+                                                                     "choices": KL_DIRECTIONS})
+    mode: KLMode = field(default="estimate", metadata={"help": "exact (full vocabulary; re-verifies rejected blocks) or estimate "
+                                                               "(single-token estimators from the observed tokens' log-probs)",
+                                                       "choices": ("exact", "estimate")})
+    gamma: float = field(default=0.8, metadata={"help": "rejected-stream decay: slot k weighs gamma^(k-1)"})
+    lam_acc: float = field(default=1.0, metadata={"help": "accepted stream's weight"})
+    lam_rej: float = field(default=1.0, metadata={"help": "rejected stream's weight"})
+    use_rejected: bool = field(default=True, metadata={"help": "train the rejected stream"})
     rej_slots: Literal["all", "first", "wrong"] = field(default="all", metadata={"help": "rejected proposals trained: all (slots "
-                                                        "r+1..K), first (slot r+1 only) or wrong (all but those equal to the final text)"})
-    aggregation: Literal["paper", "pooled"] = "pooled"
-    clamp: float = 10.0
-    floor: float = -10.0  # log-prob floor inside the forward estimator
+                                                        "r+1..K), first (slot r+1 only) or wrong (all but those equal to the final text)",
+                                                        "choices": ("all", "first", "wrong")})
+    aggregation: Literal["paper", "pooled"] = field(default="pooled", metadata={
+        "help": "paper (the mean of each stream's mean) or pooled (one sum over both streams' tokens: the authors' code)",
+        "choices": ("paper", "pooled")})
+    clamp: float = field(default=10.0, metadata={"help": "estimators clamped to [-clamp, clamp]"})
+    floor: float = field(default=-10.0, metadata={"help": "log-prob floor inside the forward estimator"})
 
     flag_prefix: ClassVar[str] = "loss_"
 
     def __post_init__(self) -> None:
         """Raises `ConfigError` naming the `--loss-*` flag; both weights 0 would leave no loss to train on."""
-        check_choice(self, "acc_direction", ("forward", "reverse"))
-        check_choice(self, "rej_direction", ("forward", "reverse"))
-        check_choice(self, "mode", ("exact", "estimate"))
-        check_choice(self, "aggregation", ("paper", "pooled"))
-        check_choice(self, "rej_slots", ("all", "first", "wrong"))
+        for name in ("acc_direction", "rej_direction", "mode", "aggregation", "rej_slots"):
+            check_choice(self, name)
         check_number(self, "gamma", 0, 1, above=True)
         check_number(self, "lam_acc", 0)
         check_number(self, "lam_rej", 0)

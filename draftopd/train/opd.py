@@ -48,14 +48,14 @@ down).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from ..config import DecodeConfig, OptimConfig
+from ..config import AUTOCAST, DecodeConfig, OptimConfig
 from ..decode.speculative import generate
 from ..decode.stats import rejected_late_match, summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
@@ -67,36 +67,39 @@ from .blocks import SequenceBatch, block_hidden, block_labels, draft_vocab_logit
 from .chunked import chunk_rows, chunked_sum
 from .common import Compute, TrainerState, data_order, param_counts, train_autocast
 from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact
+from .tracking import RunInfo, memory_metrics
 from .sft import logit_width
 
 
 @dataclass(frozen=True)
 class OPDConfig:
-    steps: int = 20
-    prompts_per_rollout: int = 4  # one rollout batch (a ragged batch through the speculative decoder)
-    rollouts_per_step: int = 2  # rollout batches accumulated into one optimizer step
-    replay_batch: int = 4  # traces per replay micro-batch
-    max_new_tokens: int = 96
-    temperature: float = 0.0  # rollout temperature (the paper: greedy; > 0 is lossless speculative sampling)
-    anchors: str = "error"  # "error" (the method) or "random" (ablation: the accepted stream at random positions)
-    save_every: int = 10
-    seed: int = 0
-    max_flops: float | None = None  # stop once this much compute is spent (compute-matched runs)
-    # the replay's drafter forward (and backward) under bf16 autocast, as SFT's (`SFTConfig.autocast`): "auto" = bfloat16
-    # where it is fast (CUDA, AVX512-BF16 CPUs); weights, AdamW state and the losses stay float32
-    autocast: str = "auto"
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4))
+    steps: int = field(default=20, metadata={"help": "optimizer steps"})
+    prompts_per_rollout: int = field(default=4, metadata={"help": "prompts a rollout batch (a ragged batch through the speculative decoder)"})
+    rollouts_per_step: int = field(default=2, metadata={"help": "rollout batches accumulated into one optimizer step"})
+    replay_batch: int = field(default=4, metadata={"help": "traces a replay micro-batch"})
+    anchors: str = field(default="error", metadata={"help": "error (the method) or random (ablation: the accepted stream at random "
+                                                            "positions)", "choices": ("error", "random")})
+    save_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    max_flops: float | None = field(default=None, metadata={"help": "stop once this much compute is spent (compute-matched runs)"})
+    autocast: str = field(default="auto", metadata={
+        "help": "the replay's drafter forward (and backward) under bf16 autocast, as SFT's: auto = bfloat16 where it is fast (CUDA, "
+                "AVX512-BF16 CPUs); weights, AdamW state and the losses stay float32", "choices": AUTOCAST})
+    rollout: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=96), metadata={
+        "help": "the rollouts' decoding (the paper: greedy; temperature > 0 is lossless speculative sampling), every slot drafted; "
+                "its seed is the run's (prompt order, anchors, sampling)"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "the two streams' losses"})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "optimizer and schedule"})
 
     def __post_init__(self) -> None:
-        from ..config import check_choice, check_ints, check_number, check_seed
+        from ..config import ConfigError, check_choice, check_ints, check_number
 
-        check_ints(self, 1, "steps", "prompts_per_rollout", "rollouts_per_step", "replay_batch", "max_new_tokens", "save_every")
-        check_number(self, "temperature", 0)
-        check_choice(self, "anchors", ("error", "random"))
-        check_choice(self, "autocast", ("auto", "float32", "bfloat16"))
-        check_seed(self)
+        check_ints(self, 1, "steps", "prompts_per_rollout", "rollouts_per_step", "replay_batch", "save_every")
+        check_choice(self, "anchors")
+        check_choice(self, "autocast")
         check_number(self, "max_flops", 0, above=True, optional=True)
+        r = self.rollout
+        if (r.num_drafts, r.draft_confidence, r.lookup_ngram) != (None, 0.0, 0):
+            raise ConfigError("Draft-OPD rollouts draft every slot: --num-drafts, --draft-confidence and --lookup-ngram stay unset")
 
 
 @dataclass
@@ -280,18 +283,20 @@ def rollout_batch(prompts: list[list[int]], cfg: OPDConfig, start: int) -> tuple
     """This rank's share of the rollout batch at prompt-stream position `start`, and its rows' sampling seeds
     (temperature > 0; one per prompt, from its stream position)."""
     rows, n = ddp.shard(cfg.prompts_per_rollout), cfg.prompts_per_rollout
-    batch = [prompts[i] for i in data_order(len(prompts), cfg.seed, start, n)][rows]
-    seeds = [cfg.seed * 1_000_003 + pos for pos in range(start, start + n)][rows]
-    return batch, seeds if cfg.temperature > 0 else None
+    seed = cfg.rollout.seed
+    batch = [prompts[i] for i in data_order(len(prompts), seed, start, n)][rows]
+    seeds = [seed * 1_000_003 + pos for pos in range(start, start + n)][rows]
+    return batch, seeds if cfg.rollout.temperature > 0 else None
 
 
 def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, Drafter, Compute], None] | None = None) -> Path:
+              on_step: Callable[[int, Drafter, Compute], None] | None = None, run: RunInfo | None = None) -> Path:
     """Draft-OPD on `prompts` (token ids) against `target`; trains `drafter` in place, returns the final checkpoint folder.
-    `stop_after` ends early (a simulated kill); resume and folder rules as `train_sft`."""
+    `stop_after` ends early (a simulated kill); resume, folder rules and `run` as `train_sft`."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "prompts_per_rollout"))
+    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.rollout.seed, out_dir, resume,
+                             split=(cfg, "prompts_per_rollout"), run=run)
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     drafter.checkpoint_layers = cfg.optim.checkpoint_layers
@@ -303,8 +308,7 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         for _ in range(cfg.rollouts_per_step):
             batch, row_seeds = rollout_batch(prompts, cfg, st.data_pos)
             st.data_pos += cfg.prompts_per_rollout
-            decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + st.data_pos)
-            rollout = generate(target, drafter, batch, decode, row_seeds)
+            rollout = generate(target, drafter, batch, replace(cfg.rollout, seed=cfg.rollout.seed + st.data_pos), row_seeds)
             shards.append([t for t in rollout.traces if t.rounds > 0])
             verified = sum(t.rounds for t in rollout.traces) * drafter.block_size  # finished rows leave the batch
             compute.add_target(sum(len(p) for p in batch) + verified, target_params, "rollout")
@@ -342,10 +346,10 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         late = rejected_late_match(traces)
         row = {"rollout/tau": stats.tau, **{f"rollout/slot_acc_{k + 1}": a for k, a in enumerate(stats.slot_acceptance)},
                "rollout/rej_late_match": late.rate, "rollout/rej_late_n": late.count, "rollout/sequences": len(traces),
-               "loss/total": total, "loss/acc": acc_loss, "loss/rej": rej_loss,
-               "tokens/acc": acc_norm, "tokens/rej_weight": rej_norm, "train/grad_norm": grad,
+               "rollout/acc_tokens": acc_norm, "rollout/rej_weight": rej_norm,
+               "train/loss": total, "train/loss_acc": acc_loss, "train/loss_rej": rej_loss, "train/grad_norm": grad,
                "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": teacher_s,
-               "time/update_s": t3 - t2, **compute.metrics()}
+               "time/update_s": t3 - t2, **compute.metrics(), **memory_metrics(target.device)}
         st.metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{total:.3f}")
@@ -354,5 +358,6 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()
+    st.metrics.close()
     drafter.eval()
     return out_dir / "last"

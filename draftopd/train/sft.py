@@ -11,7 +11,7 @@ draft vocabulary, logits and soft targets live over the kept tokens (the target'
 and labels outside it are skipped. `feature_noise` s > 0 adds N(0, (s x RMS)^2) noise to the target features the
 drafter's context reads (the labels stay the clean target's). `autocast` bfloat16 runs the drafter's forward (and
 so its backward) with bf16 matmuls while weights, AdamW state and the loss stay float32: on an AVX512-BF16 CPU the
-recipe's SFT ran 1.5x faster with the same training curve and held-out tau (README).
+recipe's SFT ran 1.5x faster with the same training curve and held-out tau (docs/results/strong-drafters.md).
 Gradient accumulation sums micro-batch numerators and divides by the step's total weight, so it equals the
 full-batch loss. Under torchrun (`distributed.py`) each rank trains its share of every micro-batch, and the
 step's total weight, the gradients and the metrics are summed over ranks, so the update is the single process's
@@ -42,6 +42,7 @@ from .blocks import add_feature_noise, block_hidden, block_labels, draft_vocab_l
 from .chunked import chunk_rows, chunked_sum
 from .common import Compute, TrainerState, data_order, param_counts, train_autocast
 from .losses import sft_slot_weights, sft_token_loss
+from .tracking import RunInfo, memory_metrics
 
 
 @dataclass
@@ -123,12 +124,13 @@ def slot_decay(cfg: SFTConfig, block_size: int) -> float:
 
 def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
               progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, Drafter, Compute], None] | None = None) -> Path:
+              on_step: Callable[[int, Drafter, Compute], None] | None = None, run: RunInfo | None = None) -> Path:
     """Train `drafter` in place against `target` (online features, or the cache's); returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); `cfg.max_flops` ends the run once that much compute is spent
-    (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`)."""
+    (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`).
+    `run`: the command's configs and tracker (`tracking.py`: run.yaml and the others beside the checkpoints)."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("sft", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "batch_size"))
+    st = TrainerState.start("sft", target, drafter, cfg.optim, cfg.steps, cfg.seed, out_dir, resume, split=(cfg, "batch_size"), run=run)
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     drafter.train()
@@ -159,7 +161,7 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
         host = torch.cat([ddp.all_sum(loss.detach())[None], grad_norm.float()[None], correct.float(), count.float()]).tolist()  # the step's one host sync
         row = {"train/loss": host[0], "train/grad_norm": host[1], "train/lr": st.sched.get_last_lr()[0],
                **{f"train/acc_slot_{i + 1}": c / max(n, 1) for i, (c, n) in enumerate(zip(host[2:2 + k], host[2 + k:]))},
-               **compute.metrics(), "time/step_s": time.perf_counter() - t0}
+               **compute.metrics(), "time/step_s": time.perf_counter() - t0, **memory_metrics(target.device)}
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
             st.metrics.write(step, row)
         bar.update(1)
@@ -170,5 +172,6 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
         if on_step is not None:
             on_step(step, drafter, compute)
     bar.close()
+    st.metrics.close()
     drafter.eval()
     return out_dir / "last"

@@ -72,7 +72,8 @@ def opd_cmd(args) -> None:
     prompts = opd_prompts(args, target, drafter.spec.target_layer_ids)
     budget = args.budget_tflops * 1e12
     steps = max(1, round(budget / H.OPD_FLOPS_PER_UPDATE))
-    cfg = replace(H.OPD, steps=steps, seed=args.seed, max_flops=budget, save_every=2, loss=replace(H.OPD.loss, use_rejected=not args.no_rejected))
+    cfg = replace(H.OPD, steps=steps, rollout=replace(H.OPD.rollout, seed=args.seed), max_flops=budget, save_every=2,
+                  loss=replace(H.OPD.loss, use_rejected=not args.no_rejected))
     print(f"{run.name}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
     t0, curve = time.time(), [H.point(0, Compute(), H.replay_all(drafter, scored), time.time())]
 
@@ -135,7 +136,7 @@ def report_cmd(args) -> None:
         if metrics.exists():
             rows = [json.loads(x) for x in metrics.read_text().splitlines()]
             f, la = rows[0], rows[-1]
-            share = f["tokens/rej_weight"] / (f["tokens/rej_weight"] + f["tokens/acc"])
+            share = f["rollout/rej_weight"] / (f["rollout/rej_weight"] + f["rollout/acc_tokens"])
             lines.append(f"| {run.name} | {la['compute/flops'] / 1e12:.0f} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | "
                          f"{f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | {share:.2f} | "
                          f"{f['rollout/rej_late_match']:.3f} / {la['rollout/rej_late_match']:.3f} |")

@@ -69,8 +69,8 @@ def refs_cmd(args) -> None:
     ev, out = EvalConfig(), {}
     for name in SETS:
         source, split = ("sharegpt", "heldout") if name == "sharegpt-heldout" else (name, "all")
-        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(source, split=split, limit=ev.num_prompts, seed=ev.seed).prompts]
-        gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.max_new_tokens))
+        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(source, split=split, limit=ev.num_prompts, seed=ev.decode.seed).prompts]
+        gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.decode.max_new_tokens))
         out[name] = {"prompts": prompts, "outputs": [t.output for t in gen.traces]}
         print(f"{name}: {len(prompts)} greedy references", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from draftopd.config import DecodeConfig  # noqa: E402
 from draftopd.data.regenerate import SFTExample, load_regenerated  # noqa: E402
 from draftopd.decode.speculative import generate  # noqa: E402
 from draftopd.headline import ABLATIONS, SFT, opd_variant  # noqa: E402
@@ -72,7 +72,7 @@ def rollouts(target, drafter, prompts: list[list[int]], cfg) -> list:
     for _ in range(cfg.rollouts_per_step):
         batch, row_seeds = rollout_batch(prompts, cfg, pos)
         pos += cfg.prompts_per_rollout
-        decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + pos)
+        decode = replace(cfg.rollout, seed=cfg.rollout.seed + pos)
         traces += [t for t in generate(target, drafter, batch, decode, row_seeds).traces if t.rounds > 0]
     return traces
 
@@ -82,7 +82,7 @@ def stream_grads(target, drafter, traces: list, cfg, params: list[torch.Tensor])
     is the update's gradient)."""
     if cfg.loss.aggregation != "pooled":
         raise ValueError("the split g = g_acc + g_rej holds for pooled aggregation only")
-    gen = torch.Generator().manual_seed(cfg.seed)  # as TrainerState's generator at step 0 draws random anchors
+    gen = torch.Generator().manual_seed(cfg.rollout.seed)  # as TrainerState's generator at step 0 draws random anchors
     segments = [make_segments(t, cfg.anchors, gen) for t in traces]
     n_acc, w_rej = step_norms(traces, segments, drafter.block_size, cfg.loss)
     lc = cfg.loss
@@ -132,9 +132,9 @@ def main() -> None:
     rows = []
     for name in args.variants:
         cfg = opd_variant(name, seed=args.seed)
-        if cfg.temperature not in traces_by_temp:
-            traces_by_temp[cfg.temperature] = rollouts(target, drafter, prompts, cfg)
-        s = stream_grads(target, drafter, traces_by_temp[cfg.temperature], cfg, params)
+        if cfg.rollout.temperature not in traces_by_temp:
+            traces_by_temp[cfg.rollout.temperature] = rollouts(target, drafter, prompts, cfg)
+        s = stream_grads(target, drafter, traces_by_temp[cfg.rollout.temperature], cfg, params)
         g = s["g_acc"] + s["g_rej"]
         row = {"variant": name, "n_acc": s["n_acc"], "w_rej": s["w_rej"], "norm_acc": float(s["g_acc"].norm()),
                "norm_rej": float(s["g_rej"].norm()), "cos_acc_rej": cos(s["g_acc"], s["g_rej"]),

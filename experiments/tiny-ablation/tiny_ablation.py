@@ -55,7 +55,7 @@ def run_seed(seed: int, sft_steps: int, opd_steps: int, sharpness: float, work: 
         p_top = torch.softmax(target.model(seq).logits[0, len(train[0].prompt_ids) - 1:-1], -1).max(-1).values.mean()
     print(f"seed {seed}: mean target probability of its greedy tokens {float(p_top):.2f}", flush=True)
     result = {"sft start": tau(start)}
-    base = OPDConfig(steps=opd_steps, prompts_per_rollout=8, rollouts_per_step=1, max_new_tokens=32, seed=seed,
+    base = OPDConfig(steps=opd_steps, prompts_per_rollout=8, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=32, seed=seed),
                      loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
     for name in ABLATIONS:
         drafter = copy.deepcopy(start)

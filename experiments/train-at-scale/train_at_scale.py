@@ -66,7 +66,7 @@ def make_pack(target, train_limit: int, max_prompt_tokens: int = 512) -> dict:
         ids = render_prompt(p, target.tokenizer)
         if len(ids) <= max_prompt_tokens:
             train.append([p.id, ids])
-    evals = {name: [[p.id, render_prompt(p, target.tokenizer)] for p in load_prompts(name, limit=ev.num_prompts, seed=ev.seed).prompts]
+    evals = {name: [[p.id, render_prompt(p, target.tokenizer)] for p in load_prompts(name, limit=ev.num_prompts, seed=ev.decode.seed).prompts]
              for name in ev.sets}
     return {"target": target.name, "train": train, "eval": evals}
 
