@@ -312,7 +312,9 @@ def train_starts(target: Target, data: StudyData, cfg: StudyConfig, out: Path, t
     curve_path = out / "curve.json"
     if (out / "plateau" / "config.json").exists() and (out / "low" / "config.json").exists():
         return json.loads(curve_path.read_text())
-    curve: dict = {"steps": [], "tuning_tau": [], "low_step": None}
+    partial = out / "curve.partial.json"  # the curve so far: a killed start run resumes from its last checkpoint
+    resume = (out / "run" / "last" / "trainer.pt").exists() and partial.exists()
+    curve: dict = json.loads(partial.read_text()) if resume else {"steps": [], "tuning_tau": [], "low_step": None}
     drafter = new_drafter(target, cfg.drafter, seed=0)
 
     def on_step(step: int, d: Drafter, _compute) -> None:
@@ -324,8 +326,9 @@ def train_starts(target: Target, data: StudyData, cfg: StudyConfig, out: Path, t
                 save_drafter(d, out / "low", {"step": step, "tuning_tau": tau})
                 curve["low_step"] = step
             log(f"start SFT step {step}: tuning tau {tau:.3f}")
+            _write(partial, curve)
 
-    train_sft(target, drafter, data.start, cfg.start_sft, out / "run", resume=False, progress=False, on_step=on_step)
+    train_sft(target, drafter, data.start, cfg.start_sft, out / "run", resume=resume, progress=False, on_step=on_step)
     if curve["low_step"] is None:
         raise ConfigError(f"no start checkpoint had a tuning tau in {list(cfg.low_tau)} (every {cfg.low_every} steps): lower --low-every")
     save_drafter(drafter, out / "plateau", {"step": cfg.start_sft.steps, "tuning_tau": curve["tuning_tau"][-1]})
