@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import COMMITTED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, PromptConfig
+from .config import BUNDLED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, PromptConfig
 
 
 class UserError(ValueError):
@@ -315,13 +315,13 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def default_drafter(target_name: str, drafter: str | None) -> tuple[str | None, DecodeConfig]:
-    """`--drafter` and the default decoding, else the drafter committed for this target (`config.COMMITTED_DRAFTERS`)
+    """`--drafter` and the default decoding, else the drafter bundled for this target (`config.BUNDLED_DRAFTERS`)
     with the decoding its benchmark chose (its config.json "decode": the base that `generate`'s flags override field by
     field, so `--lookup-ngram 0` turns lookup off and keeps the drafter's draft length; `--drafter` with the same
     folder decodes without it), else None (an untrained drafter) and the default decoding."""
     if drafter is not None:
         return drafter, DecodeConfig()
-    folder = COMMITTED_DRAFTERS.get(target_name)
+    folder = BUNDLED_DRAFTERS.get(target_name)
     if folder is None or not (folder / "config.json").is_file():
         return None, DecodeConfig()
     return str(folder), DecodeConfig(**json.loads((folder / "config.json").read_text()).get("decode", {}))
@@ -332,11 +332,11 @@ def drafter_note(target_name: str, drafter_flag: str | None, path: str | None, c
     if drafter_flag is not None:
         return ""
     if path is None:
-        return ("note: no --drafter and none committed for this target: an untrained drafter, expect no "
+        return ("note: no --drafter and none bundled for this target: an untrained drafter, expect no "
                 "speedup (train one with `draftopd recipe` or `draftopd sft`)")
     lookup = f", prompt lookup on {cfg.lookup_ngram}-grams" if cfg.lookup_ngram else ""
     drafts = "all" if cfg.num_drafts is None else cfg.num_drafts
-    return (f"drafter: {path} (committed for {target_name}; {drafts} drafts a round{lookup}; "
+    return (f"drafter: {path} (bundled for {target_name}; {drafts} drafts a round{lookup}; "
             "--drafter DIR for another, --autoregressive for plain decoding)")
 
 
@@ -471,8 +471,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         raise UserError(f"unknown ablation(s) {sorted(unknown)}; choose from {sorted(ABLATIONS)}")
     writable_dir(args.out, "--out")
     start = None if args.start == "none" else args.start
-    if start not in (None, "committed") and not (Path(start) / "config.json").is_file():
-        raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'committed' / 'none'")
+    if start not in (None, "bundled") and not (Path(start) / "config.json").is_file():
+        raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'bundled' / 'none'")
     base = getattr(args, "config_base", {}).get("experiment", ExperimentConfig())
     cfg = dataclasses.replace(base, target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations), device=args.device,
                               dtype=args.dtype)
@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser (`parse_args` sets a --config file's values on one)
 
-    gen = sub.add_parser("generate", help="speculative generation with a drafter (default: the one committed for the target)")
+    gen = sub.add_parser("generate", help="speculative generation with a drafter (default: the one bundled for the target)")
     _target_args(gen)
     gen.add_argument("--prompt", help="prompt text (the target's chat template is applied unless --raw)")
     gen.add_argument("--prompt-file", help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} records")
@@ -792,7 +792,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
-    parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one committed for the target, if any)")
+    parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one bundled for the target, if any)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")

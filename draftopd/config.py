@@ -24,7 +24,7 @@ from .models.registry import NAMES as FAMILY_NAMES
 DEFAULT_TARGET = "smollm2-135m"
 # trained drafters shipped with the package, by target name: `generate`'s default drafter and the demo's start. A
 # drafter's config.json may hold "decode": the DecodeConfig fields its benchmark chose (docs/results/decoding-speed.md).
-COMMITTED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).resolve().parent / "drafters" / "smollm2-135m-dflash"}
+BUNDLED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).resolve().parent / "drafters" / "smollm2-135m-dflash"}
 SFT_LOSSES = ("ce", "kl")
 SFT_LABELS = ("text", "greedy")
 AUTOCAST = ("auto", "float32", "bfloat16")  # a trainer's drafter forward: bf16 autocast, none, or bf16 where it is fast

@@ -1,13 +1,13 @@
 """The whole pipeline, shared by `draftopd demo` (small, ~20 min on 2 cores) and the headline benchmark.
 
-start drafter (the committed SFT drafter for the embedded target, or an SFT warm start built here on the demo's
+start drafter (the bundled SFT drafter for the embedded target, or an SFT warm start built here on the demo's
 own regenerated answers) -> from that start, equal compute of (a) continued SFT on the target's answers to fresh
 prompts and (b) Draft-OPD rolling out on the same prompts -> evaluate the rows side by side (tau and speedup) ->
 plot held-out tau against compute -> optional ablation rows (Draft-OPD variants from the same start, same steps).
 
 Choices: Draft-OPD runs with the `draftopd opd` defaults, i.e. the authors' recipe (single-token estimators with
 their clamps, pooled aggregation, lr 3e-4 cosine), at demo size; its prompts lie past the first 12,000 ShareGPT
-train prompts, so neither the committed drafter (trained on answers to the first 1,920) nor its data has seen
+train prompts, so neither the bundled drafter (trained on answers to the first 1,920) nor its data has seen
 them. The tau-vs-compute curve is greedy replay (`eval/replay.py`) on 30 held-out ShareGPT prompts: exact greedy
 tau, cheap enough to measure at every curve point.
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
-from .config import (COMMITTED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice,
+from .config import (BUNDLED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice,
                      check_device, resolve_device, resolve_dtype)
 from .data.prompts import load_prompts, render_prompt
 from .data.regenerate import load_regenerated, regenerate
@@ -59,10 +59,10 @@ ABLATIONS = {
 class ExperimentConfig:
     target: str = field(default=DEFAULT_TARGET, metadata={"help": "embedded name, local HF folder or hub id"})
     out_dir: str = field(default="runs/demo", metadata={"help": "folder of every stage's output (a second run redoes only what is missing)"})
-    start: str | None = field(default="committed", metadata={
-        "help": "start drafter: 'committed' (the one shipped for the target; others build one), a drafter folder, or none (build)"})
+    start: str | None = field(default="bundled", metadata={
+        "help": "start drafter: 'bundled' (the one shipped for the target; others build one), a drafter folder, or none (build)"})
     train_prompts: int = 64
-    prompt_offset: int = 12000  # skip the ShareGPT train prompts the committed drafter's data came from
+    prompt_offset: int = 12000  # skip the ShareGPT train prompts the bundled drafter's data came from
     regen_max_new_tokens: int = 96
     regen_batch: int = 8
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=1, block_size=8))  # built starts only
@@ -104,7 +104,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, run: RunInfo | 
                batch_size=cfg.regen_batch, progress=progress)
     examples = load_regenerated(out / "regenerated.jsonl").examples
     rollout_prompts = [list(e.prompt_ids) for e in examples]
-    # 2. the start: a committed drafter, or an SFT warm start on these answers
+    # 2. the start: a bundled drafter, or an SFT warm start on these answers
     rows, start = start_drafter(target, cfg, examples, out, progress, run)
     curve_tau = replay_curve(target, start, cfg)
     # 3. equal compute: Draft-OPD first, continued SFT stops at the same FLOPs
@@ -155,9 +155,9 @@ def check_same_config(out: Path, cfg: ExperimentConfig) -> None:
 
 
 def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: bool, run: RunInfo | None = None) -> tuple[list[tuple[str, Drafter]], Drafter]:
-    """(rows to evaluate before the two arms, the start drafter). A committed or given drafter is the "start" row;
+    """(rows to evaluate before the two arms, the start drafter). A bundled or given drafter is the "start" row;
     a built one adds the untrained drafter and its SFT warm start ("sft") on the demo's answers."""
-    folder = COMMITTED_DRAFTERS.get(cfg.target) if cfg.start == "committed" else cfg.start
+    folder = BUNDLED_DRAFTERS.get(cfg.target) if cfg.start == "bundled" else cfg.start
     if folder is not None:
         return [("start", (d := load_drafter(folder, target)))], d
     untrained = new_drafter(target, cfg.drafter, seed=cfg.sft.seed)

@@ -63,20 +63,20 @@ def test_generate_prints_text_and_stats(target_dir, capsys):
 
 def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir, tmp_path, capsys, monkeypatch):
     """No --drafter: the drafter committed for the target, with its config's "decode" (here 1 draft a round and prompt
-    lookup on 2-grams), each field unless its flag is given (even at its default value); a target with none committed
+    lookup on 2-grams), each field unless its flag is given (even at its default value); a target with none bundled
     gets an untrained drafter and a note."""
     from draftopd import cli
 
     rc, _, err = run(capsys, "generate", "--target", target_dir, "--prompt", "w1 w2", "--max-new-tokens", 8, "--json")
     assert rc == 0 and "untrained drafter" in err
     drafter = new_drafter(tiny_target(vocab_size=64, hidden_size=32, num_layers=4, sharpness=30.0), DrafterConfig(block_size=4))
-    save_drafter(drafter, tmp_path / "committed", {"decode": {"num_drafts": 1, "lookup_ngram": 2}})
-    monkeypatch.setitem(cli.COMMITTED_DRAFTERS, str(target_dir), tmp_path / "committed")
+    save_drafter(drafter, tmp_path / "bundled", {"decode": {"num_drafts": 1, "lookup_ngram": 2}})
+    monkeypatch.setitem(cli.BUNDLED_DRAFTERS, str(target_dir), tmp_path / "bundled")
     args = ("generate", "--target", target_dir, "--prompt", "w1 w2 w3", "--max-new-tokens", 16, "--json", "--dtype", "float32")
     rc, out, err = run(capsys, *args)
-    assert rc == 0 and str(tmp_path / "committed") in err and "1 drafts a round, prompt lookup on 2-grams" in err
+    assert rc == 0 and str(tmp_path / "bundled") in err and "1 drafts a round, prompt lookup on 2-grams" in err
     assert len(json.loads(out)["stats"]["slot_acceptance"]) == 3
-    assert cli.default_drafter(str(target_dir), None) == (str(tmp_path / "committed"), DecodeConfig(num_drafts=1, lookup_ngram=2))
+    assert cli.default_drafter(str(target_dir), None) == (str(tmp_path / "bundled"), DecodeConfig(num_drafts=1, lookup_ngram=2))
     rc, out, err = run(capsys, *args, "--num-drafts", 3)
     assert rc == 0 and "3 drafts a round, prompt lookup on 2-grams" in err
     rc, out, err = run(capsys, *args, "--lookup-ngram", 0)  # given at its default value: lookup off, the draft length kept
@@ -285,7 +285,7 @@ def test_demo_refuses_a_folder_of_another_run(capsys, tmp_path):
     assert rc == 2 and "holds files of another run" in err
     new = tmp_path / "new"
     new.mkdir()
-    (new / "experiment.json").write_text('{"start": "committed"}')
+    (new / "experiment.json").write_text('{"start": "bundled"}')
     rc, _, err = run(capsys, "demo", "--out", str(new), "--start", "none")
     assert rc == 2 and "another configuration" in err and "start" in err
 

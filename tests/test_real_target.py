@@ -43,12 +43,12 @@ def test_committed_drafter_speeds_up_acceptance_on_held_out_text(smollm, tmp_pat
     """The drafter shipped for the embedded target (the demo's start) loads, exports to the speculators format
     (the reference DFlash and GGUF formats take it widened, `export --widen-vocab`), and accepts drafts on held-out
     ShareGPT text as its README row says (replay tau about 1.35; a corrupt or mismatched file gives about 1.0)."""
-    from draftopd.experiment import COMMITTED_DRAFTERS, ExperimentConfig, replay_curve
+    from draftopd.experiment import BUNDLED_DRAFTERS, ExperimentConfig, replay_curve
     from draftopd.interop.speculators import export_speculators, import_speculators
     from draftopd.interop.dflash_ref import export_dflash, import_dflash
     from draftopd.models.drafter import load_drafter, widen_vocab
 
-    drafter = load_drafter(COMMITTED_DRAFTERS["smollm2-135m"], smollm)
+    drafter = load_drafter(BUNDLED_DRAFTERS["smollm2-135m"], smollm)
     export_speculators(drafter, tmp_path / "spec", smollm)
     back = import_speculators(tmp_path / "spec", smollm)
     assert all(torch.equal(a, b) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))

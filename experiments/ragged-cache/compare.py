@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILD = r'''
 import json, sys, tempfile, time, torch
 torch.set_num_threads(int(sys.argv[2]))
-from draftopd.config import DecodeConfig, OptimConfig, COMMITTED_DRAFTERS, DEFAULT_TARGET
+import draftopd
+from pathlib import Path
+from draftopd.config import DecodeConfig, OptimConfig, DEFAULT_TARGET
+BUNDLED = Path(draftopd.__file__).parent / "drafters" / "smollm2-135m-dflash"  # in both checkouts
 from draftopd.data.prompts import load_prompts, render_prompt
 from draftopd.decode import speculative
 from draftopd.models.drafter import load_drafter
@@ -36,7 +39,7 @@ from draftopd.models.load import load_target
 from draftopd.models.target import Target
 what, new_tokens, updates = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 target = load_target(DEFAULT_TARGET)
-drafter = load_drafter(COMMITTED_DRAFTERS[DEFAULT_TARGET], target).eval()
+drafter = load_drafter(BUNDLED, target).eval()
 prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("sharegpt", split="train", limit=40, seed=7).prompts]
 prompts = [p for p in prompts if len(p) <= 256][:16]
 if what == "decode":
@@ -56,9 +59,13 @@ if what == "decode":
 else:
     from draftopd.train.opd import OPDConfig, train_opd
     out = tempfile.mkdtemp()
-    cfg = OPDConfig(steps=updates, prompts_per_rollout=8, rollouts_per_step=1, replay_batch=8, rollout=DecodeConfig(max_new_tokens=96), save_every=1000,
-                    optim=OptimConfig(lr=3e-4, min_warmup_steps=1))
-    train_opd(target, load_drafter(COMMITTED_DRAFTERS[DEFAULT_TARGET], target), prompts[:8] * 4, cfg, out, progress=False)
+    common = dict(steps=updates, prompts_per_rollout=8, rollouts_per_step=1, replay_batch=8, save_every=1000,
+                  optim=OptimConfig(lr=3e-4, min_warmup_steps=1))
+    try:  # the rollout's decoding is a nested DecodeConfig now, flat fields before
+        cfg = OPDConfig(rollout=DecodeConfig(max_new_tokens=96), **common)
+    except TypeError:
+        cfg = OPDConfig(max_new_tokens=96, **common)
+    train_opd(target, load_drafter(BUNDLED, target), prompts[:8] * 4, cfg, out, progress=False)
     rows = [json.loads(l) for l in open(out + "/metrics.jsonl")]
     print(json.dumps({"update_s": [r["time/rollout_s"] + r["time/replay_s"] + r["time/update_s"] for r in rows],
                       "rollout_tau": [r["rollout/tau"] for r in rows]}))
