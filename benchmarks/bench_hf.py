@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MT-Bench prompt sample")
+    parser.add_argument("--skip-prompts", type=int, default=0, help="skip the sample's first N prompts (those settings were chosen on)")
     parser.add_argument("--num-drafts", type=int, default=None, help="drafts verified a round (default: the whole block)")
     parser.add_argument("--lookup-ngram", type=int, default=0, help="add draftopd-lookup (the drafter plus prompt lookup on n-grams) and draftopd-lookup-only (0: off)")
     args = parser.parse_args()
@@ -134,7 +135,7 @@ def main() -> None:
     target = load_target(args.target, dtype=DTYPES[args.dtype])
     drafter = load_drafter(args.drafter, target) if args.drafter else new_drafter(target, DrafterConfig())
     drafter = drafter.to(target.dtype).eval()  # decoding runs the drafter in the target's dtype, as `generate` does
-    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.prompts, seed=args.seed).prompts]
+    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.skip_prompts + args.prompts, seed=args.seed).prompts[args.skip_prompts:]]
     with torch.inference_mode():
         measure(methods(target, drafter, min(8, args.max_new_tokens), args.num_drafts, args.lookup_ngram), prompts[:1])  # warm-up
         results = measure(methods(target, drafter, args.max_new_tokens, args.num_drafts, args.lookup_ngram), prompts)

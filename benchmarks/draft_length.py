@@ -66,6 +66,8 @@ def main() -> None:
                         "default the largest --num-drafts (of the first drafter)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
+    parser.add_argument("--skip-prompts", type=int, default=0, help="skip each set's first N sampled prompts (those settings were "
+                        "chosen on): report on held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     torch.set_num_threads(args.threads)
     target = load_target("smollm2-135m", dtype=getattr(torch, args.dtype))
     drafters = [load_drafter(path, target).to(target.dtype) for path in args.drafter]
-    sets = load_eval_sets(target, EvalConfig(num_prompts=args.prompts_per_set))
+    sets = load_eval_sets(target, EvalConfig(num_prompts=args.prompts_per_set, skip_prompts=args.skip_prompts))
     prompts = [(name, ids) for name, items in sets.items() for _, ids in items]
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
     drafter_arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}

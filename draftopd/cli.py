@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import BUNDLED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, PromptConfig
+from .config import BUNDLED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, PromptConfig, resolve_device, resolve_dtype
 
 
 class UserError(ValueError):
@@ -293,7 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from .decode.speculative import autoregressive_generate, generate
     from .decode.stats import summarize
 
-    drafter_path, decoding = default_drafter(args.target, args.drafter)
+    drafter_path, decoding = default_drafter(args.target, args.drafter, decoding_class(args.device, args.dtype))
     cfg, drafter_cfg = build_config(decoding, args), build_config(DrafterConfig, args)
     if args.prompt_file:
         prompts = load_prompts(args.prompt_file).prompts
@@ -314,17 +314,32 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"texts": texts, "stats": stats.to_dict()}
 
 
-def default_drafter(target_name: str, drafter: str | None) -> tuple[str | None, DecodeConfig]:
-    """`--drafter` and the default decoding, else the drafter bundled for this target (`config.BUNDLED_DRAFTERS`)
-    with the decoding its benchmark chose (its config.json "decode": the base that `generate`'s flags override field by
-    field, so `--lookup-ngram 0` turns lookup off and keeps the drafter's draft length; `--drafter` with the same
-    folder decodes without it), else None (an untrained drafter) and the default decoding."""
+def decoding_class(device: str, dtype: str) -> str:
+    """The device class a bundled drafter's decoding defaults are measured per: device type and resolved dtype
+    ("cpu-bfloat16" on CPUs with fast bf16, "cpu-float32", "cuda-bfloat16", ...)."""
+    resolved = resolve_device(device)
+    return f"{resolved.split(':')[0]}-{str(resolve_dtype(dtype, resolved)).removeprefix('torch.')}"
+
+
+def default_drafter(target_name: str, drafter: str | None, device_class: str = "cpu-float32") -> tuple[str | None, DecodeConfig]:
+    """`--drafter` and the default decoding, else the drafter bundled for this target (`config.BUNDLED_DRAFTERS`) with
+    the decoding its benchmark chose for `device_class` (its config.json "decode": DecodeConfig fields, or per device
+    class {"by_class": {class: fields}, "other": fields}; the base that `generate`'s flags override field by field, so
+    `--lookup-ngram 0` turns lookup off and keeps the drafter's draft length; `--drafter` with the same folder decodes
+    without it), else None (an untrained drafter) and the default decoding."""
     if drafter is not None:
         return drafter, DecodeConfig()
     folder = BUNDLED_DRAFTERS.get(target_name)
     if folder is None or not (folder / "config.json").is_file():
         return None, DecodeConfig()
-    return str(folder), DecodeConfig(**json.loads((folder / "config.json").read_text()).get("decode", {}))
+    return str(folder), DecodeConfig(**class_decoding(json.loads((folder / "config.json").read_text()).get("decode", {}), device_class))
+
+
+def class_decoding(decode: dict, device_class: str) -> dict:
+    """A drafter config's "decode" entry for `device_class` (see `default_drafter`)."""
+    if "by_class" not in decode:
+        return decode
+    return decode["by_class"].get(device_class, decode.get("other", {}))
 
 
 def drafter_note(target_name: str, drafter_flag: str | None, path: str | None, cfg: DecodeConfig) -> str:

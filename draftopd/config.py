@@ -23,7 +23,8 @@ from .models.registry import NAMES as FAMILY_NAMES
 
 DEFAULT_TARGET = "smollm2-135m"
 # trained drafters shipped with the package, by target name: `generate`'s default drafter and the demo's start. A
-# drafter's config.json may hold "decode": the DecodeConfig fields its benchmark chose (docs/results/decoding-speed.md).
+# drafter's config.json may hold "decode": the DecodeConfig fields its benchmark chose, per device class
+# (`cli.default_drafter`; docs/results/decoding-speed.md).
 BUNDLED_DRAFTERS = {DEFAULT_TARGET: Path(__file__).resolve().parent / "drafters" / "smollm2-135m-dflash"}
 SFT_LOSSES = ("ce", "kl")
 SFT_LABELS = ("text", "greedy")
@@ -377,6 +378,10 @@ class EvalConfig:
 
     sets: tuple[str, ...] = field(default=("mt-bench", "gsm8k", "humaneval"), metadata={"help": "named prompt sets or JSONL files"})
     num_prompts: int = field(default=30, metadata={"help": "prompts a set (a seeded sample of its held-out split)"})
+    skip_prompts: int = field(default=0, metadata={
+        "help": "leave out the first this many prompts of each set's seeded sample and evaluate the next --num-prompts: choose "
+                "settings on --skip-prompts 0, report them on prompts never used to choose (--skip-prompts N with N >= the "
+                "prompts the choice used)"})
     bootstrap_resamples: int = field(default=2000, metadata={"help": "95% percentile-bootstrap intervals over prompts (tau, speedup)"})
     decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=96), metadata={
         "help": "decoding, the same for plain and speculative runs; its seed also samples the prompts and the bootstrap"})
@@ -385,4 +390,5 @@ class EvalConfig:
         require(self, "sets", isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
                 "must be prompt set names or files")
         check_ints(self, 1, "num_prompts", "bootstrap_resamples")
+        check_ints(self, 0, "skip_prompts")
         require(self, "decode", isinstance(self.decode, DecodeConfig), "must be a DecodeConfig")

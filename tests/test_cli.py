@@ -61,8 +61,8 @@ def test_generate_prints_text_and_stats(target_dir, capsys):
     assert rc == 0 and len(result["texts"]) == 1 and result["stats"]["tau"] >= 1.0 and len(result["stats"]["slot_acceptance"]) == 15
 
 
-def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir, tmp_path, capsys, monkeypatch):
-    """No --drafter: the drafter committed for the target, with its config's "decode" (here 1 draft a round and prompt
+def test_generate_defaults_to_the_bundled_drafter_and_its_decoding(target_dir, tmp_path, capsys, monkeypatch):
+    """No --drafter: the drafter bundled for the target, with its config's "decode" (here 1 draft a round and prompt
     lookup on 2-grams), each field unless its flag is given (even at its default value); a target with none bundled
     gets an untrained drafter and a note."""
     from draftopd import cli
@@ -81,10 +81,20 @@ def test_generate_defaults_to_the_committed_drafter_and_its_decoding(target_dir,
     assert rc == 0 and "3 drafts a round, prompt lookup on 2-grams" in err
     rc, out, err = run(capsys, *args, "--lookup-ngram", 0)  # given at its default value: lookup off, the draft length kept
     assert rc == 0 and "1 drafts a round;" in err and json.loads(out)["stats"]["looked_up"] == 0
-    rc, out, err = run(capsys, *args, "--num-drafts", 0)  # lookup alone, the committed n-gram size
+    rc, out, err = run(capsys, *args, "--num-drafts", 0)  # lookup alone, the bundled n-gram size
     stats = json.loads(out)["stats"]
     assert rc == 0 and "0 drafts a round, prompt lookup on 2-grams" in err and 0 < stats["looked_up"] < 1
     assert cli.default_drafter(str(target_dir), "elsewhere") == ("elsewhere", DecodeConfig())
+    # decoding measured per device class: the entry of the class the command runs in, else "other"
+    by_class = {"by_class": {"cpu-float32": {"num_drafts": 0, "lookup_ngram": 2}, "cpu-bfloat16": {"num_drafts": 2}}, "other": {"num_drafts": 3}}
+    save_drafter(drafter, tmp_path / "classes", {"decode": by_class})
+    monkeypatch.setitem(cli.BUNDLED_DRAFTERS, str(target_dir), tmp_path / "classes")
+    assert cli.default_drafter(str(target_dir), None, "cpu-float32")[1] == DecodeConfig(num_drafts=0, lookup_ngram=2)
+    assert cli.default_drafter(str(target_dir), None, "cpu-bfloat16")[1] == DecodeConfig(num_drafts=2)
+    assert cli.default_drafter(str(target_dir), None, "cuda-bfloat16")[1] == DecodeConfig(num_drafts=3)
+    assert cli.decoding_class("cpu", "float32") == "cpu-float32" and cli.decoding_class("cpu", "bfloat16") == "cpu-bfloat16"
+    rc, out, err = run(capsys, *args)
+    assert rc == 0 and "0 drafts a round, prompt lookup on 2-grams" in err
 
 
 def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):

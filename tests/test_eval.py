@@ -249,3 +249,25 @@ def test_sampling_does_not_count_mismatches(pair, sets):
     assert all(r.match_rate is None and r.mean_first_divergence is None for r in report.rows)
     assert all(p.first_divergence is None for p in report.rows[0].per_prompt)
     assert report.rows[-1].tau >= 1.0 and "-" in report.table().splitlines()[-1]
+
+
+def test_skip_prompts_evaluates_the_sample_past_the_tuning_prompts(tmp_path):
+    """`EvalConfig.skip_prompts`: the evaluated prompts are the seeded sample's prompts from `skip_prompts` on, never
+    one a smaller skip chose settings on; skipping the whole set is one DataError."""
+    import json
+    from types import SimpleNamespace
+
+    from draftopd.config import EvalConfig
+    from draftopd.data.prompts import DataError
+    from draftopd.eval.evaluate import load_eval_sets
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n" for i in range(12)))
+    target = SimpleNamespace(name="t", tokenizer=lambda text: SimpleNamespace(input_ids=[len(text), int(text.split()[-1])]))
+    ids = lambda cfg: [pid for pid, _ in load_eval_sets(target, cfg)[str(path)]]  # noqa: E731
+    first = ids(EvalConfig(sets=(str(path),), num_prompts=10))
+    tuned, held = ids(EvalConfig(sets=(str(path),), num_prompts=4)), ids(EvalConfig(sets=(str(path),), num_prompts=6, skip_prompts=4))
+    assert tuned + held == first and not set(tuned) & set(held)
+    assert ids(EvalConfig(sets=(str(path),), num_prompts=30, skip_prompts=10)) == ids(EvalConfig(sets=(str(path),), num_prompts=12))[10:]
+    with pytest.raises(DataError, match="no prompts left after --skip-prompts 12"):
+        ids(EvalConfig(sets=(str(path),), num_prompts=5, skip_prompts=12))

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..config import EvalConfig
-from ..data.prompts import load_prompts, render_prompt
+from ..data.prompts import DataError, load_prompts, render_prompt
 from ..decode.speculative import autoregressive_generate, generate
 from ..decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums, summarize
 from ..decode.trace import Generation, RolloutTrace, Timing
@@ -231,12 +231,15 @@ def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation],
 
 
 def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
-    """Per set, (prompt id, chat-rendered token ids) of the `cfg.num_prompts` prompts every evaluation uses."""
+    """Per set, (prompt id, chat-rendered token ids) of the `cfg.num_prompts` prompts every evaluation uses: the seeded
+    sample's prompts `cfg.skip_prompts` onwards (a sample is prefix-stable, so skipped prompts are never evaluated)."""
     if target.tokenizer is None:
         raise TargetError(f"target '{target.name}' has no tokenizer: pass pre-tokenized prompt_sets")
     sets = {}
     for name in cfg.sets:
-        prompts = load_prompts(name, limit=cfg.num_prompts, seed=cfg.decode.seed).prompts
+        prompts = load_prompts(name, limit=cfg.skip_prompts + cfg.num_prompts, seed=cfg.decode.seed).prompts[cfg.skip_prompts:]
+        if not prompts:
+            raise DataError(f"{name}: no prompts left after --skip-prompts {cfg.skip_prompts}")
         sets[name] = [(p.id, render_prompt(p, target.tokenizer)) for p in prompts]
     return sets
 
