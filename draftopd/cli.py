@@ -490,7 +490,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'bundled' / 'none'")
     base = getattr(args, "config_base", {}).get("experiment", ExperimentConfig())
     cfg = dataclasses.replace(base, target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations), device=args.device,
-                              dtype=args.dtype)
+                              dtype=args.dtype, synthetic=args.synthetic)
     summary = run_experiment(cfg, run=run_info(args, experiment=cfg))
     return {"table": format_results(summary), **summary}
 
@@ -779,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ablations", nargs="*", default=[], help=exp_help("ablations"))
     demo.add_argument("--device", default=ExperimentConfig.device, help=exp_help("device"))
     demo.add_argument("--dtype", default=ExperimentConfig.dtype, choices=field_choices(ExperimentConfig, "dtype"), help=exp_help("dtype"))
+    demo.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=ExperimentConfig.synthetic, help=exp_help("synthetic"))
     _json_arg(demo)
     _run_args(demo)
     demo.set_defaults(func=cmd_demo, printer=print_table)

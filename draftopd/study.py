@@ -272,11 +272,11 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
     out.mkdir(parents=True, exist_ok=True)
     check_same_target(out, cfg)
     target = load_target(cfg.target)
-    data = _cached(out / "data.json", lambda: make_data(target, cfg, progress), StudyData)
+    data = cached_json(out / "data.json", lambda: make_data(target, cfg, progress), StudyData)
     layers = new_drafter(target, cfg.drafter).spec.target_layer_ids
     evaluate = {"eval": Scorer(target, data.eval_prompts, data.eval_outputs, layers),
                 "tuning": Scorer(target, data.tuning_prompts, data.tuning_outputs, layers)}
-    starts = train_starts(target, data, cfg, out / "starts", evaluate["tuning"], log)
+    train_starts(target, data, cfg, out / "starts", evaluate["tuning"], log)
     results: dict = {}
     for start_name, arms in (("plateau", cfg.arms), ("low", cfg.low_arms)):
         start = load_drafter(out / "starts" / start_name, target).float()
@@ -286,7 +286,7 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
                 for budget in (("both",) if ARMS[name].kind == "opd" else cfg.budgets):
                     key = f"{name}/{budget}/seed{seed}"
                     folder = out / start_name / name / budget / f"seed{seed}"
-                    results[start_name]["runs"][key] = _cached(folder / "scores.json", lambda: _score_arm(
+                    results[start_name]["runs"][key] = cached_json(folder / "scores.json", lambda: _score_arm(
                         target, start, name, seed, budget, _opd_flops(results[start_name], seed), data, cfg, folder, evaluate, log), dict)
     summary = summarize_study(results, cfg)
     _write(out / "summary.json", {"config": _jsonable(asdict(cfg)), "results": results, "summary": summary})
@@ -390,7 +390,7 @@ def check_same_target(out: Path, cfg: StudyConfig) -> None:
         _write(path, {"target": cfg.target})
 
 
-def _cached(path: Path, make, cls):
+def cached_json(path: Path, make, cls):
     """`make()` once, kept as JSON at `path` (`cls`: dict, or a dataclass with `from_dict`)."""
     if path.exists():
         raw = json.loads(path.read_text())

@@ -38,7 +38,8 @@ FULL = ExperimentConfig(
     opd=OPDConfig(steps=20, prompts_per_rollout=4, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=96), save_every=5,
                   loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=5e-4, min_warmup_steps=1)),
     continued_sft=replace(FULL_SFT, optim=replace(FULL_SFT.optim, lr=5e-4)),
-    curve_prompts=8, curve_every=5, eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=96)), ablation_steps=6)
+    curve_prompts=8, curve_every=5, eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=96)), ablation_steps=6,
+    synthetic=False)
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="*", default=[], choices=sorted(ABLATIONS))
     args = parser.parse_args()
     base = FULL if args.scale == "full" else ExperimentConfig()
-    summary = run_experiment(replace(base, out_dir=args.out, ablations=tuple(args.ablations)))
+    summary = run_experiment(replace(base, out_dir=args.out, ablations=tuple(args.ablations), synthetic=False))  # the embedded target only
     print(format_results(summary))
     print(json.dumps(summary["results"], indent=2))
 
