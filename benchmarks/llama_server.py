@@ -37,8 +37,7 @@ from draftopd.config import EvalConfig  # noqa: E402
 from draftopd.data.prompts import load_prompts, render_prompt  # noqa: E402
 from draftopd.decode.stats import bootstrap_ratio_ci, paired_ratio_ci, ratio_of_sums  # noqa: E402
 from draftopd.eval.replay import replay_tau  # noqa: E402
-from draftopd.interop.llama_cpp import (Completion, LlamaServer, ServerConfig, export_gguf,  # noqa: E402
-                                        home, require_server, target_gguf)
+from draftopd.interop.llama_cpp import LlamaServer, ServerConfig, export_gguf, home, require_server, target_gguf  # noqa: E402
 from draftopd.interop.llama_cpp import spec_type as spec_type_of  # noqa: E402
 from draftopd.models.drafter import load_drafter, widen_vocab  # noqa: E402
 from draftopd.models.load import embedded_gguf, load_target  # noqa: E402

@@ -396,10 +396,9 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
 
 def cmd_sft(args: argparse.Namespace) -> dict:
     from .config import DataConfig, SFTConfig
+    from .data.features import FeatureCache, frequent_tokens, read_manifest
     from .data.training import read_data
     from .train.sft import train_sft
-
-    from .data.features import FeatureCache, frequent_tokens, read_manifest
 
     base = getattr(args, "config_base", {})
     sft = base.get("sft", SFTConfig())

@@ -31,9 +31,20 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-
-from .config import (BUNDLED_DRAFTERS, DEFAULT_TARGET, DTYPES, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig, check_choice,
-                     check_device, resolve_device, resolve_dtype)
+from .config import (
+    BUNDLED_DRAFTERS,
+    DEFAULT_TARGET,
+    DTYPES,
+    DecodeConfig,
+    DrafterConfig,
+    EvalConfig,
+    OptimConfig,
+    SFTConfig,
+    check_choice,
+    check_device,
+    resolve_device,
+    resolve_dtype,
+)
 from .data.prompts import load_prompts, render_prompt
 from .data.regenerate import load_regenerated, regenerate
 from .decode.speculative import autoregressive_generate

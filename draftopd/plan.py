@@ -22,7 +22,7 @@ drafter's (with the head it computes through) for its training.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 

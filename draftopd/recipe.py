@@ -22,8 +22,20 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .config import DEFAULT_TARGET, DTYPES, DrafterConfig, EvalConfig, FeatureConfig, OptimConfig, SFTConfig, check_choice, check_device, \
-    check_ints, resolve_device, resolve_dtype
+from .config import (
+    DEFAULT_TARGET,
+    DTYPES,
+    DrafterConfig,
+    EvalConfig,
+    FeatureConfig,
+    OptimConfig,
+    SFTConfig,
+    check_choice,
+    check_device,
+    check_ints,
+    resolve_device,
+    resolve_dtype,
+)
 from .data.answers import training_examples
 from .data.features import FeatureCache, build_feature_cache, frequent_tokens
 from .data.regenerate import load_regenerated

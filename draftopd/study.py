@@ -25,10 +25,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -39,7 +38,6 @@ from .eval.replay import ReplayedTau, replay_scored, score_texts
 from .models.drafter import Drafter, load_drafter, new_drafter, save_drafter
 from .models.target import Target
 from .train.common import param_counts
-from .train.losses import LossConfig
 from .train.opd import OPDConfig, train_opd
 from .train.sft import train_sft
 
@@ -126,7 +124,7 @@ class StudyData:
     tuning_outputs: list[list[int]]
 
     @staticmethod
-    def from_dict(raw: dict) -> "StudyData":
+    def from_dict(raw: dict) -> StudyData:
         example = lambda e: SFTExample(e["id"], tuple(e["prompt_ids"]), tuple(e["response_ids"]))  # noqa: E731
         return StudyData(**{**raw, "start": [example(e) for e in raw["start"]], "greedy": [example(e) for e in raw["greedy"]]})
 
@@ -168,7 +166,7 @@ class Scores:
         return sum(self.committed) / max(sum(self.rounds), 1)
 
     @staticmethod
-    def of(replayed: ReplayedTau) -> "Scores":
+    def of(replayed: ReplayedTau) -> Scores:
         return Scores(tuple(t.committed for t in replayed.texts), tuple(t.rounds for t in replayed.texts))
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from draftopd.config import DrafterConfig
-from draftopd.models.drafter import new_drafter
 from draftopd.models.dflash import DFlashDrafter
+from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target
 from draftopd.models.target import Target
 

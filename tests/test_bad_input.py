@@ -14,17 +14,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import save_tiny_target
 
 from draftopd.cli import main
-from test_cli import save_tiny_target
 
 G = "generate --target {target} --prompt w1 --max-new-tokens 4"
 R = "regenerate --target {target} --prompts {prompts} --split all --out {tmp}/out.jsonl --max-new-tokens 4"
 S = "sft --target {target} --data {data} --out {tmp}/sft --steps 1 --batch-size 2 --anchors-per-seq 2 --draft-block-size 4"
 E = "eval --target {target} --sets {prompts} --num-prompts 2 --max-new-tokens 4"
-O = ("opd --target {target} --prompts {prompts} --out {tmp}/opd --steps 1 --prompts-per-rollout 2 --rollouts-per-step 1 "
+OPD = ("opd --target {target} --prompts {prompts} --out {tmp}/opd --steps 1 --prompts-per-rollout 2 --rollouts-per-step 1 "
      "--replay-batch 2 --max-new-tokens 4 --draft-block-size 4")
-BASES = {"generate": G, "regenerate": R, "sft": S, "eval": E, "opd": O}
+BASES = {"generate": G, "regenerate": R, "sft": S, "eval": E, "opd": OPD}
 
 CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     # ---- generate: decode and drafter flags, prompts, targets broken in every way
@@ -113,7 +113,7 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("sft-betas-above-1", S + " --optim-betas 0.9 1.5", "--optim-betas", ()),
     ("sft-warmup-2", S + " --optim-warmup-fraction 2", "--optim-warmup-fraction", ()),
     ("sft-min-warmup-0", S + " --optim-min-warmup-steps 0", "--optim-min-warmup-steps", ()),
-    ("opd-rej-slots-bogus", O + " --loss-rej-slots second", "--loss-rej-slots", ()),
+    ("opd-rej-slots-bogus", OPD + " --loss-rej-slots second", "--loss-rej-slots", ()),
     ("sft-min-lr-ratio-negative", S + " --optim-min-lr-ratio -0.1", "--optim-min-lr-ratio", ()),
     ("sft-weight-decay-nan", S + " --optim-weight-decay nan", "--optim-weight-decay", ()),
     ("sft-grad-clip-0", S + " --optim-grad-clip 0", "--optim-grad-clip", ()),
@@ -157,31 +157,31 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("eval-out-directory", E + " --out {folder}", "directory", ()),
     ("eval-unknown-target", "eval --target {tmp}/nothing --sets {prompts}", "unknown target", ()),
     # ---- opd: OPD, loss and optimizer flags
-    ("opd-steps-0", O + " --steps 0", "--steps", ()),
-    ("opd-prompts-per-rollout-0", O + " --prompts-per-rollout 0", "--prompts-per-rollout", ()),
-    ("opd-rollouts-per-step-0", O + " --rollouts-per-step 0", "--rollouts-per-step", ()),
-    ("opd-replay-batch-0", O + " --replay-batch 0", "--replay-batch", ()),
-    ("opd-max-new-tokens-0", O + " --max-new-tokens 0", "--max-new-tokens", ()),
-    ("opd-temperature-negative", O + " --temperature -1", "--temperature", ()),
-    ("opd-anchors-bogus", O + " --anchors bogus", "--anchors", ()),
-    ("opd-save-every-0", O + " --save-every 0", "--save-every", ()),
-    ("opd-limit-0", O + " --limit 0", "--limit", ()),
-    ("opd-max-prompt-tokens-0", O + " --max-prompt-tokens 0", "--max-prompt-tokens", ()),
-    ("opd-gamma-0", O + " --loss-gamma 0", "--loss-gamma", ()),
-    ("opd-gamma-above-1", O + " --loss-gamma 1.5", "--loss-gamma", ()),
-    ("opd-loss-mode-bogus", O + " --loss-mode approx", "--loss-mode", ()),
-    ("opd-acc-direction-bogus", O + " --loss-acc-direction sideways", "--loss-acc-direction", ()),
-    ("opd-rej-direction-bogus", O + " --loss-rej-direction both", "--loss-rej-direction", ()),
-    ("opd-aggregation-bogus", O + " --loss-aggregation mean", "--loss-aggregation", ()),
-    ("opd-lam-acc-nan", O + " --loss-lam-acc nan", "--loss-lam-acc", ()),
-    ("opd-lams-both-0", O + " --loss-lam-acc 0 --loss-lam-rej 0", "cannot both be 0", ()),
-    ("opd-clamp-0", O + " --loss-clamp 0", "--loss-clamp", ()),
-    ("opd-lr-inf", O + " --optim-lr inf", "--optim-lr", ()),
-    ("opd-missing-prompts", O + " --prompts {tmp}/missing.jsonl", "missing file", ()),
-    ("opd-missing-drafter", O + " --drafter {tmp}/missing", "drafter", ()),
-    ("opd-out-is-file", O + " --out {notes}", "not a folder", ("notes",)),
-    ("opd-config-rollout-wrong-type", O + " --config {config_opd_rollout}", "opd.rollout.temperature must be a number, got 'hot'", ()),
-    ("opd-config-rollout-lookup", O + " --config {config_opd_lookup}", "Draft-OPD rollouts draft every slot", ()),
+    ("opd-steps-0", OPD + " --steps 0", "--steps", ()),
+    ("opd-prompts-per-rollout-0", OPD + " --prompts-per-rollout 0", "--prompts-per-rollout", ()),
+    ("opd-rollouts-per-step-0", OPD + " --rollouts-per-step 0", "--rollouts-per-step", ()),
+    ("opd-replay-batch-0", OPD + " --replay-batch 0", "--replay-batch", ()),
+    ("opd-max-new-tokens-0", OPD + " --max-new-tokens 0", "--max-new-tokens", ()),
+    ("opd-temperature-negative", OPD + " --temperature -1", "--temperature", ()),
+    ("opd-anchors-bogus", OPD + " --anchors bogus", "--anchors", ()),
+    ("opd-save-every-0", OPD + " --save-every 0", "--save-every", ()),
+    ("opd-limit-0", OPD + " --limit 0", "--limit", ()),
+    ("opd-max-prompt-tokens-0", OPD + " --max-prompt-tokens 0", "--max-prompt-tokens", ()),
+    ("opd-gamma-0", OPD + " --loss-gamma 0", "--loss-gamma", ()),
+    ("opd-gamma-above-1", OPD + " --loss-gamma 1.5", "--loss-gamma", ()),
+    ("opd-loss-mode-bogus", OPD + " --loss-mode approx", "--loss-mode", ()),
+    ("opd-acc-direction-bogus", OPD + " --loss-acc-direction sideways", "--loss-acc-direction", ()),
+    ("opd-rej-direction-bogus", OPD + " --loss-rej-direction both", "--loss-rej-direction", ()),
+    ("opd-aggregation-bogus", OPD + " --loss-aggregation mean", "--loss-aggregation", ()),
+    ("opd-lam-acc-nan", OPD + " --loss-lam-acc nan", "--loss-lam-acc", ()),
+    ("opd-lams-both-0", OPD + " --loss-lam-acc 0 --loss-lam-rej 0", "cannot both be 0", ()),
+    ("opd-clamp-0", OPD + " --loss-clamp 0", "--loss-clamp", ()),
+    ("opd-lr-inf", OPD + " --optim-lr inf", "--optim-lr", ()),
+    ("opd-missing-prompts", OPD + " --prompts {tmp}/missing.jsonl", "missing file", ()),
+    ("opd-missing-drafter", OPD + " --drafter {tmp}/missing", "drafter", ()),
+    ("opd-out-is-file", OPD + " --out {notes}", "not a folder", ("notes",)),
+    ("opd-config-rollout-wrong-type", OPD + " --config {config_opd_rollout}", "opd.rollout.temperature must be a number, got 'hot'", ()),
+    ("opd-config-rollout-lookup", OPD + " --config {config_opd_lookup}", "Draft-OPD rollouts draft every slot", ()),
     # ---- demo and the top level
     ("demo-unknown-ablation", "demo --out {tmp}/demo --ablations nonsense", "unknown ablation", ()),
     ("demo-unknown-flag", "demo --out {tmp}/demo --bogus", "unrecognized arguments", ()),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import save_tiny_target
 
 from draftopd.cli import main
 from draftopd.config import DrafterConfig, SFTConfig
@@ -19,8 +20,6 @@ from draftopd.data.training import read_data
 from draftopd.models.drafter import new_drafter
 from draftopd.train.blocks import block_labels, draw_anchors, pad_batch
 from draftopd.train.sft import sft_micro_batch
-
-from test_cli import save_tiny_target
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_ddp import WEIGHT_ATOL, free_port, make_target, max_diff
 
 from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig
 from draftopd.data.features import FeatureCache, build_feature_cache, read_manifest
@@ -26,8 +27,6 @@ from draftopd.data.regenerate import SFTExample, load_regenerated, regenerate
 from draftopd.eval.evaluate import EvalReport, evaluate
 from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.train.sft import train_sft
-
-from test_ddp import WEIGHT_ATOL, free_port, make_target, max_diff
 
 REGEN = DecodeConfig(max_new_tokens=10, temperature=1.0, stop_at_eos=False)  # sampled: records seeded by id, not by batch
 LAYERS = (1, 3)

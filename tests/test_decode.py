@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import full_logits, hf_greedy, make_drafter, random_prompts
+
 from draftopd.config import DecodeConfig
 from draftopd.decode import speculative as S
 from draftopd.decode.accept import Acceptance, RowRandom, accept_greedy, accept_sampling, sample

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_drafter
+
 from draftopd.config import ConfigError, DrafterConfig
 from draftopd.models.dflash import default_layers as dflash_default_layers
 from draftopd.models.drafter import DraftContext, DrafterError, load_drafter, new_drafter, save_drafter

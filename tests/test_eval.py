@@ -10,8 +10,7 @@ import torch
 
 import draftopd.eval.evaluate as evaluate_mod
 from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig
-from draftopd.decode.stats import (bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums,
-                                   resampled_sums)
+from draftopd.decode.stats import bootstrap_ratio_ci, first_divergence, paired_ratio_ci, ratio_of_sums, resampled_sums
 from draftopd.eval.evaluate import EvalReport, compare_tau, evaluate
 from draftopd.models.drafter import new_drafter
 from draftopd.models.load import tiny_target

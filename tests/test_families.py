@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_prompts
 from torch import Tensor, nn
 
-from conftest import random_prompts
 from draftopd.config import ConfigError, DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.interop.dflash_ref import export_dflash

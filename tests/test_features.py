@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import random_prompts
+from test_decode import SAMPLING_PROMPT, _chi2_pvalue, _exact_joint3, _sampled_joint3
 
 from draftopd.config import DecodeConfig, DrafterConfig, OptimConfig, SFTConfig
 from draftopd.data.features import FeatureCache, SequenceShape, build_feature_cache, frequent_tokens, read_manifest, shard_plan
@@ -15,9 +17,6 @@ from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.models.drafter import DrafterError, load_drafter, new_drafter, save_drafter
 from draftopd.train.blocks import pad_batch, score_batch
 from draftopd.train.sft import sft_micro_batch, train_sft
-
-from conftest import random_prompts
-from test_decode import SAMPLING_PROMPT, _chi2_pvalue, _exact_joint3, _sampled_joint3
 
 LAYERS = (0, 2)
 

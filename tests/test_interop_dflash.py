@@ -14,6 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("dflash", reason="z-lab's reference DFlash is not installed: pip install --no-deps dflash==0.1.0")
 
 from conftest import make_drafter, random_prompts  # noqa: E402
+
 from draftopd.config import DecodeConfig, OptimConfig, SFTConfig  # noqa: E402
 from draftopd.data.regenerate import SFTExample  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402

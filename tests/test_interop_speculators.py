@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_drafter
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_drafter
 from draftopd.interop.speculators import check_file, export_speculators, write_check_file
 from draftopd.models.drafter import DrafterError
 from draftopd.models.load import tiny_target

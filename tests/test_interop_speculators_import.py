@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import assert_one_line_error, run, save_tiny_target
+from test_interop_speculators import exportable, read_export, speculators_python
 
 from draftopd.interop.speculators import export_speculators, import_speculators, write_check_file
 from draftopd.models.drafter import DrafterError, load_drafter, save_drafter
 from draftopd.models.load import load_target, tiny_target
-from test_cli import assert_one_line_error, run, save_tiny_target
-from test_interop_speculators import exportable, read_export, speculators_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CASES = [("eagle3", "llama_target", 16), ("eagle3", "llama_target", None), ("dflash", "qwen3_target", 16), ("dflash", "qwen3_target", None)]

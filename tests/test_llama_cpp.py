@@ -14,12 +14,21 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_drafter
+
 from draftopd.cli import main as cli_main
 from draftopd.eval.replay import accepted_at_anchors, anchor_logits, replay_scored, score_texts
-from draftopd.interop.llama_cpp import (Completion, LlamaServer, ServerConfig, check_gguf_exportable, export_gguf,
-                                        server_binary, source_dir, spec_type, target_gguf)
+from draftopd.interop.llama_cpp import (
+    Completion,
+    LlamaServer,
+    ServerConfig,
+    check_gguf_exportable,
+    export_gguf,
+    server_binary,
+    source_dir,
+    spec_type,
+    target_gguf,
+)
 from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
 from draftopd.models.load import load_target, tiny_target
 

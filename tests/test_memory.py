@@ -9,14 +9,13 @@ float32 tensor."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from draftopd.check.memory import LiveBytes, measure, meta_target, model_config
 from draftopd.cli import main
 from draftopd.config import DrafterConfig
 from draftopd.plan import PlanConfig, plan
-
-import pytest
 
 DRAFTER = DrafterConfig(num_layers=5, block_size=16)
 STATED = dict(regen_batch=64, prompt_tokens=512, new_tokens=1024, sft_batch=2, sequence_tokens=4096, opd_rollouts=16,

@@ -44,8 +44,8 @@ def test_committed_drafter_speeds_up_acceptance_on_held_out_text(smollm, tmp_pat
     (the reference DFlash and GGUF formats take it widened, `export --widen-vocab`), and accepts drafts on held-out
     ShareGPT text as its README row says (replay tau about 1.35; a corrupt or mismatched file gives about 1.0)."""
     from draftopd.experiment import BUNDLED_DRAFTERS, ExperimentConfig, replay_curve
-    from draftopd.interop.speculators import export_speculators, import_speculators
     from draftopd.interop.dflash_ref import export_dflash, import_dflash
+    from draftopd.interop.speculators import export_speculators, import_speculators
     from draftopd.models.drafter import load_drafter, widen_vocab
 
     drafter = load_drafter(BUNDLED_DRAFTERS["smollm2-135m"], smollm)

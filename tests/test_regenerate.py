@@ -120,7 +120,7 @@ def test_output_directory_is_refused(target, tmp_path):
 
 
 def test_record_seed_is_a_stable_hash():
-    want = int.from_bytes(hashlib.blake2b("regenerate\x003\x00p7".encode(), digest_size=8).digest(), "big") >> 1
+    want = int.from_bytes(hashlib.blake2b(b"regenerate\x003\x00p7", digest_size=8).digest(), "big") >> 1
     assert record_seed(3, "p7") == want and record_seed(3, "p8") != want and record_seed(4, "p7") != want
 
 

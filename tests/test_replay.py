@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_drafter, random_prompts
 
+from draftopd.config import DecodeConfig
 from draftopd.decode.speculative import autoregressive_generate, generate
 from draftopd.decode.stats import summarize
-from draftopd.config import DecodeConfig
 from draftopd.eval.replay import replay_tau, walk_rounds
-
-from conftest import make_drafter, random_prompts
 
 
 def test_walk_rounds_by_hand():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_drafter
+
 from draftopd.decode.stats import paired_ratio_ci
 from draftopd.eval.replay import ReplayedTau, ReplayedText, replay_scored, score_texts
 

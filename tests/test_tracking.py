@@ -9,11 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_cli import run, save_tiny_target
 
 from draftopd import cli
 from draftopd.config import DataConfig, DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, PromptConfig, SFTConfig
 from draftopd.train.tracking import RunInfo, write_run_files
-from test_cli import run, save_tiny_target
 
 NAMESPACES = ("train/", "rollout/", "eval/", "compute/", "time/", "memory/")
 

@@ -37,7 +37,7 @@ from draftopd.train import blocks, opd
 from draftopd.train.anchors import error_segments, random_segments
 from draftopd.train.losses import LossConfig, combine_streams
 from draftopd.train.opd import collate, replay, step_norms
-from draftopd.train.sft import slot_decay, sft_micro_batch
+from draftopd.train.sft import sft_micro_batch, slot_decay
 
 BLOCK = 6
 

@@ -78,7 +78,7 @@ class Record:
         self.mixes.clear(), self.syncs.clear(), self.h2d.clear(), self.sync_sites.clear(), self.h2d_sites.clear()
 
 
-_ACTIVE: list["FakeCuda"] = []
+_ACTIVE: list[FakeCuda] = []
 
 
 def _site() -> str:
@@ -273,7 +273,7 @@ class _Event:
     def query(self) -> bool:
         return True
 
-    def elapsed_time(self, end: "_Event") -> float:
+    def elapsed_time(self, end: _Event) -> float:
         return (end.t - self.t) * 1000.0
 
 
@@ -304,7 +304,7 @@ class FakeCuda(contextlib.AbstractContextManager):
         self.record = Record()
         self._stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "FakeCuda":
+    def __enter__(self) -> FakeCuda:
         patches = {"torch.Generator": FakeCudaGenerator, "torch.cuda.is_available": lambda: True,
                    "torch.cuda.device_count": lambda: 1, "torch.cuda.current_device": lambda: 0,
                    "torch.cuda.set_device": lambda device: None, "torch.cuda.synchronize": lambda device=None: _sync("cuda.synchronize"),

@@ -15,9 +15,9 @@ greedy replay, export and import) and returns a small summary of plain numbers (
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -22,9 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import weakref
-from unittest import mock
-from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F

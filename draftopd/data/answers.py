@@ -10,7 +10,7 @@ the target's chat template and closed with its end-of-turn token.
 
 from __future__ import annotations
 
-from .prompts import _ROLE_ALIASES, _iter_records, _MALFORMED, _named_set_path, _text, load_prompts, render_prompt
+from .prompts import _MALFORMED, _ROLE_ALIASES, _iter_records, _named_set_path, _text, load_prompts, render_prompt
 from .regenerate import SFTExample
 
 

@@ -322,7 +322,7 @@ class FeatureCache:
     columns: tuple[int, ...] | None = None  # the cached layers a drafter reads, when it reads a subset of them
 
     @staticmethod
-    def open(folder: str | Path, target, layer_ids: tuple[int, ...], need_final: bool = False) -> "FeatureCache":
+    def open(folder: str | Path, target, layer_ids: tuple[int, ...], need_final: bool = False) -> FeatureCache:
         """A cache of `target` holding (at least) `layer_ids`: a drafter may read any subset of the cached layers, so
         drafters fed different layers (DFlash and EAGLE-3) train from one cache."""
         folder = Path(folder)

@@ -85,7 +85,7 @@ class SFTExample:
     loss_mask: tuple[bool, ...] | None = None
 
     @staticmethod
-    def masked(id: str, tokens: Sequence[int], loss_mask: Sequence[bool]) -> "SFTExample":
+    def masked(id: str, tokens: Sequence[int], loss_mask: Sequence[bool]) -> SFTExample:
         """The example of `tokens` trained where `loss_mask` is True (at least once); a mask that is True from its first
         True to the end is a plain response (loss_mask None)."""
         first = list(loss_mask).index(True)

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..config import DataConfig
 from .conversations import Messages, RenderCounts, check_tokenizer, fit, parse_conversation, render_conversation
-from .prompts import _MALFORMED, _iter_records, _record_id, DataError
+from .prompts import _MALFORMED, DataError, _iter_records, _record_id
 from .regenerate import SFTData, SFTExample, _token_list, regenerated_example
 
 KINDS = ("regenerated", "token-ids", "conversations")

@@ -41,7 +41,7 @@ class RowRandom:
         self.draws = torch.zeros_like(seeds) if draws is None else draws
 
     @staticmethod
-    def seeded(seeds: list[int], device) -> "RowRandom":
+    def seeded(seeds: list[int], device) -> RowRandom:
         return RowRandom(torch.tensor(seeds, dtype=torch.long, device=device))
 
     def uniform(self, shape: tuple[int, ...]) -> Tensor:
@@ -56,7 +56,7 @@ class RowRandom:
         h = _fmix32(h ^ _fmix32(((seed >> 32) & _M32) ^ 0x9E3779B9) ^ (counter >> 32))
         return ((h >> 8).float() * 2.0 ** -24).view(-1, *shape)
 
-    def select(self, index: Tensor) -> "RowRandom":
+    def select(self, index: Tensor) -> RowRandom:
         return RowRandom(self.seeds[index], self.draws[index])
 
 

@@ -62,7 +62,7 @@ class Draft:
     tokens: Tensor
     logits: Tensor
 
-    def first(self, n: int) -> "Draft":
+    def first(self, n: int) -> Draft:
         return Draft(self.tokens[:, :n], self.logits[:, :n])
 
 
@@ -260,7 +260,7 @@ class HostRound:
     draft_logits: Tensor | None = None
 
     @staticmethod
-    def of(rnd: Round, keep_logits: bool = False) -> "HostRound":
+    def of(rnd: Round, keep_logits: bool = False) -> HostRound:
         k = rnd.target_logp.shape[1]  # an EAGLE-3 chain stopped by draft_confidence drafted fewer: -1 / NaN past its end
         draft_logp = pad_slots(token_logprobs(rnd.draft.logits, rnd.draft.tokens), k, float("nan"))
         columns = [rnd.acceptance.accepted[:, None], rnd.acceptance.next_token[:, None], rnd.proposed[:, None],

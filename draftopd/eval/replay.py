@@ -53,7 +53,7 @@ class ReplayedTau:
         return bootstrap_ratio_ci([t.committed for t in self.texts], [t.rounds for t in self.texts], resamples=resamples, seed=seed)
 
     @staticmethod
-    def pool(reps: Sequence["ReplayedTau"]) -> "ReplayedTau":
+    def pool(reps: Sequence[ReplayedTau]) -> ReplayedTau:
         """Several sets' texts as one set (the "all" row)."""
         return ReplayedTau(tuple(t for r in reps for t in r.texts), reps[0].block_size)
 

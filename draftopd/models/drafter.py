@@ -25,9 +25,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class DrafterSpec:
     arch: str = DEFAULT  # the drafter family (`registry.py`): "dflash" | "eagle3"
 
     @staticmethod
-    def resolve(cfg: DrafterConfig, target: Target) -> "DrafterSpec":
+    def resolve(cfg: DrafterConfig, target: Target) -> DrafterSpec:
         """The shape `cfg` asks for on `target` (None fields from the target or the architecture's rule), refused with one
         DrafterError line naming the flag to change when it cannot be built (layer ids past the target's depth, heads
         that do not divide the hidden size, kv heads that do not divide the heads, ...)."""
@@ -166,7 +166,7 @@ class DraftContext:
     valid: Tensor
     fused: Tensor | None = None
 
-    def extend(self, other: "DraftContext") -> "DraftContext":
+    def extend(self, other: DraftContext) -> DraftContext:
         """This context followed by `other`'s slots (a context built piece by piece)."""
         cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
         fused = None if self.fused is None else torch.cat([self.fused, other.fused], 1)
@@ -189,7 +189,7 @@ class ContextCache:
     host_lengths: list[int]
 
     @staticmethod
-    def start(ctx: DraftContext, lengths: Tensor, host_lengths: list[int], capacity: int) -> "ContextCache":
+    def start(ctx: DraftContext, lengths: Tensor, host_lengths: list[int], capacity: int) -> ContextCache:
         """A cache of `capacity` slots a row holding `ctx` (the prompt's context at slots 0 .. width-1) with row b's
         first `lengths[b]` slots committed."""
         width = ctx.valid.shape[1]
@@ -225,7 +225,7 @@ class ContextCache:
         self.lengths = self.lengths + keep
         self.host_lengths = [n + k for n, k in zip(self.host_lengths, keep_host)]
 
-    def select(self, index: Tensor, host_index: list[int]) -> "ContextCache":
+    def select(self, index: Tensor, host_index: list[int]) -> ContextCache:
         """Keep only the batch rows `index` (their host list `host_index`)."""
         return ContextCache([k[index] for k in self.keys], [v[index] for v in self.values], None if self.fused is None else self.fused[index],
                             self.lengths[index], [self.host_lengths[i] for i in host_index])
@@ -260,7 +260,7 @@ class Drafter(nn.Module):
             self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_head())
         self.to(device=self.lm_head_weight.device)
 
-    def __deepcopy__(self, memo: dict) -> "Drafter":
+    def __deepcopy__(self, memo: dict) -> Drafter:
         """A copy that shares the target's frozen weights instead of copying them."""
         memo.update({id(self.embed_weight): self.embed_weight, id(self.lm_head_weight): self.lm_head_weight})
         new = memo[id(self)] = self.__class__.__new__(self.__class__)

@@ -30,7 +30,7 @@ Algorithmic choices (EAGLE-3 and its public implementations; names follow the sp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,7 @@ sums equal the unchunked computation up to float summation order (tests check va
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -103,10 +103,10 @@ class Compute:
         self.draft_train_tokens += tokens
         self._add(6.0 * draft_params * tokens, "train")
 
-    def copy(self) -> "Compute":
+    def copy(self) -> Compute:
         return Compute(**{**asdict(self), "phase_flops": dict(self.phase_flops)})
 
-    def add_ranks(self, start: "Compute") -> None:
+    def add_ranks(self, start: Compute) -> None:
         """Count every rank's spending since `start` (this rank's count at the step's start), not only this rank's.
         Token counts and FLOPs are whole numbers, so the sum is exact."""
         if ddp.world_size() == 1:
@@ -311,7 +311,7 @@ class TrainerState:
 
     @staticmethod
     def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool,
-              split: tuple[object, str] | None = None, run: RunInfo | None = None) -> "TrainerState":
+              split: tuple[object, str] | None = None, run: RunInfo | None = None) -> TrainerState:
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
         complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from.
         Under torchrun, first joins the process group; `split = (config, field)` names the count each step shares

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist

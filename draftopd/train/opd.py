@@ -48,9 +48,9 @@ down).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -67,8 +67,8 @@ from .blocks import SequenceBatch, block_hidden, block_labels, draft_vocab_logit
 from .chunked import chunk_rows, chunked_sum
 from .common import Compute, TrainerState, data_order, param_counts, train_autocast
 from .losses import LossConfig, StreamSums, combine_streams, decay_weights, kl_estimate, kl_exact
-from .tracking import RunInfo, memory_metrics
 from .sft import logit_width
+from .tracking import RunInfo, memory_metrics
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,17 @@ rules in `common.py`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from ..config import SFTConfig
+from ..data.features import CachedSequence, FeatureCache, SequenceShape, loss_mask
 from ..models.drafter import Drafter
 from ..models.target import Target
-from ..data.features import CachedSequence, FeatureCache, SequenceShape, loss_mask
 from . import distributed as ddp
 from .blocks import add_feature_noise, block_hidden, block_labels, draft_vocab_logits, draw_anchors, pad_batch, teach_cached, teach_online
 from .chunked import chunk_rows, chunked_sum

@@ -43,7 +43,7 @@ from draftopd import headline as H  # noqa: E402
 from draftopd.data.features import FeatureCache  # noqa: E402
 from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.stats import ratio_text  # noqa: E402
-from draftopd.eval.replay import ReplayedTau, score_texts  # noqa: E402
+from draftopd.eval.replay import score_texts  # noqa: E402
 from draftopd.eval.round_cost import measure  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402

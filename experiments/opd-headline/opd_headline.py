@@ -56,8 +56,7 @@ from draftopd.data.regenerate import load_regenerated  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate  # noqa: E402
 from draftopd.decode.stats import ratio_text  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, ReplayedText, score_texts  # noqa: E402
-from draftopd.headline import (ABLATIONS, OPD, OPD_FLOPS_PER_UPDATE, SETS, SFT, SFT_FLOPS_PER_STEP, opd_variant,  # noqa: E402
-                              paired, point, replay_all)
+from draftopd.headline import ABLATIONS, OPD, OPD_FLOPS_PER_UPDATE, SETS, SFT, SFT_FLOPS_PER_STEP, opd_variant, paired, point, replay_all  # noqa: E402
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 from draftopd.train.opd import train_opd  # noqa: E402

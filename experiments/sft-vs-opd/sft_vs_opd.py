@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 from dataclasses import replace
 
 from draftopd.config import DecodeConfig, DrafterConfig, EvalConfig, OptimConfig, SFTConfig

@@ -44,7 +44,7 @@ from draftopd.data.prompts import Prompt, load_prompts, render_prompt, stable_ha
 from draftopd.data.regenerate import load_regenerated, regenerate  # noqa: E402
 from draftopd.decode.speculative import autoregressive_generate, generate  # noqa: E402
 from draftopd.eval.replay import ReplayedTau, replay_scored, score_texts  # noqa: E402
-from draftopd.models.drafter import default_mask_token, DrafterSpec, new_drafter, save_drafter  # noqa: E402
+from draftopd.models.drafter import DrafterSpec, default_mask_token, new_drafter, save_drafter  # noqa: E402
 from draftopd.models.load import load_target, tiny_target  # noqa: E402
 from draftopd.train.sft import train_sft  # noqa: E402
 
