@@ -30,13 +30,33 @@ def main() -> None:
     args = parser.parse_args()
     target = load_target(args.target)
     drafter = load_drafter(args.drafter, target) if args.drafter else new_drafter(target, DrafterConfig(block_size=args.block_size))
-    report = evaluate(target, drafter, EvalConfig(sets=(args.prompt_set,), num_prompts=args.prompts, decode=DecodeConfig(max_new_tokens=args.max_new_tokens)), progress=False)
+    report = evaluate(
+        target,
+        drafter,
+        EvalConfig(sets=(args.prompt_set,), num_prompts=args.prompts, decode=DecodeConfig(max_new_tokens=args.max_new_tokens)),
+        progress=False,
+    )
     row = report.row(args.prompt_set)
-    print(json.dumps({"target": args.target, "drafter": args.drafter or "untrained", "block_size": drafter.block_size,
-                      "prompts": row.prompts, "max_new_tokens": args.max_new_tokens, "tau": row.tau,
-                      "ar_ms_per_token": row.ar_ms_per_token, "spec_ms_per_round": row.spec_ms_per_round,
-                      "measured_speedup": row.speedup, "ideal_speedup": row.ideal_speedup,
-                      "ar_tokens_per_s": row.ar_tokens_per_s, "spec_tokens_per_s": row.spec_tokens_per_s, "mismatches": row.mismatches}, indent=2))
+    print(
+        json.dumps(
+            {
+                "target": args.target,
+                "drafter": args.drafter or "untrained",
+                "block_size": drafter.block_size,
+                "prompts": row.prompts,
+                "max_new_tokens": args.max_new_tokens,
+                "tau": row.tau,
+                "ar_ms_per_token": row.ar_ms_per_token,
+                "spec_ms_per_round": row.spec_ms_per_round,
+                "measured_speedup": row.speedup,
+                "ideal_speedup": row.ideal_speedup,
+                "ar_tokens_per_s": row.ar_tokens_per_s,
+                "spec_tokens_per_s": row.spec_tokens_per_s,
+                "mismatches": row.mismatches,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -59,10 +59,19 @@ def hf_run(target, ids: list[int], max_new_tokens: int, pld: bool) -> Run:
     x = torch.tensor([ids], device=target.device)
     extra = {"prompt_lookup_num_tokens": PLD_TOKENS} if pld else {}
     t0 = time.perf_counter()
-    out = target.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                                temperature=None, top_p=None, top_k=None, eos_token_id=sorted(target.eos_ids),
-                                pad_token_id=target.pad_id, **extra)
-    return Run(tuple(out[0, len(ids):].tolist()), time.perf_counter() - t0)
+    out = target.model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=sorted(target.eos_ids),
+        pad_token_id=target.pad_id,
+        **extra,
+    )
+    return Run(tuple(out[0, len(ids) :].tolist()), time.perf_counter() - t0)
 
 
 def draftopd_run(fn: Callable, ids: list[int], cfg: DecodeConfig) -> Run:
@@ -73,13 +82,17 @@ def draftopd_run(fn: Callable, ids: list[int], cfg: DecodeConfig) -> Run:
     return Run(tuple(gen.traces[0].output), seconds, gen.traces[0].rounds)
 
 
-def methods(target, drafter, max_new_tokens: int, num_drafts: int | None = None, lookup_ngram: int = 0) -> dict[str, Callable[[list[int]], Run]]:
+def methods(
+    target, drafter, max_new_tokens: int, num_drafts: int | None = None, lookup_ngram: int = 0
+) -> dict[str, Callable[[list[int]], Run]]:
     cfg = DecodeConfig(max_new_tokens=max_new_tokens)
     spec_cfg = DecodeConfig(max_new_tokens=max_new_tokens, num_drafts=num_drafts)
-    run = {"hf-greedy": lambda ids: hf_run(target, ids, max_new_tokens, pld=False),
-           "hf-pld": lambda ids: hf_run(target, ids, max_new_tokens, pld=True),
-           "draftopd-ar": lambda ids: draftopd_run(lambda p, c: autoregressive_generate(target, p, c), ids, cfg),
-           "draftopd-spec": lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, spec_cfg)}
+    run = {
+        "hf-greedy": lambda ids: hf_run(target, ids, max_new_tokens, pld=False),
+        "hf-pld": lambda ids: hf_run(target, ids, max_new_tokens, pld=True),
+        "draftopd-ar": lambda ids: draftopd_run(lambda p, c: autoregressive_generate(target, p, c), ids, cfg),
+        "draftopd-spec": lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, spec_cfg),
+    }
     if lookup_ngram:
         lookup_cfg = DecodeConfig(max_new_tokens=max_new_tokens, num_drafts=num_drafts, lookup_ngram=lookup_ngram)
         run["draftopd-lookup"] = lambda ids: draftopd_run(lambda p, c: generate(target, drafter, p, c), ids, lookup_cfg)
@@ -93,7 +106,7 @@ def measure(run: dict[str, Callable], prompts: list[list[int]]) -> dict[str, lis
     names = tuple(run)
     results: dict[str, list[Run]] = {m: [] for m in names}
     for i, ids in enumerate(prompts):
-        for m in names[i % len(names):] + names[:i % len(names)]:
+        for m in names[i % len(names) :] + names[: i % len(names)]:
             results[m].append(run[m](ids))
     return results
 
@@ -103,8 +116,10 @@ def table(results: dict[str, list[Run]]) -> str:
     tps = {m: sum(len(r.tokens) for r in rs) / max(sum(r.seconds for r in rs), 1e-9) for m, rs in results.items()}
     best_hf = max(HF, key=tps.get)
     ref = results["hf-greedy"]
-    lines = ["| method | new tokens | seconds | tokens/s | vs best HF (" + best_hf + ") [95% CI] | == hf-greedy | tau |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | new tokens | seconds | tokens/s | vs best HF (" + best_hf + ") [95% CI] | == hf-greedy | tau |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def columns(m: str) -> tuple[list[float], list[float]]:
         return [len(r.tokens) for r in results[m]], [r.seconds for r in results[m]]
@@ -114,8 +129,10 @@ def table(results: dict[str, list[Run]]) -> str:
         rounds = sum(r.rounds for r in rs)
         tau = f"{sum(len(r.tokens) - 1 for r in rs) / rounds:.2f}" if rounds and m != "draftopd-ar" else "-"
         low, high = paired_ratio_ci(*columns(best_hf), *columns(m))
-        lines.append(f"| {m} | {sum(len(r.tokens) for r in rs)} | {sum(r.seconds for r in rs):.2f} | {tps[m]:.1f} | "
-                     f"{tps[m] / tps[best_hf]:.2f}x [{low:.2f}, {high:.2f}] | {same}/{len(rs)} | {tau} |")
+        lines.append(
+            f"| {m} | {sum(len(r.tokens) for r in rs)} | {sum(r.seconds for r in rs):.2f} | {tps[m]:.1f} | "
+            f"{tps[m] / tps[best_hf]:.2f}x [{low:.2f}, {high:.2f}] | {same}/{len(rs)} | {tau} |"
+        )
     return "\n".join(lines)
 
 
@@ -129,19 +146,29 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the MT-Bench prompt sample")
     parser.add_argument("--skip-prompts", type=int, default=0, help="skip the sample's first N prompts (those settings were chosen on)")
     parser.add_argument("--num-drafts", type=int, default=None, help="drafts verified a round (default: the whole block)")
-    parser.add_argument("--lookup-ngram", type=int, default=0, help="add draftopd-lookup (the drafter plus prompt lookup on n-grams) and draftopd-lookup-only (0: off)")
+    parser.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=0,
+        help="add draftopd-lookup (the drafter plus prompt lookup on n-grams) and draftopd-lookup-only (0: off)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     target = load_target(args.target, dtype=DTYPES[args.dtype])
     drafter = load_drafter(args.drafter, target) if args.drafter else new_drafter(target, DrafterConfig())
     drafter = drafter.to(target.dtype).eval()  # decoding runs the drafter in the target's dtype, as `generate` does
-    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.skip_prompts + args.prompts, seed=args.seed).prompts[args.skip_prompts:]]
+    prompts = [
+        render_prompt(p, target.tokenizer)
+        for p in load_prompts("mt-bench", limit=args.skip_prompts + args.prompts, seed=args.seed).prompts[args.skip_prompts :]
+    ]
     with torch.inference_mode():
         measure(methods(target, drafter, min(8, args.max_new_tokens), args.num_drafts, args.lookup_ngram), prompts[:1])  # warm-up
         results = measure(methods(target, drafter, args.max_new_tokens, args.num_drafts, args.lookup_ngram), prompts)
-    print(f"target {args.target} ({args.dtype}), drafter {args.drafter or 'untrained'} (block {drafter.block_size}), "
-          f"{args.num_drafts or drafter.block_size - 1} drafts a round, {len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens, greedy, batch 1, "
-          f"{torch.get_num_threads()} threads, hf-pld = prompt_lookup_num_tokens={PLD_TOKENS}\n")
+    print(
+        f"target {args.target} ({args.dtype}), drafter {args.drafter or 'untrained'} (block {drafter.block_size}), "
+        f"{args.num_drafts or drafter.block_size - 1} drafts a round, {len(prompts)} MT-Bench prompts x {args.max_new_tokens} new tokens, greedy, batch 1, "
+        f"{torch.get_num_threads()} threads, hf-pld = prompt_lookup_num_tokens={PLD_TOKENS}\n"
+    )
     print(table(results))
 
 

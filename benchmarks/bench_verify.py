@@ -38,9 +38,15 @@ def main() -> None:
         drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, vocab_size=8192))
         drafter.set_draft_vocab(torch.arange(8192))
     sizes = [1, 2, 4, 6, 8, 10, 12, 16]
-    print(f"target {args.target}, {args.context}-token cache, drafter {args.drafter or 'new'} (block {drafter.block_size}), "
-          f"{args.threads} threads, median of {args.repeats}\n")
-    print("| dtype | one token (ms) | " + " | ".join(f"verify {n}" for n in sizes[1:]) + " | draft/round (x one token) | ideal speedup at tau 2 / 3 / 4 | prefill tok/s |")
+    print(
+        f"target {args.target}, {args.context}-token cache, drafter {args.drafter or 'new'} (block {drafter.block_size}), "
+        f"{args.threads} threads, median of {args.repeats}\n"
+    )
+    print(
+        "| dtype | one token (ms) | "
+        + " | ".join(f"verify {n}" for n in sizes[1:])
+        + " | draft/round (x one token) | ideal speedup at tau 2 / 3 / 4 | prefill tok/s |"
+    )
     print("|---|---|" + "---|" * (len(sizes) - 1) + "---|---|---|")
     for name in args.dtypes:
         dtype = getattr(torch, name)
@@ -48,8 +54,13 @@ def main() -> None:
         r = measure(target, drafter.to(dtype), args.context, sizes, args.repeats)
         one, block = r["verify_ms"][1], r["verify_ms"].get(drafter.block_size) or r["verify_ms"][max(sizes)]
         ideal = [tau * one / (block + r["draft_ms"]) for tau in (2, 3, 4)]
-        print(f"| {name} | {one:.1f} | " + " | ".join(f"{r['verify_ms'][n] / one:.2f}x" for n in sizes[1:])
-              + f" | {r['draft_ms'] / one:.2f} | " + " / ".join(f"{x:.2f}x" for x in ideal) + f" | {r['prefill_tok_s']:.0f} |")
+        print(
+            f"| {name} | {one:.1f} | "
+            + " | ".join(f"{r['verify_ms'][n] / one:.2f}x" for n in sizes[1:])
+            + f" | {r['draft_ms'] / one:.2f} | "
+            + " / ".join(f"{x:.2f}x" for x in ideal)
+            + f" | {r['prefill_tok_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

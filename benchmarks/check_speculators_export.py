@@ -47,15 +47,24 @@ def check_tensors(model, folder: Path, verifier: str | None) -> list[str]:
     from safetensors.torch import load_file
 
     saved, loaded = load_file(str(folder / "model.safetensors")), model.state_dict()
-    allowed = FROM_VERIFIER | ({"lm_head.weight"} if model.config.speculators_model_type == "dflash" and not model.use_draft_vocab else set())
+    allowed = FROM_VERIFIER | (
+        {"lm_head.weight"} if model.config.speculators_model_type == "dflash" and not model.use_draft_vocab else set()
+    )
     problems = [f"unexpected tensor {k} (speculators has no such weight)" for k in sorted(saved.keys() - loaded.keys())]
     problems += [f"missing tensor {k} (left as initialised)" for k in sorted(loaded.keys() - saved.keys() - allowed)]
-    problems += [f"tensor {k} loaded as something else" for k in sorted(saved.keys() & loaded.keys()) if not torch.equal(saved[k], loaded[k])]
+    problems += [
+        f"tensor {k} loaded as something else" for k in sorted(saved.keys() & loaded.keys()) if not torch.equal(saved[k], loaded[k])
+    ]
     if verifier is not None:
-        problems += [f"tensor {k} not filled from the verifier" for k, want in from_verifier(model, verifier).items()
-                     if k not in saved and not torch.equal(loaded[k], want)]
-    print(f"  tensors: {len(saved)} in the file, {len(saved.keys() & loaded.keys())} loaded as saved; from the verifier: "
-          f"{', '.join(sorted(allowed & loaded.keys() - saved.keys())) or 'none'}")
+        problems += [
+            f"tensor {k} not filled from the verifier"
+            for k, want in from_verifier(model, verifier).items()
+            if k not in saved and not torch.equal(loaded[k], want)
+        ]
+    print(
+        f"  tensors: {len(saved)} in the file, {len(saved.keys() & loaded.keys())} loaded as saved; from the verifier: "
+        f"{', '.join(sorted(allowed & loaded.keys() - saved.keys())) or 'none'}"
+    )
     return problems
 
 
@@ -77,8 +86,13 @@ def eagle3_logits(model, check: dict, steps: int) -> torch.Tensor:
     outputs = []
     handle = model.lm_head.register_forward_hook(lambda _m, _i, out: outputs.append(out))
     try:
-        model(hidden_states=features, input_ids=tokens[None, 1:length + 1], document_ids=torch.zeros(1, length, dtype=torch.long),
-              position_ids=torch.arange(length)[None], ttt_steps=steps)
+        model(
+            hidden_states=features,
+            input_ids=tokens[None, 1 : length + 1],
+            document_ids=torch.zeros(1, length, dtype=torch.long),
+            position_ids=torch.arange(length)[None],
+            ttt_steps=steps,
+        )
     finally:
         handle.remove()
     return torch.stack(outputs, 2)[0, anchors - 1].float()  # (n, K, V_draft)
@@ -92,8 +106,14 @@ def dflash_logits(model, check: dict) -> torch.Tensor:
     loss_mask = torch.zeros(1, length, dtype=torch.long)
     loss_mask[0, anchors] = 1
     _, logits, *_ = model._backbone_forward(
-        features, tokens[None, :length], loss_mask, torch.zeros(1, length, model.hidden_size), torch.zeros(1, length, dtype=torch.long),
-        torch.arange(length)[None], max_anchors=len(anchors))
+        features,
+        tokens[None, :length],
+        loss_mask,
+        torch.zeros(1, length, model.hidden_size),
+        torch.zeros(1, length, dtype=torch.long),
+        torch.arange(length)[None],
+        max_anchors=len(anchors),
+    )
     return logits[0].view(len(anchors), block, -1)[:, 1:].float()  # slot 0 is the anchor
 
 
@@ -112,8 +132,10 @@ def check_forward(model, check_path: Path, tol: float) -> list[str]:
         return [f"speculators' logits have shape {tuple(theirs.shape)}, ours {tuple(ours.shape)}"]
     diff, scale = (theirs - ours).abs().max().item(), ours.abs().max().item()
     agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    print(f"  forward: {ours.shape[0]} anchors x {ours.shape[1]} slots x {ours.shape[2]} draft tokens; max |logit difference| "
-          f"{diff:.3g} (logits up to {scale:.3g}); argmax agrees on {100 * agree:.1f}%")
+    print(
+        f"  forward: {ours.shape[0]} anchors x {ours.shape[1]} slots x {ours.shape[2]} draft tokens; max |logit difference| "
+        f"{diff:.3g} (logits up to {scale:.3g}); argmax agrees on {100 * agree:.1f}%"
+    )
     return [] if diff <= tol * max(scale, 1.0) else [f"logits differ by {diff:.3g} > --tol {tol} x {max(scale, 1.0):.3g}"]
 
 
@@ -147,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("exports", nargs="+", type=Path, help="folders written by draftopd.interop.speculators.export_speculators")
     parser.add_argument("--verifier", help="the target's local folder (default: the one the export's config names)")
-    parser.add_argument("--tol", type=float, default=1e-5, help="largest |logit difference| accepted, as a fraction of the largest "
-                        "|logit| (float32 exports)")
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=1e-5,
+        help="largest |logit difference| accepted, as a fraction of the largest |logit| (float32 exports)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = [check_export(folder, args.verifier, args.tol) for folder in args.exports]

@@ -24,11 +24,38 @@ VENV = ROOT / ".venv" / "bin"
 
 
 def train(out: Path, procs: int, threads: int, args: argparse.Namespace) -> list[dict]:
-    common = ["sft", "--features", str(args.features), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--anchors-per-seq", str(args.anchors), "--save-every", str(args.steps), "--log-every", "1", "--seed", "0",
-              "--draft-arch", args.arch, "--draft-block-size", str(args.block_size), "--draft-vocab-size", str(args.vocab),
-              "--draft-num-layers", str(args.num_layers), "--draft-target-layer-ids", *map(str, args.layer_ids),
-              "--dtype", "float32", "--out", str(out), "--json"]
+    common = [
+        "sft",
+        "--features",
+        str(args.features),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--anchors-per-seq",
+        str(args.anchors),
+        "--save-every",
+        str(args.steps),
+        "--log-every",
+        "1",
+        "--seed",
+        "0",
+        "--draft-arch",
+        args.arch,
+        "--draft-block-size",
+        str(args.block_size),
+        "--draft-vocab-size",
+        str(args.vocab),
+        "--draft-num-layers",
+        str(args.num_layers),
+        "--draft-target-layer-ids",
+        *map(str, args.layer_ids),
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "--json",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if procs == 1:
         cmd = [str(VENV / "draftopd"), *common]
@@ -74,9 +101,13 @@ def main() -> None:
             raise SystemExit(f"{args.out / name} exists: give a new --out")
     one = rate(train(args.out / "one", 1, args.threads, args), args.skip)
     two = rate(train(args.out / "two", 2, max(args.threads // 2, 1), args), args.skip)
-    result = {"one_process": one, "two_processes": two,
-              "two_over_one": two["draft_tokens_per_s"] / one["draft_tokens_per_s"],
-              "max_weight_diff": max_weight_diff(args.out / "one", args.out / "two"), "config": {k: str(v) for k, v in vars(args).items()}}
+    result = {
+        "one_process": one,
+        "two_processes": two,
+        "two_over_one": two["draft_tokens_per_s"] / one["draft_tokens_per_s"],
+        "max_weight_diff": max_weight_diff(args.out / "one", args.out / "two"),
+        "config": {k: str(v) for k, v in vars(args).items()},
+    }
     (args.out / "report.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -72,11 +72,14 @@ def check_plan(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str) -> dict
     target = meta_target(model_config(cfg.target_config), torch.bfloat16, cfg.target_config, device=device)
     train = meta_drafter(target, drafter_cfg).float().train()
     decode = meta_drafter(target, drafter_cfg).to(target.dtype).eval()
-    steps = {"regenerate": lambda: decode_step(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens),
-             "features": lambda: features_step(target, train.spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens),
-             "sft-online": lambda: sft_step(target, train, cfg, cached=False), "sft-cache": lambda: sft_step(target, train, cfg, cached=True),
-             "opd-rollout": lambda: decode_step(target, decode, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens),
-             "opd-replay": lambda: replay_step(target, train, cfg, int(cfg.opd_new_tokens / cfg.opd_tau))}
+    steps = {
+        "regenerate": lambda: decode_step(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens),
+        "features": lambda: features_step(target, train.spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens),
+        "sft-online": lambda: sft_step(target, train, cfg, cached=False),
+        "sft-cache": lambda: sft_step(target, train, cfg, cached=True),
+        "opd-rollout": lambda: decode_step(target, decode, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens),
+        "opd-replay": lambda: replay_step(target, train, cfg, int(cfg.opd_new_tokens / cfg.opd_tau)),
+    }
     out = {}
     for name, step in steps.items():
         flow = report.flow(name)
@@ -93,15 +96,27 @@ def check_opd(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str, updates:
     target = meta_target(model_config(cfg.target_config), torch.bfloat16, cfg.target_config, device=device)
     drafter = meta_drafter(target, drafter_cfg).float()
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(64 + i)] for i in range(cfg.opd_rollouts * updates)]
-    opd = OPDConfig(steps=updates, prompts_per_rollout=cfg.opd_rollouts, rollouts_per_step=1, replay_batch=cfg.replay_batch,
-                    rollout=DecodeConfig(max_new_tokens=min(128, cfg.opd_new_tokens)), save_every=10_000,
-                    autocast="auto", optim=OptimConfig(lr=3e-4))
+    opd = OPDConfig(
+        steps=updates,
+        prompts_per_rollout=cfg.opd_rollouts,
+        rollouts_per_step=1,
+        replay_batch=cfg.replay_batch,
+        rollout=DecodeConfig(max_new_tokens=min(128, cfg.opd_new_tokens)),
+        save_every=10_000,
+        autocast="auto",
+        optim=OptimConfig(lr=3e-4),
+    )
     peak = peak_of(lambda: train_opd(target, drafter, prompts, opd, out / "opd", progress=False), device)
     rows = [json.loads(line) for line in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     per_update = [r["time/rollout_s"] + r["time/replay_s"] + r["time/update_s"] for r in rows]
-    return {"updates": len(rows), "seconds_per_update_median": sorted(per_update)[len(per_update) // 2], "peak_gb": round(peak, 3),
-            "rollout_s": [round(r["time/rollout_s"], 3) for r in rows], "replay_s": [round(r["time/replay_s"], 3) for r in rows],
-            "loss": [round(r["train/loss"], 4) for r in rows]}
+    return {
+        "updates": len(rows),
+        "seconds_per_update_median": sorted(per_update)[len(per_update) // 2],
+        "peak_gb": round(peak, 3),
+        "rollout_s": [round(r["time/rollout_s"], 3) for r in rows],
+        "replay_s": [round(r["time/replay_s"], 3) for r in rows],
+        "loss": [round(r["train/loss"], 4) for r in rows],
+    }
 
 
 def profile_round(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str, out: Path) -> dict:
@@ -119,10 +134,17 @@ def profile_round(cfg: PlanConfig, drafter_cfg: DrafterConfig, device: str, out:
         gen = generate(target, drafter, prompts, decode)
     sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     (out / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
-    syncs = sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize",
-                                                                  "cudaDeviceSynchronize", "cudaMemcpyAsync"))
-    return {"rounds": gen.timing.rounds, "ms_per_round": round(1000 * (gen.timing.total_s - gen.timing.prefill_s) / max(gen.timing.rounds, 1), 3),
-            "sync_like_calls": syncs, "timing": vars(gen.timing)}
+    syncs = sum(
+        e.count
+        for e in prof.key_averages()
+        if e.key in ("aten::_local_scalar_dense", "aten::item", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync")
+    )
+    return {
+        "rounds": gen.timing.rounds,
+        "ms_per_round": round(1000 * (gen.timing.total_s - gen.timing.prefill_s) / max(gen.timing.rounds, 1), 3),
+        "sync_like_calls": syncs,
+        "timing": vars(gen.timing),
+    }
 
 
 def main() -> None:
@@ -140,18 +162,44 @@ def main() -> None:
             raise SystemExit("--device cuda: no CUDA device here")
         torch.backends.cuda.matmul.allow_tf32 = False  # decoding must stay exact in float32; training turns TF32 on itself
     drafter_cfg = DrafterConfig(num_layers=2, block_size=16, mask_token_id=151669)
-    sizes = dict(regen_batch=16, prompt_tokens=256, new_tokens=512, sft_batch=2, sequence_tokens=2048, anchors_per_seq=256, opd_rollouts=16,
-                 opd_new_tokens=512, replay_batch=2, features_batch_tokens=8192)
+    sizes = dict(
+        regen_batch=16,
+        prompt_tokens=256,
+        new_tokens=512,
+        sft_batch=2,
+        sequence_tokens=2048,
+        anchors_per_seq=256,
+        opd_rollouts=16,
+        opd_new_tokens=512,
+        replay_batch=2,
+        features_batch_tokens=8192,
+    )
     if args.quick:
-        sizes = dict(regen_batch=2, prompt_tokens=16, new_tokens=16, sft_batch=2, sequence_tokens=64, anchors_per_seq=8, opd_rollouts=2,
-                     opd_new_tokens=16, replay_batch=1, features_batch_tokens=128)
+        sizes = dict(
+            regen_batch=2,
+            prompt_tokens=16,
+            new_tokens=16,
+            sft_batch=2,
+            sequence_tokens=64,
+            anchors_per_seq=8,
+            opd_rollouts=2,
+            opd_new_tokens=16,
+            replay_batch=1,
+            features_batch_tokens=128,
+        )
     cfg = PlanConfig(target_config=args.config, **sizes)
-    report: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-                    "torch": torch.__version__, "config": args.config}
+    report: dict = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__,
+        "config": args.config,
+    }
     t0 = time.perf_counter()
-    parts = [("flows", lambda: check_flows(args.device, out)), ("plan_vs_device", lambda: check_plan(cfg, drafter_cfg, args.device)),
-             ("opd_updates", lambda: check_opd(cfg, drafter_cfg, args.device, 2 if args.quick else args.updates, out)),
-             ("decode_round_profile", lambda: profile_round(cfg, drafter_cfg, args.device, out))]
+    parts = [
+        ("flows", lambda: check_flows(args.device, out)),
+        ("plan_vs_device", lambda: check_plan(cfg, drafter_cfg, args.device)),
+        ("opd_updates", lambda: check_opd(cfg, drafter_cfg, args.device, 2 if args.quick else args.updates, out)),
+        ("decode_round_profile", lambda: profile_round(cfg, drafter_cfg, args.device, out)),
+    ]
     for name, part in parts:
         try:
             report[name] = part()

@@ -53,21 +53,38 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--drafter", nargs="+", default=["draftopd/drafters/smollm2-135m-dflash"],
-                        help="one drafter, or several compared side by side (arms labelled K:ARM)")
+    parser.add_argument(
+        "--drafter",
+        nargs="+",
+        default=["draftopd/drafters/smollm2-135m-dflash"],
+        help="one drafter, or several compared side by side (arms labelled K:ARM)",
+    )
     parser.add_argument("--num-drafts", type=int, nargs="+", default=[1, 2, 3, 7])
     parser.add_argument("--confidence", type=float, nargs="*", default=[], help="draft_confidence arms (whole block, cut per round)")
-    parser.add_argument("--lookup", type=int, nargs="*", default=[], help="prompt-lookup arms: lookup_ngram n, the drafter's "
-                        "--lookup-num-drafts drafts where no n-gram matches")
+    parser.add_argument(
+        "--lookup",
+        type=int,
+        nargs="*",
+        default=[],
+        help="prompt-lookup arms: lookup_ngram n, the drafter's --lookup-num-drafts drafts where no n-gram matches",
+    )
     parser.add_argument("--lookup-num-drafts", type=int, default=2)
     parser.add_argument("--lookup-only", type=int, nargs="*", default=[], help="arms of prompt lookup alone on n-grams (no drafter)")
-    parser.add_argument("--reference", default=None, help="arm label of the paired ratio column: a --num-drafts n, "
-                        "ln (lookup n), on (lookup only n), cC (confidence C), prefixed K: with several drafters; "
-                        "default the largest --num-drafts (of the first drafter)")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="arm label of the paired ratio column: a --num-drafts n, "
+        "ln (lookup n), on (lookup only n), cC (confidence C), prefixed K: with several drafters; "
+        "default the largest --num-drafts (of the first drafter)",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--prompts-per-set", type=int, default=30)
-    parser.add_argument("--skip-prompts", type=int, default=0, help="skip each set's first N sampled prompts (those settings were "
-                        "chosen on): report on held-out prompts")
+    parser.add_argument(
+        "--skip-prompts",
+        type=int,
+        default=0,
+        help="skip each set's first N sampled prompts (those settings were chosen on): report on held-out prompts",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
@@ -109,8 +126,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
     cfg = DecodeConfig(max_new_tokens=args.max_new_tokens)
     drafter_arms = {str(n): DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=n) for n in args.num_drafts}
     drafter_arms |= {f"c{c:g}": DecodeConfig(max_new_tokens=args.max_new_tokens, draft_confidence=c) for c in args.confidence}
-    drafter_arms |= {f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n)
-                     for n in args.lookup}
+    drafter_arms |= {
+        f"l{n}": DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=args.lookup_num_drafts, lookup_ngram=n) for n in args.lookup
+    }
     configs = [(drafter, arm_cfg) for drafter in drafters for arm_cfg in drafter_arms.values()]
     configs += [(drafters[0], DecodeConfig(max_new_tokens=args.max_new_tokens, num_drafts=0, lookup_ngram=n)) for n in args.lookup_only]
     arms = dict(zip(arm_labels(args)[1], configs))
@@ -126,9 +144,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict]
         for label, (drafter, arm_cfg) in arms.items():
             spec, spec_s = timed(lambda: generate(target, drafter, [prompt], arm_cfg))
             tr = spec.traces[0]
-            row["arms"][label] = {"committed": len(tr.output) - 1, "rounds": tr.rounds, "s": spec_s, "draft_s": spec.timing.draft_s,
-                                  "verify_s": spec.timing.verify_s, "equal": tr.output == plain.traces[0].output,
-                                  "accepted": list(tr.accepted), "proposed": list(tr.proposed), "looked_up": sum(tr.looked_up)}
+            row["arms"][label] = {
+                "committed": len(tr.output) - 1,
+                "rounds": tr.rounds,
+                "s": spec_s,
+                "draft_s": spec.timing.draft_s,
+                "verify_s": spec.timing.verify_s,
+                "equal": tr.output == plain.traces[0].output,
+                "accepted": list(tr.accepted),
+                "proposed": list(tr.proposed),
+                "looked_up": sum(tr.looked_up),
+            }
         rows.append(row)
     return rows
 
@@ -138,11 +164,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> dict:
     the per-arm summary."""
     arms, reference = arm_labels(args)[1], reference_arm(args)
     plain_s = [r["plain_s"] for r in rows]
-    print(f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
-          f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s")
+    print(
+        f"{len(rows)} prompts x {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads; plain "
+        f"{sum(r['new'] for r in rows) / sum(plain_s):.1f} tokens/s"
+    )
     if len(args.drafter) > 1:
         print("; ".join(f"drafter {k} = {path}" for k, path in enumerate(args.drafter)))
-    print(f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {reference}'s (paired) |")
+    print(
+        f"| drafts a round | tau [95% CI] | speedup vs plain [95% CI] | draft / verify ms a round | drafts verified a round | slot 1 / 2 acceptance | output equal to plain | speedup / arm {reference}'s (paired) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
     reference_secs = [r["arms"][reference]["s"] for r in rows]
@@ -163,14 +193,30 @@ def report(rows: list[dict], args: argparse.Namespace) -> dict:
         label = f"draft_confidence {kind[1:]}" if kind.startswith("c") else kind
         if kind[0] in "lo":
             share = f"{sum(a['looked_up'] for a in arm) / rounds_total:.0%} of rounds looked up"
-            label = (f"{args.lookup_num_drafts} + lookup_ngram {kind[1:]} ({share})" if kind[0] == "l"
-                     else f"lookup_ngram {kind[1:]} alone ({share})")
+            label = (
+                f"{args.lookup_num_drafts} + lookup_ngram {kind[1:]} ({share})"
+                if kind[0] == "l"
+                else f"lookup_ngram {kind[1:]} alone ({share})"
+            )
         label = f"drafter {prefix}: {label}" if prefix else label
-        print(f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
-              f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
-              + ("-" if n == reference else ratio_text(ratio, low, high)) + " |")
-        summary[n] = {"tau": tau, "tau_ci": tau_ci, "speedup": speed, "speedup_ci": speed_ci, "draft_ms": draft_ms,
-                      "verify_ms": verify_ms, "verified": verified, "slot_acceptance": slots, "equal": equal, "vs_full": [ratio, low, high]}
+        print(
+            f"| {label} | {tau:.3f} [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}] | {speed:.2f}x [{speed_ci[0]:.2f}, {speed_ci[1]:.2f}] | "
+            f"{draft_ms:.1f} / {verify_ms:.1f} | {verified:.2f} | {slots[0]:.2f} / {slots[1]:.2f} | {equal}/{len(rows)} | "
+            + ("-" if n == reference else ratio_text(ratio, low, high))
+            + " |"
+        )
+        summary[n] = {
+            "tau": tau,
+            "tau_ci": tau_ci,
+            "speedup": speed,
+            "speedup_ci": speed_ci,
+            "draft_ms": draft_ms,
+            "verify_ms": verify_ms,
+            "verified": verified,
+            "slot_acceptance": slots,
+            "equal": equal,
+            "vs_full": [ratio, low, high],
+        }
     if len(args.drafter) > 1:
         print_drafter_ratios(rows, args)
     return summary
@@ -190,8 +236,10 @@ def print_drafter_ratios(rows: list[dict], args: argparse.Namespace) -> None:
             arm = [r["arms"][f"{k}:{label}"] for r in rows]
             tau = (sum(get(arm, "committed")) / sum(get(arm, "rounds"))) / (sum(get(base, "committed")) / sum(get(base, "rounds")))
             speed = sum(get(base, "s")) / sum(get(arm, "s"))
-            print(f"| {label} | {k} | {ratio_text(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
-                  f"{ratio_text(speed, *paired_ratio_ci(plain_s, get(base, 's'), plain_s, get(arm, 's')))} |")
+            print(
+                f"| {label} | {k} | {ratio_text(tau, *paired_ratio_ci(get(base, 'committed'), get(base, 'rounds'), get(arm, 'committed'), get(arm, 'rounds')))} | "
+                f"{ratio_text(speed, *paired_ratio_ci(plain_s, get(base, 's'), plain_s, get(arm, 's')))} |"
+            )
 
 
 if __name__ == "__main__":

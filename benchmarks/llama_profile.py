@@ -56,12 +56,16 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     target = load_target(args.target, dtype=torch.float32)
     model = target_gguf(target, "f32") if args.weights == "f32" else embedded_gguf(args.target)
-    prompts = [render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.num_prompts, seed=EvalConfig().decode.seed).prompts]
+    prompts = [
+        render_prompt(p, target.tokenizer) for p in load_prompts("mt-bench", limit=args.num_prompts, seed=EvalConfig().decode.seed).prompts
+    ]
     with LlamaServer(model, log=args.logs / "plain.log") as plain:
         done = [plain.complete(p, args.max_new_tokens) for p in prompts]
     step = sum(c.predicted_ms for c in done) / sum(len(c.tokens) for c in done)
     print(f"plain ({args.weights}): {step:.1f} ms a token, {1000 / step:.1f} tokens/s")
-    print("| drafts a round | rounds | tau | round ms | drafting ms (plain steps) | rest ms (plain steps) | tokens/s |\n|---|---|---|---|---|---|---|")
+    print(
+        "| drafts a round | rounds | tau | round ms | drafting ms (plain steps) | rest ms (plain steps) | tokens/s |\n|---|---|---|---|---|---|---|"
+    )
     for n in args.draft_n_max:
         log = args.logs / f"spec-n{n}.log"
         server = LlamaServer(model, args.drafter_gguf, args.spec_type, ServerConfig(draft_n_max=n), log=log)
@@ -72,9 +76,11 @@ def main() -> None:
         rounds, decode_ms = sum(c.rounds for c in done), sum(c.predicted_ms for c in done)
         per_draft, per_round = draft_ms / calls, decode_ms / rounds
         tau = sum(c.committed for c in done) / rounds
-        print(f"| {n} | {rounds} | {tau:.3f} | {per_round:.1f} | {per_draft:.1f} ({per_draft / step:.2f}) | "
-              f"{per_round - per_draft:.1f} ({(per_round - per_draft) / step:.2f}) | "
-              f"{1000 * sum(len(c.tokens) for c in done) / decode_ms:.1f} |")
+        print(
+            f"| {n} | {rounds} | {tau:.3f} | {per_round:.1f} | {per_draft:.1f} ({per_draft / step:.2f}) | "
+            f"{per_round - per_draft:.1f} ({(per_round - per_draft) / step:.2f}) | "
+            f"{1000 * sum(len(c.tokens) for c in done) / decode_ms:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -54,11 +54,14 @@ def summarize(rows: list[dict], resamples: int) -> dict:
     ci = dict(resamples=resamples, seed=0)
     return {
         "prompts": len(rows),
-        "tau_llama": ratio_of_sums(committed, rounds), "tau_llama_ci": bootstrap_ratio_ci(committed, rounds, **ci),
-        "tau_ours": ratio_of_sums(ours_c, ours_r), "tau_ours_ci": bootstrap_ratio_ci(ours_c, ours_r, **ci),
+        "tau_llama": ratio_of_sums(committed, rounds),
+        "tau_llama_ci": bootstrap_ratio_ci(committed, rounds, **ci),
+        "tau_ours": ratio_of_sums(ours_c, ours_r),
+        "tau_ours_ci": bootstrap_ratio_ci(ours_c, ours_r, **ci),
         "llama_over_ours": ratio_of_sums(committed, rounds) / max(ratio_of_sums(ours_c, ours_r), 1e-12),
         "llama_over_ours_ci": paired_ratio_ci(ours_c, ours_r, committed, rounds, **ci),
-        "plain_tok_s": 1000 * ratio_of_sums(plain_n, plain_ms), "spec_tok_s": 1000 * ratio_of_sums(spec_n, spec_ms),
+        "plain_tok_s": 1000 * ratio_of_sums(plain_n, plain_ms),
+        "spec_tok_s": 1000 * ratio_of_sums(spec_n, spec_ms),
         "speedup": ratio_of_sums(spec_n, spec_ms) / max(ratio_of_sums(plain_n, plain_ms), 1e-12),
         "speedup_ci": paired_ratio_ci(plain_n, plain_ms, spec_n, spec_ms, **ci),
         "speedup_e2e": ratio_of_sums(spec_n, spec_total) / max(ratio_of_sums(plain_n, plain_total), 1e-12),
@@ -67,11 +70,21 @@ def summarize(rows: list[dict], resamples: int) -> dict:
     }
 
 
-def run_weights(label: str, model: Path, draft: Path, spec_type: str, items: list[tuple[str, str, list[int]]],
-                cfg: ServerConfig, max_new: int, logs: Path) -> list[dict]:
+def run_weights(
+    label: str,
+    model: Path,
+    draft: Path,
+    spec_type: str,
+    items: list[tuple[str, str, list[int]]],
+    cfg: ServerConfig,
+    max_new: int,
+    logs: Path,
+) -> list[dict]:
     rows = []
-    with LlamaServer(model, cfg=cfg, log=logs / f"{label}-plain.log") as plain, \
-            LlamaServer(model, draft, spec_type, cfg=cfg, log=logs / f"{label}-spec.log") as spec:
+    with (
+        LlamaServer(model, cfg=cfg, log=logs / f"{label}-plain.log") as plain,
+        LlamaServer(model, draft, spec_type, cfg=cfg, log=logs / f"{label}-spec.log") as spec,
+    ):
         for server in (plain, spec):  # warm-up: first requests pay allocation and graph building
             server.complete(items[0][2], 8)
         for i, (set_name, prompt_id, ids) in enumerate(items):
@@ -79,18 +92,24 @@ def run_weights(label: str, model: Path, draft: Path, spec_type: str, items: lis
             a, b = first.complete(ids, max_new), second.complete(ids, max_new)
             p, s = (a, b) if first is plain else (b, a)
             rows.append({"set": set_name, "id": prompt_id, "prompt": ids, "plain": p, "spec": s})
-            print(f"[{label}] {i + 1}/{len(items)} {set_name}: plain {len(p.tokens)} tok {p.predicted_ms:.0f} ms, "
-                  f"spec {len(s.tokens)} tok {s.predicted_ms:.0f} ms, tau {s.committed / max(s.rounds, 1):.2f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{label}] {i + 1}/{len(items)} {set_name}: plain {len(p.tokens)} tok {p.predicted_ms:.0f} ms, "
+                f"spec {len(s.tokens)} tok {s.predicted_ms:.0f} ms, tau {s.committed / max(s.rounds, 1):.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--drafter", required=True, help="draftopd checkpoint (EAGLE-3, or DFlash with the full vocabulary)")
-    parser.add_argument("--widen-vocab", action="store_true",
-                        help="a reduced-vocabulary DFlash drafter (the committed one) drafts over the whole vocabulary "
-                             "(models.drafter.widen_vocab; llama.cpp's DFlash reads no d2t)")
+    parser.add_argument(
+        "--widen-vocab",
+        action="store_true",
+        help="a reduced-vocabulary DFlash drafter (the committed one) drafts over the whole vocabulary "
+        "(models.drafter.widen_vocab; llama.cpp's DFlash reads no d2t)",
+    )
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--weights", nargs="+", default=["f32", "q4_1"], choices=["f32", "q4_1"])
     parser.add_argument("--sets", nargs="+", default=list(EvalConfig().sets))
@@ -120,9 +139,17 @@ def main() -> None:
             items.append((name, p.id, render_prompt(p, target.tokenizer)))
     models = {"f32": lambda: target_gguf(target, "f32"), "q4_1": lambda: embedded_gguf(args.target)}
 
-    report = {"config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "server": asdict(cfg), "spec_type": spec_type, "llama_cpp": str(home()), "drafter_gguf": str(draft_gguf),
-                         "block_size": drafter.block_size}, "weights": {}}
+    report = {
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "server": asdict(cfg),
+            "spec_type": spec_type,
+            "llama_cpp": str(home()),
+            "drafter_gguf": str(draft_gguf),
+            "block_size": drafter.block_size,
+        },
+        "weights": {},
+    }
     for label in args.weights:
         rows = run_weights(label, models[label](), draft_gguf, spec_type, items, cfg, args.max_new_tokens, args.out.parent)
         replayed = replay_tau(target, drafter, [r["prompt"] for r in rows], [r["plain"].tokens for r in rows])
@@ -130,9 +157,20 @@ def main() -> None:
             r["ours_committed"], r["ours_rounds"] = t.committed, t.rounds
         sets = {name: summarize([r for r in rows if r["set"] == name], args.resamples) for name in args.sets}
         sets["all"] = summarize(rows, args.resamples)
-        report["weights"][label] = {"sets": sets, "per_prompt": [
-            {"set": r["set"], "id": r["id"], "plain": asdict(r["plain"]), "spec": asdict(r["spec"]),
-             "ours_committed": r["ours_committed"], "ours_rounds": r["ours_rounds"]} for r in rows]}
+        report["weights"][label] = {
+            "sets": sets,
+            "per_prompt": [
+                {
+                    "set": r["set"],
+                    "id": r["id"],
+                    "plain": asdict(r["plain"]),
+                    "spec": asdict(r["spec"]),
+                    "ours_committed": r["ours_committed"],
+                    "ours_rounds": r["ours_rounds"],
+                }
+                for r in rows
+            ],
+        }
         args.out.write_text(json.dumps(report, indent=1))
     print_table(report)
 
@@ -141,14 +179,18 @@ def print_table(report: dict) -> None:
     def iv(x, ci):
         return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-    print("| weights | set | tau llama.cpp | tau ours (same text) | llama.cpp / ours | plain tok/s | spec tok/s | "
-          "speedup (decode) | speedup (end to end) | equal outputs |")
+    print(
+        "| weights | set | tau llama.cpp | tau ours (same text) | llama.cpp / ours | plain tok/s | spec tok/s | "
+        "speedup (decode) | speedup (end to end) | equal outputs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, w in report["weights"].items():
         for name, s in w["sets"].items():
-            print(f"| {label} | {name} | {iv(s['tau_llama'], s['tau_llama_ci'])} | {iv(s['tau_ours'], s['tau_ours_ci'])} | "
-                  f"{iv(s['llama_over_ours'], s['llama_over_ours_ci'])} | {s['plain_tok_s']:.1f} | {s['spec_tok_s']:.1f} | "
-                  f"{iv(s['speedup'], s['speedup_ci'])} | {iv(s['speedup_e2e'], s['speedup_e2e_ci'])} | {s['equal_outputs']:.2f} |")
+            print(
+                f"| {label} | {name} | {iv(s['tau_llama'], s['tau_llama_ci'])} | {iv(s['tau_ours'], s['tau_ours_ci'])} | "
+                f"{iv(s['llama_over_ours'], s['llama_over_ours_ci'])} | {s['plain_tok_s']:.1f} | {s['spec_tok_s']:.1f} | "
+                f"{iv(s['speedup'], s['speedup_ci'])} | {iv(s['speedup_e2e'], s['speedup_e2e_ci'])} | {s['equal_outputs']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -91,13 +91,22 @@ def run_prompt(target, drafter, reference, name: str, pid: str, prompt: list[int
     t2 = time.perf_counter()
     ref = reference_run(reference, target, prompt, cfg.max_new_tokens, stop_ids)
     t3 = time.perf_counter()
-    ref_out, lengths = ref.output_ids[0, len(prompt):].tolist(), list(ref.acceptance_lengths)
+    ref_out, lengths = ref.output_ids[0, len(prompt) :].tolist(), list(ref.acceptance_lengths)
     n = whole_block_rounds(lengths, cfg.max_new_tokens, drafter.block_size)
     return PromptResult(
-        set=name, id=pid, new_tokens=len(plain), ours_committed=len(ours.output) - 1, ours_rounds=ours.rounds,
-        ref_committed=len(ref_out) - 1, ref_rounds=len(lengths), ours_equal=ours.output == plain, ref_equal=ref_out == plain,
-        rounds_compared=n, first_differing_round=first_divergence(lengths[:n], [r + 1 for r in ours.accepted[:n]]),
-        seconds={"plain": t1 - t0, "ours": t2 - t1, "reference": t3 - t2})
+        set=name,
+        id=pid,
+        new_tokens=len(plain),
+        ours_committed=len(ours.output) - 1,
+        ours_rounds=ours.rounds,
+        ref_committed=len(ref_out) - 1,
+        ref_rounds=len(lengths),
+        ours_equal=ours.output == plain,
+        ref_equal=ref_out == plain,
+        rounds_compared=n,
+        first_differing_round=first_divergence(lengths[:n], [r + 1 for r in ours.accepted[:n]]),
+        seconds={"plain": t1 - t0, "ours": t2 - t1, "reference": t3 - t2},
+    )
 
 
 def summarize(results: list[PromptResult], ev: EvalConfig) -> Summary:
@@ -106,20 +115,32 @@ def summarize(results: list[PromptResult], ev: EvalConfig) -> Summary:
     rc, rr = [r.ref_committed for r in results], [r.ref_rounds for r in results]
     ours_tau, ref_tau = sum(oc) / max(sum(orr), 1), sum(rc) / max(sum(rr), 1)
     return Summary(
-        prompts=len(results), ours_tau=ours_tau, ours_tau_ci=bootstrap_ratio_ci(oc, orr, **kw), ref_tau=ref_tau,
-        ref_tau_ci=bootstrap_ratio_ci(rc, rr, **kw), ratio=ref_tau / max(ours_tau, 1e-12), ratio_ci=paired_ratio_ci(oc, orr, rc, rr, **kw),
-        ours_equal=sum(r.ours_equal for r in results), ref_equal=sum(r.ref_equal for r in results),
-        same_accepted=sum(r.first_differing_round is None for r in results), rounds_compared=sum(r.rounds_compared for r in results))
+        prompts=len(results),
+        ours_tau=ours_tau,
+        ours_tau_ci=bootstrap_ratio_ci(oc, orr, **kw),
+        ref_tau=ref_tau,
+        ref_tau_ci=bootstrap_ratio_ci(rc, rr, **kw),
+        ratio=ref_tau / max(ours_tau, 1e-12),
+        ratio_ci=paired_ratio_ci(oc, orr, rc, rr, **kw),
+        ours_equal=sum(r.ours_equal for r in results),
+        ref_equal=sum(r.ref_equal for r in results),
+        same_accepted=sum(r.first_differing_round is None for r in results),
+        rounds_compared=sum(r.rounds_compared for r in results),
+    )
 
 
 def table(summaries: dict[str, Summary]) -> str:
     ci = lambda v, c: f"{v:.3f} [{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
-    rows = ["| set | prompts | tau ours | tau reference | reference / ours | ours = plain | reference = plain "
-            "| same accepted lengths (rounds compared) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| set | prompts | tau ours | tau reference | reference / ours | ours = plain | reference = plain "
+        "| same accepted lengths (rounds compared) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, s in summaries.items():
-        rows.append(f"| {name} | {s.prompts} | {ci(s.ours_tau, s.ours_tau_ci)} | {ci(s.ref_tau, s.ref_tau_ci)} | {ci(s.ratio, s.ratio_ci)} | "
-                    f"{s.ours_equal}/{s.prompts} | {s.ref_equal}/{s.prompts} | {s.same_accepted}/{s.prompts} ({s.rounds_compared}) |")
+        rows.append(
+            f"| {name} | {s.prompts} | {ci(s.ours_tau, s.ours_tau_ci)} | {ci(s.ref_tau, s.ref_tau_ci)} | {ci(s.ratio, s.ratio_ci)} | "
+            f"{s.ours_equal}/{s.prompts} | {s.ref_equal}/{s.prompts} | {s.same_accepted}/{s.prompts} ({s.rounds_compared}) |"
+        )
     return "\n".join(rows)
 
 
@@ -127,9 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--drafter", required=True, help="an exportable DFlash checkpoint (full vocabulary, MASK a target token)")
     parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--widen-vocab", action="store_true",
-                        help="a reduced-vocabulary drafter (the committed one) drafts over the whole vocabulary, as the "
-                             "reference format needs (models.drafter.widen_vocab); ours decodes with the widened one too")
+    parser.add_argument(
+        "--widen-vocab",
+        action="store_true",
+        help="a reduced-vocabulary drafter (the committed one) drafts over the whole vocabulary, as the "
+        "reference format needs (models.drafter.widen_vocab); ours decodes with the widened one too",
+    )
     parser.add_argument("--prompts-per-set", type=int, default=10)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--json", default=None)
@@ -146,15 +170,25 @@ def main() -> None:
         for pid, ids in items:
             results.append(run_prompt(target, drafter, reference, name, pid, ids, cfg))
             r = results[-1]
-            print(f"{name} {pid}: {r.new_tokens} tokens, rounds ours {r.ours_rounds} reference {r.ref_rounds}, "
-                  f"equal {r.ours_equal}/{r.ref_equal}, first differing round {r.first_differing_round}, "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), file=sys.stderr, flush=True)
+            print(
+                f"{name} {pid}: {r.new_tokens} tokens, rounds ours {r.ours_rounds} reference {r.ref_rounds}, "
+                f"equal {r.ours_equal}/{r.ref_equal}, first differing round {r.first_differing_round}, "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()),
+                file=sys.stderr,
+                flush=True,
+            )
     summaries = {name: summarize([r for r in results if r.set == name], ev) for name in ev.sets}
     summaries["all"] = summarize(results, ev)
     print(table(summaries))
     if args.json:
-        out = {"drafter": args.drafter, "target": args.target, "max_new_tokens": args.max_new_tokens, "block_size": drafter.block_size,
-               "summary": {k: asdict(s) for k, s in summaries.items()}, "prompts": [asdict(r) for r in results]}
+        out = {
+            "drafter": args.drafter,
+            "target": args.target,
+            "max_new_tokens": args.max_new_tokens,
+            "block_size": drafter.block_size,
+            "summary": {k: asdict(s) for k, s in summaries.items()},
+            "prompts": [asdict(r) for r in results],
+        }
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 

@@ -44,7 +44,7 @@ def repetition(responses: Sequence[Sequence[int]], n: int = 4) -> Repetition:
     for r in responses:
         own = set()
         for j in range(len(r) - n + 1):
-            gram = tuple(r[j:j + n])
+            gram = tuple(r[j : j + n])
             total += 1
             repeats += gram in own
             own.add(gram)
@@ -59,7 +59,7 @@ def self_repeat_by_position(responses: Sequence[Sequence[int]], n: int = 4, buck
     for r in responses:
         own = set()
         for j in range(len(r) - n + 1):
-            gram, b = tuple(r[j:j + n]), j // bucket * bucket
+            gram, b = tuple(r[j : j + n]), j // bucket * bucket
             totals[b], repeats[b] = totals.get(b, 0) + 1, repeats.get(b, 0) + (gram in own)
             own.add(gram)
     return {b: repeats[b] / totals[b] for b in sorted(totals)}
@@ -72,7 +72,7 @@ def trim(sources: Sequence[str], response_tokens: int, out: Path, n: int = 4, ru
     for record in records:
         if tokens >= response_tokens:
             break
-        cut = record["response_ids"][:loop_start(record["response_ids"], n, run)]
+        cut = record["response_ids"][: loop_start(record["response_ids"], n, run)]
         if len(cut) >= 2:  # a one-token answer has no anchor to train
             kept.append(cut)
             tokens += len(cut)
@@ -93,7 +93,7 @@ def responses_of(source: str) -> list[list[int]]:
         for shard in read_manifest(path).shards:
             s = load_file(str(path / shard["file"]))
             tokens, offsets, starts = s["tokens"].tolist(), s["offsets"].tolist(), s["response_start"].tolist()
-            out += [tokens[offsets[i] + starts[i]:offsets[i + 1]] for i in range(len(starts))]
+            out += [tokens[offsets[i] + starts[i] : offsets[i + 1]] for i in range(len(starts))]
         return out
     if source == "eval":
         import torch
@@ -122,10 +122,14 @@ def main() -> None:
             parser.error("trim needs --out and --response-tokens")
         r = trim(args.sources, args.response_tokens, args.out, args.n, args.run)
         before = sum(json.loads(line)["trimmed_from"] for line in args.out.read_text().splitlines())
-        print(f"kept {r.answers:,} answers, {r.tokens:,} response tokens of their {before:,} ({1 - r.tokens / before:.1%} cut); "
-              f"distinct {args.n}-grams {r.distinct:.3f}, repeating one of the same answer {r.self_repeat:.3f} -> {args.out}")
+        print(
+            f"kept {r.answers:,} answers, {r.tokens:,} response tokens of their {before:,} ({1 - r.tokens / before:.1%} cut); "
+            f"distinct {args.n}-grams {r.distinct:.3f}, repeating one of the same answer {r.self_repeat:.3f} -> {args.out}"
+        )
         return
-    print(f"| source | answers | response tokens | distinct {args.n}-grams | {args.n}-grams repeating one of the same answer |\n|---|---|---|---|---|")
+    print(
+        f"| source | answers | response tokens | distinct {args.n}-grams | {args.n}-grams repeating one of the same answer |\n|---|---|---|---|---|"
+    )
     by_position = {}
     for source in args.sources:
         responses = responses_of(source)
@@ -134,8 +138,10 @@ def main() -> None:
         if args.bucket:
             by_position[source] = self_repeat_by_position(responses, args.n, args.bucket)
     for source, shares in by_position.items():
-        print(f"{source}: {args.n}-grams repeating one of the same answer, by position: "
-              + ", ".join(f"{b}-{b + args.bucket - 1} {v:.3f}" for b, v in shares.items()))
+        print(
+            f"{source}: {args.n}-grams repeating one of the same answer, by position: "
+            + ", ".join(f"{b}-{b + args.bucket - 1} {v:.3f}" for b, v in shares.items())
+        )
 
 
 if __name__ == "__main__":

@@ -64,10 +64,24 @@ def main() -> None:
     names = [*ev.sets, "all"]
     print("| drafter | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for path, per_set in results.items():
-        print(f"| {path} | " + " | ".join(f"{r.tau:.3f} [{r.tau_ci()[0]:.3f}, {r.tau_ci()[1]:.3f}]" for r in (per_set[n] for n in names)) + " |")
-    out = {p: {n: {"tau": r.tau, "tau_ci": r.tau_ci(), "slot_acceptance": r.slot_acceptance(),
-                   "committed": [x.committed for x in r.texts], "rounds": [x.rounds for x in r.texts]} for n, r in s.items()}
-           for p, s in results.items()}
+        print(
+            f"| {path} | "
+            + " | ".join(f"{r.tau:.3f} [{r.tau_ci()[0]:.3f}, {r.tau_ci()[1]:.3f}]" for r in (per_set[n] for n in names))
+            + " |"
+        )
+    out = {
+        p: {
+            n: {
+                "tau": r.tau,
+                "tau_ci": r.tau_ci(),
+                "slot_acceptance": r.slot_acceptance(),
+                "committed": [x.committed for x in r.texts],
+                "rounds": [x.rounds for x in r.texts],
+            }
+            for n, r in s.items()
+        }
+        for p, s in results.items()
+    }
     labels = list(results)
     pairs = [(labels[0], label) for label in labels[1:]] + list(zip(labels[1:], labels[2:]))
     for base, path in pairs:  # every drafter against the first, and each against the one before it

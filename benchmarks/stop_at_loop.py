@@ -39,8 +39,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     target = load_target(args.target, dtype=resolve_dtype(args.dtype, "cpu"))
     prompts = load_prompts("sharegpt", split="train", limit=args.limit).prompts
-    arms = {"full": DecodeConfig(max_new_tokens=args.max_new_tokens),
-            "stopped": DecodeConfig(max_new_tokens=args.max_new_tokens, stop_at_loop=True)}
+    arms = {
+        "full": DecodeConfig(max_new_tokens=args.max_new_tokens),
+        "stopped": DecodeConfig(max_new_tokens=args.max_new_tokens, stop_at_loop=True),
+    }
     files = {name: out / f"{name}.jsonl" for name in arms}
     for f in files.values():
         f.unlink(missing_ok=True)
@@ -48,8 +50,8 @@ def main() -> None:
     tokens = {name: 0 for name in arms}
     looped = 0
     for i, start in enumerate(range(0, len(prompts), args.batch_size)):
-        batch = prompts[start:start + args.batch_size]
-        for name in (("full", "stopped") if i % 2 == 0 else ("stopped", "full")):
+        batch = prompts[start : start + args.batch_size]
+        for name in ("full", "stopped") if i % 2 == 0 else ("stopped", "full"):
             s = regenerate(target, batch, files[name], arms[name], batch_size=args.batch_size, progress=False)
             seconds[name].append(s.seconds)
             tokens[name] += s.tokens
@@ -58,11 +60,19 @@ def main() -> None:
     cut = {name: load_regenerated(f, trim_loops=True) for name, f in files.items()}
     ratio = sum(seconds["stopped"]) / sum(seconds["full"])
     low, high = bootstrap_ratio_ci(seconds["stopped"], seconds["full"])
-    result = {"prompts": len(prompts), "batches": len(seconds["full"]), "max_new_tokens": args.max_new_tokens,
-              "dtype": str(target.dtype), "seconds": {k: sum(v) for k, v in seconds.items()}, "tokens": tokens,
-              "looped_answers": looped, "time_ratio_stopped_over_full": ratio, "time_ratio_ci95": [low, high],
-              "trimmed_examples_equal": cut["full"].examples == cut["stopped"].examples,
-              "trimmed_tokens": sum(len(e.response_ids) for e in cut["stopped"].examples)}
+    result = {
+        "prompts": len(prompts),
+        "batches": len(seconds["full"]),
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(target.dtype),
+        "seconds": {k: sum(v) for k, v in seconds.items()},
+        "tokens": tokens,
+        "looped_answers": looped,
+        "time_ratio_stopped_over_full": ratio,
+        "time_ratio_ci95": [low, high],
+        "trimmed_examples_equal": cut["full"].examples == cut["stopped"].examples,
+        "trimmed_tokens": sum(len(e.response_ids) for e in cut["stopped"].examples),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -62,8 +62,10 @@ def answer(llm, params, prompts: list[list[int]], eos_id: int | None) -> list[tu
 
 def single_answers(llm, params, tokenizer, prompts) -> list[dict]:
     ids = [render_prompt(p, tokenizer) for p in prompts]
-    return [{"id": p.id, "prompt_ids": prompt, "response_ids": response, "finish": finish}
-            for p, prompt, (response, finish) in zip(prompts, ids, answer(llm, params, ids, tokenizer.eos_token_id))]
+    return [
+        {"id": p.id, "prompt_ids": prompt, "response_ids": response, "finish": finish}
+        for p, prompt, (response, finish) in zip(prompts, ids, answer(llm, params, ids, tokenizer.eos_token_id))
+    ]
 
 
 def conversation_answers(llm, params, tokenizer, conversations: list[tuple[str, tuple]], max_tokens: int) -> list[dict]:
@@ -75,9 +77,15 @@ def conversation_answers(llm, params, tokenizer, conversations: list[tuple[str, 
         for cid, messages in live:  # the dataset's turns up to this user turn, without its own answers
             start = user_turns[cid][t - 1] + 1 if t else 0
             histories[cid] += [m for m in messages[start : user_turns[cid][t] + 1] if m[0] != "assistant"]
-        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in histories[cid]], tokenize=False,
-                                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                   for cid, _ in live]
+        prompts = [
+            tokenizer(
+                tokenizer.apply_chat_template(
+                    [{"role": r, "content": c} for r, c in histories[cid]], tokenize=False, add_generation_prompt=True
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+            for cid, _ in live
+        ]
         for (cid, _), (response, _) in zip(live, answer(llm, params, prompts, tokenizer.eos_token_id)):
             histories[cid].append(("assistant", tokenizer.decode(response, skip_special_tokens=True)))
     records, counts = [], RenderCounts()
@@ -120,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         records = single_answers(llm, params, tokenizer, load_prompts(args.prompts, split=split, limit=args.limit).prompts)
     else:
         records = conversation_answers(llm, params, tokenizer, read_conversations(args.conversations), args.max_tokens)
-    write(records, args.out, {"engine": "vllm", "target": args.model, "max_new_tokens": args.max_new_tokens,
-                              "temperature": args.temperature, "seed": args.seed})
+    write(
+        records,
+        args.out,
+        {"engine": "vllm", "target": args.model, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed},
+    )
     print(f"{len(records)} records -> {args.out}")
     return 0
 

@@ -38,8 +38,9 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str | None = None, skip: tuple[str, ...] = (),
-                    unset: tuple[str, ...] = ()) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, defaults: Any, prefix: str | None = None, skip: tuple[str, ...] = (), unset: tuple[str, ...] = ()
+) -> None:
     """One `--prefix-field-name` flag per dataclass field; defaults come from `defaults` (a dataclass or an instance),
     the prefix from its `flag_prefix` (the name its errors use) unless given, help text and choices from the field's
     metadata (`help`, `choices`). Fields in `unset` default to None, so a command can tell a flag given at its default
@@ -49,20 +50,31 @@ def add_config_args(parser: argparse.ArgumentParser, defaults: Any, prefix: str 
     for f in dataclasses.fields(defaults):
         if f.name in skip:
             continue
-        default = getattr(instance, f.name) if instance is not None else (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        default = (
+            getattr(instance, f.name)
+            if instance is not None
+            else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        )  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
             continue
         flag, dest = "--" + (prefix + f.name).replace("_", "-"), prefix + f.name
         shown = "unset" if default is None else " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text = (f.metadata.get("help", "") + f" (default {shown}" + (" unless the command chooses another" if f.name in unset else "")
-                + ")").replace("%", "%%")
+        text = (
+            f.metadata.get("help", "") + f" (default {shown}" + (" unless the command chooses another" if f.name in unset else "") + ")"
+        ).replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif isinstance(default, tuple) or (default is None and "tuple" in str(f.type)):
             parser.add_argument(flag, dest=dest, nargs="+", type=_scalar_type(default, f.type), default=default, help=text)
         else:
-            parser.add_argument(flag, dest=dest, type=_scalar_type(default, f.type), default=None if f.name in unset else default,
-                                choices=f.metadata.get("choices"), help=text)
+            parser.add_argument(
+                flag,
+                dest=dest,
+                type=_scalar_type(default, f.type),
+                default=None if f.name in unset else default,
+                choices=f.metadata.get("choices"),
+                help=text,
+            )
 
 
 def _scalar_type(default: Any, annotation: Any):
@@ -81,7 +93,9 @@ def build_config(defaults: Any, args: argparse.Namespace, prefix: str | None = N
     prefix = getattr(defaults, "flag_prefix", "") if prefix is None else prefix
     base = defaults() if isinstance(defaults, type) else defaults
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(defaults) if hasattr(args, prefix + f.name)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None or getattr(base, k) is None}  # None: not given
+    values = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None or getattr(base, k) is None
+    }  # None: not given
     return dataclasses.replace(base, **{**values, **overrides})
 
 
@@ -113,8 +127,14 @@ def config_flags(command: str, configs: dict[str, Any]) -> dict[str, Any]:
     configs under their own `flag_prefix` (the recipe's evaluation under `eval_`), as `build_parser` names them."""
     if command == "demo":  # its flags are written by hand (build_parser)
         exp = configs["experiment"]
-        return {"target": exp.target, "out": exp.out_dir, "start": exp.start or "none", "ablations": list(exp.ablations),
-                "device": exp.device, "dtype": exp.dtype}
+        return {
+            "target": exp.target,
+            "out": exp.out_dir,
+            "start": exp.start or "none",
+            "ablations": list(exp.ablations),
+            "device": exp.device,
+            "dtype": exp.dtype,
+        }
     nested = {"eval": "eval_"} if command == "recipe" else {}
     return {dest: v for name, cfg in configs.items() if name != "args" for dest, v in _dests(cfg, None, nested).items()}
 
@@ -178,8 +198,9 @@ def _load_yaml(text: str) -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
-                                 list("-+.0123456789"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"), list("-+.0123456789")
+    )
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
@@ -201,8 +222,11 @@ def config_from(base: Any, data: Any, key: str, where: str) -> Any:
         if name not in names:
             raise UserError(f"{where}: unknown key {key}.{name} (not a field of {type(base).__name__})")
         current = getattr(base, name)
-        values[name] = config_from(current, value, f"{key}.{name}", where) if dataclasses.is_dataclass(current) else \
-            _typed(value, hints[name], f"{key}.{name}", where)
+        values[name] = (
+            config_from(current, value, f"{key}.{name}", where)
+            if dataclasses.is_dataclass(current)
+            else _typed(value, hints[name], f"{key}.{name}", where)
+        )
     try:
         return dataclasses.replace(base, **values)
     except ConfigError as err:
@@ -269,7 +293,9 @@ def _plain_args(data: Any, command: str, known: dict[str, Any], config_dests: se
         hint = list[str] if isinstance(default, list) else str | None if default is None else type(default)
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value) if isinstance(default, list) else _convert(value, hint)[0]
         if not ok:
-            raise UserError(f"{where}: args.{name} must be {'a list of text' if isinstance(default, list) else _describe(hint)}, got {value!r}")
+            raise UserError(
+                f"{where}: args.{name} must be {'a list of text' if isinstance(default, list) else _describe(hint)}, got {value!r}"
+            )
     return dict(data)
 
 
@@ -347,12 +373,16 @@ def drafter_note(target_name: str, drafter_flag: str | None, path: str | None, c
     if drafter_flag is not None:
         return ""
     if path is None:
-        return ("note: no --drafter and none bundled for this target: an untrained drafter, expect no "
-                "speedup (train one with `draftopd recipe` or `draftopd sft`)")
+        return (
+            "note: no --drafter and none bundled for this target: an untrained drafter, expect no "
+            "speedup (train one with `draftopd recipe` or `draftopd sft`)"
+        )
     lookup = f", prompt lookup on {cfg.lookup_ngram}-grams" if cfg.lookup_ngram else ""
     drafts = "all" if cfg.num_drafts is None else cfg.num_drafts
-    return (f"drafter: {path} (bundled for {target_name}; {drafts} drafts a round{lookup}; "
-            "--drafter DIR for another, --autoregressive for plain decoding)")
+    return (
+        f"drafter: {path} (bundled for {target_name}; {drafts} drafts a round{lookup}; "
+        "--drafter DIR for another, --autoregressive for plain decoding)"
+    )
 
 
 def print_generate(result: dict) -> None:
@@ -368,8 +398,9 @@ def print_generate(result: dict) -> None:
     print("ms per round: " + "  ".join(f"{k} {v:.1f}" for k, v in s["ms_per_round"].items()))
 
 
-def load_pair(target_name: str, drafter_path: str | None, drafter_cfg: DrafterConfig, args: argparse.Namespace | None = None,
-              train: bool = False):
+def load_pair(
+    target_name: str, drafter_path: str | None, drafter_cfg: DrafterConfig, args: argparse.Namespace | None = None, train: bool = False
+):
     """Target and drafter in the command's --dtype / --device. The drafter follows the target's dtype for decoding;
     a drafter being trained keeps float32 weights whatever the target's dtype."""
     from .models.drafter import load_drafter, new_drafter
@@ -389,8 +420,16 @@ def cmd_regenerate(args: argparse.Namespace) -> dict:
     check_output(args.out)
     prompts = load_prompts(pcfg.prompts, split=pcfg.resolved_split(), limit=pcfg.limit, seed=cfg.seed).prompts
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args) if args.drafter else (_target(args.target, args), None)
-    summary = regenerate(target, prompts, args.out, cfg, drafter=drafter, batch_size=pcfg.batch_size,
-                         chat_template=not args.raw, max_prompt_tokens=pcfg.max_prompt_tokens)
+    summary = regenerate(
+        target,
+        prompts,
+        args.out,
+        cfg,
+        drafter=drafter,
+        batch_size=pcfg.batch_size,
+        chat_template=not args.raw,
+        max_prompt_tokens=pcfg.max_prompt_tokens,
+    )
     return {"out": args.out, "prompts": len(prompts), "split": pcfg.resolved_split(), **summary.to_dict()}
 
 
@@ -402,7 +441,10 @@ def cmd_sft(args: argparse.Namespace) -> dict:
 
     base = getattr(args, "config_base", {})
     sft = base.get("sft", SFTConfig())
-    cfg, drafter_cfg = build_config(sft, args, optim=build_config(sft.optim, args)), build_config(base.get("drafter", DrafterConfig()), args)
+    cfg, drafter_cfg = (
+        build_config(sft, args, optim=build_config(sft.optim, args)),
+        build_config(base.get("drafter", DrafterConfig()), args),
+    )
     data_cfg = build_config(base.get("data", DataConfig()), args)
     run = run_info(args, sft=cfg, drafter=drafter_cfg, data=data_cfg)
     if (args.data is None) == (args.features is None):
@@ -415,12 +457,20 @@ def cmd_sft(args: argparse.Namespace) -> dict:
         read_manifest(args.features)  # a missing or corrupt cache fails before any model loads
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args, train=True)
     data = data_examples(data, target, args.data) if data is not None else None
-    items = data.examples if data is not None else FeatureCache.open(args.features, target, drafter.spec.target_layer_ids, need_final=cfg.loss == "kl")
+    items = (
+        data.examples
+        if data is not None
+        else FeatureCache.open(args.features, target, drafter.spec.target_layer_ids, need_final=cfg.loss == "kl")
+    )
     if drafter.spec.draft_vocab_size is not None and not args.drafter:  # a new reduced head: the data's most frequent labels
         drafter.set_draft_vocab(frequent_tokens(items, target.vocab_size, drafter.spec.draft_vocab_size, cfg.labels))
     final = train_sft(target, drafter, items, cfg, args.out, resume=args.resume, run=run)
-    return {"checkpoint": str(final), "examples": len(items), "skipped": data.skipped if data is not None else 0,
-            **({"data": data.summary.to_dict()} if data is not None else {})}
+    return {
+        "checkpoint": str(final),
+        "examples": len(items),
+        "skipped": data.skipped if data is not None else 0,
+        **({"data": data.summary.to_dict()} if data is not None else {}),
+    }
 
 
 def data_examples(data, target, path: str):
@@ -464,7 +514,9 @@ def cmd_opd(args: argparse.Namespace) -> dict:
     base = getattr(args, "config_base", {})
     opd = base.get("opd", OPDConfig())
     pcfg, drafter_cfg = build_config(base.get("prompts", PromptConfig()), args), build_config(base.get("drafter", DrafterConfig()), args)
-    cfg = build_config(opd, args, loss=build_config(opd.loss, args), optim=build_config(opd.optim, args), rollout=build_config(opd.rollout, args))
+    cfg = build_config(
+        opd, args, loss=build_config(opd.loss, args), optim=build_config(opd.optim, args), rollout=build_config(opd.rollout, args)
+    )
     run = run_info(args, opd=cfg, prompts=pcfg, drafter=drafter_cfg)
     writable_dir(args.out, "--out")
     prompts = load_prompts(pcfg.prompts, split=pcfg.resolved_split(), limit=pcfg.limit, seed=cfg.rollout.seed).prompts
@@ -488,8 +540,16 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     if start not in (None, "bundled") and not (Path(start) / "config.json").is_file():
         raise UserError(f"--start {start}: no drafter checkpoint there (a folder with config.json), or 'bundled' / 'none'")
     base = getattr(args, "config_base", {}).get("experiment", ExperimentConfig())
-    cfg = dataclasses.replace(base, target=args.target, out_dir=args.out, start=start, ablations=tuple(args.ablations), device=args.device,
-                              dtype=args.dtype, synthetic=args.synthetic)
+    cfg = dataclasses.replace(
+        base,
+        target=args.target,
+        out_dir=args.out,
+        start=start,
+        ablations=tuple(args.ablations),
+        device=args.device,
+        dtype=args.dtype,
+        synthetic=args.synthetic,
+    )
     summary = run_experiment(cfg, run=run_info(args, experiment=cfg))
     return {"table": format_results(summary), **summary}
 
@@ -502,23 +562,43 @@ def cmd_features(args: argparse.Namespace) -> dict:
 
     cfg, drafter_cfg, data_cfg = build_config(FeatureConfig, args), build_config(DrafterConfig, args), build_config(DataConfig, args)
     writable_dir(args.out, "--out")
-    data = None if cfg.data == "answers" else read_data(cfg.data, data_cfg.format, trim_loops=cfg.trim_loops, max_tokens=data_cfg.max_tokens)
+    data = (
+        None if cfg.data == "answers" else read_data(cfg.data, data_cfg.format, trim_loops=cfg.trim_loops, max_tokens=data_cfg.max_tokens)
+    )
     target, drafter = load_pair(args.target, args.drafter, drafter_cfg, args)
     data = data_examples(data, target, cfg.data) if data is not None else None
     examples = training_examples(cfg, target.tokenizer, data)
-    manifest = build_feature_cache(target, examples, args.out, drafter.spec.target_layer_ids, keep_final=cfg.keep_final,
-                                   shard_tokens=cfg.shard_tokens, batch_tokens=cfg.batch_tokens)
-    return {"out": args.out, "sequences": manifest.sequences, "tokens": manifest.tokens, "bytes_per_token": manifest.bytes_per_token,
-            "layer_ids": list(manifest.layer_ids), **({"data": data.summary.to_dict()} if data is not None else {})}
+    manifest = build_feature_cache(
+        target,
+        examples,
+        args.out,
+        drafter.spec.target_layer_ids,
+        keep_final=cfg.keep_final,
+        shard_tokens=cfg.shard_tokens,
+        batch_tokens=cfg.batch_tokens,
+    )
+    return {
+        "out": args.out,
+        "sequences": manifest.sequences,
+        "tokens": manifest.tokens,
+        "bytes_per_token": manifest.bytes_per_token,
+        "layer_ids": list(manifest.layer_ids),
+        **({"data": data.summary.to_dict()} if data is not None else {}),
+    }
 
 
 def cmd_recipe(args: argparse.Namespace) -> dict:
     from .recipe import RecipeConfig, run_recipe
 
     base = getattr(args, "config_base", {}).get("recipe", RecipeConfig())
-    cfg = build_config(base, args, features=build_config(base.features, args), drafter=build_config(base.drafter, args),
-                       eval=build_config(base.eval, args, prefix="eval_", decode=build_config(base.eval.decode, args, prefix="eval_")),
-                       sft=build_config(base.sft, args, optim=build_config(base.sft.optim, args)))
+    cfg = build_config(
+        base,
+        args,
+        features=build_config(base.features, args),
+        drafter=build_config(base.drafter, args),
+        eval=build_config(base.eval, args, prefix="eval_", decode=build_config(base.eval.decode, args, prefix="eval_")),
+        sft=build_config(base.sft, args, optim=build_config(base.sft.optim, args)),
+    )
     run = run_info(args, recipe=cfg)
     writable_dir(cfg.out_dir, "--out-dir")
     return run_recipe(cfg, run=run)
@@ -554,9 +634,14 @@ def cmd_export(args: argparse.Namespace) -> dict:
         return {"format": args.format, "out": args.out, "load_with": "dflash.model.DFlashDraftModel.from_pretrained(out)"}
     export_speculators(drafter, args.out, target, args.verifier)
     method = family(drafter.spec.arch).speculators.model_type  # vLLM's method: the speculators model type
-    return {"format": args.format, "out": args.out, "serve_with": (
-        f"vllm serve TARGET --speculative-config '{{\"model\": \"{args.out}\", \"method\": \"{method}\", "
-        f"\"num_speculative_tokens\": {drafter.block_size - 1}}}'  (not run here: docs/interop.md)")}
+    return {
+        "format": args.format,
+        "out": args.out,
+        "serve_with": (
+            f'vllm serve TARGET --speculative-config \'{{"model": "{args.out}", "method": "{method}", '
+            f'"num_speculative_tokens": {drafter.block_size - 1}}}\'  (not run here: docs/interop.md)'
+        ),
+    }
 
 
 def _export_drafter(args: argparse.Namespace, target):
@@ -580,9 +665,14 @@ def _export_gguf(args: argparse.Namespace) -> dict:
     target = _target(args.target, args)
     drafter = _export_drafter(args, target)
     export_gguf(drafter, args.out, target, outtype=args.outtype)
-    return {"format": "gguf", "out": args.out, "serve_with": (
-        f"llama-server -m TARGET.gguf -md {args.out} --spec-type {spec_type(drafter.spec.arch)} "
-        f"--spec-draft-n-max {drafter.block_size - 1}  (benchmarks/llama_server.py runs it)")}
+    return {
+        "format": "gguf",
+        "out": args.out,
+        "serve_with": (
+            f"llama-server -m TARGET.gguf -md {args.out} --spec-type {spec_type(drafter.spec.arch)} "
+            f"--spec-draft-n-max {drafter.block_size - 1}  (benchmarks/llama_server.py runs it)"
+        ),
+    }
 
 
 def cmd_import(args: argparse.Namespace) -> dict:
@@ -595,8 +685,13 @@ def cmd_import(args: argparse.Namespace) -> dict:
     target = _target(args.target, args)
     drafter = {"dflash": import_dflash, "speculators": import_speculators}[args.format](args.source, target)
     save_drafter(drafter, args.out, extra={"imported_from": str(args.source), "format": args.format})
-    return {"checkpoint": args.out, "arch": drafter.spec.arch, "block_size": drafter.block_size,
-            "target_layer_ids": list(drafter.spec.target_layer_ids), "mask_token_id": drafter.spec.mask_token_id}
+    return {
+        "checkpoint": args.out,
+        "arch": drafter.spec.arch,
+        "block_size": drafter.block_size,
+        "target_layer_ids": list(drafter.spec.target_layer_ids),
+        "mask_token_id": drafter.spec.mask_token_id,
+    }
 
 
 def _fresh_out(out: str) -> None:
@@ -656,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="speculative generation with a drafter (default: the one bundled for the target)")
     _target_args(gen)
     gen.add_argument("--prompt", help="prompt text (the target's chat template is applied unless --raw)")
-    gen.add_argument("--prompt-file", help="JSONL of {\"prompt\": ...} or {\"messages\": [...]} records")
+    gen.add_argument("--prompt-file", help='JSONL of {"prompt": ...} or {"messages": [...]} records')
     gen.add_argument("--raw", action="store_true", help="raw completion: do not apply the chat template")
     gen.add_argument("--autoregressive", action="store_true", help="plain target decoding (the baseline)")
     _json_arg(gen)
@@ -669,8 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = sub.add_parser("regenerate", help="the target answers training prompts (JSONL with token ids)")
     _target_args(reg)
-    reg.add_argument("--out", default="runs/regenerated.jsonl", help="JSONL to write, or to resume: its prompts already answered "
-                     "are skipped (default runs/regenerated.jsonl)")
+    reg.add_argument(
+        "--out",
+        default="runs/regenerated.jsonl",
+        help="JSONL to write, or to resume: its prompts already answered are skipped (default runs/regenerated.jsonl)",
+    )
     reg.add_argument("--raw", action="store_true", help=RAW_HELP)
     add_config_args(reg, PromptConfig)
     _json_arg(reg)
@@ -679,8 +777,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sft = sub.add_parser("sft", help="DFlash SFT of a drafter on regenerated data (resumable)")
     _target_args(sft)
-    sft.add_argument("--data", help="JSONL of regenerated answers (`draftopd regenerate`), token ids (input_ids / loss_mask) or "
-                     "conversations (ShareGPT, OpenAI messages): the target scores each batch online (data/training.py)")
+    sft.add_argument(
+        "--data",
+        help="JSONL of regenerated answers (`draftopd regenerate`), token ids (input_ids / loss_mask) or "
+        "conversations (ShareGPT, OpenAI messages): the target scores each batch online (data/training.py)",
+    )
     sft.add_argument("--features", help="feature cache written by `draftopd features` (no target forward while training)")
     sft.add_argument("--trim-loops", action="store_true", help="with --data: cut each answer where a greedy loop starts")
     sft.add_argument("--out", default="runs/sft", help=OUT_HELP.format("runs/sft"))
@@ -719,7 +820,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     feat = sub.add_parser("features", help="cache the target's features of a dataset for SFT (resumable)")
     _target_args(feat)
-    feat.add_argument("--out", default="runs/features", help="the cache's folder; a cache there is completed, not redone (default runs/features)")
+    feat.add_argument(
+        "--out", default="runs/features", help="the cache's folder; a cache there is completed, not redone (default runs/features)"
+    )
     _json_arg(feat)
     add_config_args(feat, FeatureConfig)
     add_config_args(feat, DataConfig)
@@ -739,12 +842,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a drafter in another implementation's format (reference DFlash, speculators, GGUF)")
     _target_args(exp)
-    exp.add_argument("--format", default="dflash", choices=EXPORT_FORMATS,
-                     help="dflash: z-lab's reference DFlash; speculators: vLLM's; gguf: llama.cpp's (default dflash)")
+    exp.add_argument(
+        "--format",
+        default="dflash",
+        choices=EXPORT_FORMATS,
+        help="dflash: z-lab's reference DFlash; speculators: vLLM's; gguf: llama.cpp's (default dflash)",
+    )
     exp.add_argument("--verifier", help="speculators: the target's local folder or hub id to record (default: the target's own)")
-    exp.add_argument("--widen-vocab", action="store_true",
-                     help="draft over the target's whole vocabulary (a reduced head's rows are the target's own, so no "
-                          "weight changes): what --format dflash and gguf need for a reduced-vocabulary DFlash drafter")
+    exp.add_argument(
+        "--widen-vocab",
+        action="store_true",
+        help="draft over the target's whole vocabulary (a reduced head's rows are the target's own, so no "
+        "weight changes): what --format dflash and gguf need for a reduced-vocabulary DFlash drafter",
+    )
     exp.add_argument("--outtype", default="f32", choices=("f32", "bf16", "f16"), help="gguf: weight type (default f32)")
     exp.add_argument("--out", required=True, help="new folder for the exported drafter (gguf: a new .gguf file)")
     _json_arg(exp)
@@ -752,8 +862,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", help="read a drafter of another implementation's format into a draftopd checkpoint")
     _target_args(imp)
-    imp.add_argument("--format", default="dflash", choices=IMPORT_FORMATS,
-                     help="dflash: z-lab's reference DFlash; speculators: vLLM's (default dflash)")
+    imp.add_argument(
+        "--format", default="dflash", choices=IMPORT_FORMATS, help="dflash: z-lab's reference DFlash; speculators: vLLM's (default dflash)"
+    )
     imp.add_argument("--from", dest="source", required=True, help="folder in that format (config.json + model.safetensors)")
     imp.add_argument("--out", required=True, help="new folder for the draftopd checkpoint")
     _json_arg(imp)
@@ -770,7 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import field_choices, field_help
     from .experiment import ExperimentConfig
 
-    demo = sub.add_parser("demo", help="the whole pipeline at small scale on the embedded target (10 min 30 s measured on 2 cores: AMD EPYC, 2026-12-01)")
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline at small scale on the embedded target (10 min 30 s measured on 2 cores: AMD EPYC, 2026-12-01)"
+    )
     exp_help = lambda name: f"{field_help(ExperimentConfig, name)} (default {getattr(ExperimentConfig, name)})".replace("%", "%%")  # noqa: E731
     demo.add_argument("--target", default=ExperimentConfig.target, help=exp_help("target"))
     demo.add_argument("--out", default=ExperimentConfig.out_dir, help=exp_help("out_dir"))
@@ -798,18 +911,30 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     """A training command's tracker and config file (`train/tracking.py`)."""
     from .train.tracking import REPORT_TO
 
-    parser.add_argument("--report-to", default="none", choices=REPORT_TO,
-                        help="also send every step's metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (OUT/wandb, offline "
-                             "unless WANDB_MODE is set); metrics.jsonl is always written (default none)")
-    parser.add_argument("--config", help="a run.yaml written beside a run's checkpoints: run with its configs and flags; flags given "
-                                         "on the command line override it")
+    parser.add_argument(
+        "--report-to",
+        default="none",
+        choices=REPORT_TO,
+        help="also send every step's metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (OUT/wandb, offline "
+        "unless WANDB_MODE is set); metrics.jsonl is always written (default none)",
+    )
+    parser.add_argument(
+        "--config",
+        help="a run.yaml written beside a run's checkpoints: run with its configs and flags; flags given on the command line override it",
+    )
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"embedded name, local HF folder or hub id (default {DEFAULT_TARGET})")
-    parser.add_argument("--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one bundled for the target, if any)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32")
+    parser.add_argument(
+        "--drafter", help="drafter checkpoint folder (default: a new untrained drafter; generate: the one bundled for the target, if any)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="model dtype; auto = bfloat16 where the device computes it fast (AVX512-BF16 CPUs, CUDA), else float32",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto = cuda when available")
     add_config_args(parser, DrafterConfig)
 

@@ -60,7 +60,9 @@ def check_ints(cfg: Any, minimum: int, *names: str, optional: bool = False) -> N
     for name in names:
         value = getattr(cfg, name)
         if not (optional and value is None):
-            require(cfg, name, _is_int(value) and value >= minimum, f"must be at least {minimum}" if _is_int(value) else "must be an integer")
+            require(
+                cfg, name, _is_int(value) and value >= minimum, f"must be at least {minimum}" if _is_int(value) else "must be an integer"
+            )
 
 
 def check_seed(cfg: Any, name: str = "seed") -> None:
@@ -68,8 +70,9 @@ def check_seed(cfg: Any, name: str = "seed") -> None:
     require(cfg, name, _is_int(value) and 0 <= value <= MAX_SEED, f"must be an integer in [0, {MAX_SEED}]")
 
 
-def check_number(cfg: Any, name: str, low: float | None = None, high: float | None = None, *, above: bool = False,
-                 optional: bool = False) -> None:
+def check_number(
+    cfg: Any, name: str, low: float | None = None, high: float | None = None, *, above: bool = False, optional: bool = False
+) -> None:
     """A finite number >= low (> low with `above`) and <= high; None passes when `optional`. NaN and inf never pass."""
     value = getattr(cfg, name)
     if optional and value is None:
@@ -108,30 +111,50 @@ def _field(cls: Any, name: str) -> dataclasses.Field:
 class DrafterConfig:
     """Shape of a drafter (DFlash or EAGLE-3). `None` fields are filled from the target at construction."""
 
-    arch: str | None = field(default=None, metadata={"help": "a drafter family (models/registry.py); unset = dflash for a new drafter, "
-                                                             "a checkpoint's own when loading one", "choices": FAMILY_NAMES})
+    arch: str | None = field(
+        default=None,
+        metadata={
+            "help": "a drafter family (models/registry.py); unset = dflash for a new drafter, a checkpoint's own when loading one",
+            "choices": FAMILY_NAMES,
+        },
+    )
     num_layers: int = field(default=1, metadata={"help": "drafter decoder layers"})
     block_size: int = field(default=16, metadata={"help": "tokens a drafted block: the anchor and block size - 1 drafts"})
-    target_layer_ids: tuple[int, ...] | None = field(default=None, metadata={
-        "help": "target layers whose outputs feed the drafter (id i = output of decoder layer i); unset = the family's rule (its "
-                "default_layers)"})
+    target_layer_ids: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "target layers whose outputs feed the drafter (id i = output of decoder layer i); unset = the family's rule (its "
+            "default_layers)"
+        },
+    )
     num_heads: int | None = field(default=None, metadata={"help": "attention heads; unset = the target's"})
     num_kv_heads: int | None = field(default=None, metadata={"help": "key/value heads; unset = the target's"})
     head_dim: int | None = field(default=None, metadata={"help": "attention head size (even); unset = the target's"})
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width; unset = the target's"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     rms_norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
-    mask_token_id: int | None = field(default=None, metadata={
-        "help": "DFlash MASK = this target embedding row (what the reference DFlash and speculators formats hold); unset = the "
-                "target's default row (models.drafter.default_mask_token: a spare or unused special token; SmolLM2: 16 <empty_output>)"})
-    learned_mask: bool = field(default=False, metadata={"help": "DFlash: a learned MASK vector instead of a target row (not exportable "
-                                                                "to those formats)"})
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "DFlash MASK = this target embedding row (what the reference DFlash and speculators formats hold); unset = the "
+            "target's default row (models.drafter.default_mask_token: a spare or unused special token; SmolLM2: 16 <empty_output>)"
+        },
+    )
+    learned_mask: bool = field(
+        default=False, metadata={"help": "DFlash: a learned MASK vector instead of a target row (not exportable to those formats)"}
+    )
     final_norm_init: float = field(default=0.1, metadata={"help": "initial weight of the drafter's final norm (models/dflash.new_drafter)"})
-    vocab_size: int | None = field(default=None, metadata={"help": "reduced draft vocabulary (a head over the most frequent label "
-                                                                   "tokens); unset = the target's whole vocabulary"})
-    copy_target_layers: tuple[int, ...] | None = field(default=None, metadata={
-        "help": "DFlash: drafter layer i starts as a copy of target decoder layer i of this list (attention, MLP, norms; q_norm/k_norm "
-                "stay at 1, biases are not copied); unset = random init (models/dflash.copy_target_layers)"})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "reduced draft vocabulary (a head over the most frequent label tokens); unset = the target's whole vocabulary"},
+    )
+    copy_target_layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "DFlash: drafter layer i starts as a copy of target decoder layer i of this list (attention, MLP, norms; q_norm/k_norm "
+            "stay at 1, biases are not copied); unset = random init (models/dflash.copy_target_layers)"
+        },
+    )
 
     flag_prefix: ClassVar[str] = "draft_"
 
@@ -142,21 +165,36 @@ class DrafterConfig:
         check_ints(self, 1, "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size", optional=True)
         check_ints(self, 0, "mask_token_id", optional=True)
         require(self, "learned_mask", isinstance(self.learned_mask, bool), "must be true or false")
-        require(self, "learned_mask", not (self.learned_mask and self.mask_token_id is not None),
-                f"and --draft-mask-token-id {self.mask_token_id} exclude each other (a learned vector or a target row)")
+        require(
+            self,
+            "learned_mask",
+            not (self.learned_mask and self.mask_token_id is not None),
+            f"and --draft-mask-token-id {self.mask_token_id} exclude each other (a learned vector or a target row)",
+        )
         require(self, "head_dim", self.head_dim is None or self.head_dim % 2 == 0, "must be even (RoPE rotates pairs of dimensions)")
-        require(self, "num_kv_heads", None in (self.num_heads, self.num_kv_heads) or self.num_heads % self.num_kv_heads == 0,
-                f"must divide --draft-num-heads {self.num_heads}")
+        require(
+            self,
+            "num_kv_heads",
+            None in (self.num_heads, self.num_kv_heads) or self.num_heads % self.num_kv_heads == 0,
+            f"must divide --draft-num-heads {self.num_heads}",
+        )
         ids = self.target_layer_ids
-        require(self, "target_layer_ids", ids is None or (isinstance(ids, tuple) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids)),
-                "must be one or more layer ids >= 0")
+        require(
+            self,
+            "target_layer_ids",
+            ids is None or (isinstance(ids, tuple) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids)),
+            "must be one or more layer ids >= 0",
+        )
         check_number(self, "rope_theta", 0, above=True)
         check_number(self, "rms_norm_eps", 0, above=True)
         check_number(self, "final_norm_init", 0, above=True)
         copies = self.copy_target_layers
-        require(self, "copy_target_layers", copies is None or (isinstance(copies, tuple) and len(copies) == self.num_layers
-                                                                and all(_is_int(i) and i >= 0 for i in copies)),
-                f"must be one target layer id >= 0 per drafter layer ({self.num_layers})")
+        require(
+            self,
+            "copy_target_layers",
+            copies is None or (isinstance(copies, tuple) and len(copies) == self.num_layers and all(_is_int(i) and i >= 0 for i in copies)),
+            f"must be one target layer id >= 0 per drafter layer ({self.num_layers})",
+        )
 
 
 DEVICES = r"auto|cpu|mps|cuda(:\d+)?"  # what --device accepts (a regular expression)
@@ -164,8 +202,12 @@ DTYPES = ("auto", "float32", "bfloat16")  # what --dtype accepts (`resolve_dtype
 
 
 def check_device(cfg: Any, name: str = "device") -> None:
-    require(cfg, name, isinstance(getattr(cfg, name), str) and re.fullmatch(DEVICES, getattr(cfg, name)) is not None,
-            "must be auto, cpu, cuda or cuda:N")
+    require(
+        cfg,
+        name,
+        isinstance(getattr(cfg, name), str) and re.fullmatch(DEVICES, getattr(cfg, name)) is not None,
+        "must be auto, cpu, cuda or cuda:N",
+    )
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -184,8 +226,10 @@ def resolve_device(name: str = "auto") -> str:
         raise ConfigError(f"--device {name}: no CUDA device is available here")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if name.startswith("cuda:") and world > 1:
-        raise ConfigError(f"--device {name} under torchrun ({world} processes): each process takes its own GPU "
-                          "(cuda:LOCAL_RANK); pass --device cuda or auto")
+        raise ConfigError(
+            f"--device {name} under torchrun ({world} processes): each process takes its own GPU "
+            "(cuda:LOCAL_RANK); pass --device cuda or auto"
+        )
     if name == "cuda" and world > 1:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return name
@@ -208,20 +252,28 @@ def resolve_dtype(name: str, device: str):
 class FeatureConfig:
     """What `draftopd features` caches: which answers, and how the prefill batches and shards them."""
 
-    data: str = field(default="answers", metadata={"help": "'answers' (ShareGPT answers, fixed text) or a data file: regenerated, "
-                                                           "token ids, conversations (--data-format)"})
+    data: str = field(
+        default="answers",
+        metadata={"help": "'answers' (ShareGPT answers, fixed text) or a data file: regenerated, token ids, conversations (--data-format)"},
+    )
     limit: int = field(default=1500, metadata={"help": "ShareGPT train-split conversations to take answers from (answers only)"})
     max_response_tokens: int = field(default=384, metadata={"help": "answers: tokens kept of each answer"})
     keep_final: bool = field(default=False, metadata={"help": "also keep the target's final hidden state (soft labels, --loss kl)"})
-    trim_loops: bool = field(default=False, metadata={
-        "help": "regenerated data only: cut each answer where a greedy loop starts (decode/loops.py); from scratch on SmolLM2-135M's "
-                "answers this raised held-out tau 1.048 [1.039, 1.057] at equal response tokens (docs/results/strong-drafters.md)"})
+    trim_loops: bool = field(
+        default=False,
+        metadata={
+            "help": "regenerated data only: cut each answer where a greedy loop starts (decode/loops.py); from scratch on SmolLM2-135M's "
+            "answers this raised held-out tau 1.048 [1.039, 1.057] at equal response tokens (docs/results/strong-drafters.md)"
+        },
+    )
     shard_tokens: int = field(default=65536, metadata={"help": "tokens a cache shard file"})
     batch_tokens: int = field(default=4096, metadata={"help": "padded tokens a prefill batch"})
 
     def __post_init__(self) -> None:
         require(self, "data", isinstance(self.data, str) and bool(self.data.strip()), "must be 'answers' or a data file path")
-        require(self, "trim_loops", not (self.trim_loops and self.data == "answers"), "applies to regenerated data (--data FILE.jsonl) only")
+        require(
+            self, "trim_loops", not (self.trim_loops and self.data == "answers"), "applies to regenerated data (--data FILE.jsonl) only"
+        )
         check_ints(self, 1, "limit", "max_response_tokens", "shard_tokens", "batch_tokens")
 
 
@@ -232,12 +284,22 @@ DATA_FORMATS = ("auto", "regenerated", "token-ids", "conversations")
 class DataConfig:
     """How `sft --data` and `features --data` read a training file (`data/training.py`)."""
 
-    format: str = field(default="auto", metadata={"help": "auto (told per record) | regenerated (prompt_ids / response_ids) | "
-                                                          "token-ids (those, or input_ids / loss_mask) | conversations (ShareGPT or "
-                                                          "OpenAI messages, rendered with the target's chat template)",
-                                                  "choices": DATA_FORMATS})
-    max_tokens: int = field(default=2048, metadata={"help": "longer token-id or conversation sequences are cut after their last "
-                                                           "assistant turn that fits, else skipped (regenerated records are never cut)"})
+    format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (told per record) | regenerated (prompt_ids / response_ids) | "
+            "token-ids (those, or input_ids / loss_mask) | conversations (ShareGPT or "
+            "OpenAI messages, rendered with the target's chat template)",
+            "choices": DATA_FORMATS,
+        },
+    )
+    max_tokens: int = field(
+        default=2048,
+        metadata={
+            "help": "longer token-id or conversation sequences are cut after their last "
+            "assistant turn that fits, else skipped (regenerated records are never cut)"
+        },
+    )
 
     flag_prefix: ClassVar[str] = "data_"
 
@@ -251,11 +313,20 @@ class PromptConfig:
     """Which prompts a command reads, and how regeneration batches them."""
 
     prompts: str = field(default="sharegpt", metadata={"help": f"a named set ({', '.join(NAMED_SETS)}) or a JSONL path"})
-    split: str = field(default="auto", metadata={"help": "train | heldout | all (a seeded hash split of the prompts); auto = train for "
-                                                        "a named set (its held-out tenth stays unseen), all for a file",
-                                                 "choices": ("auto", *SPLITS)})
-    limit: int = field(default=200, metadata={"help": "prompts taken: a seeded sample of the split (a smaller limit is a "
-                                                       "prefix of a larger one), not the file's first lines"})
+    split: str = field(
+        default="auto",
+        metadata={
+            "help": "train | heldout | all (a seeded hash split of the prompts); auto = train for "
+            "a named set (its held-out tenth stays unseen), all for a file",
+            "choices": ("auto", *SPLITS),
+        },
+    )
+    limit: int = field(
+        default=200,
+        metadata={
+            "help": "prompts taken: a seeded sample of the split (a smaller limit is a prefix of a larger one), not the file's first lines"
+        },
+    )
     max_prompt_tokens: int = field(default=512, metadata={"help": "longer rendered prompts are skipped and counted"})
     batch_size: int = field(default=8, metadata={"help": "regeneration batch (a ragged batch through the decoder)"})
 
@@ -278,22 +349,40 @@ class DecodeConfig:
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated a prompt, at most"})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy; > 0 = lossless speculative sampling"})
     stop_at_eos: bool = field(default=True, metadata={"help": "end a row at the target's end-of-sequence token"})
-    stop_at_loop: bool = field(default=False, metadata={
-        "help": "stop a row where its text starts looping (decode/loops.py: 8 repeated 4-grams in a row), finish 'loop': the text is a "
-                "prefix of the full one, so cutting it at the loop (--trim-loops) gives the same tokens for less decoding"})
+    stop_at_loop: bool = field(
+        default=False,
+        metadata={
+            "help": "stop a row where its text starts looping (decode/loops.py: 8 repeated 4-grams in a row), finish 'loop': the text is a "
+            "prefix of the full one, so cutting it at the loop (--trim-loops) gives the same tokens for less decoding"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the sampling (and of the owner's prompt sample, data order, bootstrap)"})
-    record_draft_logits: bool = field(default=False, metadata={"help": "keep every round's full drafter logits in the trace (tests, debugging)"})
-    num_drafts: int | None = field(default=None, metadata={
-        "help": "drafts verified per round; none given = the drafter's block size - 1. Fewer stays lossless and narrows the verify pass, "
-                "which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py). "
-                "0 = prompt lookup only: the drafter never drafts, a round without a lookup match is a plain decoding step"})
-    draft_confidence: float = field(default=0.0, metadata={
-        "help": "verify a row's drafts only while the product of the drafter's top probabilities up to the slot (its estimate that the "
-                "slot is accepted) is at least this, at least one draft a round; 0 = off. A function of the drafter's logits only, so "
-                "lossless (speculative.py: confident_drafts)"})
-    lookup_ngram: int = field(default=0, metadata={
-        "help": "prompt lookup: a row whose last n tokens occurred earlier in its prompt or output proposes the (up to block size - 1) "
-                "tokens that followed, instead of the drafter's drafts; 0 = off. Lossless (decode/lookup.py)"})
+    record_draft_logits: bool = field(
+        default=False, metadata={"help": "keep every round's full drafter logits in the trace (tests, debugging)"}
+    )
+    num_drafts: int | None = field(
+        default=None,
+        metadata={
+            "help": "drafts verified per round; none given = the drafter's block size - 1. Fewer stays lossless and narrows the verify pass, "
+            "which pays where late slots are rarely accepted and a wider verify costs more (a CPU: benchmarks/draft_length.py). "
+            "0 = prompt lookup only: the drafter never drafts, a round without a lookup match is a plain decoding step"
+        },
+    )
+    draft_confidence: float = field(
+        default=0.0,
+        metadata={
+            "help": "verify a row's drafts only while the product of the drafter's top probabilities up to the slot (its estimate that the "
+            "slot is accepted) is at least this, at least one draft a round; 0 = off. A function of the drafter's logits only, so "
+            "lossless (speculative.py: confident_drafts)"
+        },
+    )
+    lookup_ngram: int = field(
+        default=0,
+        metadata={
+            "help": "prompt lookup: a row whose last n tokens occurred earlier in its prompt or output proposes the (up to block size - 1) "
+            "tokens that followed, instead of the drafter's drafts; 0 = off. Lossless (decode/lookup.py)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_ints(self, 1, "max_new_tokens")
@@ -318,9 +407,13 @@ class OptimConfig:
     min_warmup_steps: int = field(default=3, metadata={"help": "warm-up steps at least (never more than the run)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "the cosine ends at this fraction of the peak learning rate"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    checkpoint_layers: bool = field(default=False, metadata={
-        "help": "recompute each drafter layer in the backward pass instead of keeping its activations: a fraction of the memory for "
-                "about a third more drafter compute (DFlash; `draftopd plan` shows what a run needs either way)"})
+    checkpoint_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each drafter layer in the backward pass instead of keeping its activations: a fraction of the memory for "
+            "about a third more drafter compute (DFlash; `draftopd plan` shows what a run needs either way)"
+        },
+    )
 
     flag_prefix: ClassVar[str] = "optim_"
 
@@ -328,8 +421,12 @@ class OptimConfig:
         check_number(self, "lr", 0, above=True)
         check_number(self, "weight_decay", 0)
         betas = self.betas
-        require(self, "betas", isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
-                "must be two numbers in [0, 1)")
+        require(
+            self,
+            "betas",
+            isinstance(betas, tuple) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            "must be two numbers in [0, 1)",
+        )
         check_number(self, "warmup_fraction", 0, 1)
         check_ints(self, 1, "min_warmup_steps")
         check_number(self, "min_lr_ratio", 0, 1)
@@ -345,16 +442,32 @@ class SFTConfig:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches an optimizer step"})
     anchors_per_seq: int = field(default=32, metadata={"help": "blocks trained a sequence (sampled among trained positions)"})
     loss: str = field(default="ce", metadata={"help": "ce (hard labels) or kl (soft, to the target distribution)", "choices": SFT_LOSSES})
-    labels: str = field(default="text", metadata={"help": "text (the sequence's next token: regenerated answers) or greedy (the target's "
-                                                          "argmax there: fixed text)", "choices": SFT_LABELS})
-    slot_decay: float | None = field(default=None, metadata={"help": "slot weights exp(-(k-1)/decay); none given = 7 for block 16, 4 for block 8"})
-    feature_noise: float = field(default=0.0, metadata={
-        "help": "Gaussian noise on the target features the drafter's context reads, std = this x each position's feature RMS "
-                "(robustness to features it will see at decoding time, as EAGLE trains with uniform noise); 0 = off"})
-    autocast: str = field(default="auto", metadata={
-        "help": "bfloat16: the drafter's forward (hence its backward) runs under torch.autocast: bf16 matmuls, float32 weights, optimizer "
-                "state and loss; float32: off; auto: bfloat16 where it is fast (CUDA, AVX512-BF16 CPUs), where the recipe's SFT ran 1.5x "
-                "faster at the same held-out tau (docs/results/strong-drafters.md)", "choices": AUTOCAST})
+    labels: str = field(
+        default="text",
+        metadata={
+            "help": "text (the sequence's next token: regenerated answers) or greedy (the target's argmax there: fixed text)",
+            "choices": SFT_LABELS,
+        },
+    )
+    slot_decay: float | None = field(
+        default=None, metadata={"help": "slot weights exp(-(k-1)/decay); none given = 7 for block 16, 4 for block 8"}
+    )
+    feature_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gaussian noise on the target features the drafter's context reads, std = this x each position's feature RMS "
+            "(robustness to features it will see at decoding time, as EAGLE trains with uniform noise); 0 = off"
+        },
+    )
+    autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "bfloat16: the drafter's forward (hence its backward) runs under torch.autocast: bf16 matmuls, float32 weights, optimizer "
+            "state and loss; float32: off; auto: bfloat16 where it is fast (CUDA, AVX512-BF16 CPUs), where the recipe's SFT ran 1.5x "
+            "faster at the same held-out tau (docs/results/strong-drafters.md)",
+            "choices": AUTOCAST,
+        },
+    )
     save_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
     log_every: int = field(default=1, metadata={"help": "steps between metrics rows"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, anchors and initialisation"})
@@ -378,17 +491,27 @@ class EvalConfig:
 
     sets: tuple[str, ...] = field(default=("mt-bench", "gsm8k", "humaneval"), metadata={"help": "named prompt sets or JSONL files"})
     num_prompts: int = field(default=30, metadata={"help": "prompts a set (a seeded sample of its held-out split)"})
-    skip_prompts: int = field(default=0, metadata={
-        "help": "leave out the first this many prompts of each set's seeded sample and evaluate the next --num-prompts: choose "
-                "settings on --skip-prompts 0, report them on prompts never used to choose (--skip-prompts N with N >= the "
-                "prompts the choice used)"})
+    skip_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "leave out the first this many prompts of each set's seeded sample and evaluate the next --num-prompts: choose "
+            "settings on --skip-prompts 0, report them on prompts never used to choose (--skip-prompts N with N >= the "
+            "prompts the choice used)"
+        },
+    )
     bootstrap_resamples: int = field(default=2000, metadata={"help": "95% percentile-bootstrap intervals over prompts (tau, speedup)"})
-    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=96), metadata={
-        "help": "decoding, the same for plain and speculative runs; its seed also samples the prompts and the bootstrap"})
+    decode: DecodeConfig = field(
+        default_factory=lambda: DecodeConfig(max_new_tokens=96),
+        metadata={"help": "decoding, the same for plain and speculative runs; its seed also samples the prompts and the bootstrap"},
+    )
 
     def __post_init__(self) -> None:
-        require(self, "sets", isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
-                "must be prompt set names or files")
+        require(
+            self,
+            "sets",
+            isinstance(self.sets, tuple) and all(isinstance(s, str) and s.strip() for s in self.sets),
+            "must be prompt set names or files",
+        )
         check_ints(self, 1, "num_prompts", "bootstrap_resamples")
         check_ints(self, 0, "skip_prompts")
         require(self, "decode", isinstance(self.decode, DecodeConfig), "must be a DecodeConfig")

@@ -74,33 +74,60 @@ ABLATIONS = {
 @dataclass(frozen=True)
 class ExperimentConfig:
     target: str = field(default=DEFAULT_TARGET, metadata={"help": "embedded name, local HF folder or hub id"})
-    out_dir: str = field(default="runs/demo", metadata={"help": "folder of every stage's output (a second run redoes only what is missing)"})
-    start: str | None = field(default="bundled", metadata={
-        "help": "start drafter: 'bundled' (the one shipped for the target; others build one), a drafter folder, or none (build)"})
+    out_dir: str = field(
+        default="runs/demo", metadata={"help": "folder of every stage's output (a second run redoes only what is missing)"}
+    )
+    start: str | None = field(
+        default="bundled",
+        metadata={"help": "start drafter: 'bundled' (the one shipped for the target; others build one), a drafter folder, or none (build)"},
+    )
     train_prompts: int = 64
     prompt_offset: int = 12000  # skip the ShareGPT train prompts the bundled drafter's data came from
     regen_max_new_tokens: int = 96
     regen_batch: int = 8
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=1, block_size=8))  # built starts only
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=60, batch_size=4, anchors_per_seq=16, save_every=20, optim=OptimConfig(lr=1e-3)))
+    sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(steps=60, batch_size=4, anchors_per_seq=16, save_every=20, optim=OptimConfig(lr=1e-3))
+    )
     # the authors' recipe (the `draftopd opd` defaults: estimator losses, pooled, lr 3e-4 cosine) at demo size
-    opd: OPDConfig = field(default_factory=lambda: OPDConfig(steps=6, prompts_per_rollout=8, rollouts_per_step=1, replay_batch=8, rollout=DecodeConfig(max_new_tokens=96),
-                                                             save_every=2, optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
+    opd: OPDConfig = field(
+        default_factory=lambda: OPDConfig(
+            steps=6,
+            prompts_per_rollout=8,
+            rollouts_per_step=1,
+            replay_batch=8,
+            rollout=DecodeConfig(max_new_tokens=96),
+            save_every=2,
+            optim=OptimConfig(lr=3e-4, min_warmup_steps=1),
+        )
+    )
     # the data-matched control: soft labels on the target's answers to the rollout prompts; steps planned from compute
-    continued_sft: SFTConfig = field(default_factory=lambda: SFTConfig(batch_size=8, anchors_per_seq=64, loss="kl", labels="text",
-                                                                       optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
+    continued_sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(
+            batch_size=8, anchors_per_seq=64, loss="kl", labels="text", optim=OptimConfig(lr=3e-4, min_warmup_steps=1)
+        )
+    )
     curve_prompts: int = 30  # held-out ShareGPT prompts for the tau-vs-compute curve (greedy replay)
     curve_every: int = 2
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_prompts=4, decode=DecodeConfig(max_new_tokens=48)))
     ablations: tuple[str, ...] = field(default=(), metadata={"help": f"Draft-OPD variants to add as rows: {', '.join(ABLATIONS)}"})
     ablation_steps: int | None = None  # Draft-OPD steps of each ablation row (None = opd.steps)
-    device: str = field(default="auto", metadata={"help": "where every stage runs: cpu, cuda, cuda:N; auto = cuda when available (not "
-                                                          "part of what makes a run the same run)"})
-    dtype: str = field(default="float32", metadata={"help": "the target's dtype in every stage (the demo's numbers are float32)",
-                                                    "choices": DTYPES})
-    synthetic: bool = field(default=True, metadata={
-        "help": "also run the side by side on the synthetic target, where a drafter gets strong in minutes (SyntheticDemoConfig; "
-                "its target is built once, about 6 min on 2 cores, and cached)"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where every stage runs: cpu, cuda, cuda:N; auto = cuda when available (not part of what makes a run the same run)"
+        },
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "the target's dtype in every stage (the demo's numbers are float32)", "choices": DTYPES}
+    )
+    synthetic: bool = field(
+        default=True,
+        metadata={
+            "help": "also run the side by side on the synthetic target, where a drafter gets strong in minutes (SyntheticDemoConfig; "
+            "its target is built once, about 6 min on 2 cores, and cached)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_device(self)
@@ -119,8 +146,14 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, run: RunInfo | 
     target = load_target(cfg.target, dtype=resolve_dtype(cfg.dtype, device), device=device)
     # 1. data: the target answers fresh training prompts
     pool = load_prompts("sharegpt", split="train", limit=cfg.prompt_offset + cfg.train_prompts, seed=cfg.sft.seed).prompts
-    regenerate(target, pool[cfg.prompt_offset:], out / "regenerated.jsonl", DecodeConfig(max_new_tokens=cfg.regen_max_new_tokens),
-               batch_size=cfg.regen_batch, progress=progress)
+    regenerate(
+        target,
+        pool[cfg.prompt_offset :],
+        out / "regenerated.jsonl",
+        DecodeConfig(max_new_tokens=cfg.regen_max_new_tokens),
+        batch_size=cfg.regen_batch,
+        progress=progress,
+    )
     examples = load_regenerated(out / "regenerated.jsonl").examples
     rollout_prompts = [list(e.prompt_ids) for e in examples]
     # 2. the start: a bundled drafter, or an SFT warm start on these answers
@@ -129,28 +162,41 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, run: RunInfo | 
     # 3. equal compute: Draft-OPD first, continued SFT stops at the same FLOPs
     curves = _load(out / "curves.json") or {"opd": [], "sft_continued": []}
     save_curves = lambda: _save_json(out / "curves.json", curves)  # noqa: E731
-    opd, opd_flops = _run_opd(target, start, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress,
-                              save_curves, run)
-    sft_cont = _run_continued_sft(target, start, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves,
-                                  run)
+    opd, opd_flops = _run_opd(
+        target, start, rollout_prompts, cfg.opd, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves, run
+    )
+    sft_cont = _run_continued_sft(
+        target, start, examples, cfg, opd_flops, out, curves["sft_continued"], curve_tau, progress, save_curves, run
+    )
     first = {"flops": 0.0, "tau": curve_tau(start)}  # compute is counted from the start drafter
-    curves = {"opd": [first] + [c for c in curves["opd"] if c["flops"] > 0], "sft_continued": [first] + [c for c in curves["sft_continued"] if c["flops"] > 0]}
+    curves = {
+        "opd": [first] + [c for c in curves["opd"] if c["flops"] > 0],
+        "sft_continued": [first] + [c for c in curves["sft_continued"] if c["flops"] > 0],
+    }
     _save_json(out / "curves.json", curves)
     # 4. evaluate the drafters side by side
     results = {}
     for name, drafter in (*rows, ("sft_continued", sft_cont), ("draft_opd", opd)):
         report = evaluate(target, drafter, cfg.eval, progress=progress)
         report.save(out / f"eval_{name}.json")
-        results[name] = {"tau": report.row("all").tau, "speedup": report.row("all").speedup,
-                         "per_set": {r.name: {"tau": r.tau, "speedup": r.speedup} for r in report.rows}}
+        results[name] = {
+            "tau": report.row("all").tau,
+            "speedup": report.row("all").speedup,
+            "per_set": {r.name: {"tau": r.tau, "speedup": r.speedup} for r in report.rows},
+        }
     # 5. ablations: Draft-OPD variants from the same start, same steps
     ablations = {}
     for name in (("full",) + tuple(a for a in cfg.ablations if a != "full")) if cfg.ablations else ():
         variant = replace(_ablation_config(cfg.opd, name), steps=cfg.ablation_steps or cfg.opd.steps)
         drafter, _ = _run_opd(target, start, rollout_prompts, variant, out / f"ablation_{name}", [], None, 0, progress, run=run)
         ablations[name] = {"curve_tau": curve_tau(drafter)}
-    summary = {"config": _jsonable(asdict(cfg)), "results": results, "curves": curves, "ablations": ablations,
-               "plot": str(plot_curves(curves, out / "tau_vs_compute.png"))}
+    summary = {
+        "config": _jsonable(asdict(cfg)),
+        "results": results,
+        "curves": curves,
+        "ablations": ablations,
+        "plot": str(plot_curves(curves, out / "tau_vs_compute.png")),
+    }
     if cfg.synthetic:
         summary["synthetic"] = run_synthetic(SyntheticDemoConfig(), out / "synthetic", progress, run)
     _save_json(out / "summary.json", summary)
@@ -175,7 +221,9 @@ def check_same_config(out: Path, cfg: ExperimentConfig) -> None:
         raise ValueError(f"--out {out} holds a run of another configuration (differs in {', '.join(changed)}): give a new folder")
 
 
-def start_drafter(target, cfg: ExperimentConfig, examples, out: Path, progress: bool, run: RunInfo | None = None) -> tuple[list[tuple[str, Drafter]], Drafter]:
+def start_drafter(
+    target, cfg: ExperimentConfig, examples, out: Path, progress: bool, run: RunInfo | None = None
+) -> tuple[list[tuple[str, Drafter]], Drafter]:
     """(rows to evaluate before the two arms, the start drafter). A bundled or given drafter is the "start" row;
     a built one adds the untrained drafter and its SFT warm start ("sft") on the demo's answers."""
     folder = BUNDLED_DRAFTERS.get(cfg.target) if cfg.start == "bundled" else cfg.start
@@ -195,8 +243,19 @@ def replay_curve(target, drafter: Drafter, cfg: ExperimentConfig):
     return lambda d: replay_scored(d, scored).tau
 
 
-def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: list, curve_tau, every: int, progress: bool, save_curve=None,
-             run: RunInfo | None = None):
+def _run_opd(
+    target,
+    start: Drafter,
+    prompts,
+    cfg: OPDConfig,
+    out: Path,
+    curve: list,
+    curve_tau,
+    every: int,
+    progress: bool,
+    save_curve=None,
+    run: RunInfo | None = None,
+):
     drafter = copy.deepcopy(start)
     flops = {"v": 0.0}
 
@@ -210,15 +269,50 @@ def _run_opd(target, start: Drafter, prompts, cfg: OPDConfig, out: Path, curve: 
     return drafter, flops["v"] or _last_flops(out)
 
 
-def _run_continued_sft(target, start: Drafter, examples, cfg: ExperimentConfig, max_flops: float, out: Path, curve: list, curve_tau, progress: bool,
-                       save_curve, run: RunInfo | None = None):
+def _run_continued_sft(
+    target,
+    start: Drafter,
+    examples,
+    cfg: ExperimentConfig,
+    max_flops: float,
+    out: Path,
+    curve: list,
+    curve_tau,
+    progress: bool,
+    save_curve,
+    run: RunInfo | None = None,
+):
     sft_cfg = replace(cfg.continued_sft, seed=cfg.continued_sft.seed + 1)
-    return matched_sft(target, start, examples, sft_cfg, max_flops, out / "sft_continued", curve, curve_tau, cfg.opd.steps // cfg.curve_every,
-                       progress, save_curve, run)
+    return matched_sft(
+        target,
+        start,
+        examples,
+        sft_cfg,
+        max_flops,
+        out / "sft_continued",
+        curve,
+        curve_tau,
+        cfg.opd.steps // cfg.curve_every,
+        progress,
+        save_curve,
+        run,
+    )
 
 
-def matched_sft(target, start: Drafter, examples, sft_cfg: SFTConfig, max_flops: float, out: Path, curve: list, curve_tau, points: int,
-                progress: bool, save_curve, run: RunInfo | None = None):
+def matched_sft(
+    target,
+    start: Drafter,
+    examples,
+    sft_cfg: SFTConfig,
+    max_flops: float,
+    out: Path,
+    curve: list,
+    curve_tau,
+    points: int,
+    progress: bool,
+    save_curve,
+    run: RunInfo | None = None,
+):
     """SFT of a copy of `start` that stops at `max_flops` (its steps planned from the compute of a step, the cosine
     spanning the budget), with about `points` curve points."""
     steps = max(1, math.ceil(1.05 * max_flops / sft_step_flops(target, start, examples, sft_cfg)))  # the cosine spans the budget
@@ -256,9 +350,16 @@ class SyntheticDemoConfig:
     greedy answers to the same rollout prompts (the study's sft-greedy-kl arm); scored by greedy replay on the study's
     held-out eval prompts (one seed: the interval covers prompts only; experiments/synthetic-opd has the seeds)."""
 
-    study: StudyConfig = field(default_factory=lambda: StudyConfig(
-        start_prompts=1000, rollout_prompts=1280, eval_prompts=150, tuning_prompts=1, opd_updates=20,
-        start_sft=SFTConfig(steps=800, batch_size=16, anchors_per_seq=32, save_every=200, optim=OptimConfig(lr=2e-3))))
+    study: StudyConfig = field(
+        default_factory=lambda: StudyConfig(
+            start_prompts=1000,
+            rollout_prompts=1280,
+            eval_prompts=150,
+            tuning_prompts=1,
+            opd_updates=20,
+            start_sft=SFTConfig(steps=800, batch_size=16, anchors_per_seq=32, save_every=200, optim=OptimConfig(lr=2e-3)),
+        )
+    )
     curve_every: int = 5  # Draft-OPD updates between curve points
 
 
@@ -279,18 +380,36 @@ def run_synthetic(cfg: SyntheticDemoConfig, out: Path, progress: bool = True, ru
     save_curves = lambda: _save_json(out / "curves.json", curves)  # noqa: E731
     curve_tau = lambda d: score(d).tau  # noqa: E731
     opd_cfg = replace(sc.opd, steps=sc.opd_updates, save_every=cfg.curve_every)
-    opd, opd_flops = _run_opd(target, start, data.rollout_prompts, opd_cfg, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress,
-                              save_curves, run)
+    opd, opd_flops = _run_opd(
+        target, start, data.rollout_prompts, opd_cfg, out / "opd", curves["opd"], curve_tau, cfg.curve_every, progress, save_curves, run
+    )
     sft_cfg = replace(sc.arm_sft, loss="kl", labels="text", autocast="float32")
-    sft = matched_sft(target, start, data.greedy, sft_cfg, opd_flops, out / "sft_continued", curves["sft_continued"], curve_tau,
-                      sc.opd_updates // cfg.curve_every, progress, save_curves, run)
+    sft = matched_sft(
+        target,
+        start,
+        data.greedy,
+        sft_cfg,
+        opd_flops,
+        out / "sft_continued",
+        curves["sft_continued"],
+        curve_tau,
+        sc.opd_updates // cfg.curve_every,
+        progress,
+        save_curves,
+        run,
+    )
     scores = {name: score(d) for name, d in (("start", start), ("sft_continued", sft), ("draft_opd", opd))}
     first = {"flops": 0.0, "tau": scores["start"].tau}
     curves = {k: [first] + [c for c in v if c["flops"] > 0] for k, v in curves.items()}
     ratio = compare("sft_continued", [scores["sft_continued"]], "draft_opd", [scores["draft_opd"]], sc.resamples)
-    summary = {"tau": {k: v.tau for k, v in scores.items()}, "opd_over_sft": {"ratio": ratio.ratio, "ci": list(ratio.ci)},
-               "tflops": opd_flops / 1e12, "eval_prompts": len(data.eval_prompts), "curves": curves,
-               "plot": str(plot_curves(curves, out / "tau_vs_compute.png", "synthetic target"))}
+    summary = {
+        "tau": {k: v.tau for k, v in scores.items()},
+        "opd_over_sft": {"ratio": ratio.ratio, "ci": list(ratio.ci)},
+        "tflops": opd_flops / 1e12,
+        "eval_prompts": len(data.eval_prompts),
+        "curves": curves,
+        "plot": str(plot_curves(curves, out / "tau_vs_compute.png", "synthetic target")),
+    }
     _save_json(out / "summary.json", summary)
     return summary
 
@@ -352,9 +471,15 @@ def format_results(summary: dict) -> str:
     if "synthetic" in summary:
         syn = summary["synthetic"]
         lo, hi = syn["opd_over_sft"]["ci"]
-        rows += ["", f"Synthetic target (greedy replay on {syn['eval_prompts']} held-out prompts, {syn['tflops']:.2f} TFLOPs a drafter):",
-                 "| drafter | tau |", "|---|---|"]
+        rows += [
+            "",
+            f"Synthetic target (greedy replay on {syn['eval_prompts']} held-out prompts, {syn['tflops']:.2f} TFLOPs a drafter):",
+            "| drafter | tau |",
+            "|---|---|",
+        ]
         rows += [f"| {name} | {tau:.2f} |" for name, tau in syn["tau"].items()]
-        rows += [f"Draft-OPD / continued SFT: {syn['opd_over_sft']['ratio']:.3f} [{lo:.3f}, {hi:.3f}] (one seed; interval over prompts)",
-                 f"plot: {syn['plot']}"]
+        rows += [
+            f"Draft-OPD / continued SFT: {syn['opd_over_sft']['ratio']:.3f} [{lo:.3f}, {hi:.3f}] (one seed; interval over prompts)",
+            f"plot: {syn['plot']}",
+        ]
     return "\n".join(rows)

@@ -27,12 +27,28 @@ from .train.losses import LossConfig
 from .train.opd import OPDConfig
 
 SETS = (*EvalConfig().sets, "sharegpt-heldout")
-OPD = OPDConfig(steps=20, prompts_per_rollout=8, rollouts_per_step=2, replay_batch=8, rollout=DecodeConfig(max_new_tokens=128), save_every=4,
-                optim=OptimConfig(lr=3e-4))
-ABLATIONS = {"opd": {}, "opd-random": {"anchors": "random"}, "opd-fwd": {"rej_direction": "forward"},
-             "opd-rev": {"acc_direction": "reverse"}, "opd-nodecay": {"gamma": 1.0}, "opd-norej": {"use_rejected": False},
-             "opd-first": {"rej_slots": "first"}, "opd-t07": {"temperature": 0.7}, "opd-exact": {"mode": "exact"},
-             "opd-lam01": {"lam_rej": 0.1}, "opd-wrong": {"rej_slots": "wrong"}}
+OPD = OPDConfig(
+    steps=20,
+    prompts_per_rollout=8,
+    rollouts_per_step=2,
+    replay_batch=8,
+    rollout=DecodeConfig(max_new_tokens=128),
+    save_every=4,
+    optim=OptimConfig(lr=3e-4),
+)
+ABLATIONS = {
+    "opd": {},
+    "opd-random": {"anchors": "random"},
+    "opd-fwd": {"rej_direction": "forward"},
+    "opd-rev": {"acc_direction": "reverse"},
+    "opd-nodecay": {"gamma": 1.0},
+    "opd-norej": {"use_rejected": False},
+    "opd-first": {"rej_slots": "first"},
+    "opd-t07": {"temperature": 0.7},
+    "opd-exact": {"mode": "exact"},
+    "opd-lam01": {"lam_rej": 0.1},
+    "opd-wrong": {"rej_slots": "wrong"},
+}
 OPD_FLOPS_PER_UPDATE = 7.4e12
 SFT_FLOPS_PER_STEP = 1.66e12
 SFT = SFTConfig(steps=1000, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=1000, optim=OptimConfig(lr=3e-4))
@@ -58,9 +74,15 @@ def replay_all(drafter, scored: dict) -> dict[str, ReplayedTau]:
 def point(step: int, compute, rep: dict[str, ReplayedTau], t0: float) -> dict:
     """One curve point: step, FLOPs so far (total and by phase), seconds since `t0`, tau per set, slot acceptance and
     every text's (committed, accepted per round), so paired ratios can be computed later from the JSON alone."""
-    return {"step": step, "flops": compute.flops, "phase_flops": dict(compute.phase_flops), "elapsed_s": time.time() - t0,
-            "tau": {k: v.tau for k, v in rep.items()}, "slot_acceptance": rep["all"].slot_acceptance(),
-            "texts": {k: [[t.committed, list(t.accepted)] for t in v.texts] for k, v in rep.items() if k != "all"}}
+    return {
+        "step": step,
+        "flops": compute.flops,
+        "phase_flops": dict(compute.phase_flops),
+        "elapsed_s": time.time() - t0,
+        "tau": {k: v.tau for k, v in rep.items()},
+        "slot_acceptance": rep["all"].slot_acceptance(),
+        "texts": {k: [[t.committed, list(t.accepted)] for t in v.texts] for k, v in rep.items() if k != "all"},
+    }
 
 
 def paired(num_b, den_b, num_a, den_a) -> tuple[float, float, float]:

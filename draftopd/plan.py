@@ -46,8 +46,12 @@ GB = 1e9
 class PlanConfig:
     """What to plan for. Sizes are per rank (each of `world_size` processes holds its own target and drafter)."""
 
-    target_config: str = field(default="qwen3-8b", metadata={"help": "a shipped config (qwen3-8b, llama-3.1-8b, qwen3-0.6b), a "
-                                                                      "config.json or a model folder: only its shapes are read"})
+    target_config: str = field(
+        default="qwen3-8b",
+        metadata={
+            "help": "a shipped config (qwen3-8b, llama-3.1-8b, qwen3-0.6b), a config.json or a model folder: only its shapes are read"
+        },
+    )
     dtype: str = field(default="bfloat16", metadata={"help": "the target's dtype on the device", "choices": ("bfloat16", "float32")})
     world_size: int = field(default=1, metadata={"help": "torchrun processes (the dataset and the FLOPs a step are shared among them)"})
     device_gb: float = field(default=80.0, metadata={"help": "memory of one device, to say what fits"})
@@ -57,27 +61,52 @@ class PlanConfig:
     sequence_tokens: int = field(default=4096, metadata={"help": "SFT and the feature prefill: tokens a training sequence"})
     sft_batch: int = field(default=2, metadata={"help": "SFT: sequences a micro-batch"})
     anchors_per_seq: int = field(default=512, metadata={"help": "SFT: blocks trained a sequence"})
-    sft_loss: str = field(default="kl", metadata={"help": "SFT loss: ce (hard labels) or kl (soft, the target's distribution)",
-                                                  "choices": SFT_LOSSES})
+    sft_loss: str = field(
+        default="kl", metadata={"help": "SFT loss: ce (hard labels) or kl (soft, the target's distribution)", "choices": SFT_LOSSES}
+    )
     opd_rollouts: int = field(default=16, metadata={"help": "Draft-OPD: prompts a rollout batch"})
     opd_new_tokens: int = field(default=2048, metadata={"help": "Draft-OPD: tokens a rollout"})
-    opd_tau: float = field(default=3.0, metadata={"help": "Draft-OPD: acceptance length assumed, which sets the segments a "
-                                                         "rollout leaves (new tokens / tau); lower tau, more segments"})
+    opd_tau: float = field(
+        default=3.0,
+        metadata={
+            "help": "Draft-OPD: acceptance length assumed, which sets the segments a "
+            "rollout leaves (new tokens / tau); lower tau, more segments"
+        },
+    )
     replay_batch: int = field(default=4, metadata={"help": "Draft-OPD: traces a replay micro-batch"})
-    loss_mode: str = field(default="estimate", metadata={"help": "Draft-OPD loss: estimate (single-token) or exact (re-verifies "
-                                                                  "every rejected block)", "choices": ("estimate", "exact")})
+    loss_mode: str = field(
+        default="estimate",
+        metadata={
+            "help": "Draft-OPD loss: estimate (single-token) or exact (re-verifies every rejected block)",
+            "choices": ("estimate", "exact"),
+        },
+    )
     features_batch_tokens: int = field(default=16384, metadata={"help": "feature cache: padded tokens a prefill batch"})
     dataset_tokens: float = field(default=1e9, metadata={"help": "tokens of the training set (feature-cache size)"})
     autocast: bool = field(default=True, metadata={"help": "the drafter trains under bf16 autocast (the CUDA default)"})
-    checkpoint_layers: bool = field(default=False, metadata={"help": "training recomputes each drafter layer in backward "
-                                                                     "(--optim-checkpoint-layers)"})
+    checkpoint_layers: bool = field(
+        default=False, metadata={"help": "training recomputes each drafter layer in backward (--optim-checkpoint-layers)"}
+    )
 
     def __post_init__(self) -> None:
         check_choice(self, "dtype")
         check_choice(self, "sft_loss")
         check_choice(self, "loss_mode")
-        check_ints(self, 1, "world_size", "regen_batch", "prompt_tokens", "new_tokens", "sequence_tokens", "sft_batch",
-                   "anchors_per_seq", "opd_rollouts", "opd_new_tokens", "replay_batch", "features_batch_tokens")
+        check_ints(
+            self,
+            1,
+            "world_size",
+            "regen_batch",
+            "prompt_tokens",
+            "new_tokens",
+            "sequence_tokens",
+            "sft_batch",
+            "anchors_per_seq",
+            "opd_rollouts",
+            "opd_new_tokens",
+            "replay_batch",
+            "features_batch_tokens",
+        )
         check_number(self, "opd_tau", 1)
         check_number(self, "device_gb", 0, above=True)
         check_number(self, "dataset_tokens", 0, above=True)
@@ -122,17 +151,21 @@ class PlanReport:
 
     def table(self) -> str:
         c = self.config
-        lines = [f"target {c['target_config']} ({self.target_params / 1e9:.2f}B params, {c['dtype']}); drafter "
-                 f"{self.drafter_spec['arch']} {self.drafter_spec['num_layers']} layer(s), block {self.drafter_spec['block_size']} "
-                 f"({self.drafter_params / 1e6:.0f}M params + the target's head); world size {c['world_size']}",
-                 f"feature cache: {self.feature_bytes_per_token:,} bytes a token, "
-                 f"{self.feature_bytes_per_token * c['dataset_tokens'] / c['world_size'] / 1e12:.2f} TB a rank for "
-                 f"{c['dataset_tokens']:.3g} tokens",
-                 f"peak per rank in GB (+{self.margin_gb:.0f} GB margin for CUDA context and allocator; device {c['device_gb']:.0f} GB):",
-                 f"{'flow':<13} {'peak':>7} {'target':>7} {'drafter':>8} {'optim':>7} {'kv':>7} {'activ':>7} {'TFLOP/step':>11} {'fits':>5}"]
+        lines = [
+            f"target {c['target_config']} ({self.target_params / 1e9:.2f}B params, {c['dtype']}); drafter "
+            f"{self.drafter_spec['arch']} {self.drafter_spec['num_layers']} layer(s), block {self.drafter_spec['block_size']} "
+            f"({self.drafter_params / 1e6:.0f}M params + the target's head); world size {c['world_size']}",
+            f"feature cache: {self.feature_bytes_per_token:,} bytes a token, "
+            f"{self.feature_bytes_per_token * c['dataset_tokens'] / c['world_size'] / 1e12:.2f} TB a rank for "
+            f"{c['dataset_tokens']:.3g} tokens",
+            f"peak per rank in GB (+{self.margin_gb:.0f} GB margin for CUDA context and allocator; device {c['device_gb']:.0f} GB):",
+            f"{'flow':<13} {'peak':>7} {'target':>7} {'drafter':>8} {'optim':>7} {'kv':>7} {'activ':>7} {'TFLOP/step':>11} {'fits':>5}",
+        ]
         for f in self.flows:
-            lines.append(f"{f.flow:<13} {f.peak / GB:>7.1f} {f.target / GB:>7.1f} {f.drafter / GB:>8.1f} {f.optimizer / GB:>7.1f} "
-                         f"{f.kv_cache / GB:>7.1f} {f.activations / GB:>7.1f} {f.flops / 1e12:>11.1f} {'yes' if self.fits(f.flow) else 'NO':>5}")
+            lines.append(
+                f"{f.flow:<13} {f.peak / GB:>7.1f} {f.target / GB:>7.1f} {f.drafter / GB:>8.1f} {f.optimizer / GB:>7.1f} "
+                f"{f.kv_cache / GB:>7.1f} {f.activations / GB:>7.1f} {f.flops / 1e12:>11.1f} {'yes' if self.fits(f.flow) else 'NO':>5}"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -155,31 +188,70 @@ def plan(cfg: PlanConfig, drafter_cfg: DrafterConfig = DrafterConfig()) -> PlanR
     def run(name: str, fn, drafter: Drafter | None, optimizer: int, flops: float) -> None:
         t0 = time.perf_counter()
         live, kv = fn()
-        flows.append(FlowPlan(name, live.peak, target_bytes, module_bytes(drafter) if drafter is not None else 0, optimizer, kv, flops,
-                              live.largest, time.perf_counter() - t0))
+        flows.append(
+            FlowPlan(
+                name,
+                live.peak,
+                target_bytes,
+                module_bytes(drafter) if drafter is not None else 0,
+                optimizer,
+                kv,
+                flops,
+                live.largest,
+                time.perf_counter() - t0,
+            )
+        )
 
     t, d, forward = target_params, draft_params + head, lambda params, tokens: 2.0 * params * tokens  # noqa: E731
-    run("regenerate", lambda: measured(lambda: decode_step(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens), target.model), None, 0,
-        forward(t, cfg.regen_batch * (cfg.prompt_tokens + cfg.new_tokens)))
-    run("features", lambda: measured(lambda: features_step(target, spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens),
-                                     target.model), None, 0,
-        forward(t, cfg.features_batch_tokens))
+    run(
+        "regenerate",
+        lambda: measured(lambda: decode_step(target, None, cfg.regen_batch, cfg.prompt_tokens, cfg.new_tokens), target.model),
+        None,
+        0,
+        forward(t, cfg.regen_batch * (cfg.prompt_tokens + cfg.new_tokens)),
+    )
+    run(
+        "features",
+        lambda: measured(
+            lambda: features_step(target, spec.target_layer_ids, cfg.features_batch_tokens, cfg.sequence_tokens), target.model
+        ),
+        None,
+        0,
+        forward(t, cfg.features_batch_tokens),
+    )
     blocks = cfg.sft_batch * cfg.anchors_per_seq
     sft_tokens = cfg.sft_batch * cfg.sequence_tokens
     for cached in (False, True):
-        run("sft-cache" if cached else "sft-online",
-            lambda cached=cached: measured(lambda: sft_step(target, train_drafter, cfg, cached), target.model, train_drafter, autocast=cfg.autocast),
-            train_drafter, optim,
-            (0 if cached else forward(t, sft_tokens)) + 6.0 * d * blocks * spec.block_size)
+        run(
+            "sft-cache" if cached else "sft-online",
+            lambda cached=cached: measured(
+                lambda: sft_step(target, train_drafter, cfg, cached), target.model, train_drafter, autocast=cfg.autocast
+            ),
+            train_drafter,
+            optim,
+            (0 if cached else forward(t, sft_tokens)) + 6.0 * d * blocks * spec.block_size,
+        )
     rollout_tokens = cfg.opd_rollouts * (cfg.prompt_tokens + cfg.opd_new_tokens * spec.block_size / cfg.opd_tau)
-    run("opd-rollout", lambda: measured(lambda: decode_step(target, decode_drafter, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens),
-                                        target.model, decode_drafter), decode_drafter,
-        0, forward(t, rollout_tokens) + forward(d, cfg.opd_rollouts * cfg.opd_new_tokens * spec.block_size / cfg.opd_tau))
+    run(
+        "opd-rollout",
+        lambda: measured(
+            lambda: decode_step(target, decode_drafter, cfg.opd_rollouts, cfg.prompt_tokens, cfg.opd_new_tokens),
+            target.model,
+            decode_drafter,
+        ),
+        decode_drafter,
+        0,
+        forward(t, rollout_tokens) + forward(d, cfg.opd_rollouts * cfg.opd_new_tokens * spec.block_size / cfg.opd_tau),
+    )
     segments = int(cfg.opd_new_tokens / cfg.opd_tau)
     replay_tokens = cfg.opd_rollouts * (cfg.prompt_tokens + cfg.opd_new_tokens)
-    run("opd-replay", lambda: measured(lambda: replay_step(target, train_drafter, cfg, segments), target.model, train_drafter, autocast=cfg.autocast),
-        train_drafter, optim,
-        forward(t, replay_tokens) + 6.0 * d * cfg.opd_rollouts * segments * spec.block_size)
+    run(
+        "opd-replay",
+        lambda: measured(lambda: replay_step(target, train_drafter, cfg, segments), target.model, train_drafter, autocast=cfg.autocast),
+        train_drafter,
+        optim,
+        forward(t, replay_tokens) + 6.0 * d * cfg.opd_rollouts * segments * spec.block_size,
+    )
     manifest = FeatureManifest("", "", None, spec.target_layer_ids, target.hidden_size, keep_final=True)
     return PlanReport(asdict(cfg), target_params, draft_params, asdict(spec), manifest.bytes_per_token, tuple(flows))
 
@@ -215,7 +287,9 @@ def decode_step(target: Target, drafter: Drafter | None, batch: int, prompt_toke
         target.verify(state, anchor[:, None])
         return tensor_bytes(*state.cache.keys, *state.cache.values)
     following = torch.ones(batch, out.features.shape[1], dtype=torch.long, device=device)
-    prompt_ctx = drafter.project_context(out.features, state.positions[:, :prompt_tokens], torch.ones_like(following, dtype=torch.bool), following)
+    prompt_ctx = drafter.project_context(
+        out.features, state.positions[:, :prompt_tokens], torch.ones_like(following, dtype=torch.bool), following
+    )
     ctx = ContextCache.start(prompt_ctx, state.lengths, longest, capacity)
     del out, prompt_ctx
     speculative_round(target, drafter, state, ctx, anchor, DecodeConfig(), None, PhaseClock("cpu"))
@@ -239,14 +313,23 @@ def _train_step(drafter: Drafter, loss: torch.Tensor) -> None:
 def sft_step(target: Target, drafter: Drafter, cfg: PlanConfig, cached: bool) -> int:
     """One SFT micro-batch (`train.sft.sft_micro_batch`): online, the target scores the batch first; from the cache, its
     features come from the cache's tensors. Forward, backward, AdamW step."""
-    sft = SFTConfig(batch_size=cfg.sft_batch, anchors_per_seq=cfg.anchors_per_seq, loss=cfg.sft_loss, labels="greedy" if cached else "text",
-                    autocast=_autocast(cfg, target))
+    sft = SFTConfig(
+        batch_size=cfg.sft_batch,
+        anchors_per_seq=cfg.anchors_per_seq,
+        loss=cfg.sft_loss,
+        labels="greedy" if cached else "text",
+        autocast=_autocast(cfg, target),
+    )
     n, prompt = cfg.sequence_tokens, cfg.prompt_tokens
     if cached:
         width = len(drafter.spec.target_layer_ids) * target.hidden_size
         empty = lambda *shape, dtype=torch.bfloat16: torch.zeros(shape, dtype=dtype, device=target.device)  # noqa: E731
-        items = [CachedSequence(torch.ones(n, dtype=torch.long), prompt, empty(n, width), empty(n, dtype=torch.long), empty(n, target.hidden_size))
-                 for _ in range(cfg.sft_batch)]
+        items = [
+            CachedSequence(
+                torch.ones(n, dtype=torch.long), prompt, empty(n, width), empty(n, dtype=torch.long), empty(n, target.hidden_size)
+            )
+            for _ in range(cfg.sft_batch)
+        ]
     else:
         items = [SFTExample("plan", (1,) * prompt, (1,) * (n - prompt))] * cfg.sft_batch
     result = sft_micro_batch(target, drafter, items, sft, torch.Generator().manual_seed(0))

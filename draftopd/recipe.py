@@ -51,18 +51,35 @@ class RecipeConfig:
     target: str = field(default=DEFAULT_TARGET, metadata={"help": "embedded name, local HF folder or hub id"})
     out_dir: str = field(default="runs/recipe", metadata={"help": "folder of every stage's output (resumable)"})
     features: FeatureConfig = field(default_factory=lambda: FeatureConfig(keep_final=True), metadata={"help": "data and how it is cached"})
-    feature_dtype: str = field(default="auto", metadata={
-        "help": "the target's dtype while caching features; auto = bfloat16 where it is fast (CUDA, CPUs with AVX512-BF16), else float32 "
-                "(an AVX2 CPU prefills 6x slower in bf16: docs/results/README.md)", "choices": DTYPES})
-    feature_layers: int = field(default=4, metadata={
-        "help": "target layers the drafter reads unless --draft-target-layer-ids names them: evenly spaced from layer 1 to layer N-3 of "
-                "the target's N, rounded up (`spread_layers`; SmolLM2-135M, N = 30: 1, 10, 19, 27)"})
-    drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, vocab_size=8192), metadata={
-        "help": "the drafter's shape (target layers: feature_layers)"})
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl",
-                                                             save_every=50, optim=OptimConfig(lr=2e-3)), metadata={"help": "SFT from the cache"})
+    feature_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "the target's dtype while caching features; auto = bfloat16 where it is fast (CUDA, CPUs with AVX512-BF16), else float32 "
+            "(an AVX2 CPU prefills 6x slower in bf16: docs/results/README.md)",
+            "choices": DTYPES,
+        },
+    )
+    feature_layers: int = field(
+        default=4,
+        metadata={
+            "help": "target layers the drafter reads unless --draft-target-layer-ids names them: evenly spaced from layer 1 to layer N-3 of "
+            "the target's N, rounded up (`spread_layers`; SmolLM2-135M, N = 30: 1, 10, 19, 27)"
+        },
+    )
+    drafter: DrafterConfig = field(
+        default_factory=lambda: DrafterConfig(num_layers=2, block_size=8, vocab_size=8192),
+        metadata={"help": "the drafter's shape (target layers: feature_layers)"},
+    )
+    sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(
+            steps=420, batch_size=8, anchors_per_seq=64, labels="greedy", loss="kl", save_every=50, optim=OptimConfig(lr=2e-3)
+        ),
+        metadata={"help": "SFT from the cache"},
+    )
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "the held-out evaluation"})
-    eval_dtype: str = field(default="auto", metadata={"help": "the target's dtype while evaluating (as --feature-dtype)", "choices": DTYPES})
+    eval_dtype: str = field(
+        default="auto", metadata={"help": "the target's dtype while evaluating (as --feature-dtype)", "choices": DTYPES}
+    )
     device: str = field(default="auto", metadata={"help": "every stage's: cpu, cuda, cuda:N; auto = cuda when available, else cpu"})
 
     flag_prefix = ""
@@ -101,7 +118,9 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True, run: RunInfo | None = N
     times: dict[str, float] = {}
     start = t0 = time.perf_counter()
     data = cfg.features
-    regenerated = None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)  # a bad path fails before any model loads
+    regenerated = (
+        None if data.data == "answers" else load_regenerated(data.data, trim_loops=data.trim_loops)
+    )  # a bad path fails before any model loads
     device = resolve_device(cfg.device)
     target = load_target(cfg.target, device=device)  # float32: training reads only its embedding and head
     cfg = replace(cfg, drafter=recipe_drafter(cfg, target.num_layers))
@@ -112,9 +131,16 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True, run: RunInfo | None = N
     examples = training_examples(data, target.tokenizer, regenerated)
     times["answers_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = build_feature_cache(load_target(cfg.target, dtype=resolve_dtype(cfg.feature_dtype, device), device=device), examples, out / "features", layers,
-                                   keep_final=data.keep_final, shard_tokens=data.shard_tokens, batch_tokens=data.batch_tokens,
-                                   progress=progress)
+    manifest = build_feature_cache(
+        load_target(cfg.target, dtype=resolve_dtype(cfg.feature_dtype, device), device=device),
+        examples,
+        out / "features",
+        layers,
+        keep_final=data.keep_final,
+        shard_tokens=data.shard_tokens,
+        batch_tokens=data.batch_tokens,
+        progress=progress,
+    )
     times["features_s"] = time.perf_counter() - t0
     cache = FeatureCache.open(out / "features", target, layers, need_final=cfg.sft.loss == "kl")
     drafter = _drafter(target, cfg.drafter, cache, cfg.sft.labels)
@@ -127,9 +153,15 @@ def run_recipe(cfg: RecipeConfig, progress: bool = True, run: RunInfo | None = N
     report.save(out / "eval.json")
     times["eval_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - start  # this call's; a resumed run counts only what it redid
-    summary = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "checkpoint": str(final), "examples": len(examples),
-               "feature_tokens": manifest.tokens, "feature_bytes_per_token": manifest.bytes_per_token, "times": times,
-               "eval": report.to_dict()}
+    summary = {
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "checkpoint": str(final),
+        "examples": len(examples),
+        "feature_tokens": manifest.tokens,
+        "feature_bytes_per_token": manifest.bytes_per_token,
+        "times": times,
+        "eval": report.to_dict(),
+    }
     (out / "recipe.json").write_text(json.dumps(summary, indent=2))
     summary["table"] = report.table()
     return summary

@@ -81,13 +81,24 @@ class StudyConfig:
     tuning_prompts: int = 300  # other held-out prompts: choices (the low-tau start) are made on these
     new_tokens: int = 128
     drafter: DrafterConfig = field(default_factory=lambda: DrafterConfig(num_layers=1, block_size=8))
-    start_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=4000, batch_size=16, anchors_per_seq=32, save_every=500,
-                                                                   optim=OptimConfig(lr=2e-3)))
+    start_sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(steps=4000, batch_size=16, anchors_per_seq=32, save_every=500, optim=OptimConfig(lr=2e-3))
+    )
     low_tau: tuple[float, float] = (1.5, 2.0)  # the low start: the first checkpoint of the start run whose tuning tau is in this range
     low_every: int = 25  # steps between candidate low-tau checkpoints
-    arm_sft: SFTConfig = field(default_factory=lambda: SFTConfig(batch_size=16, anchors_per_seq=32, optim=OptimConfig(lr=3e-4, min_warmup_steps=1)))
-    opd: OPDConfig = field(default_factory=lambda: OPDConfig(prompts_per_rollout=64, rollouts_per_step=1, replay_batch=16, rollout=DecodeConfig(max_new_tokens=128),
-                                                             save_every=1000, autocast="float32"))
+    arm_sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(batch_size=16, anchors_per_seq=32, optim=OptimConfig(lr=3e-4, min_warmup_steps=1))
+    )
+    opd: OPDConfig = field(
+        default_factory=lambda: OPDConfig(
+            prompts_per_rollout=64,
+            rollouts_per_step=1,
+            replay_batch=16,
+            rollout=DecodeConfig(max_new_tokens=128),
+            save_every=1000,
+            autocast="float32",
+        )
+    )
     opd_updates: int = 50
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = tuple(ARMS)
@@ -96,8 +107,18 @@ class StudyConfig:
     resamples: int = 2000
 
     def __post_init__(self) -> None:
-        check_ints(self, 1, "start_prompts", "rollout_prompts", "eval_prompts", "tuning_prompts", "new_tokens", "opd_updates", "low_every",
-                   "resamples")
+        check_ints(
+            self,
+            1,
+            "start_prompts",
+            "rollout_prompts",
+            "eval_prompts",
+            "tuning_prompts",
+            "new_tokens",
+            "opd_updates",
+            "low_every",
+            "resamples",
+        )
         unknown = [a for a in (*self.arms, *self.low_arms) if a not in ARMS]
         if unknown:
             raise ConfigError(f"--arms: unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
@@ -135,19 +156,26 @@ def make_data(target: Target, cfg: StudyConfig, progress: bool = True) -> StudyD
     render = lambda ps: [render_prompt(p, target.tokenizer) for p in ps]  # noqa: E731
     train = render(load_prompts(cfg.prompt_set, split="train", limit=cfg.start_prompts + cfg.rollout_prompts).prompts)
     held = render(load_prompts(cfg.prompt_set, split="heldout", limit=cfg.eval_prompts + cfg.tuning_prompts).prompts)
-    start_prompts, rollout_prompts = train[:cfg.start_prompts], train[cfg.start_prompts:]
+    start_prompts, rollout_prompts = train[: cfg.start_prompts], train[cfg.start_prompts :]
     sampled = _decode(target, start_prompts, DecodeConfig(max_new_tokens=cfg.new_tokens, temperature=1.0), row_seeds=True)
     greedy = _decode(target, rollout_prompts, DecodeConfig(max_new_tokens=cfg.new_tokens))
     refs = _decode(target, held, DecodeConfig(max_new_tokens=cfg.new_tokens, stop_at_eos=False))
     examples = lambda ps, outs: [SFTExample(str(i), tuple(p), tuple(o)) for i, (p, o) in enumerate(zip(ps, outs)) if o]  # noqa: E731
-    return StudyData(examples(start_prompts, sampled), rollout_prompts, examples(rollout_prompts, greedy), held[:cfg.eval_prompts],
-                     refs[:cfg.eval_prompts], held[cfg.eval_prompts:], refs[cfg.eval_prompts:])
+    return StudyData(
+        examples(start_prompts, sampled),
+        rollout_prompts,
+        examples(rollout_prompts, greedy),
+        held[: cfg.eval_prompts],
+        refs[: cfg.eval_prompts],
+        held[cfg.eval_prompts :],
+        refs[cfg.eval_prompts :],
+    )
 
 
 def _decode(target: Target, prompts: list[list[int]], decode: DecodeConfig, row_seeds: bool = False, batch: int = 250) -> list[list[int]]:
     out = []
     for i in range(0, len(prompts), batch):
-        part = prompts[i:i + batch]
+        part = prompts[i : i + batch]
         seeds = list(range(i, i + len(part))) if row_seeds else None
         out += [t.output for t in autoregressive_generate(target, part, decode, seeds).traces]
     return out
@@ -191,8 +219,18 @@ def sft_step_flops(target: Target, drafter: Drafter, examples: list[SFTExample],
     return cfg.batch_size * (2.0 * target_params * text + 6.0 * draft_params * anchors * drafter.block_size)
 
 
-def run_arm(target: Target, start: Drafter, name: str, seed: int, budget: str, flops: float | None, data: StudyData, cfg: StudyConfig,
-            out: Path, progress: bool = False) -> tuple[Drafter, float]:
+def run_arm(
+    target: Target,
+    start: Drafter,
+    name: str,
+    seed: int,
+    budget: str,
+    flops: float | None,
+    data: StudyData,
+    cfg: StudyConfig,
+    out: Path,
+    progress: bool = False,
+) -> tuple[Drafter, float]:
     """Train a copy of `start` by arm `name` with `seed` to `budget` (flops: stop at `flops`; updates: cfg.opd_updates
     updates). Resumes a killed run from its checkpoint. Returns the drafter and the compute it spent."""
     arm, drafter = ARMS[name], copy.deepcopy(start).train()
@@ -237,7 +275,9 @@ def pooled_tau(runs: list[Scores]) -> float:
     return sum(sum(s.committed) for s in runs) / max(sum(sum(s.rounds) for s in runs), 1)
 
 
-def compare(a: str, runs_a: list[Scores], b: str, runs_b: list[Scores], resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Comparison:
+def compare(
+    a: str, runs_a: list[Scores], b: str, runs_b: list[Scores], resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Comparison:
     """Hierarchical bootstrap of tau_b / tau_a (module docstring): per resample, each arm's seeds drawn with replacement,
     then prompts drawn with replacement (shared); tau of an arm = its committed tokens / its rounds over the draws."""
     n = len(runs_a[0].committed)
@@ -249,7 +289,9 @@ def compare(a: str, runs_a: list[Scores], b: str, runs_b: list[Scores], resample
     sa = torch.randint(0, len(runs_a), (resamples, len(runs_a)), generator=g)
     sb = torch.randint(0, len(runs_b), (resamples, len(runs_b)), generator=g)
     prompts = torch.randint(0, n, (resamples, n), generator=g)
-    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, prompts, torch.ones(resamples, n, dtype=torch.float64))  # draws of each prompt
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, prompts, torch.ones(resamples, n, dtype=torch.float64)
+    )  # draws of each prompt
 
     def tau(c, r, seeds):  # (resamples,): pooled over the drawn seeds and prompts
         return (c[seeds] * counts[:, None]).sum((1, 2)) / (r[seeds] * counts[:, None]).sum((1, 2)).clamp_min(1e-12)
@@ -272,8 +314,10 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
     target = load_target(cfg.target)
     data = cached_json(out / "data.json", lambda: make_data(target, cfg, progress), StudyData)
     layers = new_drafter(target, cfg.drafter).spec.target_layer_ids
-    evaluate = {"eval": Scorer(target, data.eval_prompts, data.eval_outputs, layers),
-                "tuning": Scorer(target, data.tuning_prompts, data.tuning_outputs, layers)}
+    evaluate = {
+        "eval": Scorer(target, data.eval_prompts, data.eval_outputs, layers),
+        "tuning": Scorer(target, data.tuning_prompts, data.tuning_outputs, layers),
+    }
     train_starts(target, data, cfg, out / "starts", evaluate["tuning"], log)
     results: dict = {}
     for start_name, arms in (("plateau", cfg.arms), ("low", cfg.low_arms)):
@@ -281,11 +325,16 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
         results[start_name] = {"start": {"eval": asdict(evaluate["eval"](start)), "tuning": asdict(evaluate["tuning"](start))}, "runs": {}}
         for seed in cfg.seeds:
             for name in sorted(arms, key=lambda a: ARMS[a].kind != "opd"):  # Draft-OPD first: its compute is the flops budget
-                for budget in (("both",) if ARMS[name].kind == "opd" else cfg.budgets):
+                for budget in ("both",) if ARMS[name].kind == "opd" else cfg.budgets:
                     key = f"{name}/{budget}/seed{seed}"
                     folder = out / start_name / name / budget / f"seed{seed}"
-                    results[start_name]["runs"][key] = cached_json(folder / "scores.json", lambda: _score_arm(
-                        target, start, name, seed, budget, _opd_flops(results[start_name], seed), data, cfg, folder, evaluate, log), dict)
+                    results[start_name]["runs"][key] = cached_json(
+                        folder / "scores.json",
+                        lambda: _score_arm(
+                            target, start, name, seed, budget, _opd_flops(results[start_name], seed), data, cfg, folder, evaluate, log
+                        ),
+                        dict,
+                    )
     summary = summarize_study(results, cfg)
     _write(out / "summary.json", {"config": _jsonable(asdict(cfg)), "results": results, "summary": summary})
     return summary
@@ -299,8 +348,10 @@ def _opd_flops(start_results: dict, seed: int) -> float | None:
 def _score_arm(target, start, name, seed, budget, flops, data, cfg, folder, evaluate, log) -> dict:
     drafter, spent = run_arm(target, start, name, seed, budget, flops, data, cfg, folder / "run")
     scores = {k: asdict(s(drafter)) for k, s in evaluate.items()}
-    log(f"{folder.parent.parent.parent.name} {name} {budget} seed {seed}: eval tau {Scores(**scores['eval']).tau:.3f} "
-        f"({spent / 1e12:.2f} TFLOPs)")
+    log(
+        f"{folder.parent.parent.parent.name} {name} {budget} seed {seed}: eval tau {Scores(**scores['eval']).tau:.3f} "
+        f"({spent / 1e12:.2f} TFLOPs)"
+    )
     return {"flops": spent, **scores}
 
 
@@ -347,8 +398,10 @@ def summarize_study(results: dict, cfg: StudyConfig) -> dict:
             tunes = {a: pooled_tau([Scores(**r["tuning"]) for r in rs]) for a, rs in runs.items()}
             sft_arms = [a for a in runs if ARMS[a].kind == "sft"]
             best_sft = max(sft_arms, key=lambda a: tunes[a]) if sft_arms else None
-            table = {a: {"tau": pooled_tau(evals[a]), "seeds": len(evals[a]), "tflops": sum(r["flops"] for r in runs[a]) / len(runs[a]) / 1e12}
-                     for a in runs}
+            table = {
+                a: {"tau": pooled_tau(evals[a]), "seeds": len(evals[a]), "tflops": sum(r["flops"] for r in runs[a]) / len(runs[a]) / 1e12}
+                for a in runs
+            }
             versus = {}
             if "opd" in evals:
                 for a in runs:
@@ -356,16 +409,24 @@ def summarize_study(results: dict, cfg: StudyConfig) -> dict:
                         versus[f"{a} / opd"] = asdict(compare("opd", evals["opd"], a, evals[a], cfg.resamples))
                 if best_sft:
                     versus["opd / best sft"] = asdict(compare(best_sft, evals[best_sft], "opd", evals["opd"], cfg.resamples))
-            out[f"{start_name}/{budget}"] = {"start_tau": Scores(**res["start"]["eval"]).tau, "best_sft": best_sft, "arms": table,
-                                             "comparisons": versus}
+            out[f"{start_name}/{budget}"] = {
+                "start_tau": Scores(**res["start"]["eval"]).tau,
+                "best_sft": best_sft,
+                "arms": table,
+                "comparisons": versus,
+            }
     return out
 
 
 def format_summary(summary: dict) -> str:
     lines = []
     for key, part in summary.items():
-        lines += [f"### {key} (start tau {part['start_tau']:.3f}; best SFT arm on the tuning prompts: {part['best_sft']})", "",
-                  "| arm | seeds | TFLOPs | eval tau | vs opd |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {key} (start tau {part['start_tau']:.3f}; best SFT arm on the tuning prompts: {part['best_sft']})",
+            "",
+            "| arm | seeds | TFLOPs | eval tau | vs opd |",
+            "|---|---|---|---|---|",
+        ]
         for arm, row in part["arms"].items():
             c = part["comparisons"].get(f"{arm} / opd")
             vs = "" if c is None else Comparison(**{**c, "ci": tuple(c["ci"])}).text()
@@ -382,8 +443,10 @@ def check_same_target(out: Path, cfg: StudyConfig) -> None:
     if path.exists():
         found = json.loads(path.read_text()).get("target")
         if found != cfg.target:
-            raise ConfigError(f"{out} holds a study of target {found!r}, not {cfg.target!r}: arms of different targets cannot be "
-                              "compared; choose another --out")
+            raise ConfigError(
+                f"{out} holds a study of target {found!r}, not {cfg.target!r}: arms of different targets cannot be "
+                "compared; choose another --out"
+            )
     else:
         _write(path, {"target": cfg.target})
 

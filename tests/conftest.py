@@ -68,9 +68,8 @@ def hf_greedy(target: Target, prompt: list[int], n: int) -> list[int]:
     speculative decoder with `stop_at_eos=False` keeps the target's real argmax (EOS included).
     """
     ids = torch.tensor([prompt], device=target.device)
-    out = target.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                pad_token_id=target.pad_id)
-    tokens = out[0, len(prompt):].tolist()
+    out = target.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=target.pad_id)
+    tokens = out[0, len(prompt) :].tolist()
     assert len(tokens) == n
     return tokens
 

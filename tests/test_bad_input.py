@@ -22,8 +22,10 @@ G = "generate --target {target} --prompt w1 --max-new-tokens 4"
 R = "regenerate --target {target} --prompts {prompts} --split all --out {tmp}/out.jsonl --max-new-tokens 4"
 S = "sft --target {target} --data {data} --out {tmp}/sft --steps 1 --batch-size 2 --anchors-per-seq 2 --draft-block-size 4"
 E = "eval --target {target} --sets {prompts} --num-prompts 2 --max-new-tokens 4"
-OPD = ("opd --target {target} --prompts {prompts} --out {tmp}/opd --steps 1 --prompts-per-rollout 2 --rollouts-per-step 1 "
-     "--replay-batch 2 --max-new-tokens 4 --draft-block-size 4")
+OPD = (
+    "opd --target {target} --prompts {prompts} --out {tmp}/opd --steps 1 --prompts-per-rollout 2 --rollouts-per-step 1 "
+    "--replay-batch 2 --max-new-tokens 4 --draft-block-size 4"
+)
 BASES = {"generate": G, "regenerate": R, "sft": S, "eval": E, "opd": OPD}
 
 CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
@@ -43,7 +45,12 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     ("gen-draft-heads-0", G + " --draft-num-heads 0", "--draft-num-heads", ()),
     ("gen-layer-ids-outside", G + " --draft-target-layer-ids 99", "outside", ()),
     ("gen-layer-ids-negative", G + " --draft-target-layer-ids -1", "--draft-target-layer-ids", ()),
-    ("gen-draft-heads-not-dividing-hidden", G + " --draft-num-heads 5", "--draft-num-heads 5 does not divide the target's hidden size 32", ()),
+    (
+        "gen-draft-heads-not-dividing-hidden",
+        G + " --draft-num-heads 5",
+        "--draft-num-heads 5 does not divide the target's hidden size 32",
+        (),
+    ),
     ("gen-draft-kv-heads-not-dividing", G + " --draft-num-heads 4 --draft-num-kv-heads 3", "--draft-num-kv-heads must divide", ()),
     ("gen-draft-targets-kv-heads-not-dividing", G + " --draft-num-heads 1", "--draft-num-kv-heads must divide the 1 attention heads", ()),
     ("gen-draft-head-dim-odd", G + " --draft-head-dim 7", "--draft-head-dim must be even", ()),
@@ -192,8 +199,12 @@ CASES: list[tuple[str, str, str, tuple[str, ...]]] = [
     # ---- recipe
     ("recipe-device-bogus", "recipe --target {target} --out-dir {tmp}/rec --device cuda:one", "--device must be auto", ()),
     ("recipe-feature-dtype-bogus", "recipe --target {target} --out-dir {tmp}/rec --feature-dtype half", "--feature-dtype", ()),
-    ("recipe-config-wrong-type", "recipe --target {target} --out-dir {tmp}/rec --config {config_recipe}",
-     "recipe.eval.decode.max_new_tokens must be an integer, got 1.5", ()),
+    (
+        "recipe-config-wrong-type",
+        "recipe --target {target} --out-dir {tmp}/rec --config {config_recipe}",
+        "recipe.eval.decode.max_new_tokens must be an integer, got 1.5",
+        (),
+    ),
     ("demo-config-unknown-key", "demo --out {tmp}/demo --config {config_demo}", "unknown key experiment.opd.rollout.bogus", ()),
     ("no-command", "", "required", ()),
     ("unknown-command", "bogus", "invalid choice", ()),
@@ -250,9 +261,13 @@ def targets(tmp_path_factory) -> dict[str, Path]:
 
 
 BROKEN_DRAFTERS = {  # config.json draftopd_spec changes of a good drafter checkpoint
-    "drafter_block_text": {"block_size": "8"}, "drafter_block_0": {"block_size": 0}, "drafter_block_negative": {"block_size": -3},
-    "drafter_deep_layer": {"target_layer_ids": [1, 9]}, "drafter_kv_heads": {"num_kv_heads": 3},
-    "drafter_rope_text": {"rope_theta": "big"}, "drafter_mask_outside": {"mask_token_id": 64},
+    "drafter_block_text": {"block_size": "8"},
+    "drafter_block_0": {"block_size": 0},
+    "drafter_block_negative": {"block_size": -3},
+    "drafter_deep_layer": {"target_layer_ids": [1, 9]},
+    "drafter_kv_heads": {"num_kv_heads": 3},
+    "drafter_rope_text": {"rope_theta": "big"},
+    "drafter_mask_outside": {"mask_token_id": 64},
 }
 
 
@@ -288,8 +303,10 @@ def paths(targets, drafters, tmp_path) -> dict[str, str]:
         "data.jsonl": "".join(_record(f"r{i}", (6 + i, 7), (8, 9 + i, 10)) + "\n" for i in range(4)),
         "big_vocab.jsonl": _record("a") + "\n" + _record("b", response=(8, 1000)) + "\n",
         "notes.txt": "my notes\nline two\n",
-        "chat.jsonl": "".join(json.dumps({"messages": [{"role": "user", "content": f"w{i} w2"}, {"role": "assistant", "content": "w3 w4 w5"}]}) + "\n"
-                              for i in range(2)),
+        "chat.jsonl": "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"w{i} w2"}, {"role": "assistant", "content": "w3 w4 w5"}]}) + "\n"
+            for i in range(2)
+        ),
         "chat_no_answer.jsonl": "".join(json.dumps({"conversations": [{"from": "human", "value": f"w{i}"}]}) + "\n" for i in range(2)),
         "ids_big_vocab.jsonl": json.dumps({"id": "a", "input_ids": [6, 7, 1000], "loss_mask": [0, 1, 1]}) + "\n",
         "ids_bad_mask.jsonl": json.dumps({"id": "a", "input_ids": [6, 7, 8], "loss_mask": [0, 1]}) + "\n",
@@ -389,20 +406,23 @@ def test_every_default_passes_validation():
         cls()
 
 
-@pytest.mark.parametrize("module, name, change, flag", [
-    ("config", "DrafterConfig", {"target_layer_ids": ()}, "--draft-target-layer-ids"),
-    ("config", "DecodeConfig", {"temperature": float("nan")}, "--temperature"),
-    ("config", "DecodeConfig", {"max_new_tokens": 2.5}, "--max-new-tokens must be an integer"),
-    ("config", "OptimConfig", {"lr": float("inf")}, "--optim-lr"),
-    ("config", "SFTConfig", {"steps": 0}, "--steps must be at least 1, got 0"),
-    ("config", "PromptConfig", {"prompts": " "}, "--prompts"),
-    ("config", "FeatureConfig", {"trim_loops": True}, "--trim-loops applies to regenerated data"),
-    ("config", "EvalConfig", {"sets": ("",)}, "--sets"),
-    ("train.losses", "LossConfig", {"gamma": float("nan")}, "--loss-gamma"),
-    ("train.opd", "OPDConfig", {"anchors": "both"}, "--anchors"),
-    ("recipe", "RecipeConfig", {"feature_dtype": "float16"}, "--feature-dtype"),
-    ("recipe", "RecipeConfig", {"eval_dtype": "half"}, "--eval-dtype"),
-])
+@pytest.mark.parametrize(
+    "module, name, change, flag",
+    [
+        ("config", "DrafterConfig", {"target_layer_ids": ()}, "--draft-target-layer-ids"),
+        ("config", "DecodeConfig", {"temperature": float("nan")}, "--temperature"),
+        ("config", "DecodeConfig", {"max_new_tokens": 2.5}, "--max-new-tokens must be an integer"),
+        ("config", "OptimConfig", {"lr": float("inf")}, "--optim-lr"),
+        ("config", "SFTConfig", {"steps": 0}, "--steps must be at least 1, got 0"),
+        ("config", "PromptConfig", {"prompts": " "}, "--prompts"),
+        ("config", "FeatureConfig", {"trim_loops": True}, "--trim-loops applies to regenerated data"),
+        ("config", "EvalConfig", {"sets": ("",)}, "--sets"),
+        ("train.losses", "LossConfig", {"gamma": float("nan")}, "--loss-gamma"),
+        ("train.opd", "OPDConfig", {"anchors": "both"}, "--anchors"),
+        ("recipe", "RecipeConfig", {"feature_dtype": "float16"}, "--feature-dtype"),
+        ("recipe", "RecipeConfig", {"eval_dtype": "half"}, "--eval-dtype"),
+    ],
+)
 def test_configs_check_their_values_when_built(module, name, change, flag):
     import importlib
 

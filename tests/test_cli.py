@@ -13,8 +13,10 @@ from draftopd.config import DecodeConfig, DrafterConfig
 from draftopd.models.drafter import new_drafter, save_drafter
 from draftopd.models.load import tiny_target
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,10 @@ def test_generate_defaults_to_the_bundled_drafter_and_its_decoding(target_dir, t
     assert rc == 0 and "0 drafts a round, prompt lookup on 2-grams" in err and 0 < stats["looked_up"] < 1
     assert cli.default_drafter(str(target_dir), "elsewhere") == ("elsewhere", DecodeConfig())
     # decoding measured per device class: the entry of the class the command runs in, else "other"
-    by_class = {"by_class": {"cpu-float32": {"num_drafts": 0, "lookup_ngram": 2}, "cpu-bfloat16": {"num_drafts": 2}}, "other": {"num_drafts": 3}}
+    by_class = {
+        "by_class": {"cpu-float32": {"num_drafts": 0, "lookup_ngram": 2}, "cpu-bfloat16": {"num_drafts": 2}},
+        "other": {"num_drafts": 3},
+    }
     save_drafter(drafter, tmp_path / "classes", {"decode": by_class})
     monkeypatch.setitem(cli.BUNDLED_DRAFTERS, str(target_dir), tmp_path / "classes")
     assert cli.default_drafter(str(target_dir), None, "cpu-float32")[1] == DecodeConfig(num_drafts=0, lookup_ngram=2)
@@ -101,18 +106,66 @@ def test_pipeline_regenerate_sft_opd_eval(target_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % 50}" for j in range(5))}) for i in range(12)))
     data = tmp_path / "data.jsonl"
-    rc, out, err = run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--out", data,
-                       "--max-new-tokens", 16, "--no-stop-at-eos", "--json")
+    rc, out, err = run(
+        capsys,
+        "regenerate",
+        "--target",
+        target_dir,
+        "--prompts",
+        prompts,
+        "--out",
+        data,
+        "--max-new-tokens",
+        16,
+        "--no-stop-at-eos",
+        "--json",
+    )
     assert rc == 0, err  # a user's file is used whole by default (split auto -> all)
     assert json.loads(out)["split"] == "all" and json.loads(out)["prompts"] == 12
     assert json.loads(out)["written"] == 12 and len(data.read_text().splitlines()) == 12
-    rc, out, err = run(capsys, "sft", "--target", target_dir, "--data", data, "--out", tmp_path / "sft", "--steps", 3,
-                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-block-size", 8, "--json")
+    rc, out, err = run(
+        capsys,
+        "sft",
+        "--target",
+        target_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "sft",
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--anchors-per-seq",
+        4,
+        "--draft-block-size",
+        8,
+        "--json",
+    )
     assert rc == 0, err
     sft_ckpt = json.loads(out)["checkpoint"]
     assert (Path(sft_ckpt) / "model.safetensors").exists()
-    rc, out, err = run(capsys, "opd", "--target", target_dir, "--drafter", sft_ckpt, "--prompts", prompts, "--out", tmp_path / "opd",
-                       "--steps", 2, "--prompts-per-rollout", 2, "--max-new-tokens", 12, "--anchors", "random", "--json")
+    rc, out, err = run(
+        capsys,
+        "opd",
+        "--target",
+        target_dir,
+        "--drafter",
+        sft_ckpt,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "opd",
+        "--steps",
+        2,
+        "--prompts-per-rollout",
+        2,
+        "--max-new-tokens",
+        12,
+        "--anchors",
+        "random",
+        "--json",
+    )
     assert rc == 0, err
     lines = (tmp_path / "opd" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "rollout/tau" in json.loads(lines[0])
@@ -176,14 +229,55 @@ def test_features_and_recipe_commands(target_dir, tmp_path, capsys, monkeypatch)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 5 + j) % 50}" for j in range(6))}) for i in range(10)))
     data = tmp_path / "data.jsonl"
-    assert run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
-               "--max-new-tokens", 16, "--no-stop-at-eos")[0] == 0
+    assert (
+        run(
+            capsys,
+            "regenerate",
+            "--target",
+            target_dir,
+            "--prompts",
+            prompts,
+            "--split",
+            "all",
+            "--out",
+            data,
+            "--max-new-tokens",
+            16,
+            "--no-stop-at-eos",
+        )[0]
+        == 0
+    )
     rc, out, err = run(capsys, "features", "--target", target_dir, "--data", data, "--out", tmp_path / "feat", "--json")
     assert rc == 0, err
     assert json.loads(out)["sequences"] == 10 and (tmp_path / "feat" / "manifest.json").exists()
-    rc, out, err = run(capsys, "recipe", "--target", target_dir, "--data", data, "--out-dir", tmp_path / "rec", "--steps", 3,
-                       "--labels", "text", "--draft-vocab-size", 32, "--draft-target-layer-ids", 0, 2, "--eval-sets", prompts, "--eval-num-prompts", 2,
-                       "--eval-max-new-tokens", 8, "--device", "cpu", "--json")
+    rc, out, err = run(
+        capsys,
+        "recipe",
+        "--target",
+        target_dir,
+        "--data",
+        data,
+        "--out-dir",
+        tmp_path / "rec",
+        "--steps",
+        3,
+        "--labels",
+        "text",
+        "--draft-vocab-size",
+        32,
+        "--draft-target-layer-ids",
+        0,
+        2,
+        "--eval-sets",
+        prompts,
+        "--eval-num-prompts",
+        2,
+        "--eval-max-new-tokens",
+        8,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert rc == 0, err
     assert loads == ["cpu"] * 3  # training (embedding and head), features, evaluation
     result = json.loads(out)
@@ -199,27 +293,111 @@ def test_sft_from_feature_cache_and_its_bad_inputs(target_dir, tmp_path, capsys)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 3 + j) % 50}" for j in range(5))}) for i in range(8)))
     data = tmp_path / "data.jsonl"
-    assert run(capsys, "regenerate", "--target", target_dir, "--prompts", prompts, "--split", "all", "--out", data,
-               "--max-new-tokens", 12, "--no-stop-at-eos")[0] == 0
+    assert (
+        run(
+            capsys,
+            "regenerate",
+            "--target",
+            target_dir,
+            "--prompts",
+            prompts,
+            "--split",
+            "all",
+            "--out",
+            data,
+            "--max-new-tokens",
+            12,
+            "--no-stop-at-eos",
+        )[0]
+        == 0
+    )
     assert run(capsys, "features", "--target", target_dir, "--data", data, "--out", tmp_path / "feat", "--draft-num-layers", 2)[0] == 0
-    rc, out, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft", "--steps", 2,
-                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-num-layers", 2, "--draft-vocab-size", 20, "--labels", "greedy", "--json")
+    rc, out, err = run(
+        capsys,
+        "sft",
+        "--target",
+        target_dir,
+        "--features",
+        tmp_path / "feat",
+        "--out",
+        tmp_path / "sft",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--anchors-per-seq",
+        4,
+        "--draft-num-layers",
+        2,
+        "--draft-vocab-size",
+        20,
+        "--labels",
+        "greedy",
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["examples"] == 8
-    rc, out, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "e3", "--steps", 2,
-                       "--batch-size", 4, "--anchors-per-seq", 4, "--draft-arch", "eagle3", "--draft-target-layer-ids", 1, 1, 1, "--json")
+    rc, out, err = run(
+        capsys,
+        "sft",
+        "--target",
+        target_dir,
+        "--features",
+        tmp_path / "feat",
+        "--out",
+        tmp_path / "e3",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--anchors-per-seq",
+        4,
+        "--draft-arch",
+        "eagle3",
+        "--draft-target-layer-ids",
+        1,
+        1,
+        1,
+        "--json",
+    )
     assert rc == 0, err  # an EAGLE-3 drafter reads its three layers from the same cache
-    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "e3b",
-                     "--drafter", tmp_path / "e3" / "last", "--draft-arch", "dflash")
+    rc, _, err = run(
+        capsys,
+        "sft",
+        "--target",
+        target_dir,
+        "--features",
+        tmp_path / "feat",
+        "--out",
+        tmp_path / "e3b",
+        "--drafter",
+        tmp_path / "e3" / "last",
+        "--draft-arch",
+        "dflash",
+    )
     assert_one_line_error(rc, err, "holds an EAGLE-3 drafter, not a DFlash one")
-    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft2", "--draft-num-layers", 1)
+    rc, _, err = run(
+        capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft2", "--draft-num-layers", 1
+    )
     assert_one_line_error(rc, err, "holds target layers")  # a cache made for another layer set
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "nope", "--out", tmp_path / "sft3")
     assert_one_line_error(rc, err, "no feature cache")
     rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--data", data, "--out", tmp_path / "sft4")
     assert_one_line_error(rc, err, "exactly one of")
-    rc, _, err = run(capsys, "sft", "--target", target_dir, "--features", tmp_path / "feat", "--out", tmp_path / "sft5", "--draft-num-layers", 2,
-                     "--loss", "kl")
+    rc, _, err = run(
+        capsys,
+        "sft",
+        "--target",
+        target_dir,
+        "--features",
+        tmp_path / "feat",
+        "--out",
+        tmp_path / "sft5",
+        "--draft-num-layers",
+        2,
+        "--loss",
+        "kl",
+    )
     assert_one_line_error(rc, err, "final hidden states")
 
 
@@ -245,8 +423,19 @@ def test_export_and_import_reference_dflash(target_dir, tmp_path, capsys):
     rc, _, err = run(capsys, "export", "--target", target_dir, "--drafter", tmp_path / "e3", "--out", tmp_path / "e3-ref")
     assert_one_line_error(rc, err, "only a DFlash drafter has a reference DFlash format")
     assert not (tmp_path / "e3-ref" / "config.json").exists()
-    rc, out, err = run(capsys, "export", "--format", "speculators", "--target", target_dir, "--drafter", tmp_path / "ours",
-                       "--out", tmp_path / "spec", "--json")
+    rc, out, err = run(
+        capsys,
+        "export",
+        "--format",
+        "speculators",
+        "--target",
+        target_dir,
+        "--drafter",
+        tmp_path / "ours",
+        "--out",
+        tmp_path / "spec",
+        "--json",
+    )
     assert rc == 0, err  # the speculators format (vLLM) takes either architecture
     assert json.loads((tmp_path / "spec" / "config.json").read_text())["speculators_model_type"] == "dflash"
     rc, _, err = run(capsys, "import", "--target", target_dir, "--from", tmp_path / "ours", "--out", tmp_path / "x")
@@ -281,7 +470,9 @@ def test_export_widens_a_reduced_vocabulary_for_the_reference_format(target_dir,
     features = target.score(torch.tensor([[3, 9, 4, 11, 7, 2]]), torch.ones(1, 6, dtype=torch.bool), (0, 2)).features
     positions, valid = torch.arange(6)[None], torch.ones(1, 6, dtype=torch.bool)
     with torch.no_grad():
-        logits = [d.draft_logits(d.project_context(features, positions, valid), torch.tensor([[8]]), torch.tensor([[6]])) for d in (drafter, back)]
+        logits = [
+            d.draft_logits(d.project_context(features, positions, valid), torch.tensor([[8]]), torch.tensor([[6]])) for d in (drafter, back)
+        ]
     assert torch.equal(logits[0][..., kept], logits[1][..., kept])
 
 

@@ -21,24 +21,45 @@ from draftopd.models.drafter import new_drafter
 from draftopd.train.blocks import block_labels, draw_anchors, pad_batch
 from draftopd.train.sft import sft_micro_batch
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CHATML_GENERATION = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
-                     "{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\n' }}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"
-                     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_GENERATION = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\n' }}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 PLAIN = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 # like Qwen3: the last answer carries an empty think block, earlier answers do not
-THINK_LAST = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}"
-              "{{ m['content'] }}<|im_end|>\n{% endfor %}")
-NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-             "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+THINK_LAST = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 
-SHAREGPT = {"id": "s1", "conversations": [{"from": "system", "value": "be brief."}, {"from": "human", "value": "hi there"},
-                                          {"from": "gpt", "value": "hello!"}, {"from": "user", "value": "more?"},
-                                          {"from": "assistant", "value": "sure."}]}
-OPENAI = {"messages": [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hi there"},
-                       {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "more?"},
-                       {"role": "assistant", "content": "sure."}]}
+SHAREGPT = {
+    "id": "s1",
+    "conversations": [
+        {"from": "system", "value": "be brief."},
+        {"from": "human", "value": "hi there"},
+        {"from": "gpt", "value": "hello!"},
+        {"from": "user", "value": "more?"},
+        {"from": "assistant", "value": "sure."},
+    ],
+}
+OPENAI = {
+    "messages": [
+        {"role": "system", "content": "be brief."},
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "more?"},
+        {"role": "assistant", "content": "sure."},
+    ]
+}
 
 
 def chat_tokenizer(template: str = CHATML):
@@ -101,10 +122,19 @@ def test_smollm2_template_when_the_embedded_tokenizer_is_here():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folders[0])
-    record = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-                           {"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure."}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "More"},
+            {"role": "assistant", "content": "Sure."},
+        ]
+    }
     tokens, mask = render(tok, record)
-    assert trained_text(tok, tokens, mask) == ["Hello! How can I help?<|im_end|>", "Sure.<|im_end|>"]  # its default system prompt is context
+    assert trained_text(tok, tokens, mask) == [
+        "Hello! How can I help?<|im_end|>",
+        "Sure.<|im_end|>",
+    ]  # its default system prompt is context
     assert "You are a helpful AI assistant" in tok.decode(tokens)
 
 
@@ -134,8 +164,11 @@ def test_every_bad_record_is_counted_by_its_reason(tmp_path):
     tok = chat_tokenizer()
     long_answer = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * 300}]}
     records = [
-        SHAREGPT, OPENAI, "not json {",
-        {"text": "no kind"}, [1, 2],
+        SHAREGPT,
+        OPENAI,
+        "not json {",
+        {"text": "no kind"},
+        [1, 2],
         {"conversations": [{"from": "human", "value": "hi"}, "a string turn"]},
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
@@ -151,9 +184,19 @@ def test_every_bad_record_is_counted_by_its_reason(tmp_path):
         {"prompt_ids": [1], "response_ids": [2]},
     ]
     data = read_data(write_lines(tmp_path / "mixed.jsonl", records), max_tokens=120).examples(tok)
-    assert data.summary.skipped == {"not JSON": 1, "unrecognised record": 2, "bad turn": 1, "unknown role": 1, "empty content": 1,
-                                    "no assistant turn": 3, "repeated id": 1, "too long": 2, "bad token ids": 1, "nothing trained": 2,
-                                    "no id": 1}
+    assert data.summary.skipped == {
+        "not JSON": 1,
+        "unrecognised record": 2,
+        "bad turn": 1,
+        "unknown role": 1,
+        "empty content": 1,
+        "no assistant turn": 3,
+        "repeated id": 1,
+        "too long": 2,
+        "bad token ids": 1,
+        "nothing trained": 2,
+        "no id": 1,
+    }
     assert data.skipped == 16 and len(data.examples) == 2 and data.summary.examples == {"conversations": 2}
     assert "16 skipped" in data.summary.line() and "no assistant turn 3" in data.summary.line()
     refusing = chat_tokenizer(NO_SYSTEM)
@@ -175,10 +218,12 @@ def test_a_file_with_no_usable_record_is_one_line(tmp_path):
 
 
 def test_token_id_files_in_both_forms(tmp_path):
-    records = [{"id": "a", "prompt_ids": [5, 6], "response_ids": [7, 8, 9]},
-               {"id": "b", "input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]},  # a plain response: the same example
-               {"id": 3, "input_ids": [5, 6, 7, 8, 9, 10, 11], "loss_mask": [0, 1, 1, 0, 0, 1, 1]},
-               {"input_ids": [1, 2], "loss_mask": [1, 1]}]
+    records = [
+        {"id": "a", "prompt_ids": [5, 6], "response_ids": [7, 8, 9]},
+        {"id": "b", "input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]},  # a plain response: the same example
+        {"id": 3, "input_ids": [5, 6, 7, 8, 9, 10, 11], "loss_mask": [0, 1, 1, 0, 0, 1, 1]},
+        {"input_ids": [1, 2], "loss_mask": [1, 1]},
+    ]
     path = write_lines(tmp_path / "ids.jsonl", records)
     examples = read_data(path, "token-ids").examples().examples
     assert examples[0] == SFTExample("a", (5, 6), (7, 8, 9)) and examples[1] == SFTExample("b", (5, 6), (7, 8, 9))
@@ -199,8 +244,13 @@ def test_token_id_files_in_both_forms(tmp_path):
 def test_regenerated_files_read_as_before(tmp_path):
     """Auto and regenerated formats give `load_regenerated`'s examples and skip count (loop trimming included)."""
     looped = [5, 6, 7, 8] * 12
-    records = [{"id": "a", "prompt_ids": [1, 2], "response_ids": looped}, "junk", {"id": "b", "prompt_ids": [1], "response_ids": [3, 4]},
-               {"id": "a", "prompt_ids": [1], "response_ids": [2]}, {"id": 4, "prompt_ids": [1], "response_ids": [2]}]
+    records = [
+        {"id": "a", "prompt_ids": [1, 2], "response_ids": looped},
+        "junk",
+        {"id": "b", "prompt_ids": [1], "response_ids": [3, 4]},
+        {"id": "a", "prompt_ids": [1], "response_ids": [2]},
+        {"id": 4, "prompt_ids": [1], "response_ids": [2]},
+    ]
     path = write_lines(tmp_path / "regen.jsonl", records)
     for trim in (False, True):
         old = load_regenerated(path, trim_loops=trim)
@@ -227,9 +277,17 @@ def test_anchors_sit_on_trained_tokens_and_labels_stop_at_the_turn():
 
 def conversation_examples(tmp_path, n: int = 6) -> list[SFTExample]:
     words = ["hi", "what is up", "tell me more", "why so", "ok then"]
-    records = [{"messages": [{"role": "user", "content": words[i % 5]}, {"role": "assistant", "content": f"answer {'ab' * (i + 2)}."},
-                             {"role": "user", "content": words[(i + 2) % 5]}, {"role": "assistant", "content": f"fine {'cd' * (i + 3)}!"}]}
-               for i in range(n)]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": words[i % 5]},
+                {"role": "assistant", "content": f"answer {'ab' * (i + 2)}."},
+                {"role": "user", "content": words[(i + 2) % 5]},
+                {"role": "assistant", "content": f"fine {'cd' * (i + 3)}!"},
+            ]
+        }
+        for i in range(n)
+    ]
     return read_data(write_lines(tmp_path / "chat.jsonl", records)).examples(chat_tokenizer()).examples
 
 
@@ -254,8 +312,9 @@ def test_sft_on_conversations_online_equals_the_cache(llama_target, tmp_path, on
     assert cached.weight_sum == online.weight_sum > 0
     assert float(cached.loss_sum.detach()) == pytest.approx(float(online.loss_sum.detach()), rel=0.02)
     shapes = [cache.shape(i) for i in range(6)]  # another rank's rows: the same anchors, so the same labels
-    mixed = sft_micro_batch(llama_target, drafter, shapes[:3] + [cache[i] for i in range(3, 6)], cfg, torch.Generator().manual_seed(0),
-                            rows=slice(3, 6))
+    mixed = sft_micro_batch(
+        llama_target, drafter, shapes[:3] + [cache[i] for i in range(3, 6)], cfg, torch.Generator().manual_seed(0), rows=slice(3, 6)
+    )
     half = sft_micro_batch(llama_target, drafter, [cache[i] for i in range(6)], cfg, torch.Generator().manual_seed(0), rows=slice(3, 6))
     assert float(mixed.loss_sum.detach()) == float(half.loss_sum.detach())
 
@@ -275,23 +334,91 @@ def test_a_version_1_cache_reads_as_response_masks(llama_target, tmp_path):
 
 def test_cli_trains_on_a_conversation_file(tmp_path, capsys):
     target = save_tiny_target(tmp_path / "target")
-    records = [{"conversations": [{"from": "human", "value": f"w{i} w{i + 1}"}, {"from": "gpt", "value": f"w{i + 2} w{i + 3} w{i + 4}"},
-                                  {"from": "human", "value": "w9"}, {"from": "gpt", "value": f"w{i + 5} w{i + 6}"}]} for i in range(6)]
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": f"w{i} w{i + 1}"},
+                {"from": "gpt", "value": f"w{i + 2} w{i + 3} w{i + 4}"},
+                {"from": "human", "value": "w9"},
+                {"from": "gpt", "value": f"w{i + 5} w{i + 6}"},
+            ]
+        }
+        for i in range(6)
+    ]
     data = write_lines(tmp_path / "chat.jsonl", records + ["oops", {"conversations": [{"from": "tool", "value": "w1"}]}])
-    rc = main([str(a) for a in ("sft", "--target", target, "--data", data, "--out", tmp_path / "sft", "--steps", 2, "--batch-size", 3,
-                                "--anchors-per-seq", 4, "--draft-block-size", 4, "--json")])
+    rc = main(
+        [
+            str(a)
+            for a in (
+                "sft",
+                "--target",
+                target,
+                "--data",
+                data,
+                "--out",
+                tmp_path / "sft",
+                "--steps",
+                2,
+                "--batch-size",
+                3,
+                "--anchors-per-seq",
+                4,
+                "--draft-block-size",
+                4,
+                "--json",
+            )
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     result = json.loads(out)
     assert result["examples"] == 6 and result["skipped"] == 2
     assert result["data"]["skipped"] == {"not JSON": 1, "unknown role": 1} and "2 skipped (not JSON 1, unknown role 1)" in err
-    rc = main([str(a) for a in ("features", "--target", target, "--data", data, "--data-format", "conversations", "--out", tmp_path / "feat",
-                                "--draft-block-size", 4, "--json")])
+    rc = main(
+        [
+            str(a)
+            for a in (
+                "features",
+                "--target",
+                target,
+                "--data",
+                data,
+                "--data-format",
+                "conversations",
+                "--out",
+                tmp_path / "feat",
+                "--draft-block-size",
+                4,
+                "--json",
+            )
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert json.loads(out)["sequences"] == 6 and json.loads(out)["data"]["examples"] == {"conversations": 6}
-    rc = main([str(a) for a in ("sft", "--target", target, "--features", tmp_path / "feat", "--out", tmp_path / "sft2", "--steps", 2,
-                                "--batch-size", 3, "--anchors-per-seq", 4, "--draft-block-size", 4, "--json")])
+    rc = main(
+        [
+            str(a)
+            for a in (
+                "sft",
+                "--target",
+                target,
+                "--features",
+                tmp_path / "feat",
+                "--out",
+                tmp_path / "sft2",
+                "--steps",
+                2,
+                "--batch-size",
+                3,
+                "--anchors-per-seq",
+                4,
+                "--draft-block-size",
+                4,
+                "--json",
+            )
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
 
 
@@ -303,7 +430,9 @@ def test_vllm_script_writes_what_sft_reads(tmp_path, capsys, monkeypatch):
 
     from draftopd.data.prompts import Prompt
 
-    spec = importlib.util.spec_from_file_location("vllm_regenerate", Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_regenerate.py")
+    spec = importlib.util.spec_from_file_location(
+        "vllm_regenerate", Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_regenerate.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     tok = chat_tokenizer()
@@ -313,9 +442,13 @@ def test_vllm_script_writes_what_sft_reads(tmp_path, capsys, monkeypatch):
     class FakeLLM:
         def generate(self, prompts, params):
             seen.extend(p["prompt_token_ids"] for p in prompts)
-            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(answer_ids), finish_reason="stop", stop_reason=None)])] * len(prompts)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(answer_ids), finish_reason="stop", stop_reason=None)])] * len(
+                prompts
+            )
 
-    chats = script.conversation_answers(FakeLLM(), None, tok, [("c1", parse_conversation(OPENAI)), ("c2", parse_conversation(SHAREGPT))], 512)
+    chats = script.conversation_answers(
+        FakeLLM(), None, tok, [("c1", parse_conversation(OPENAI)), ("c2", parse_conversation(SHAREGPT))], 512
+    )
     single = script.single_answers(FakeLLM(), None, tok, [Prompt("p1", "t", (("user", "hi"),))])
     prompts = ["".join(tok.decode([t]) for t in ids) for ids in seen]
     assert all(p.endswith("<|im_start|>assistant\n") for p in prompts) and len(prompts) == 5  # 2 turns of 2 conversations, 1 prompt

@@ -43,18 +43,15 @@ def _ids(prompt_set: PromptSet) -> list[str]:
 def test_jsonl_parses_both_formats_and_counts_skips() -> None:
     loaded = load_prompts(str(MIXED))
     assert loaded.skipped == 6  # empty, malformed, missing field, no user, no content, non-dict
-    assert _ids(loaded) == ["prompts_mixed.jsonl/0", "prompts_mixed.jsonl/1",
-                            "prompts_mixed.jsonl/2", "custom-7", "prompts_mixed.jsonl/10"]
+    assert _ids(loaded) == ["prompts_mixed.jsonl/0", "prompts_mixed.jsonl/1", "prompts_mixed.jsonl/2", "custom-7", "prompts_mixed.jsonl/10"]
     assert {p.source for p in loaded.prompts} == {"prompts_mixed.jsonl"}
     assert loaded.prompts[0].messages == (("user", "What is two plus two?"),)
 
 
 def test_chat_records_end_at_last_user_message() -> None:
     by_id = {p.id: p for p in load_prompts(str(MIXED)).prompts}
-    assert by_id["prompts_mixed.jsonl/1"].messages == (("system", "Be brief."),
-                                                       ("user", "Name a color."))
-    assert by_id["prompts_mixed.jsonl/2"].messages == (
-        ("user", "hi"), ("assistant", "hello"), ("user", "tell me a joke"))
+    assert by_id["prompts_mixed.jsonl/1"].messages == (("system", "Be brief."), ("user", "Name a color."))
+    assert by_id["prompts_mixed.jsonl/2"].messages == (("user", "hi"), ("assistant", "hello"), ("user", "tell me a joke"))
     assert all(p.messages[-1][0] == "user" for p in by_id.values())
 
 
@@ -80,8 +77,7 @@ def test_humaneval_wraps_code_for_chat_and_keeps_raw(monkeypatch: pytest.MonkeyP
     (prompt,) = loaded.prompts
     code = 'def add(a, b):\n    """Add two numbers."""\n'
     assert prompt.id == "HumanEval/0" and prompt.source == "humaneval"
-    assert prompt.messages == (("user", f"Complete the following Python function.\n\n"
-                                        f"```python\n{code}```"),)
+    assert prompt.messages == (("user", f"Complete the following Python function.\n\n```python\n{code}```"),)
     assert prompt.raw_text() == code
 
 
@@ -156,8 +152,10 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
 
 # --------------------------------------------------------------------------- rendering
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +164,25 @@ def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[UNK]", "<|im_start|>", "<|im_end|>", "system", "user", "assistant", "Be",
-             "brief", "Name", "a", "color", ".", "hi", "hello", "tell", "me", "joke"]
+    words = [
+        "[UNK]",
+        "<|im_start|>",
+        "<|im_end|>",
+        "system",
+        "user",
+        "assistant",
+        "Be",
+        "brief",
+        "Name",
+        "a",
+        "color",
+        ".",
+        "hi",
+        "hello",
+        "tell",
+        "me",
+        "joke",
+    ]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
@@ -184,8 +199,7 @@ def _tokens(tok, ids: list[int]) -> list[str]:
 def test_render_applies_chat_template(tokenizer) -> None:
     prompt = Prompt("x", "test", (("user", "Name a color ."),))
     tokens = _tokens(tokenizer, render_prompt(prompt, tokenizer))
-    assert tokens == ["<|im_start|>", "user", "Name", "a", "color", ".", "<|im_end|>",
-                      "<|im_start|>", "assistant"]
+    assert tokens == ["<|im_start|>", "user", "Name", "a", "color", ".", "<|im_end|>", "<|im_start|>", "assistant"]
 
 
 def test_render_system_replaces_leading_system(tokenizer) -> None:
@@ -197,14 +211,12 @@ def test_render_system_replaces_leading_system(tokenizer) -> None:
 
 def test_render_raw_skips_template(tokenizer) -> None:
     single = Prompt("x", "test", (("user", "Name a color ."),))
-    assert _tokens(tokenizer, render_prompt(single, tokenizer, chat_template=False)) == [
-        "Name", "a", "color", "."]
+    assert _tokens(tokenizer, render_prompt(single, tokenizer, chat_template=False)) == ["Name", "a", "color", "."]
     multi = Prompt("y", "test", (("user", "hi"), ("assistant", "hello"), ("user", "tell me")))
     raw = _tokens(tokenizer, render_prompt(multi, tokenizer, chat_template=False))
     assert raw == ["hi", "hello", "tell", "me"]
     coded = Prompt("z", "test", (("user", "wrapped hi"),), raw="hi hello")
-    assert _tokens(tokenizer, render_prompt(coded, tokenizer, chat_template=False)) == [
-        "hi", "hello"]
+    assert _tokens(tokenizer, render_prompt(coded, tokenizer, chat_template=False)) == ["hi", "hello"]
 
 
 def test_render_without_template_falls_back_to_raw(tokenizer) -> None:
@@ -280,8 +292,12 @@ def test_trim_cuts_regenerated_answers_where_a_loop_starts(monkeypatch, tmp_path
 
     looped = [10, 11, 12, 13, 14] + [1, 2, 3] * 10
     src = tmp_path / "regen.jsonl"
-    src.write_text("".join(json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
-                           for i, r in enumerate([looped, list(range(40)), list(range(50, 90))])))
+    src.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
+            for i, r in enumerate([looped, list(range(40)), list(range(50, 90))])
+        )
+    )
     kept = trim([str(src)], 40, tmp_path / "out.jsonl")
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["response_ids"] for r in records] == [looped[:8], list(range(40))] and kept.tokens == 48

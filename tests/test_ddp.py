@@ -33,10 +33,28 @@ from draftopd.train.sft import train_sft
 WORLD = 2
 GRAD_ATOL = 1e-6
 WEIGHT_ATOL = 5e-5
-SFT = SFTConfig(steps=4, batch_size=4, grad_accum=2, anchors_per_seq=4, save_every=2, feature_noise=0.1,  # noise drawn alike on every rank
-                autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1))  # bf16 rounds differently per shard
-OPD = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=1, rollout=DecodeConfig(max_new_tokens=12), optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
-OPD_RUNS = {"opd": OPD, "opd-sampled": replace(OPD, rollout=replace(OPD.rollout, temperature=1.0), anchors="random")}  # per-prompt seeds; anchors drawn in order
+SFT = SFTConfig(
+    steps=4,
+    batch_size=4,
+    grad_accum=2,
+    anchors_per_seq=4,
+    save_every=2,
+    feature_noise=0.1,  # noise drawn alike on every rank
+    autocast="float32",
+    optim=OptimConfig(lr=2e-3, min_warmup_steps=1),
+)  # bf16 rounds differently per shard
+OPD = OPDConfig(
+    steps=2,
+    prompts_per_rollout=4,
+    rollouts_per_step=1,
+    replay_batch=1,
+    rollout=DecodeConfig(max_new_tokens=12),
+    optim=OptimConfig(lr=2e-3, min_warmup_steps=1),
+)
+OPD_RUNS = {
+    "opd": OPD,
+    "opd-sampled": replace(OPD, rollout=replace(OPD.rollout, temperature=1.0), anchors="random"),
+}  # per-prompt seeds; anchors drawn in order
 SHAPE = DrafterConfig(block_size=8)
 
 
@@ -82,18 +100,36 @@ def worker(rank: int, port: int, examples: list, prompts: list, out: Path) -> No
     train_sft(target, drafter(target, seed=99), examples, SFT, out / "sft-1to2", resume=True, progress=False)  # the parent wrote it alone
     weights = {}
     for name, cfg in OPD_RUNS.items():
-        train_opd(target, weights.setdefault(name, drafter(target)), prompts, cfg, out / name, progress=False, on_step=keep_first_grad(grads, name))
+        train_opd(
+            target,
+            weights.setdefault(name, drafter(target)),
+            prompts,
+            cfg,
+            out / name,
+            progress=False,
+            on_step=keep_first_grad(grads, name),
+        )
     saving = replace(OPD, save_every=1)
     train_opd(target, drafter(target), prompts, saving, out / "opd-killed", progress=False, stop_after=1)
-    train_opd(target, weights.setdefault("opd-resumed", drafter(target, seed=99)), prompts, saving, out / "opd-killed", resume=True, progress=False)
+    train_opd(
+        target,
+        weights.setdefault("opd-resumed", drafter(target, seed=99)),
+        prompts,
+        saving,
+        out / "opd-killed",
+        resume=True,
+        progress=False,
+    )
     torch.save({"weights": {k: d.state_dict() for k, d in weights.items()}, "grads": grads}, out / f"rank{rank}.pt")
 
 
 def keep_first_grad(into: dict, name: str):
     """An `on_step` callback keeping the first update's gradient (summed over ranks, clipped) under `name`."""
+
     def keep(step, drafter, _compute):
         if step == 1:
             into[name] = {n: p.grad.clone() for n, p in drafter.named_parameters()}
+
     return keep
 
 
@@ -111,15 +147,21 @@ def ddp_runs(tmp_path_factory):
         env.setenv("OMP_NUM_THREADS", "1")  # the children's
         mp.spawn(worker, args=(free_port(), examples, prompts, out), nprocs=WORLD, join=True)
     single, ref, grads = out / "single", {}, {}
-    train_sft(target, ref.setdefault("sft", drafter(target)), examples, SFT, single / "sft", progress=False, on_step=keep_first_grad(grads, "sft"))
+    train_sft(
+        target, ref.setdefault("sft", drafter(target)), examples, SFT, single / "sft", progress=False, on_step=keep_first_grad(grads, "sft")
+    )
     for name, cfg in OPD_RUNS.items():
-        train_opd(target, ref.setdefault(name, drafter(target)), prompts, cfg, single / name, progress=False, on_step=keep_first_grad(grads, name))
+        train_opd(
+            target, ref.setdefault(name, drafter(target)), prompts, cfg, single / name, progress=False, on_step=keep_first_grad(grads, name)
+        )
     return target, out, single, {**ref, "grads": grads, "examples": examples}
 
 
 def rows(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "time" and not k.startswith(("time/", "memory/"))}
-            for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "time" and not k.startswith(("time/", "memory/"))}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -139,7 +181,9 @@ def test_two_processes_train_the_single_process_weights(ddp_runs, trainer):
         assert all(max_diff(r["weights"][trainer], written) == 0 for r in ranks)
     assert not torch.equal(written["fc.weight"], drafter(target).state_dict()["fc.weight"])  # it did train
     ddp_rows, single_rows = rows(out / trainer / "metrics.jsonl"), rows(single / trainer / "metrics.jsonl")
-    assert [r["step"] for r in ddp_rows] == list(range(1, (SFT if trainer == "sft" else OPD).steps + 1)) and len(single_rows) == len(ddp_rows)
+    assert [r["step"] for r in ddp_rows] == list(range(1, (SFT if trainer == "sft" else OPD).steps + 1)) and len(single_rows) == len(
+        ddp_rows
+    )
     for a, b in zip(ddp_rows, single_rows):  # metrics are the whole batch's, not rank 0's half
         assert a.keys() == b.keys()
         assert all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a), (a, b)
@@ -167,8 +211,10 @@ def test_a_two_process_run_resumes_in_one_process_and_the_other_way_round(ddp_ru
     capsys.readouterr()
     resumed = drafter(target, seed=99)
     train_sft(target, resumed, ref["examples"], SFT, out / "sft-2to1", resume=True, progress=False)
-    assert ("resuming a run written on cpu by 2 processes on cpu with 1 process: every step still trains the same global batch"
-            in capsys.readouterr().err)
+    assert (
+        "resuming a run written on cpu by 2 processes on cpu with 1 process: every step still trains the same global batch"
+        in capsys.readouterr().err
+    )
     assert max_diff(resumed.state_dict(), ref["sft"].state_dict()) <= WEIGHT_ATOL
     assert max_diff(load_drafter(out / "sft-1to2" / "last", target).state_dict(), ref["sft"].state_dict()) <= WEIGHT_ATOL
     assert json.loads((out / "sft-1to2" / "last" / "config.json").read_text())["world_size"] == WORLD
@@ -179,6 +225,9 @@ def test_world_size_that_does_not_divide_the_batch_is_one_line_on_every_rank(ddp
     _, out, _, _ = ddp_runs
     for r in range(WORLD):
         sft_error, opd_error = json.loads((out / f"errors{r}.json").read_text())
-        assert sft_error == "--batch-size 3 is not divisible by the 2 training processes (torchrun --nproc-per-node): each takes an equal share of every batch"
+        assert (
+            sft_error
+            == "--batch-size 3 is not divisible by the 2 training processes (torchrun --nproc-per-node): each takes an equal share of every batch"
+        )
         assert opd_error.startswith("--prompts-per-rollout 3 is not divisible by the 2 training processes")
     assert not (out / "odd").exists()

@@ -134,17 +134,36 @@ def test_feature_cache_is_identical_to_one_process(runs, world, name):
 def test_a_complete_shard_is_not_computed_again(runs):
     """The resumed cache's shard 3 was on disk, unlisted: kept as it was (same file), not rewritten."""
     for world in (2, 3):
-        assert (runs[world] / "features-resume" / "shard-00003.safetensors").stat().st_mtime_ns < \
-            (runs[world] / "features-resume" / "shard-00002.safetensors").stat().st_mtime_ns
+        assert (runs[world] / "features-resume" / "shard-00003.safetensors").stat().st_mtime_ns < (
+            runs[world] / "features-resume" / "shard-00002.safetensors"
+        ).stat().st_mtime_ns
 
 
 def test_eval_report_has_the_tau_and_counts_of_one_process(runs):
     mine, ref = EvalReport.load(runs[2] / "eval.json"), EvalReport.load(runs[1] / "eval.json")
     assert [r.name for r in mine.rows] == [r.name for r in ref.rows] == ["a", "b", "all"]
     for a, b in zip(mine.rows, ref.rows):
-        assert (a.prompts, a.tau, a.slot_acceptance, a.accepted_histogram, a.rounds, a.spec_new_tokens, a.ar_new_tokens, a.tau_ci,
-                a.mismatches) == (b.prompts, b.tau, b.slot_acceptance, b.accepted_histogram, b.rounds, b.spec_new_tokens, b.ar_new_tokens,
-                                  b.tau_ci, b.mismatches)
+        assert (
+            a.prompts,
+            a.tau,
+            a.slot_acceptance,
+            a.accepted_histogram,
+            a.rounds,
+            a.spec_new_tokens,
+            a.ar_new_tokens,
+            a.tau_ci,
+            a.mismatches,
+        ) == (
+            b.prompts,
+            b.tau,
+            b.slot_acceptance,
+            b.accepted_histogram,
+            b.rounds,
+            b.spec_new_tokens,
+            b.ar_new_tokens,
+            b.tau_ci,
+            b.mismatches,
+        )
         assert [(p.set, p.id, p.committed, p.rounds) for p in a.per_prompt] == [(p.set, p.id, p.committed, p.rounds) for p in b.per_prompt]
     assert ref.row("all").rounds > 0 and ref.row("all").mismatches == 0
 
@@ -157,7 +176,10 @@ def test_sft_from_the_cache_reads_only_each_ranks_share(runs):
     assert [len(r) for r in ranks] == [SFT.steps * per_step // 2] * 2
     for j in range(SFT.steps * SFT.grad_accum):  # rank 0 the first half of each micro-batch, rank 1 the second
         half = SFT.batch_size // 2
-        assert single[j * SFT.batch_size:(j + 1) * SFT.batch_size] == ranks[0][j * half:(j + 1) * half] + ranks[1][j * half:(j + 1) * half]
+        assert (
+            single[j * SFT.batch_size : (j + 1) * SFT.batch_size]
+            == ranks[0][j * half : (j + 1) * half] + ranks[1][j * half : (j + 1) * half]
+        )
     weights = [load_drafter(runs[w] / "sft" / "last", target).state_dict() for w in (1, 2)]
     assert max_diff(*weights) <= WEIGHT_ATOL
     assert not torch.equal(weights[0]["fc.weight"], drafter(target).state_dict()["fc.weight"])

@@ -43,9 +43,13 @@ def test_accept_greedy_all_accepted_takes_bonus_from_last_position() -> None:
 
 def test_accept_greedy_first_mismatch_gives_correction_and_ignores_later_matches() -> None:
     target = _onehot_logits([[3, 1, 4, 2], [3, 1, 4, 2], [3, 1, 4, 2]], 6)
-    draft = torch.tensor([[3, 5, 4],   # mismatch at slot 2 (slot 3 matches, but comes after a rejection)
-                          [0, 1, 4],   # mismatch at slot 1
-                          [3, 1, 0]])  # mismatch at slot 3
+    draft = torch.tensor(
+        [
+            [3, 5, 4],  # mismatch at slot 2 (slot 3 matches, but comes after a rejection)
+            [0, 1, 4],  # mismatch at slot 1
+            [3, 1, 0],
+        ]
+    )  # mismatch at slot 3
     acc = accept_greedy(target, draft)
     assert acc.accepted.tolist() == [1, 0, 2]
     assert acc.next_token.tolist() == [1, 3, 4]  # the target's argmax at the first mismatch
@@ -196,7 +200,7 @@ class OracleDrafts:
             if a + 1 + k > len(seq):  # a finished row running past its reference: anything goes
                 continue
             assert int(anchor[b]) == seq[a], "anchor is not the target's greedy token at its position"
-            truth = seq[a + 1: a + 1 + k]
+            truth = seq[a + 1 : a + 1 + k]
             reject = self.rng.choice([k + 1] * k + list(range(1, k + 1)))  # half the time: accept all
             row = list(truth)
             if reject <= k:
@@ -294,7 +298,9 @@ def test_fewer_drafts_per_round_stay_lossless(small_vocab_target, arch, num_draf
     assert any(a > 0 for t in out.traces for a in t.accepted)
     state, first = target.prefill([prompts[0]], drafter.spec.target_layer_ids)
     anchor = first.last_logits.argmax(-1)
-    ctx = drafter.project_context(first.features, state.positions, state.valid, prompt_following_tokens([prompts[0]], anchor, target.pad_id))
+    ctx = drafter.project_context(
+        first.features, state.positions, state.valid, prompt_following_tokens([prompts[0]], anchor, target.pad_id)
+    )
     pick = lambda logits: logits.argmax(-1)  # noqa: E731
     full, _ = drafter.draft(ctx, anchor, state.lengths.clone(), pick)
     short, _ = drafter.draft(ctx, anchor, state.lengths.clone(), pick, num_drafts)
@@ -356,12 +362,12 @@ def test_prompt_lookup_stays_lossless_and_copies_earlier_text(small_vocab_target
     refs = [hf_greedy(target, p, 40) for p in prompts]
     assert [t.output for t in out.traces] == refs
     alone = [generate(target, drafter, [p], cfg).traces[0] for p in prompts]  # batch of one: rounds that skip the drafter
-    assert [t.output for t in alone] == refs and any(all(t.looked_up[m:m + 2]) for t in alone for m in range(t.rounds - 1))
+    assert [t.output for t in alone] == refs and any(all(t.looked_up[m : m + 2]) for t in alone for m in range(t.rounds - 1))
     looked = [x for t in out.traces for x in t.looked_up]
     assert any(looked) and not all(looked)
     for t in out.traces:
         for m in range(t.rounds):
-            text = t.tokens[:t.anchors[m] + 1]
+            text = t.tokens[: t.anchors[m] + 1]
             copied = lookup(text, 3, 7)
             assert t.looked_up[m] == bool(copied)
             n = len(copied) if copied else 2
@@ -388,9 +394,9 @@ def test_prompt_lookup_alone_never_runs_the_drafter(small_vocab_target, arch, mo
     for t in out.traces + alone:
         assert any(t.looked_up) and not all(t.looked_up)
         for m in range(t.rounds):
-            copied = lookup(t.tokens[:t.anchors[m] + 1], 2, 7)
+            copied = lookup(t.tokens[: t.anchors[m] + 1], 2, 7)
             assert t.looked_up[m] == bool(copied) and t.proposed[m] == len(copied)
-            assert t.drafts[m][:len(copied)].tolist() == copied and t.target_logp[m][len(copied):].isnan().all()
+            assert t.drafts[m][: len(copied)].tolist() == copied and t.target_logp[m][len(copied) :].isnan().all()
     assert sum(t.rounds for t in alone) < sum(len(r) for r in refs)  # some lookups were accepted
 
 
@@ -433,14 +439,26 @@ def _exact_joint3(target: Target, prompt: list[int], temperature: float) -> torc
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def _sampled_joint3(target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0, lookup_ngram: int = 0,
-                    num_drafts: int | None = None) -> torch.Tensor:
-    out = generate(target, drafter, [SAMPLING_PROMPT] * SAMPLING_ROWS,
-                   DecodeConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False, seed=seed, draft_confidence=confidence,
-                                lookup_ngram=lookup_ngram, num_drafts=num_drafts))
+def _sampled_joint3(
+    target: Target, drafter, temperature: float, seed: int, confidence: float = 0.0, lookup_ngram: int = 0, num_drafts: int | None = None
+) -> torch.Tensor:
+    out = generate(
+        target,
+        drafter,
+        [SAMPLING_PROMPT] * SAMPLING_ROWS,
+        DecodeConfig(
+            max_new_tokens=3,
+            temperature=temperature,
+            stop_at_eos=False,
+            seed=seed,
+            draft_confidence=confidence,
+            lookup_ngram=lookup_ngram,
+            num_drafts=num_drafts,
+        ),
+    )
     tokens = torch.tensor([t.output for t in out.traces])
     v = target.vocab_size
-    return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v ** 3)
+    return torch.bincount(tokens[:, 0] * v * v + tokens[:, 1] * v + tokens[:, 2], minlength=v**3)
 
 
 def _poor_drafter(target: Target, arch: str = "dflash"):
@@ -483,7 +501,12 @@ def test_sampling_with_a_confidence_cut_is_lossless(small_vocab_target) -> None:
     numbers of drafts)."""
     target = small_vocab_target
     drafter = _poor_drafter(target)
-    probe = generate(target, drafter, [SAMPLING_PROMPT] * 50, DecodeConfig(max_new_tokens=3, temperature=1.0, stop_at_eos=False, record_draft_logits=True))
+    probe = generate(
+        target,
+        drafter,
+        [SAMPLING_PROMPT] * 50,
+        DecodeConfig(max_new_tokens=3, temperature=1.0, stop_at_eos=False, record_draft_logits=True),
+    )
     counts = _sampled_joint3(target, drafter, 1.0, seed=2, confidence=_median_top_probability(probe))
     assert _chi2_pvalue(counts, _exact_joint3(target, SAMPLING_PROMPT, 1.0)) > 1e-4
 
@@ -518,7 +541,9 @@ def test_sampling_is_reproducible_with_seed(small_vocab_target) -> None:
     target = small_vocab_target
     drafter = make_drafter(target, block_size=4)
     prompts = random_prompts(target.vocab_size, [3, 7, 5], seed=2)
-    run = lambda seed: [t.output for t in generate(target, drafter, prompts, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed)).traces]  # noqa: E731
+    run = lambda seed: [
+        t.output for t in generate(target, drafter, prompts, DecodeConfig(max_new_tokens=12, temperature=1.0, seed=seed)).traces
+    ]  # noqa: E731
     assert run(3) == run(3)
     assert run(3) != run(4)
 
@@ -532,8 +557,8 @@ def test_per_row_streams_draw_row_by_row() -> None:
     batch = sample(logits, 0.8, gens())
     acc = accept_sampling(target_logits, logits, draft, 0.8, gens())
     for b, seed in enumerate((5, 6, 7)):
-        assert torch.equal(batch[b], sample(logits[b:b + 1], 0.8, RowRandom.seeded([seed], "cpu"))[0])
-        one = accept_sampling(target_logits[b:b + 1], logits[b:b + 1], draft[b:b + 1], 0.8, RowRandom.seeded([seed], "cpu"))
+        assert torch.equal(batch[b], sample(logits[b : b + 1], 0.8, RowRandom.seeded([seed], "cpu"))[0])
+        one = accept_sampling(target_logits[b : b + 1], logits[b : b + 1], draft[b : b + 1], 0.8, RowRandom.seeded([seed], "cpu"))
         assert (acc.accepted[b], acc.next_token[b]) == (one.accepted[0], one.next_token[0])
 
 
@@ -559,7 +584,9 @@ def test_row_seeds_make_each_row_independent_of_its_batch(small_vocab_target, sp
     prompts = random_prompts(target.vocab_size, [3, 7, 5, 2], seed=4)
     seeds = [101, 202, 303, 404]
     cfg = DecodeConfig(max_new_tokens=16, temperature=1.0)
-    run = lambda ps, ss: [t.output for t in (generate(target, drafter, ps, cfg, ss) if speculative else autoregressive_generate(target, ps, cfg, ss)).traces]  # noqa: E731
+    run = lambda ps, ss: [
+        t.output for t in (generate(target, drafter, ps, cfg, ss) if speculative else autoregressive_generate(target, ps, cfg, ss)).traces
+    ]  # noqa: E731
     together = run(prompts, seeds)
     assert together == [run([p], [s])[0] for p, s in zip(prompts, seeds)]
     assert run(prompts[::-1], seeds[::-1]) == together[::-1]
@@ -575,13 +602,28 @@ def _trace_runs(request, mode: str):
     """(target, drafter, prompts, cfg, oracle-or-None) for each trace-checking mode."""
     if mode == "greedy-qwen3":
         target = request.getfixturevalue("qwen3_target")
-        return target, make_drafter(target, 8), random_prompts(target.vocab_size, [4, 13, 1, 8], seed=21), DecodeConfig(max_new_tokens=30, stop_at_eos=False)
+        return (
+            target,
+            make_drafter(target, 8),
+            random_prompts(target.vocab_size, [4, 13, 1, 8], seed=21),
+            DecodeConfig(max_new_tokens=30, stop_at_eos=False),
+        )
     if mode == "sampling-small-vocab":
         target = request.getfixturevalue("small_vocab_target")
         drafter = _drafter(target, "perturbed", 8)
-        return target, drafter, random_prompts(target.vocab_size, [6, 2, 9, 5], seed=22), DecodeConfig(max_new_tokens=30, temperature=1.0, stop_at_eos=False, seed=5)
+        return (
+            target,
+            drafter,
+            random_prompts(target.vocab_size, [6, 2, 9, 5], seed=22),
+            DecodeConfig(max_new_tokens=30, temperature=1.0, stop_at_eos=False, seed=5),
+        )
     target = request.getfixturevalue("llama_target")  # oracle drafts: long ragged acceptance, 31 new tokens
-    return target, make_drafter(target, 8), random_prompts(target.vocab_size, [7, 3, 15, 10], seed=23), DecodeConfig(max_new_tokens=31, stop_at_eos=False)
+    return (
+        target,
+        make_drafter(target, 8),
+        random_prompts(target.vocab_size, [7, 3, 15, 10], seed=23),
+        DecodeConfig(max_new_tokens=31, stop_at_eos=False),
+    )
 
 
 @pytest.mark.parametrize("mode", ["greedy-qwen3", "sampling-small-vocab", "oracle-llama"])
@@ -615,7 +657,7 @@ def test_trace_consistency(request, mode, monkeypatch) -> None:
             assert len(d) == k and 0 <= r <= k
             accepted_any |= r > 0
             # the committed text after the anchor starts with the accepted drafts
-            assert trace.tokens[a + 1: a + 1 + r] == d[:r][: len(trace.tokens) - a - 1]
+            assert trace.tokens[a + 1 : a + 1 + r] == d[:r][: len(trace.tokens) - a - 1]
             # target_logp: one fresh full forward over prefix + all drafts covers every slot (causal)
             seq = trace.tokens[: a + 1] + d
             logp = torch.log_softmax(full_logits(target, seq), -1)

@@ -43,8 +43,10 @@ def _count_generate(tmp_path, arch: str = "dflash", **cfg):
 
 
 @pytest.mark.parametrize("arch", ["dflash", "eagle3"])
-@pytest.mark.parametrize("mode,per_round", [({}, 1), ({"temperature": 1.0}, 1), ({"lookup_ngram": 2}, 1), ({"num_drafts": 2}, 1),
-                                            ({"draft_confidence": 0.05}, 2)])
+@pytest.mark.parametrize(
+    "mode,per_round",
+    [({}, 1), ({"temperature": 1.0}, 1), ({"lookup_ngram": 2}, 1), ({"num_drafts": 2}, 1), ({"draft_confidence": 0.05}, 2)],
+)
 def test_a_decoding_round_waits_for_the_device_once(tmp_path, arch, mode, per_round, one_thread):
     """One sync a round (the round's results come to the host in one copy), two with `draft_confidence`, plus two a
     generation (the first token, the phase clock's last event). Copies to the device: the prompts (two), the lookup's
@@ -76,8 +78,15 @@ def test_a_draft_opd_update_waits_once_beyond_its_rollout(tmp_path, one_thread):
     from draftopd.config import OptimConfig
     from draftopd.train.opd import OPDConfig, train_opd
 
-    cfg = OPDConfig(steps=10, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, rollout=DecodeConfig(max_new_tokens=16), autocast="float32",
-                    optim=OptimConfig(min_warmup_steps=1))
+    cfg = OPDConfig(
+        steps=10,
+        prompts_per_rollout=4,
+        rollouts_per_step=1,
+        replay_batch=2,
+        rollout=DecodeConfig(max_new_tokens=16),
+        autocast="float32",
+        optim=OptimConfig(min_warmup_steps=1),
+    )
     with FakeCuda() as fake:
         bench = Bench("cuda", tmp_path)
         drafter = bench.drafter()

@@ -98,7 +98,9 @@ def test_block_sees_every_valid_context_slot_before_its_anchor(drafter, row) -> 
             noisy = feats.clone()
             noisy[row, slot] += 5.0 * torch.randn_like(noisy[row, slot])
             out = _logits(drafter, noisy, positions, valid, _anchor_tokens())
-            assert (out[row, j] - base[row, j]).abs().max() > 1e-4, f"block at {a} blind to slot {slot} (position {int(positions[row, slot])})"
+            assert (out[row, j] - base[row, j]).abs().max() > 1e-4, (
+                f"block at {a} blind to slot {slot} (position {int(positions[row, slot])})"
+            )
 
 
 def test_block_ignores_invalid_slots(drafter) -> None:
@@ -134,8 +136,8 @@ def test_many_anchors_in_one_call_equal_separate_calls(drafter) -> None:
     together = _logits(drafter, feats, positions, valid, tokens)
     for b in range(2):
         for j, a in enumerate(ANCHORS):
-            alone = _logits(drafter, feats[b: b + 1], positions[b: b + 1], valid[b: b + 1], tokens[b: b + 1, j: j + 1], anchors=[a])
-            torch.testing.assert_close(together[b: b + 1, j: j + 1], alone, atol=1e-5, rtol=0)
+            alone = _logits(drafter, feats[b : b + 1], positions[b : b + 1], valid[b : b + 1], tokens[b : b + 1, j : j + 1], anchors=[a])
+            torch.testing.assert_close(together[b : b + 1, j : j + 1], alone, atol=1e-5, rtol=0)
 
 
 def test_inference_context_equals_training_context(drafter, llama_target) -> None:
@@ -168,10 +170,10 @@ def test_block_mask_shape_and_rule(drafter) -> None:
     assert mask.shape == (2, 1, nb * size, SLOTS + nb * size)
     for b in range(2):
         for j, a in enumerate(ANCHORS):
-            rows = mask[b, 0, j * size: (j + 1) * size]
+            rows = mask[b, 0, j * size : (j + 1) * size]
             assert (rows[:, :SLOTS] == (valid[b] & (positions[b] < a))).all()
             own = torch.zeros(nb * size, dtype=torch.bool)
-            own[j * size: (j + 1) * size] = True
+            own[j * size : (j + 1) * size] = True
             assert (rows[:, SLOTS:] == own).all()
 
 
@@ -269,8 +271,7 @@ def test_copied_layers_hold_the_target_layers_weights(target) -> None:
     assert torch.equal(copied.layers[0].q_norm.weight, fresh.layers[0].q_norm.weight)
 
 
-@pytest.mark.parametrize("ids, error, words", [((0,), ConfigError, "one target layer id"),
-                                                ((0, 99), DrafterError, "outside the target")])
+@pytest.mark.parametrize("ids, error, words", [((0,), ConfigError, "one target layer id"), ((0, 99), DrafterError, "outside the target")])
 def test_copy_target_layers_bad_ids_raise(llama_target, ids, error, words) -> None:
     with pytest.raises(error, match=words):
         new_drafter(llama_target, DrafterConfig(num_layers=2, copy_target_layers=ids))
@@ -286,13 +287,17 @@ def test_target_layer_ids_out_of_range_raise(llama_target) -> None:
         new_drafter(llama_target, DrafterConfig(target_layer_ids=(1, llama_target.num_layers)))
 
 
-@pytest.mark.parametrize("cfg, error, words", [
-    (dict(num_heads=5), DrafterError, "--draft-num-heads 5 does not divide the target's hidden size 32"),
-    (dict(num_heads=1), DrafterError, "--draft-num-kv-heads must divide the 1 attention heads, got 2"),  # the target's 2 kv heads
-    (dict(num_heads=4, num_kv_heads=3), ConfigError, "--draft-num-kv-heads must divide --draft-num-heads 4, got 3"),
-    (dict(head_dim=7), ConfigError, "--draft-head-dim must be even"),
-    (dict(num_heads=5, head_dim=8, num_kv_heads=1), None, None),  # an explicit head_dim fits any head count
-], ids=str)
+@pytest.mark.parametrize(
+    "cfg, error, words",
+    [
+        (dict(num_heads=5), DrafterError, "--draft-num-heads 5 does not divide the target's hidden size 32"),
+        (dict(num_heads=1), DrafterError, "--draft-num-kv-heads must divide the 1 attention heads, got 2"),  # the target's 2 kv heads
+        (dict(num_heads=4, num_kv_heads=3), ConfigError, "--draft-num-kv-heads must divide --draft-num-heads 4, got 3"),
+        (dict(head_dim=7), ConfigError, "--draft-head-dim must be even"),
+        (dict(num_heads=5, head_dim=8, num_kv_heads=1), None, None),  # an explicit head_dim fits any head count
+    ],
+    ids=str,
+)
 def test_drafter_shape_relations_are_one_line(llama_target, cfg, error, words) -> None:
     if error is None:
         assert new_drafter(llama_target, DrafterConfig(**cfg)).spec.num_heads * 8 == 40
@@ -302,22 +307,26 @@ def test_drafter_shape_relations_are_one_line(llama_target, cfg, error, words) -
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"block_size": "8"}, "block_size must be an integer >= 2, got '8'"),
-    ({"block_size": 0}, "block_size must be an integer >= 2, got 0"),
-    ({"block_size": -4}, "block_size must be an integer >= 2"),
-    ({"target_layer_ids": [0, 4]}, "target_layer_ids must be layer ids 0..3, none outside the target's 4 layers"),
-    ({"target_layer_ids": []}, "target_layer_ids"),
-    ({"num_heads": 3}, "num_kv_heads must divide the 3 attention heads"),
-    ({"num_kv_heads": 0}, "num_kv_heads must be an integer >= 1"),
-    ({"head_dim": 7}, "head_dim must be even"),
-    ({"intermediate_size": 2.5}, "intermediate_size must be an integer"),
-    ({"rope_theta": "big"}, "rope_theta must be a finite number > 0"),
-    ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite number > 0"),
-    ({"mask_token_id": -1}, "mask_token_id must be a token id"),
-    ({"draft_vocab_size": 65}, "draft_vocab_size must be in [1, 64]"),
-    ({"num_layers": True}, "num_layers must be an integer"),
-], ids=str)
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"block_size": "8"}, "block_size must be an integer >= 2, got '8'"),
+        ({"block_size": 0}, "block_size must be an integer >= 2, got 0"),
+        ({"block_size": -4}, "block_size must be an integer >= 2"),
+        ({"target_layer_ids": [0, 4]}, "target_layer_ids must be layer ids 0..3, none outside the target's 4 layers"),
+        ({"target_layer_ids": []}, "target_layer_ids"),
+        ({"num_heads": 3}, "num_kv_heads must divide the 3 attention heads"),
+        ({"num_kv_heads": 0}, "num_kv_heads must be an integer >= 1"),
+        ({"head_dim": 7}, "head_dim must be even"),
+        ({"intermediate_size": 2.5}, "intermediate_size must be an integer"),
+        ({"rope_theta": "big"}, "rope_theta must be a finite number > 0"),
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be a finite number > 0"),
+        ({"mask_token_id": -1}, "mask_token_id must be a token id"),
+        ({"draft_vocab_size": 65}, "draft_vocab_size must be in [1, 64]"),
+        ({"num_layers": True}, "num_layers must be an integer"),
+    ],
+    ids=str,
+)
 def test_a_checkpoint_with_a_bad_shape_value_is_one_drafter_error(saved, llama_target, tmp_path, change, words) -> None:
     """config.json is checked as strictly as flags are: one DrafterError line naming the field, not a traceback later."""
     folder = _copy(saved, tmp_path)
@@ -375,11 +384,14 @@ def saved(drafter, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(hidden_size=48), "hidden_size 32 vs target 48"),
-    (dict(vocab_size=32), "vocab_size 64 vs target 32"),
-    (dict(num_layers=3), "num_target_layers 4 vs target 3"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(hidden_size=48), "hidden_size 32 vs target 48"),
+        (dict(vocab_size=32), "vocab_size 64 vs target 32"),
+        (dict(num_layers=3), "num_target_layers 4 vs target 3"),
+    ],
+)
 def test_load_against_mismatched_target_raises(saved, change, words) -> None:
     other = tiny_target("llama", **change)
     with pytest.raises(DrafterError, match=words):

@@ -82,7 +82,6 @@ def test_first_divergence():
 # --------------------------------------------------------------------------- evaluate
 
 
-
 @pytest.fixture(scope="module")
 def pair():
     target = tiny_target()
@@ -92,8 +91,10 @@ def pair():
 @pytest.fixture(scope="module")
 def sets():
     g = torch.Generator().manual_seed(3)
-    return {"alpha": [torch.randint(0, 63, (n,), generator=g).tolist() for n in (4, 9, 6)],
-            "beta": [torch.randint(0, 63, (n,), generator=g).tolist() for n in (7, 3)]}
+    return {
+        "alpha": [torch.randint(0, 63, (n,), generator=g).tolist() for n in (4, 9, 6)],
+        "beta": [torch.randint(0, 63, (n,), generator=g).tolist() for n in (7, 3)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +166,10 @@ def _with_counts(report: EvalReport, scale: float) -> EvalReport:
     """The report with every prompt's committed tokens scaled (rounds kept): a drafter with `scale` x the tau."""
     import dataclasses
 
-    rows = [dataclasses.replace(r, per_prompt=tuple(dataclasses.replace(p, committed=round(p.committed * scale))
-                                                   for p in r.per_prompt)) for r in report.rows]
+    rows = [
+        dataclasses.replace(r, per_prompt=tuple(dataclasses.replace(p, committed=round(p.committed * scale)) for p in r.per_prompt))
+        for r in report.rows
+    ]
     return EvalReport(rows, report.config)
 
 
@@ -187,8 +190,10 @@ def test_compare_tau_refuses_different_prompts(report):
     fewer = EvalReport([dataclasses.replace(r, per_prompt=r.per_prompt[1:]) for r in report.rows], report.config)
     with pytest.raises(ValueError, match="same prompts"):
         compare_tau(report, fewer)
-    renamed = EvalReport([dataclasses.replace(r, per_prompt=tuple(dataclasses.replace(p, id=p.id + "x") for p in r.per_prompt))
-                          for r in report.rows], report.config)
+    renamed = EvalReport(
+        [dataclasses.replace(r, per_prompt=tuple(dataclasses.replace(p, id=p.id + "x") for p in r.per_prompt)) for r in report.rows],
+        report.config,
+    )
     with pytest.raises(ValueError, match="same prompts"):
         compare_tau(report, renamed)
 

@@ -52,13 +52,26 @@ class MLPDrafter(Drafter):
 
 
 TOY = registry.Family(
-    name="toy-mlp", title="toy MLP", article="a", drafter=MLPDrafter, architecture="ToyMLPDrafter",
-    default_layers=lambda num_target_layers, num_layers: (num_target_layers - 2,), num_layers=1,
+    name="toy-mlp",
+    title="toy MLP",
+    article="a",
+    drafter=MLPDrafter,
+    architecture="ToyMLPDrafter",
+    default_layers=lambda num_target_layers, num_layers: (num_target_layers - 2,),
+    num_layers=1,
     speculators=registry.Speculators(
-        model_type="toy_mlp", config_class="ToyMLPSpeculator", model_class="ToyMLPDraftModel", layer_type="toy_mlp",
-        layer_keys=lambda spec: {}, config_keys=lambda spec, captures: {"block_size": spec.block_size, "toy_layer_ids": captures},
-        layer_ids_key="toy_layer_ids", options=lambda config, layer: {}, check_anchors=lambda length, block: length - block,
-        block_size=lambda config: int(config["block_size"])))
+        model_type="toy_mlp",
+        config_class="ToyMLPSpeculator",
+        model_class="ToyMLPDraftModel",
+        layer_type="toy_mlp",
+        layer_keys=lambda spec: {},
+        config_keys=lambda spec, captures: {"block_size": spec.block_size, "toy_layer_ids": captures},
+        layer_ids_key="toy_layer_ids",
+        options=lambda config, layer: {},
+        check_anchors=lambda length, block: length - block,
+        block_size=lambda config: int(config["block_size"]),
+    ),
+)
 
 
 @pytest.fixture

@@ -99,8 +99,14 @@ def test_sft_from_cache_matches_online_sft(llama_target, tmp_path, loss, one_thr
     assert cached.weight_sum == pytest.approx(online.weight_sum)  # labels outside the draft vocabulary are skipped alike
     assert float(cached.loss_sum.detach()) == pytest.approx(float(online.loss_sum.detach()), rel=0.02)
     drafter_b = new_drafter(llama_target, DrafterConfig(block_size=4, target_layer_ids=LAYERS))
-    train_sft(llama_target, drafter_b, cache, SFTConfig(steps=3, batch_size=4, anchors_per_seq=4, labels="greedy", optim=OptimConfig(lr=1e-3)),
-              tmp_path / "run", progress=False)
+    train_sft(
+        llama_target,
+        drafter_b,
+        cache,
+        SFTConfig(steps=3, batch_size=4, anchors_per_seq=4, labels="greedy", optim=OptimConfig(lr=1e-3)),
+        tmp_path / "run",
+        progress=False,
+    )
     assert (tmp_path / "run" / "last" / "trainer.pt").exists()
 
 
@@ -135,7 +141,7 @@ def test_frequent_tokens_of_a_cache_read_no_features(llama_target, tmp_path, lab
     counted = torch.zeros(64, dtype=torch.long)
     for i in range(len(cache)):
         c = cache[i]
-        ids = c.greedy[max(c.response_start - 1, 0):-1] if labels == "greedy" else c.tokens[c.response_start:]
+        ids = c.greedy[max(c.response_start - 1, 0) : -1] if labels == "greedy" else c.tokens[c.response_start :]
         counted += torch.bincount(ids, minlength=64)
     assert torch.equal(want, counted.topk(20).indices.sort().values)
     read_keys.clear()
@@ -172,6 +178,7 @@ def test_reduced_vocab_maps_and_round_trips(llama_target, tmp_path) -> None:
     loaded = load_drafter(tmp_path, llama_target)
     assert torch.equal(loaded.d2t, drafter.d2t) and torch.equal(loaded.head_weight, drafter.head_weight)
     from safetensors.torch import load_file
+
     assert set(load_file(str(tmp_path / "model.safetensors"))) >= {"d2t", "t2d"}
     with pytest.raises(DrafterError, match="distinct"):
         drafter.set_draft_vocab(torch.zeros(16, dtype=torch.long))

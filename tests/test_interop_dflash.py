@@ -31,8 +31,15 @@ def exact_drafter(target, seed: int = 0, noise: float = 0.1, **cfg):
     """An exportable drafter (MASK = the target row before EOS) with every weight perturbed, so a swapped or
     re-initialised tensor shows in the logits: two layers fed target layers 2 then 0 (order matters), a rope theta
     and an eps unlike Qwen3Config's defaults, a final norm near 1 (large logits)."""
-    cfg = {"num_layers": 2, "target_layer_ids": (2, 0), "rope_theta": 1234.0, "rms_norm_eps": 1e-5,
-           "mask_token_id": target.vocab_size - 2, "final_norm_init": 1.0, **cfg}
+    cfg = {
+        "num_layers": 2,
+        "target_layer_ids": (2, 0),
+        "rope_theta": 1234.0,
+        "rms_norm_eps": 1e-5,
+        "mask_token_id": target.vocab_size - 2,
+        "final_norm_init": 1.0,
+        **cfg,
+    }
     drafter = make_drafter(target, block_size=BLOCK, seed=seed, **cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,8 +89,11 @@ def test_export_loads_in_reference_with_same_logits(arch, request, tmp_path):
     ours = drafter.draft_logits(ctx, anchor[:, None], positions[:, -1:] + 1)[:, 0]  # (rows, B-1, V)
     # the reference's block, as its generate loop builds it: [anchor, MASK x (B-1)] after the context, positions 0..n+B-1
     block = torch.cat([anchor[:, None], torch.full((len(anchor), BLOCK - 1), drafter.spec.mask_token_id)], 1)
-    hidden = reference(position_ids=torch.arange(positions.shape[1] + BLOCK).expand(len(anchor), -1),
-                       noise_embedding=F.embedding(block, target.model.get_input_embeddings().weight), target_hidden=features)
+    hidden = reference(
+        position_ids=torch.arange(positions.shape[1] + BLOCK).expand(len(anchor), -1),
+        noise_embedding=F.embedding(block, target.model.get_input_embeddings().weight),
+        target_hidden=features,
+    )
     theirs = reference.compute_logits(hidden[:, 1:], target.model.lm_head)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
@@ -106,7 +116,7 @@ def test_reference_spec_generate_matches_ours(case, request, tmp_path):
     for prompt in prompts:
         tokens = reference.spec_generate(target.model, torch.tensor([prompt]), max_new_tokens=new, stop_token_ids=stop_ids, temperature=0.0)
         plain = autoregressive_generate(target, [prompt], cfg).traces[0].output
-        assert tokens[0, len(prompt):].tolist() == plain  # lossless greedy: the target's own text
+        assert tokens[0, len(prompt) :].tolist() == plain  # lossless greedy: the target's own text
         ours = generate(target, drafter, [prompt], cfg).traces[0]
         stats = reference_run(reference, target, prompt, new, stop_ids)
         assert torch.equal(stats.output_ids, tokens) and ours.output == plain
@@ -129,7 +139,9 @@ def test_round_trip_is_bit_identical(qwen3_target, tmp_path):
     before, after = drafter.state_dict(), back.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     features, positions, valid, anchor = context(qwen3_target, drafter)
-    logits = [d.draft_logits(d.project_context(features, positions, valid), anchor[:, None], positions[:, -1:] + 1) for d in (drafter, back)]
+    logits = [
+        d.draft_logits(d.project_context(features, positions, valid), anchor[:, None], positions[:, -1:] + 1) for d in (drafter, back)
+    ]
     assert torch.equal(*logits)
 
 
@@ -161,6 +173,7 @@ def edit_config(edit):
         config = json.loads((folder / "config.json").read_text())
         edit(config)
         (folder / "config.json").write_text(json.dumps(config))
+
     return apply
 
 
@@ -171,6 +184,7 @@ def edit_weights(edit):
         weights = load_file(str(folder / "model.safetensors"))
         edit(weights)
         save_file(weights, str(folder / "model.safetensors"))
+
     return apply
 
 
@@ -185,11 +199,20 @@ IMPORT_REFUSALS = {
     "no MASK": (edit_config(lambda c: c["dflash_config"].pop("mask_token_id")), "no dflash_config.mask_token_id"),
     "layer out of range": (edit_config(lambda c: c["dflash_config"].update(target_layer_ids=[2, 7])), "outside the target's 4 layers"),
     "last layer": (edit_config(lambda c: c["dflash_config"].update(target_layer_ids=[2, 3])), "last layer"),
-    "softcap": (edit_config(lambda c: c["dflash_config"].update(final_logit_softcapping=30.0)), "does not compute: final_logit_softcapping"),
-    "sliding layer": (edit_config(lambda c: c.update(layer_types=["sliding_attention", "full_attention"])), "does not compute: layer_types"),
+    "softcap": (
+        edit_config(lambda c: c["dflash_config"].update(final_logit_softcapping=30.0)),
+        "does not compute: final_logit_softcapping",
+    ),
+    "sliding layer": (
+        edit_config(lambda c: c.update(layer_types=["sliding_attention", "full_attention"])),
+        "does not compute: layer_types",
+    ),
     "bad value": (edit_config(lambda c: c.update(hidden_size="wide")), "bad value"),
     "missing tensor": (edit_weights(lambda w: w.pop("layers.1.mlp.up_proj.weight")), r"missing \['layers.1.mlp.up_proj.weight'\]"),
-    "embedding saved": (edit_weights(lambda w: w.update({"embed_tokens.weight": torch.zeros(64, 32)})), r"unexpected \['embed_tokens.weight'\]"),
+    "embedding saved": (
+        edit_weights(lambda w: w.update({"embed_tokens.weight": torch.zeros(64, 32)})),
+        r"unexpected \['embed_tokens.weight'\]",
+    ),
     "our names": (edit_weights(lambda w: rename(w, "layers.0.self_attn.q_proj.weight", "layers.0.q_proj.weight")), "missing"),
     "wrong shape": (edit_weights(lambda w: w.update({"fc.weight": w["fc.weight"][:, :32].contiguous()})), "wrong shape"),
     "truncated weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]), "corrupt"),

@@ -25,18 +25,41 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = 6
 ROOT = Path(__file__).resolve().parent.parent
 SPECULATORS_PYTHON = Path(os.environ.get("DRAFTOPD_SPECULATORS_PYTHON", "/work/.spec-venv/bin/python"))
-EAGLE3_LAYER = ["input_layernorm", "hidden_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-DFLASH_LAYER = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
-                "self_attn.k_norm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+EAGLE3_LAYER = [
+    "input_layernorm",
+    "hidden_norm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
+DFLASH_LAYER = [
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 
 
 def exportable(target, arch: str, vocab: int | None = 16, seed: int = 0, noise: float = 0.1, **cfg):
     """A servable drafter with every weight perturbed (a swapped or re-initialised tensor shows in the logits) and, when
     reduced, a draft vocabulary of scattered target ids. EAGLE-3 fed target layers 2, 0, 1 (not ascending: the export
     sorts them); DFlash two layers fed 2 then 0, MASK = the row before EOS. A rope theta and eps unlike the defaults."""
-    base = {"eagle3": dict(arch="eagle3", target_layer_ids=(2, 0, 1)),
-            "dflash": dict(num_layers=2, target_layer_ids=(2, 0), mask_token_id=target.vocab_size - 2)}[arch]
+    base = {
+        "eagle3": dict(arch="eagle3", target_layer_ids=(2, 0, 1)),
+        "dflash": dict(num_layers=2, target_layer_ids=(2, 0), mask_token_id=target.vocab_size - 2),
+    }[arch]
     cfg = {**base, "vocab_size": vocab, "rope_theta": 1234.0, "rms_norm_eps": 1e-5, "final_norm_init": 1.0, **cfg}
     drafter = make_drafter(target, block_size=BLOCK, seed=seed, **cfg)
     g = torch.Generator().manual_seed(seed)
@@ -68,12 +91,22 @@ def test_eagle3_export_names_shapes_values_and_config(vocab, llama_target, tmp_p
     config, weights = read_export(tmp_path)
     s = drafter.spec
     q, kv, v_draft = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, vocab or v
-    shapes = {"fc.weight": (h, 3 * h), "norm.weight": (h,), "lm_head.weight": (v_draft, h), "embed_tokens.weight": (v, h),
-              "layers.0.input_layernorm.weight": (h,), "layers.0.hidden_norm.weight": (h,), "layers.0.post_attention_layernorm.weight": (h,),
-              "layers.0.self_attn.q_proj.weight": (q, 2 * h), "layers.0.self_attn.k_proj.weight": (kv, 2 * h),  # q/k/v take [embedding, hidden]
-              "layers.0.self_attn.v_proj.weight": (kv, 2 * h), "layers.0.self_attn.o_proj.weight": (h, q),
-              "layers.0.mlp.gate_proj.weight": (s.intermediate_size, h), "layers.0.mlp.up_proj.weight": (s.intermediate_size, h),
-              "layers.0.mlp.down_proj.weight": (h, s.intermediate_size)}
+    shapes = {
+        "fc.weight": (h, 3 * h),
+        "norm.weight": (h,),
+        "lm_head.weight": (v_draft, h),
+        "embed_tokens.weight": (v, h),
+        "layers.0.input_layernorm.weight": (h,),
+        "layers.0.hidden_norm.weight": (h,),
+        "layers.0.post_attention_layernorm.weight": (h,),
+        "layers.0.self_attn.q_proj.weight": (q, 2 * h),
+        "layers.0.self_attn.k_proj.weight": (kv, 2 * h),  # q/k/v take [embedding, hidden]
+        "layers.0.self_attn.v_proj.weight": (kv, 2 * h),
+        "layers.0.self_attn.o_proj.weight": (h, q),
+        "layers.0.mlp.gate_proj.weight": (s.intermediate_size, h),
+        "layers.0.mlp.up_proj.weight": (s.intermediate_size, h),
+        "layers.0.mlp.down_proj.weight": (h, s.intermediate_size),
+    }
     if vocab:
         shapes |= {"d2t": (vocab,), "t2d": (v,)}
     assert {k: tuple(t.shape) for k, t in weights.items()} == shapes
@@ -89,24 +122,46 @@ def test_eagle3_export_names_shapes_values_and_config(vocab, llama_target, tmp_p
         assert weights["d2t"].dtype == torch.int64 and weights["t2d"].dtype == torch.bool
         assert torch.equal(weights["d2t"], drafter.d2t) and torch.equal(weights["t2d"], drafter.t2d) and int(weights["t2d"].sum()) == vocab
         assert torch.equal(torch.arange(vocab) + weights["d2t"], weights["t2d"].nonzero()[:, 0])
-        assert torch.equal(weights["lm_head.weight"], head[draft_ids(drafter)]) and torch.equal(weights["lm_head.weight"], drafter.head_weight)
+        assert torch.equal(weights["lm_head.weight"], head[draft_ids(drafter)]) and torch.equal(
+            weights["lm_head.weight"], drafter.head_weight
+        )
     else:
         assert torch.equal(weights["lm_head.weight"], head)
 
     layer = config.pop("transformer_layer_config")
     assert config == {
-        "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3", "speculators_version": "0.9.0",
-        "draft_vocab_size": v_draft, "target_hidden_size": None, "dtype": "float32",
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": "0.9.0",
+        "draft_vocab_size": v_draft,
+        "target_hidden_size": None,
+        "dtype": "float32",
         "eagle_aux_hidden_state_layer_ids": [1, 2, 3],  # output ids 2, 0, 1 -> capture ids, ascending
-        "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False, "embed_requires_grad": False,
-        "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
-                               "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": BLOCK - 1, "verifier_accept_k": 1,
-                                                     "accept_tolerance": 0.0}],
-                               "verifier": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "architectures": ["LlamaForCausalLM"]}}}
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "embed_requires_grad": False,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "default_proposal_method": "greedy",
+            "proposal_methods": [
+                {"proposal_type": "greedy", "speculative_tokens": BLOCK - 1, "verifier_accept_k": 1, "accept_tolerance": 0.0}
+            ],
+            "verifier": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "architectures": ["LlamaForCausalLM"]},
+        },
+    }
     assert layer["model_type"] == "llama" and layer["num_hidden_layers"] == 1  # a Llama layer: no q/k norm
-    assert {k: layer[k] for k in ("vocab_size", "hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "rms_norm_eps")} == {
-        "vocab_size": v, "hidden_size": h, "head_dim": s.head_dim, "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
-        "rms_norm_eps": 1e-5}
+    assert {
+        k: layer[k] for k in ("vocab_size", "hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "rms_norm_eps")
+    } == {
+        "vocab_size": v,
+        "hidden_size": h,
+        "head_dim": s.head_dim,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "rms_norm_eps": 1e-5,
+    }
     assert layer["rope_parameters"] == {"rope_type": "default", "rope_theta": 1234.0} and layer["rope_theta"] == 1234.0
     assert not layer["attention_bias"] and not layer["mlp_bias"] and layer["hidden_act"] == "silu"
 
@@ -142,10 +197,28 @@ def test_dflash_export_names_shapes_values_and_config(vocab, qwen3_target, tmp_p
     if vocab:
         assert torch.equal(weights["lm_head.weight"], target.model.get_output_embeddings().weight[draft_ids(drafter)])
     layer = config.pop("transformer_layer_config")
-    assert {k: config[k] for k in ("architectures", "speculators_model_type", "draft_vocab_size", "block_size", "aux_hidden_state_layer_ids",
-                                   "mask_token_id", "sample_from_anchor", "sliding_window_non_causal")} == {
-        "architectures": ["DFlashSpeculator"], "speculators_model_type": "dflash", "draft_vocab_size": vocab or v, "block_size": BLOCK,
-        "aux_hidden_state_layer_ids": [1, 3], "mask_token_id": v - 2, "sample_from_anchor": False, "sliding_window_non_causal": False}
+    assert {
+        k: config[k]
+        for k in (
+            "architectures",
+            "speculators_model_type",
+            "draft_vocab_size",
+            "block_size",
+            "aux_hidden_state_layer_ids",
+            "mask_token_id",
+            "sample_from_anchor",
+            "sliding_window_non_causal",
+        )
+    } == {
+        "architectures": ["DFlashSpeculator"],
+        "speculators_model_type": "dflash",
+        "draft_vocab_size": vocab or v,
+        "block_size": BLOCK,
+        "aux_hidden_state_layer_ids": [1, 3],
+        "mask_token_id": v - 2,
+        "sample_from_anchor": False,
+        "sliding_window_non_causal": False,
+    }
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == BLOCK - 1
     assert config["speculators_config"]["verifier"] == {"name_or_path": None, "architectures": ["Qwen3ForCausalLM"]}  # built in memory
     assert layer["model_type"] == "qwen3" and layer["num_hidden_layers"] == 2 and layer["head_dim"] == s.head_dim
@@ -165,8 +238,10 @@ def test_verifier_folder_is_checked_and_recorded(llama_target, tmp_path):
     llama_target.model.save_pretrained(tmp_path / "target")
     export_speculators(exportable(llama_target, "eagle3"), tmp_path / "out", llama_target, verifier_path=tmp_path / "target")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["speculators_config"]["verifier"] == {"name_or_path": str((tmp_path / "target").resolve()),
-                                                        "architectures": ["LlamaForCausalLM"]}
+    assert config["speculators_config"]["verifier"] == {
+        "name_or_path": str((tmp_path / "target").resolve()),
+        "architectures": ["LlamaForCausalLM"],
+    }
     hub = Target(llama_target.model, None, name="org/some-target")  # how load_target names a hub target
     export_speculators(exportable(llama_target, "eagle3"), tmp_path / "hub", hub)
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] == "org/some-target"
@@ -205,11 +280,12 @@ def test_export_refuses_what_it_cannot_write_exactly(case, llama_target, tmp_pat
 def test_export_refuses_an_unset_vocabulary_another_target_or_verifier(llama_target, small_vocab_target, tmp_path):
     small_vocab_target.model.save_pretrained(tmp_path / "small")
     unset = make_drafter(llama_target, block_size=BLOCK, arch="eagle3", target_layer_ids=(0, 1, 2), vocab_size=16)
-    cases = [(unset, llama_target, None, r"draft vocabulary is not set \(t2d marks 0 target ids for 16 draft ids\)"),
-             (exportable(llama_target, "eagle3"), small_vocab_target, None, "does not match target"),
-             (exportable(llama_target, "eagle3"), llama_target, tmp_path / "small",
-              "is not the drafter's target: vocab_size 8 vs target 64"),
-             (exportable(llama_target, "dflash"), llama_target, tmp_path / "nowhere", "no such folder")]
+    cases = [
+        (unset, llama_target, None, r"draft vocabulary is not set \(t2d marks 0 target ids for 16 draft ids\)"),
+        (exportable(llama_target, "eagle3"), small_vocab_target, None, "does not match target"),
+        (exportable(llama_target, "eagle3"), llama_target, tmp_path / "small", "is not the drafter's target: vocab_size 8 vs target 64"),
+        (exportable(llama_target, "dflash"), llama_target, tmp_path / "nowhere", "no such folder"),
+    ]
     for drafter, target, verifier, message in cases:
         with pytest.raises(DrafterError, match=message) as err:
             export_speculators(drafter, tmp_path / "out", target, verifier_path=verifier)
@@ -221,8 +297,9 @@ def speculators_python() -> Path:
     if "DRAFTOPD_SPECULATORS_PYTHON" not in os.environ and os.environ.get("CI"):
         pytest.skip("opt-in: set DRAFTOPD_SPECULATORS_PYTHON to a venv's python with speculators==0.9.0 (skipped in CI)")
     if not SPECULATORS_PYTHON.exists():
-        pytest.skip(f"no speculators venv at {SPECULATORS_PYTHON} (see benchmarks/check_speculators_export.py; "
-                    "or set DRAFTOPD_SPECULATORS_PYTHON)")
+        pytest.skip(
+            f"no speculators venv at {SPECULATORS_PYTHON} (see benchmarks/check_speculators_export.py; or set DRAFTOPD_SPECULATORS_PYTHON)"
+        )
     return SPECULATORS_PYTHON
 
 
@@ -249,8 +326,13 @@ def test_speculators_loads_every_tensor_and_computes_our_logits(tmp_path):
     (control / "config.json").write_text(json.dumps({**config, "norm_before_residual": True}))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([str(python), str(ROOT / "benchmarks" / "check_speculators_export.py"), *map(str, folders + [control])],
-                         capture_output=True, text=True, timeout=600, env=env)
+    run = subprocess.run(
+        [str(python), str(ROOT / "benchmarks" / "check_speculators_export.py"), *map(str, folders + [control])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     print(run.stdout)  # the script's report, shown with -s
     blocks = split_blocks(run.stdout.splitlines(), folders + [control])
     assert run.returncode == 1, run.stderr[-2000:]

@@ -49,8 +49,9 @@ def test_round_trip_computes_the_same_drafter(arch, target_fixture, vocab, reque
     assert all(t.dtype == torch.float32 for t in back.parameters())
     if vocab:
         assert torch.equal(back.head_weight, drafter.head_weight)
-    torch.testing.assert_close(check_logits(back, target, tmp_path / "b"), check_logits(drafter, target, tmp_path / "a"),
-                               rtol=1e-5, atol=1e-5)  # the same fc sum in another order: equal up to rounding
+    torch.testing.assert_close(
+        check_logits(back, target, tmp_path / "b"), check_logits(drafter, target, tmp_path / "a"), rtol=1e-5, atol=1e-5
+    )  # the same fc sum in another order: equal up to rounding
     export_speculators(back, tmp_path / "again", target)
     (config, weights), (config2, weights2) = read_export(tmp_path / "export"), read_export(tmp_path / "again")
     assert config2 == config and weights2.keys() == weights.keys() and all(torch.equal(weights[k], weights2[k]) for k in weights)
@@ -99,11 +100,17 @@ def exported(target_dir, tmp_path_factory) -> Path:
 
 
 def test_cli_import_writes_a_checkpoint_load_drafter_reads(target_dir, exported, tmp_path, capsys):
-    rc, out, err = run(capsys, "import", "--format", "speculators", "--target", target_dir, "--from", exported, "--out", tmp_path / "back",
-                       "--json")
+    rc, out, err = run(
+        capsys, "import", "--format", "speculators", "--target", target_dir, "--from", exported, "--out", tmp_path / "back", "--json"
+    )
     assert rc == 0, err
-    assert json.loads(out) == {"checkpoint": str(tmp_path / "back"), "arch": "eagle3", "block_size": 6, "target_layer_ids": [0, 1, 2],
-                               "mask_token_id": None}
+    assert json.loads(out) == {
+        "checkpoint": str(tmp_path / "back"),
+        "arch": "eagle3",
+        "block_size": 6,
+        "target_layer_ids": [0, 1, 2],
+        "mask_token_id": None,
+    }
     target = load_target(str(target_dir))
     back, direct = load_drafter(tmp_path / "back", target, "eagle3"), import_speculators(exported, target)
     assert all(t.dtype == torch.float32 for t in direct.parameters())  # on a bfloat16 target (--dtype auto on this CPU) too
@@ -129,21 +136,30 @@ def other_verifier(folder: Path) -> None:
 
 
 CLI_REFUSALS = {
-    "our own checkpoint": (lambda f: save_drafter(exportable(tiny_target(), "eagle3"), f),
-                           "is not a speculators DFlash or EAGLE-3 drafter: speculators_model_type None"),
+    "our own checkpoint": (
+        lambda f: save_drafter(exportable(tiny_target(), "eagle3"), f),
+        "is not a speculators DFlash or EAGLE-3 drafter: speculators_model_type None",
+    ),
     "no config": (lambda f: (f / "config.json").unlink(), "no speculators drafter at"),
     "corrupt config.json": (lambda f: (f / "config.json").write_text("{"), "corrupt speculators drafter at"),
-    "another vocabulary": (lambda f: edit(f, lambda c: c["transformer_layer_config"].update(vocab_size=80)),
-                           "does not match target"),
-    "another hidden size": (lambda f: edit(f, lambda c: c["transformer_layer_config"].update(hidden_size=48)),
-                            "hidden_size 48 vs target 32"),
+    "another vocabulary": (lambda f: edit(f, lambda c: c["transformer_layer_config"].update(vocab_size=80)), "does not match target"),
+    "another hidden size": (
+        lambda f: edit(f, lambda c: c["transformer_layer_config"].update(hidden_size=48)),
+        "hidden_size 48 vs target 32",
+    ),
     "verifier of another shape": (other_verifier, "is not the drafter's target: vocab_size 8 vs target 64"),
-    "norm_before_residual": (lambda f: edit(f, lambda c: c.update(norm_before_residual=True)),
-                             "does not compute: norm_before_residual=True"),
-    "missing weight": (lambda f: edit_weights(f, lambda w: w.pop("layers.0.mlp.up_proj.weight")),
-                       r"missing ['layers.0.mlp.up_proj.weight']"),
-    "wrong-shape weight": (lambda f: edit_weights(f, lambda w: w.update({"fc.weight": w["fc.weight"][:, :64].contiguous()})),
-                           "wrong shape"),
+    "norm_before_residual": (
+        lambda f: edit(f, lambda c: c.update(norm_before_residual=True)),
+        "does not compute: norm_before_residual=True",
+    ),
+    "missing weight": (
+        lambda f: edit_weights(f, lambda w: w.pop("layers.0.mlp.up_proj.weight")),
+        r"missing ['layers.0.mlp.up_proj.weight']",
+    ),
+    "wrong-shape weight": (
+        lambda f: edit_weights(f, lambda w: w.update({"fc.weight": w["fc.weight"][:, :64].contiguous()})),
+        "wrong shape",
+    ),
 }
 
 
@@ -174,21 +190,42 @@ def swap_draft_ids(weights):
 
 
 REFUSALS = {
-    "norm_before_residual missing": ("eagle3", lambda f: edit(f, lambda c: c.pop("norm_before_residual")),
-                                     "does not compute: norm_before_residual='missing'"),
-    "fc_norm": ("eagle3", lambda f: edit(f, lambda c: c.update(fc_norm=True, norm_output=True)),
-                "does not compute: fc_norm=True, norm_output=True"),
-    "qwen3 EAGLE-3 layer": ("eagle3", lambda f: edit(f, lambda c: c["transformer_layer_config"].update(model_type="qwen3")),
-                            "model_type='qwen3'"),
-    "rope scaling": ("dflash", lambda f: edit(f, lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="yarn")),
-                     r"rope_scaling=\['yarn'\]"),
-    "sample_from_anchor": ("dflash", lambda f: edit(f, lambda c: c.update(sample_from_anchor=True, sliding_window_non_causal=True)),
-                           "sample_from_anchor=True, sliding_window_non_causal=True"),
-    "sliding layer": ("dflash", lambda f: edit(f, lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention"] * 2)),
-                      r"layer_types=\['sliding_attention'\]"),
+    "norm_before_residual missing": (
+        "eagle3",
+        lambda f: edit(f, lambda c: c.pop("norm_before_residual")),
+        "does not compute: norm_before_residual='missing'",
+    ),
+    "fc_norm": (
+        "eagle3",
+        lambda f: edit(f, lambda c: c.update(fc_norm=True, norm_output=True)),
+        "does not compute: fc_norm=True, norm_output=True",
+    ),
+    "qwen3 EAGLE-3 layer": (
+        "eagle3",
+        lambda f: edit(f, lambda c: c["transformer_layer_config"].update(model_type="qwen3")),
+        "model_type='qwen3'",
+    ),
+    "rope scaling": (
+        "dflash",
+        lambda f: edit(f, lambda c: c["transformer_layer_config"]["rope_parameters"].update(rope_type="yarn")),
+        r"rope_scaling=\['yarn'\]",
+    ),
+    "sample_from_anchor": (
+        "dflash",
+        lambda f: edit(f, lambda c: c.update(sample_from_anchor=True, sliding_window_non_causal=True)),
+        "sample_from_anchor=True, sliding_window_non_causal=True",
+    ),
+    "sliding layer": (
+        "dflash",
+        lambda f: edit(f, lambda c: c["transformer_layer_config"].update(layer_types=["sliding_attention"] * 2)),
+        r"layer_types=\['sliding_attention'\]",
+    ),
     "gelu": ("dflash", lambda f: edit(f, lambda c: c["transformer_layer_config"].update(hidden_act="gelu")), "hidden_act='gelu'"),
-    "two EAGLE-3 layers": ("eagle3", lambda f: edit(f, lambda c: c["transformer_layer_config"].update(num_hidden_layers=2)),
-                           "EAGLE-3 drafter of 2 decoder layers"),
+    "two EAGLE-3 layers": (
+        "eagle3",
+        lambda f: edit(f, lambda c: c["transformer_layer_config"].update(num_hidden_layers=2)),
+        "EAGLE-3 drafter of 2 decoder layers",
+    ),
     "target_hidden_size": ("eagle3", lambda f: edit(f, lambda c: c.update(target_hidden_size=64)), "target of hidden size 64, not 32"),
     "capture id 0": ("dflash", lambda f: edit(f, lambda c: c.update(aux_hidden_state_layer_ids=[0, 2])), r"capture ids \[0, 2\]"),
     "capture id N": ("eagle3", lambda f: edit(f, lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 2, 4])), "capture ids 1..3"),
@@ -199,15 +236,24 @@ REFUSALS = {
     "bad value": ("dflash", lambda f: edit(f, lambda c: c["transformer_layer_config"].update(hidden_size="wide")), "bad value"),
     "own head": ("eagle3", lambda f: edit_weights(f, lambda w: scale(w, "lm_head.weight")), "has its own head"),
     "own embedding": ("eagle3", lambda f: edit_weights(f, lambda w: scale(w, "embed_tokens.weight")), "has its own embedding"),
-    "head of another size": ("dflash", lambda f: edit_weights(f, lambda w: w.update({"lm_head.weight": w["lm_head.weight"][:8]})),
-                             r"lm_head.weight \(8, 32\), the target's head \(16, 32\)"),
-    "our names": ("dflash", lambda f: edit_weights(f, lambda w: rename(w, "layers.0.self_attn.q_proj.weight", "layers.0.q_proj.weight")),
-                  r"missing \['layers.0.self_attn.q_proj.weight'\], unexpected \['layers.0.q_proj.weight'\]"),
+    "head of another size": (
+        "dflash",
+        lambda f: edit_weights(f, lambda w: w.update({"lm_head.weight": w["lm_head.weight"][:8]})),
+        r"lm_head.weight \(8, 32\), the target's head \(16, 32\)",
+    ),
+    "our names": (
+        "dflash",
+        lambda f: edit_weights(f, lambda w: rename(w, "layers.0.self_attn.q_proj.weight", "layers.0.q_proj.weight")),
+        r"missing \['layers.0.self_attn.q_proj.weight'\], unexpected \['layers.0.q_proj.weight'\]",
+    ),
     "d2t unsorted": ("eagle3", lambda f: edit_weights(f, swap_draft_ids), "d2t and t2d that disagree"),
     "t2d off by one": ("dflash", lambda f: edit_weights(f, lambda w: w.update(t2d=w["t2d"].roll(1))), "d2t and t2d that disagree"),
     "d2t of another size": ("eagle3", lambda f: edit_weights(f, lambda w: w.update(d2t=w["d2t"][:15].contiguous())), "d2t \\(15,\\)"),
-    "truncated weights": ("eagle3", lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
-                          "corrupt speculators drafter"),
+    "truncated weights": (
+        "eagle3",
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]),
+        "corrupt speculators drafter",
+    ),
 }
 
 
@@ -241,10 +287,12 @@ def test_folders_speculators_saves_import_to_the_same_drafter(tmp_path):
     for name, drafter in drafters.items():
         export_speculators(drafter, tmp_path / name, target, verifier_path=tmp_path / "target")
         argv += [str(tmp_path / name), str(tmp_path / f"{name}-saved")]
-    run = subprocess.run([str(python), "-c", RESAVE, *argv], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [str(python), "-c", RESAVE, *argv], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     for name, drafter in drafters.items():
         back = import_speculators(tmp_path / f"{name}-saved", target)
-        torch.testing.assert_close(check_logits(back, target, tmp_path / f"{name}-b"), check_logits(drafter, target, tmp_path / f"{name}-a"),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            check_logits(back, target, tmp_path / f"{name}-b"), check_logits(drafter, target, tmp_path / f"{name}-a"), rtol=1e-5, atol=1e-5
+        )

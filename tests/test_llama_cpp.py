@@ -33,8 +33,9 @@ from draftopd.models.drafter import DrafterError, save_drafter, widen_vocab
 from draftopd.models.load import load_target, tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-needs_sources = pytest.mark.skipif(not (source_dir() / "convert_hf_to_gguf.py").is_file(),
-                                   reason=f"llama.cpp sources not in {source_dir()} (./run llama-cpp)")
+needs_sources = pytest.mark.skipif(
+    not (source_dir() / "convert_hf_to_gguf.py").is_file(), reason=f"llama.cpp sources not in {source_dir()} (./run llama-cpp)"
+)
 needs_server = pytest.mark.skipif(not server_binary().is_file(), reason=f"llama-server not built at {server_binary()} (./run llama-cpp)")
 
 
@@ -91,8 +92,9 @@ def drafters(target) -> dict:
     e3.set_draft_vocab(torch.sort(torch.randperm(target.vocab_size, generator=g)[:512]).values)
     df = make_drafter(target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2, seed=2)
     # a reduced-vocabulary DFlash drafter (as the committed one), served widened (`export --widen-vocab`)
-    narrow = make_drafter(target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2,
-                          vocab_size=512, seed=4)
+    narrow = make_drafter(
+        target, block_size=5, num_layers=1, target_layer_ids=(1,), mask_token_id=target.vocab_size - 2, vocab_size=512, seed=4
+    )
     return {"eagle3": e3, "dflash": df, "dflash-wide": narrow}
 
 
@@ -225,10 +227,14 @@ def test_llama_profile_reads_the_last_statistics_line(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from llama_profile import draft_totals
 
-    line = ("0.21.981.314 I spec common_specu: statistics     draft-dflash: #calls(b,g,a) =   10    {g}    {g}, #gen drafts"
-            " =    {g}, #acc drafts =   236, #gen tokens =   1339, #acc tokens =   268, #mean acc len = 1.40, #acc rate/pos = "
-            "(0.350, 0.047), dur(b,g,a) = 0.025, {ms}, 0.278 ms")
+    line = (
+        "0.21.981.314 I spec common_specu: statistics     draft-dflash: #calls(b,g,a) =   10    {g}    {g}, #gen drafts"
+        " =    {g}, #acc drafts =   236, #gen tokens =   1339, #acc tokens =   268, #mean acc len = 1.40, #acc rate/pos = "
+        "(0.350, 0.047), dur(b,g,a) = 0.025, {ms}, 0.278 ms"
+    )
     log = tmp_path / "spec.log"
-    log.write_text("\n".join(["llama-server starting", line.format(g=70, ms="360.5"), "slot print_timing: id 0",
-                              line.format(g=674, ms="3601.308")]) + "\n")
+    log.write_text(
+        "\n".join(["llama-server starting", line.format(g=70, ms="360.5"), "slot print_timing: id 0", line.format(g=674, ms="3601.308")])
+        + "\n"
+    )
     assert draft_totals(log) == (674, 3601.308)

@@ -127,8 +127,12 @@ def test_kl_estimate_forward_floors_log_probs_at_minus_10() -> None:
     assert fwd[2].item() == pytest.approx(p0 * math.log(p0 / q0) + (1 - p0) * math.log((1 - p0) / (1 - q0)), rel=1e-5)
     fwd.sum().backward()
     assert lq.grad[0] == 0 and lq.grad[1] != 0
-    torch.testing.assert_close(kl_estimate(lp[:2], lq[:2].detach(), "forward", floor=-30.0, clamp=1e9)[0],
-                               torch.tensor(0.6 * math.log(0.6) + 20 * 0.6 + 0.4 * math.log(0.4)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        kl_estimate(lp[:2], lq[:2].detach(), "forward", floor=-30.0, clamp=1e9)[0],
+        torch.tensor(0.6 * math.log(0.6) + 20 * 0.6 + 0.4 * math.log(0.4)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     rev = kl_estimate(torch.tensor([0.0]), torch.tensor([-20.0]), "reverse", clamp=1e9)
     assert rev.item() > 1e8  # e^20: no floor in k3
 
@@ -136,8 +140,15 @@ def test_kl_estimate_forward_floors_log_probs_at_minus_10() -> None:
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize(
     "lp_val, lq_val",
-    [(0.0, math.log(0.5)), (-1e-9, math.log(0.3)), (math.log(0.5), 0.0), (math.log(0.5), -1e-9),
-     (0.0, 0.0), (-1e-12, -1e-10), (math.log(1e-30), -1e-12)],
+    [
+        (0.0, math.log(0.5)),
+        (-1e-9, math.log(0.3)),
+        (math.log(0.5), 0.0),
+        (math.log(0.5), -1e-9),
+        (0.0, 0.0),
+        (-1e-12, -1e-10),
+        (math.log(1e-30), -1e-12),
+    ],
 )
 def test_kl_estimate_finite_grads_near_one(direction: str, lp_val: float, lq_val: float) -> None:
     lp = torch.tensor([lp_val], requires_grad=True)
@@ -310,8 +321,17 @@ def test_loss_config_defaults_and_validation() -> None:
     assert cfg.use_rejected and cfg.aggregation == "pooled" and cfg.rej_slots == "all" and cfg.floor == -10.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.gamma = 0.5  # type: ignore[misc]
-    for bad in ({"gamma": 0.0}, {"gamma": 1.5}, {"lam_acc": -1.0}, {"clamp": 0.0},
-                {"mode": "approx"}, {"aggregation": "mean"}, {"rej_direction": "both"}, {"rej_slots": "second"}, {"floor": 1.0}):
+    for bad in (
+        {"gamma": 0.0},
+        {"gamma": 1.5},
+        {"lam_acc": -1.0},
+        {"clamp": 0.0},
+        {"mode": "approx"},
+        {"aggregation": "mean"},
+        {"rej_direction": "both"},
+        {"rej_slots": "second"},
+        {"floor": 1.0},
+    ):
         with pytest.raises(ValueError):
             LossConfig(**bad)  # type: ignore[arg-type]
 

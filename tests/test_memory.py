@@ -18,8 +18,16 @@ from draftopd.config import DrafterConfig
 from draftopd.plan import PlanConfig, plan
 
 DRAFTER = DrafterConfig(num_layers=5, block_size=16)
-STATED = dict(regen_batch=64, prompt_tokens=512, new_tokens=1024, sft_batch=2, sequence_tokens=4096, opd_rollouts=16,
-              opd_new_tokens=2048, replay_batch=1)
+STATED = dict(
+    regen_batch=64,
+    prompt_tokens=512,
+    new_tokens=1024,
+    sft_batch=2,
+    sequence_tokens=4096,
+    opd_rollouts=16,
+    opd_new_tokens=2048,
+    replay_batch=1,
+)
 GB = 1e9
 
 

@@ -37,8 +37,17 @@ def setup(tmp_path_factory):
     prompts = [[rng.randrange(60) for _ in range(rng.randint(3, 10))] for _ in range(80)]
     gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=40, stop_at_eos=False))
     examples = [Example(tuple(t.prompt), tuple(t.output)) for t in gen.traces]
-    drafter = new_drafter(target, DrafterConfig(block_size=8, final_norm_init=1.0, learned_mask=True), seed=0)  # the init the pinned numbers below were measured with
-    train_sft(target, drafter, examples[:64], SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3, min_warmup_steps=1)), tmp_path_factory.mktemp("sft"), progress=False)
+    drafter = new_drafter(
+        target, DrafterConfig(block_size=8, final_norm_init=1.0, learned_mask=True), seed=0
+    )  # the init the pinned numbers below were measured with
+    train_sft(
+        target,
+        drafter,
+        examples[:64],
+        SFTConfig(steps=30, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3, min_warmup_steps=1)),
+        tmp_path_factory.mktemp("sft"),
+        progress=False,
+    )
     return target, prompts[:64], prompts[64:], drafter
 
 
@@ -71,7 +80,7 @@ def test_stream_masks_and_decay_on_hand_made_segments():
     assert acc[0, 0].tolist() == [True, True, True, False, False, False, False]  # slots 1..r+1
     assert rej[0, 0].tolist() == [False, False, True, True, True, True, True]  # slots r+1..K
     assert acc[0, 1].tolist() == [True] * 6 + [False] and not rej[0, 1].any()  # all accepted: no rejected stream
-    assert w[0, 0, 2:].tolist() == pytest.approx([0.5 ** k for k in range(2, 7)])
+    assert w[0, 0, 2:].tolist() == pytest.approx([0.5**k for k in range(2, 7)])
     _, rej_off, _ = stream_masks(accepted, on, on, label_mask, slots, LossConfig(use_rejected=False))
     assert not rej_off.any()
     _, first, _ = stream_masks(accepted, on, on, label_mask, slots, LossConfig(rej_slots="first"))
@@ -90,7 +99,11 @@ def test_random_anchors_move_only_the_accepted_stream(setup):
     for trace in rollout(target, drafter, prompts[:4]):
         seg, rnd = error_segments(trace), random_segments(trace, torch.Generator().manual_seed(0))
         m = trace.rounds
-        assert len(rnd.anchors) == 2 * m and rnd.acc_on.tolist() == [True] * m + [False] * m and rnd.rej_on.tolist() == [False] * m + [True] * m
+        assert (
+            len(rnd.anchors) == 2 * m
+            and rnd.acc_on.tolist() == [True] * m + [False] * m
+            and rnd.rej_on.tolist() == [False] * m + [True] * m
+        )
         moved = rnd.anchors[:m]
         assert sorted(rnd.accepted[:m].tolist()) == sorted(seg.accepted.tolist())
         assert moved.min() >= len(trace.prompt) and moved.max() <= len(trace.tokens) - 2
@@ -99,7 +112,9 @@ def test_random_anchors_move_only_the_accepted_stream(setup):
     traces = rollout(target, drafter, prompts[:3])
     cfg = LossConfig()
     err = replay(target, drafter, collate(target, drafter, traces, [error_segments(t) for t in traces]), cfg)
-    rnd_res = replay(target, drafter, collate(target, drafter, traces, [random_segments(t, torch.Generator().manual_seed(1)) for t in traces]), cfg)
+    rnd_res = replay(
+        target, drafter, collate(target, drafter, traces, [random_segments(t, torch.Generator().manual_seed(1)) for t in traces]), cfg
+    )
     assert rnd_res.rej.weight_sum == pytest.approx(err.rej.weight_sum)  # same rejected tokens and weights
     assert float(rnd_res.rej.loss_sum.detach()) == pytest.approx(float(err.rej.loss_sum.detach()), rel=1e-5)
     assert float(rnd_res.acc.loss_sum.detach()) != pytest.approx(float(err.acc.loss_sum.detach()), rel=1e-3)
@@ -149,15 +164,25 @@ def test_wrong_only_rejected_stream_drops_right_proposals(setup):
     all_cfg, wrong_cfg = LossConfig(gamma=0.5), LossConfig(gamma=0.5, rej_slots="wrong")
     _, rej_all = step_norms(traces, segs, drafter.block_size, all_cfg)
     acc_norm, rej_wrong = step_norms(traces, segs, drafter.block_size, wrong_cfg)
-    dropped = sum(0.5 ** (k - 1) for t, seg in zip(traces, segs) for m in range(len(seg.anchors))
-                  for k in range(int(seg.accepted[m]) + 2, drafter.block_size)
-                  if int(seg.anchors[m]) + k < len(t.tokens) and seg.drafts[m, k - 1] == t.tokens[int(seg.anchors[m]) + k])
+    dropped = sum(
+        0.5 ** (k - 1)
+        for t, seg in zip(traces, segs)
+        for m in range(len(seg.anchors))
+        for k in range(int(seg.accepted[m]) + 2, drafter.block_size)
+        if int(seg.anchors[m]) + k < len(t.tokens) and seg.drafts[m, k - 1] == t.tokens[int(seg.anchors[m]) + k]
+    )
     assert dropped >= 0.25 * made and rej_wrong == pytest.approx(rej_all - dropped)
     res = replay(target, drafter, collate(target, drafter, traces, segs), wrong_cfg)
     assert res.rej.weight_sum == pytest.approx(rej_wrong) and res.acc.weight_sum == acc_norm
     with pytest.raises(ValueError, match="needs `right`"):
-        stream_masks(segs[0].accepted[None], segs[0].acc_on[None], segs[0].rej_on[None], torch.ones(1, len(segs[0].anchors), 7, dtype=torch.bool),
-                     torch.arange(1, 8), wrong_cfg)
+        stream_masks(
+            segs[0].accepted[None],
+            segs[0].acc_on[None],
+            segs[0].rej_on[None],
+            torch.ones(1, len(segs[0].anchors), 7, dtype=torch.bool),
+            torch.arange(1, 8),
+            wrong_cfg,
+        )
 
 
 @pytest.mark.parametrize("mode", ["estimate", "exact"])
@@ -199,8 +224,21 @@ def test_draft_opd_raises_heldout_tau(setup, tmp_path):
     drafter = copy.deepcopy(start)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
-    train_opd(target, drafter, prompts, OPDConfig(steps=12, prompts_per_rollout=8, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=32),
-                                          loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=2e-3, min_warmup_steps=1)), tmp_path, progress=False)
+    train_opd(
+        target,
+        drafter,
+        prompts,
+        OPDConfig(
+            steps=12,
+            prompts_per_rollout=8,
+            rollouts_per_step=1,
+            rollout=DecodeConfig(max_new_tokens=32),
+            loss=LossConfig(mode="exact", aggregation="paper"),
+            optim=OptimConfig(lr=2e-3, min_warmup_steps=1),
+        ),
+        tmp_path,
+        progress=False,
+    )
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 12 and '"rollout/tau"' in lines[0] and '"time/replay_s"' in lines[0]
@@ -220,7 +258,7 @@ def test_warmup_is_five_percent_but_at_least_three_updates(steps, warmup):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step(), sched.step()
     assert lrs[:warmup] == pytest.approx([(i + 1) / warmup for i in range(warmup)])
-    assert all(b <= a for a, b in zip(lrs[warmup - 1:], lrs[warmup:]))
+    assert all(b <= a for a, b in zip(lrs[warmup - 1 :], lrs[warmup:]))
 
 
 def test_max_flops_stops_draft_opd_at_the_compute_budget(setup, tmp_path):
@@ -270,7 +308,7 @@ def test_stream_gradients_split_the_update_gradient(setup, loss, monkeypatch):
     acc_norm, rej_norm = step_norms(traces, segments, drafter.block_size, loss)
     whole = 0.0
     for i in range(0, len(traces), 2):
-        res = replay(target, drafter, collate(target, drafter, traces[i:i + 2], segments[i:i + 2]), loss)
+        res = replay(target, drafter, collate(target, drafter, traces[i : i + 2], segments[i : i + 2]), loss)
         whole = whole + flat_grad(combine_streams(res.acc, res.rej, acc_norm, rej_norm, loss), params)
     assert split["n_acc"] == acc_norm and split["w_rej"] == rej_norm
     assert (split["g_acc"] + split["g_rej"] - whole).abs().max() <= 1e-5 * whole.abs().max()  # float32 sums in another order

@@ -45,13 +45,20 @@ def test_writes_records_equal_to_autoregressive(target, tmp_path):
     assert [r["id"] for r in records] == [p.id for p in prompts]
     assert summary.tokens == sum(len(r["response_ids"]) for r in records)
     for start in range(0, 5, 2):
-        want = autoregressive_generate(target, ids[start:start + 2], CFG)
-        for r, p, trace in zip(records[start:start + 2], ids[start:start + 2], want.traces):
+        want = autoregressive_generate(target, ids[start : start + 2], CFG)
+        for r, p, trace in zip(records[start : start + 2], ids[start : start + 2], want.traces):
             assert set(r) == {"id", "source", "prompt_ids", "response_ids", "finish", "settings"}
             assert r["source"] == "unit" and r["prompt_ids"] == p
             assert r["response_ids"] == trace.output and r["finish"] == trace.finish in ("eos", "length")
-            assert r["settings"] == {"target": target.name, "max_new_tokens": 12, "temperature": 0.0,
-                                     "seed": 0, "stop_at_loop": False, "record_seed": record_seed(0, r["id"]), "chat_template": None}
+            assert r["settings"] == {
+                "target": target.name,
+                "max_new_tokens": 12,
+                "temperature": 0.0,
+                "seed": 0,
+                "stop_at_loop": False,
+                "record_seed": record_seed(0, r["id"]),
+                "chat_template": None,
+            }
     for p, r in zip(ids, records):  # batching does not change greedy text
         assert autoregressive_generate(target, [p], CFG).traces[0].output == r["response_ids"]
 
@@ -170,8 +177,13 @@ def test_load_regenerated(target, tmp_path):
     out = tmp_path / "regen.jsonl"
     regenerate(target, prompts, out, CFG, prompt_ids=ids, progress=False)
     good = _records(out)
-    bad = ["not json", json.dumps({**good[0], "id": "empty", "response_ids": []}), json.dumps({"id": "x"}),
-           json.dumps({**good[0], "prompt_ids": ["a"], "id": "strs"}), json.dumps(good[1])]  # last: repeated id
+    bad = [
+        "not json",
+        json.dumps({**good[0], "id": "empty", "response_ids": []}),
+        json.dumps({"id": "x"}),
+        json.dumps({**good[0], "prompt_ids": ["a"], "id": "strs"}),
+        json.dumps(good[1]),
+    ]  # last: repeated id
     out.write_text(out.read_text() + "\n".join(bad) + "\n\n")
     data = load_regenerated(out)
     assert data.skipped == 5
@@ -214,8 +226,12 @@ def test_loop_start_and_trim_loops_on_load(tmp_path):
     assert loop_start(short_repeat) == len(short_repeat)  # three repeated 4-grams are not a loop
     assert loop_start([7] * 20) == 1
     path = tmp_path / "regen.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
-                            for i, r in enumerate([looped, list(range(40)), [7] * 20])))
+    path.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prompt_ids": [5], "response_ids": r}) + "\n"
+            for i, r in enumerate([looped, list(range(40)), [7] * 20])
+        )
+    )
     plain, trimmed = load_regenerated(path), load_regenerated(path, trim_loops=True)
     assert [e.response_ids for e in plain.examples] == [tuple(looped), tuple(range(40)), (7,) * 20] and plain.loop_tokens_cut == 0
     assert [e.response_ids for e in trimmed.examples] == [tuple(looped[:8]), tuple(range(40)), (7,)]
@@ -226,8 +242,12 @@ def test_loop_watch_finds_the_loop_when_its_last_token_arrives():
     """`LoopWatch` (one token at a time) says "looped" exactly at the token that completes the 8th repeated 4-gram,
     and its start is `loop_start`'s, on texts with and without loops."""
     g = torch.Generator().manual_seed(0)
-    texts = [[10, 11, 12, 13, 14] + [1, 2, 3] * 10, list(range(40)), [7] * 20,
-             *(torch.randint(0, 4, (60,), generator=g).tolist() for _ in range(20))]
+    texts = [
+        [10, 11, 12, 13, 14] + [1, 2, 3] * 10,
+        list(range(40)),
+        [7] * 20,
+        *(torch.randint(0, 4, (60,), generator=g).tolist() for _ in range(20)),
+    ]
     for text in texts:
         watch, when = LoopWatch(), None
         for i, token in enumerate(text):
@@ -248,8 +268,16 @@ def test_stop_at_loop_writes_a_prefix_that_trims_to_the_same_answer(target, tmp_
     full, stopped = tmp_path / "full.jsonl", tmp_path / "stopped.jsonl"
     cfg = DecodeConfig(max_new_tokens=80, stop_at_eos=False)
     regenerate(target, prompts, full, cfg, batch_size=3, prompt_ids=ids, drafter=drafter, progress=False)
-    summary = regenerate(target, prompts, stopped, DecodeConfig(max_new_tokens=80, stop_at_eos=False, stop_at_loop=True),
-                         batch_size=3, prompt_ids=ids, drafter=drafter, progress=False)
+    summary = regenerate(
+        target,
+        prompts,
+        stopped,
+        DecodeConfig(max_new_tokens=80, stop_at_eos=False, stop_at_loop=True),
+        batch_size=3,
+        prompt_ids=ids,
+        drafter=drafter,
+        progress=False,
+    )
     a, b = _records(full), _records(stopped)
     assert summary.looped == sum(r["finish"] == "loop" for r in b) >= 4  # the tiny target's greedy text loops
     assert summary.tokens == sum(len(r["response_ids"]) for r in b) < sum(len(r["response_ids"]) for r in a)

@@ -20,9 +20,17 @@ def test_walk_rounds_by_hand():
     assert walk_rounds([], 1).rounds == 0
 
 
-@pytest.mark.parametrize("name,draft_vocab,stop_at_eos,arch", [
-    ("small_vocab_target", None, False, "dflash"), ("small_vocab_target", None, True, "dflash"), ("llama_target", None, False, "dflash"),
-    ("llama_target", 32, False, "dflash"), ("small_vocab_target", None, False, "eagle3"), ("llama_target", 32, False, "eagle3")])
+@pytest.mark.parametrize(
+    "name,draft_vocab,stop_at_eos,arch",
+    [
+        ("small_vocab_target", None, False, "dflash"),
+        ("small_vocab_target", None, True, "dflash"),
+        ("llama_target", None, False, "dflash"),
+        ("llama_target", 32, False, "dflash"),
+        ("small_vocab_target", None, False, "eagle3"),
+        ("llama_target", 32, False, "eagle3"),
+    ],
+)
 def test_replay_equals_greedy_speculative_decoding(request, one_thread, name, draft_vocab, stop_at_eos, arch):
     """For EAGLE-3 this is also the training-time-test check: the chain teacher-forced on the text accepts exactly
     what the decoder's sequential chain (with its KV cache, holes and corrections) accepted."""
@@ -51,7 +59,6 @@ def test_replay_equals_greedy_speculative_decoding(request, one_thread, name, dr
 def test_replay_rejects_ragged_input(llama_target):
     with pytest.raises(ValueError):
         replay_tau(llama_target, make_drafter(llama_target), [[1, 2]], [])
-
 
 
 def test_scored_texts_are_shared_by_drafters_and_checked(llama_target):

@@ -24,8 +24,15 @@ from draftopd.train.opd import OPDConfig, train_opd
 from draftopd.train.sft import train_sft
 
 SFT = SFTConfig(steps=6, batch_size=4, anchors_per_seq=4, save_every=2, optim=OptimConfig(lr=2e-3))
-OPD = OPDConfig(steps=4, prompts_per_rollout=2, rollouts_per_step=1, replay_batch=2, rollout=DecodeConfig(max_new_tokens=12), save_every=2,
-                optim=OptimConfig(lr=2e-3))
+OPD = OPDConfig(
+    steps=4,
+    prompts_per_rollout=2,
+    rollouts_per_step=1,
+    replay_batch=2,
+    rollout=DecodeConfig(max_new_tokens=12),
+    save_every=2,
+    optim=OptimConfig(lr=2e-3),
+)
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,9 @@ def test_resume_refuses_another_drafter_shape(setup, straight_sft, tmp_path, sha
 
 
 # ---- another device: trainer.pt is host tensors loaded onto the CPU; config.json records where the run was written
-ON_DEVICE = SFTConfig(steps=4, batch_size=4, anchors_per_seq=4, save_every=2, autocast="float32", optim=OptimConfig(lr=2e-3))  # no "auto": bf16 on one side only
+ON_DEVICE = SFTConfig(
+    steps=4, batch_size=4, anchors_per_seq=4, save_every=2, autocast="float32", optim=OptimConfig(lr=2e-3)
+)  # no "auto": bf16 on one side only
 
 
 def sft_on(device: str, setup, out: Path, **kw):
@@ -245,8 +254,10 @@ def test_a_run_resumes_on_another_device(setup, tmp_path, capsys, first, then):
     assert json.loads((tmp_path / "moved" / "last" / "config.json").read_text())["device"] == first
     capsys.readouterr()
     resumed = sft_on(then, setup, tmp_path / "moved", resume=True)
-    assert (f"[draftopd] resuming a run written on {first} by 1 process on {then} with 1 process: the same steps follow"
-            in capsys.readouterr().err)
+    assert (
+        f"[draftopd] resuming a run written on {first} by 1 process on {then} with 1 process: the same steps follow"
+        in capsys.readouterr().err
+    )
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert metric_rows(tmp_path / "moved") == metric_rows(tmp_path / "straight")
 

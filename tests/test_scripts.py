@@ -60,8 +60,13 @@ def test_replay_all_pools_the_sets_and_paired_is_the_tau_ratio(small_vocab_targe
     target = small_vocab_target
     drafter = make_drafter(target, block_size=4, seed=1)
     g = torch.Generator().manual_seed(0)
-    texts = {name: ([torch.randint(0, 7, (6,), generator=g).tolist() for _ in range(3)],
-                    [torch.randint(0, 7, (12,), generator=g).tolist() for _ in range(3)]) for name in ("a", "b")}
+    texts = {
+        name: (
+            [torch.randint(0, 7, (6,), generator=g).tolist() for _ in range(3)],
+            [torch.randint(0, 7, (12,), generator=g).tolist() for _ in range(3)],
+        )
+        for name in ("a", "b")
+    }
     scored = {name: score_texts(target, drafter.spec.target_layer_ids, p, o) for name, (p, o) in texts.items()}
     rep = replay_all(drafter, scored)
     assert set(rep) == {"a", "b", "all"}

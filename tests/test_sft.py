@@ -63,6 +63,7 @@ def test_sft_loss_matches_reference(learnable):
         result = sft_micro_batch(target, drafter, examples[:3], cfg, gen)
     # replay the same anchor draw for the reference
     from draftopd.train.blocks import draw_anchors
+
     seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples[:3]]
     anchors, valid = draw_anchors([len(e.prompt_ids) for e in examples[:3]], [len(s) for s in seqs], 5, torch.Generator().manual_seed(3))
     ref = reference_sft_loss(target, drafter, examples[:3], [a[v].tolist() for a, v in zip(anchors, valid)], 4.0)
@@ -119,7 +120,14 @@ def test_sft_raises_tau(learnable, tmp_path, arch):
     drafter = new_drafter(target, DrafterConfig(arch=arch, block_size=8), seed=0)
     cfg = DecodeConfig(max_new_tokens=32, stop_at_eos=False)
     before = summarize(generate(target, drafter, heldout, cfg), 8).tau
-    train_sft(target, drafter, examples, SFTConfig(steps=60, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)), tmp_path, progress=False)
+    train_sft(
+        target,
+        drafter,
+        examples,
+        SFTConfig(steps=60, batch_size=8, anchors_per_seq=16, optim=OptimConfig(lr=3e-3)),
+        tmp_path,
+        progress=False,
+    )
     after = summarize(generate(target, drafter, heldout, cfg), 8).tau
     assert before < 1.1
     assert after > before + 0.25, (before, after)
@@ -163,7 +171,9 @@ def test_bf16_autocast_is_close_to_float32_and_keeps_float32_state(learnable, tm
     assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
     assert F.cosine_similarity(g16, g32, dim=0) > 0.98
     drafter = new_drafter(target, DrafterConfig(block_size=8), seed=1)
-    final = train_sft(target, drafter, examples, SFTConfig(steps=2, batch_size=4, anchors_per_seq=4, autocast="bfloat16"), tmp_path, progress=False)
+    final = train_sft(
+        target, drafter, examples, SFTConfig(steps=2, batch_size=4, anchors_per_seq=4, autocast="bfloat16"), tmp_path, progress=False
+    )
     assert {p.dtype for p in load_drafter(final, target).parameters()} == {torch.float32}
     state = torch.load(final / "trainer.pt", weights_only=True)["optimizer"]["state"]
     assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")

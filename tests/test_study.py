@@ -13,8 +13,9 @@ from draftopd.models import synthetic
 from draftopd.models.synthetic import SyntheticSpec
 from draftopd.study import Scores, StudyConfig, check_same_target, compare, pooled_tau, run_study
 
-TINY = SyntheticSpec(topics=2, words=12, max_word=4, branching=3, layers=1, hidden=16, heads=2, train_sequences=32, train_tokens=24,
-                     train_steps=3, batch=4)
+TINY = SyntheticSpec(
+    topics=2, words=12, max_word=4, branching=3, layers=1, hidden=16, heads=2, train_sequences=32, train_tokens=24, train_steps=3, batch=4
+)
 
 
 def scores(committed, rounds):
@@ -43,17 +44,36 @@ def test_a_study_folder_of_another_target_is_refused(tmp_path):
         check_same_target(tmp_path, StudyConfig(target="smollm2-135m"))
 
 
-@pytest.mark.parametrize("change,message", [({"arms": ("opd", "nonsense")}, "unknown arm"), ({"seeds": ()}, "at least one seed"),
-                                            ({"low_tau": (2.0, 1.5)}, "--low-tau"), ({"budgets": ("time",)}, "--budgets")])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"arms": ("opd", "nonsense")}, "unknown arm"),
+        ({"seeds": ()}, "at least one seed"),
+        ({"low_tau": (2.0, 1.5)}, "--low-tau"),
+        ({"budgets": ("time",)}, "--budgets"),
+    ],
+)
 def test_a_study_config_that_cannot_run_is_one_line(change, message):
     with pytest.raises(ConfigError, match=message):
         StudyConfig(**change)
 
 
 def tiny_study(**changes) -> StudyConfig:
-    base = StudyConfig(start_prompts=24, rollout_prompts=16, eval_prompts=6, tuning_prompts=4, new_tokens=12, opd_updates=2, seeds=(0,),
-                       arms=("sft-greedy-kl", "opd"), low_arms=("opd",), low_every=5, low_tau=(1.0, 100.0), resamples=100,
-                       start_sft=SFTConfig(steps=10, batch_size=4, anchors_per_seq=4, save_every=5, optim=OptimConfig(lr=2e-3)))
+    base = StudyConfig(
+        start_prompts=24,
+        rollout_prompts=16,
+        eval_prompts=6,
+        tuning_prompts=4,
+        new_tokens=12,
+        opd_updates=2,
+        seeds=(0,),
+        arms=("sft-greedy-kl", "opd"),
+        low_arms=("opd",),
+        low_every=5,
+        low_tau=(1.0, 100.0),
+        resamples=100,
+        start_sft=SFTConfig(steps=10, batch_size=4, anchors_per_seq=4, save_every=5, optim=OptimConfig(lr=2e-3)),
+    )
     return replace(base, opd=replace(base.opd, prompts_per_rollout=4, replay_batch=4), **changes)
 
 

@@ -14,12 +14,15 @@ from draftopd.models import synthetic
 from draftopd.models.load import load_target
 from draftopd.models.synthetic import SyntheticLanguage, SyntheticSpec, candidate_probs, repeated_ngram_share
 
-TINY = SyntheticSpec(topics=2, words=12, max_word=4, branching=3, layers=1, hidden=16, heads=2, train_sequences=32, train_tokens=24,
-                     train_steps=3, batch=4)
+TINY = SyntheticSpec(
+    topics=2, words=12, max_word=4, branching=3, layers=1, hidden=16, heads=2, train_sequences=32, train_tokens=24, train_steps=3, batch=4
+)
 
 
 def test_candidates_follow_the_spec():
-    assert candidate_probs(0.7, 4) == pytest.approx([0.7, 0.3 * 4 / 7, 0.3 * 2 / 7, 0.3 / 7]) and sum(candidate_probs(0.72, 5)) == pytest.approx(1)
+    assert candidate_probs(0.7, 4) == pytest.approx([0.7, 0.3 * 4 / 7, 0.3 * 2 / 7, 0.3 / 7]) and sum(
+        candidate_probs(0.72, 5)
+    ) == pytest.approx(1)
     lang = SyntheticLanguage(TINY)
     options = lang.candidates(1, 3, 2)
     assert len(set(options)) == 3 and set(options) <= set(lang.topic_words[1]) and options == lang.candidates(1, 3, 2)
@@ -73,10 +76,18 @@ def test_the_named_target_is_built_once_and_cached(monkeypatch, tmp_path):
     assert target.tokenizer("<t0>" + lang.lexicon[0]).input_ids == lang.encode("<t0>" + lang.lexicon[0])
 
 
-@pytest.mark.parametrize("change,flag", [({"words": 0}, "--synthetic-words"), ({"peak": 1.5}, "--synthetic-peak"),
-                                         ({"peak": 0.0}, "--synthetic-peak"), ({"branching": 20}, "--synthetic-branching"),
-                                         ({"max_word": 1}, "--synthetic-max-word"), ({"hidden": 30, "heads": 4}, "--synthetic-hidden"),
-                                         ({"eos": -0.1}, "--synthetic-eos")])
+@pytest.mark.parametrize(
+    "change,flag",
+    [
+        ({"words": 0}, "--synthetic-words"),
+        ({"peak": 1.5}, "--synthetic-peak"),
+        ({"peak": 0.0}, "--synthetic-peak"),
+        ({"branching": 20}, "--synthetic-branching"),
+        ({"max_word": 1}, "--synthetic-max-word"),
+        ({"hidden": 30, "heads": 4}, "--synthetic-hidden"),
+        ({"eos": -0.1}, "--synthetic-eos"),
+    ],
+)
 def test_a_spec_that_cannot_be_built_is_one_line(change, flag):
     with pytest.raises(ConfigError, match=flag) as err:
         replace(TINY, **change)

@@ -30,14 +30,48 @@ def files(target_dir, tmp_path_factory) -> dict[str, Path]:
     prompts = folder / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % 50}" for j in range(5))}) for i in range(6)))
     data = folder / "data.jsonl"
-    assert cli.main(["regenerate", "--target", str(target_dir), "--prompts", str(prompts), "--out", str(data), "--max-new-tokens", "12",
-                     "--no-stop-at-eos"]) == 0
+    assert (
+        cli.main(
+            [
+                "regenerate",
+                "--target",
+                str(target_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(data),
+                "--max-new-tokens",
+                "12",
+                "--no-stop-at-eos",
+            ]
+        )
+        == 0
+    )
     return {"prompts": prompts, "data": data}
 
 
 def sft_args(target_dir, files, out) -> list:
-    return ["sft", "--target", target_dir, "--data", files["data"], "--out", out, "--steps", 2, "--batch-size", 2, "--anchors-per-seq", 2,
-            "--draft-block-size", 4, "--optim-lr", "1e-3", "--dtype", "float32"]
+    return [
+        "sft",
+        "--target",
+        target_dir,
+        "--data",
+        files["data"],
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--batch-size",
+        2,
+        "--anchors-per-seq",
+        2,
+        "--draft-block-size",
+        4,
+        "--optim-lr",
+        "1e-3",
+        "--dtype",
+        "float32",
+    ]
 
 
 def metric_rows(out: Path) -> list[dict]:
@@ -69,8 +103,26 @@ def test_wandb_offline_writes_its_run_folder(target_dir, files, tmp_path, capsys
 
 
 def test_opd_metrics_are_namespaced(target_dir, files, tmp_path, capsys):
-    rc, _, err = run(capsys, "opd", "--target", target_dir, "--prompts", files["prompts"], "--out", tmp_path / "opd", "--steps", 1,
-                     "--prompts-per-rollout", 2, "--rollouts-per-step", 1, "--max-new-tokens", 8, "--draft-block-size", 4)
+    rc, _, err = run(
+        capsys,
+        "opd",
+        "--target",
+        target_dir,
+        "--prompts",
+        files["prompts"],
+        "--out",
+        tmp_path / "opd",
+        "--steps",
+        1,
+        "--prompts-per-rollout",
+        2,
+        "--rollouts-per-step",
+        1,
+        "--max-new-tokens",
+        8,
+        "--draft-block-size",
+        4,
+    )
     assert rc == 0, err
     row = metric_rows(tmp_path / "opd")[0]
     assert {"train/loss", "train/loss_acc", "train/loss_rej", "rollout/acc_tokens", "rollout/rej_weight", "memory/max_rss_gb"} <= set(row)
@@ -126,31 +178,58 @@ def test_config_round_trip_of_every_training_command(target_dir, files, tmp_path
     sft = SFTConfig(steps=7, loss="kl", slot_decay=3.0, optim=OptimConfig(lr=2e-3, betas=(0.8, 0.9)))
     drafter = DrafterConfig(block_size=4, target_layer_ids=(0, 2))
     calls = captured(monkeypatch, "draftopd.train.sft", "train_sft")
-    path = write_config(tmp_path / "sft", "sft", args={"target": str(target_dir), "data": str(files["data"]), "out": str(tmp_path / "s")},
-                        sft=sft, drafter=drafter, data=DataConfig(max_tokens=512))
+    path = write_config(
+        tmp_path / "sft",
+        "sft",
+        args={"target": str(target_dir), "data": str(files["data"]), "out": str(tmp_path / "s")},
+        sft=sft,
+        drafter=drafter,
+        data=DataConfig(max_tokens=512),
+    )
     assert run(capsys, "sft", "--config", path)[0] == 0
     assert calls[0][0][3] == sft and calls[0][0][4] == str(tmp_path / "s")
 
-    opd = OPDConfig(steps=3, anchors="random", rollout=DecodeConfig(max_new_tokens=8, temperature=0.5, seed=4),
-                    loss=LossConfig(gamma=0.5, rej_slots="first"), optim=OptimConfig(lr=1e-4))
+    opd = OPDConfig(
+        steps=3,
+        anchors="random",
+        rollout=DecodeConfig(max_new_tokens=8, temperature=0.5, seed=4),
+        loss=LossConfig(gamma=0.5, rej_slots="first"),
+        optim=OptimConfig(lr=1e-4),
+    )
     calls = captured(monkeypatch, "draftopd.train.opd", "train_opd")
-    path = write_config(tmp_path / "opd", "opd", args={"target": str(target_dir), "out": str(tmp_path / "o")}, opd=opd,
-                        prompts=PromptConfig(prompts=str(files["prompts"]), limit=4), drafter=drafter)
+    path = write_config(
+        tmp_path / "opd",
+        "opd",
+        args={"target": str(target_dir), "out": str(tmp_path / "o")},
+        opd=opd,
+        prompts=PromptConfig(prompts=str(files["prompts"]), limit=4),
+        drafter=drafter,
+    )
     assert run(capsys, "opd", "--config", path)[0] == 0
     assert calls[0][0][3] == opd and len(calls[0][0][2]) == 4
     assert run(capsys, "opd", "--config", path, "--temperature", "0", "--loss-gamma", "0.9")[0] == 0
     assert calls[1][0][3] == replace(opd, rollout=replace(opd.rollout, temperature=0.0), loss=replace(opd.loss, gamma=0.9))
 
-    recipe = RecipeConfig(target=str(target_dir), out_dir=str(tmp_path / "r"), feature_layers=2, drafter=DrafterConfig(block_size=4),
-                          eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=16, lookup_ngram=2)))
+    recipe = RecipeConfig(
+        target=str(target_dir),
+        out_dir=str(tmp_path / "r"),
+        feature_layers=2,
+        drafter=DrafterConfig(block_size=4),
+        eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=16, lookup_ngram=2)),
+    )
     calls = captured(monkeypatch, "draftopd.recipe", "run_recipe")
     assert run(capsys, "recipe", "--config", write_config(tmp_path / "rec", "recipe", recipe=recipe))[0] == 0
     assert calls[0][0][0] == recipe
     assert run(capsys, "recipe", "--config", tmp_path / "rec" / "run.yaml", "--eval-max-new-tokens", 5)[0] == 0
     assert calls[1][0][0] == replace(recipe, eval=replace(recipe.eval, decode=replace(recipe.eval.decode, max_new_tokens=5)))
 
-    demo = ExperimentConfig(out_dir=str(tmp_path / "d"), start=None, ablations=("no-decay",), curve_every=3,
-                            opd=replace(ExperimentConfig().opd, rollout=DecodeConfig(max_new_tokens=40)))
+    demo = ExperimentConfig(
+        out_dir=str(tmp_path / "d"),
+        start=None,
+        ablations=("no-decay",),
+        curve_every=3,
+        opd=replace(ExperimentConfig().opd, rollout=DecodeConfig(max_new_tokens=40)),
+    )
     calls = captured(monkeypatch, "draftopd.experiment", "run_experiment")
     assert run(capsys, "demo", "--config", write_config(tmp_path / "demo", "demo", experiment=demo))[0] == 0
     assert calls[0][0][0] == demo
@@ -185,9 +264,31 @@ def test_recipe_layers_follow_the_target_depth(target_dir, files, tmp_path, caps
     assert recipe_drafter(RecipeConfig(), 30).target_layer_ids == (1, 10, 19, 27)
     assert spread_layers(8, 4) == (1, 3, 4, 5) and spread_layers(36, 5) == (1, 9, 17, 25, 33) and spread_layers(4, 4) == (1,)
     assert recipe_drafter(replace(RecipeConfig(), drafter=DrafterConfig(target_layer_ids=(2,))), 30).target_layer_ids == (2,)
-    rc, out, err = run(capsys, "recipe", "--target", target_dir, "--data", files["data"], "--out-dir", tmp_path / "rec", "--steps", 1,
-                       "--labels", "text", "--draft-vocab-size", 32, "--eval-sets", files["prompts"], "--eval-num-prompts", 2,
-                       "--eval-max-new-tokens", 4, "--device", "cpu", "--json")
+    rc, out, err = run(
+        capsys,
+        "recipe",
+        "--target",
+        target_dir,
+        "--data",
+        files["data"],
+        "--out-dir",
+        tmp_path / "rec",
+        "--steps",
+        1,
+        "--labels",
+        "text",
+        "--draft-vocab-size",
+        32,
+        "--eval-sets",
+        files["prompts"],
+        "--eval-num-prompts",
+        2,
+        "--eval-max-new-tokens",
+        4,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert rc == 0, err
     spec = json.loads((Path(json.loads(out)["checkpoint"]) / "config.json").read_text())["draftopd_spec"]
     assert spec["target_layer_ids"] == [1]  # 4 layers: 1 to N-3 = 1

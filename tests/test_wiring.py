@@ -85,7 +85,7 @@ def drafter_block(target, drafter, tokens: list[int], a: int, block_tokens: list
     with torch.no_grad():
         states = target.model(torch.tensor([tokens[:a]]), output_hidden_states=True).hidden_states
     features = torch.cat([states[i + 1] for i in drafter.spec.target_layer_ids], -1)
-    ctx = drafter.project_context(features, torch.arange(a)[None], torch.ones(1, a, dtype=torch.bool), torch.tensor([tokens[1:a + 1]]))
+    ctx = drafter.project_context(features, torch.arange(a)[None], torch.ones(1, a, dtype=torch.bool), torch.tensor([tokens[1 : a + 1]]))
     return drafter(ctx, torch.tensor([[tokens[a]]]), torch.tensor([[a]]), torch.tensor([[block_tokens]]))[0, 0]
 
 
@@ -123,18 +123,23 @@ def reference_opd_loss(target, drafter, traces, segments, cfg: LossConfig) -> to
             drafts = seg.drafts[m].tolist()
             chain = drafts if seg.rej_on[m] else [tokens[min(a + k, len(tokens) - 1)] for k in range(1, BLOCK)]
             logq_draft = torch.log_softmax(drafter_block(target, drafter, tokens, a, chain[:-1]).double(), -1)
-            logq_target = logq_draft if drafter.target_ids() is None else \
-                torch.full((BLOCK - 1, target.vocab_size), -math.inf, dtype=torch.float64).index_copy(1, drafter.target_ids(), logq_draft)
+            logq_target = (
+                logq_draft
+                if drafter.target_ids() is None
+                else torch.full((BLOCK - 1, target.vocab_size), -math.inf, dtype=torch.float64).index_copy(
+                    1, drafter.target_ids(), logq_draft
+                )
+            )
             for k in range(1, BLOCK):
                 if seg.acc_on[m] and k <= r + 1 and a + k < len(tokens):
-                    logp = next_logp(target, tokens[:a + k])  # the true prefix
+                    logp = next_logp(target, tokens[: a + k])  # the true prefix
                     if cfg.mode == "exact":
                         term = kl(cfg.acc_direction, in_draft_vocab(drafter, logp), logq_draft[k - 1])
                     else:
                         term = estimate(cfg.acc_direction, float(logp[tokens[a + k]]), logq_target[k - 1][tokens[a + k]], cfg)
                     acc_sum, acc_n = acc_sum + term, acc_n + 1
                 if seg.rej_on[m] and cfg.use_rejected and (k == r + 1 if cfg.rej_slots == "first" else k > r):
-                    logp = next_logp(target, tokens[:a + 1] + drafts[:k - 1])  # the draft prefix
+                    logp = next_logp(target, tokens[: a + 1] + drafts[: k - 1])  # the draft prefix
                     w = cfg.gamma ** (k - 1)
                     if cfg.mode == "exact":
                         term = kl(cfg.rej_direction, in_draft_vocab(drafter, logp), logq_draft[k - 1])
@@ -166,8 +171,12 @@ def compare(reference_fn, trainer_fn, drafter) -> tuple[float, float]:
     return value, grad
 
 
-OPD_CASES = {"estimate": LossConfig(), "exact": LossConfig(mode="exact"), "paper-exact": LossConfig(mode="exact", aggregation="paper"),
-             "first-rejected": LossConfig(rej_slots="first", gamma=0.5)}
+OPD_CASES = {
+    "estimate": LossConfig(),
+    "exact": LossConfig(mode="exact"),
+    "paper-exact": LossConfig(mode="exact", aggregation="paper"),
+    "first-rejected": LossConfig(rej_slots="first", gamma=0.5),
+}
 
 
 @pytest.mark.parametrize("arch", ["dflash", "eagle3"])
@@ -178,8 +187,11 @@ def test_draft_opd_step_equals_the_reference(target, arch, case):
     assert any(r > 0 for t in traces for r in t.accepted) and any(r < BLOCK - 1 for t in traces for r in t.accepted)
     segments = [error_segments(t) for t in traces]
     cfg = OPD_CASES[case]
-    value, grad = compare(lambda: reference_opd_loss(target, drafter, traces, segments, cfg),
-                          lambda: trainer_opd_loss(target, drafter, traces, segments, cfg), drafter)
+    value, grad = compare(
+        lambda: reference_opd_loss(target, drafter, traces, segments, cfg),
+        lambda: trainer_opd_loss(target, drafter, traces, segments, cfg),
+        drafter,
+    )
     assert value < 1e-4 and grad < 1e-3, (value, grad)
 
 
@@ -188,8 +200,11 @@ def test_random_anchors_and_a_reduced_vocabulary_equal_the_reference(target):
     traces = rollouts(target, drafter)
     segments = [random_segments(t, torch.Generator().manual_seed(m)) for m, t in enumerate(traces)]
     for cfg in (LossConfig(mode="exact"), LossConfig()):
-        value, grad = compare(lambda: reference_opd_loss(target, drafter, traces, segments, cfg),
-                              lambda: trainer_opd_loss(target, drafter, traces, segments, cfg), drafter)
+        value, grad = compare(
+            lambda: reference_opd_loss(target, drafter, traces, segments, cfg),
+            lambda: trainer_opd_loss(target, drafter, traces, segments, cfg),
+            drafter,
+        )
         assert value < 1e-4 and grad < 1e-3, (cfg.mode, value, grad)
 
 
@@ -213,7 +228,7 @@ def reference_sft_loss(target, drafter, items, cfg: SFTConfig, seed: int) -> tor
             for k in range(1, BLOCK):
                 if a + k >= len(tokens):
                     continue
-                logp = next_logp(target, tokens[:a + k])  # the target after position a+k-1
+                logp = next_logp(target, tokens[: a + k])  # the target after position a+k-1
                 label = tokens[a + k] if cfg.labels == "text" else int(logp.argmax())
                 draft_label = int(drafter.target_to_draft(torch.tensor(label)))
                 if draft_label < 0:
@@ -229,8 +244,11 @@ def trainer_sft_loss(target, drafter, items, cfg: SFTConfig, seed: int) -> torch
     return result.loss_sum / result.weight_sum
 
 
-SFT_CASES = {"text-ce": SFTConfig(labels="text", loss="ce"), "greedy-ce": SFTConfig(labels="greedy", loss="ce"),
-             "greedy-kl": SFTConfig(labels="greedy", loss="kl")}
+SFT_CASES = {
+    "text-ce": SFTConfig(labels="text", loss="ce"),
+    "greedy-ce": SFTConfig(labels="greedy", loss="ce"),
+    "greedy-kl": SFTConfig(labels="greedy", loss="kl"),
+}
 
 
 @pytest.mark.parametrize("arch,vocab", [("dflash", None), ("eagle3", None), ("dflash", 10)])
@@ -239,16 +257,20 @@ def test_sft_step_equals_the_reference(target, arch, vocab, case):
     drafter = drafter_for(target, arch, vocab)
     items = sft_items(target)
     cfg = replace(SFT_CASES[case], anchors_per_seq=5, autocast="float32")
-    value, grad = compare(lambda: reference_sft_loss(target, drafter, items, cfg, 7), lambda: trainer_sft_loss(target, drafter, items, cfg, 7), drafter)
+    value, grad = compare(
+        lambda: reference_sft_loss(target, drafter, items, cfg, 7), lambda: trainer_sft_loss(target, drafter, items, cfg, 7), drafter
+    )
     assert value < 1e-4 and grad < 1e-3, (value, grad)
 
 
 # ---- controls: each mistake the tests guard against makes them fail ----------------------------------------------
 def _late(fn):
     """`fn` reading one position later (the last position keeps its own value)."""
+
     def late(*args, **kwargs):
         out = fn(*args, **kwargs)
         return torch.cat([out[:, 1:], out[:, -1:]], 1)
+
     return late
 
 
@@ -266,8 +288,10 @@ def _true_text_target_logp(target, traces):
     for t in traces:
         t = replace(t)
         logp = torch.log_softmax(target.model(torch.tensor([t.tokens])).logits[0].double(), -1)
-        t.target_logp = [torch.tensor([float(logp[min(a + k - 1, len(t.tokens) - 1), d]) for k, d in enumerate(drafts.tolist(), 1)])
-                         for a, drafts in zip(t.anchors, t.drafts)]
+        t.target_logp = [
+            torch.tensor([float(logp[min(a + k - 1, len(t.tokens) - 1), d]) for k, d in enumerate(drafts.tolist(), 1)])
+            for a, drafts in zip(t.anchors, t.drafts)
+        ]
         out.append(t)
     return out
 
@@ -295,8 +319,11 @@ def test_a_miswired_draft_opd_step_fails_the_reference(target, monkeypatch, muta
             real = getattr(opd, name)
             monkeypatch.setattr(opd, name, lambda p, q, direction, *a, real=real, **k: real(p, q, swap[direction], *a, **k))
     ref_segments, trainer_segments = [error_segments(t) for t in traces], [error_segments(t) for t in trainer_traces]
-    value, grad = compare(lambda: reference_opd_loss(target, drafter, traces, ref_segments, cfg),
-                          lambda: trainer_opd_loss(target, drafter, trainer_traces, trainer_segments, cfg), drafter)
+    value, grad = compare(
+        lambda: reference_opd_loss(target, drafter, traces, ref_segments, cfg),
+        lambda: trainer_opd_loss(target, drafter, trainer_traces, trainer_segments, cfg),
+        drafter,
+    )
     assert value > 1e-3 or grad > 1e-2, (value, grad)
 
 
@@ -306,8 +333,12 @@ def test_a_miswired_sft_teacher_fails_the_reference(target, monkeypatch, case):
     items = sft_items(target)
     cfg = replace(SFT_CASES[case], anchors_per_seq=5, autocast="float32")
     if cfg.loss == "kl":
-        monkeypatch.setattr(blocks.Teacher, "final_at", lambda self, pos: blocks.gather_positions(self.final, (pos + 1).clamp(max=self.final.shape[1] - 1)))
+        monkeypatch.setattr(
+            blocks.Teacher, "final_at", lambda self, pos: blocks.gather_positions(self.final, (pos + 1).clamp(max=self.final.shape[1] - 1))
+        )
     else:
         monkeypatch.setattr(blocks.Teacher, "greedy", _late(blocks.Teacher.greedy))
-    value, grad = compare(lambda: reference_sft_loss(target, drafter, items, cfg, 7), lambda: trainer_sft_loss(target, drafter, items, cfg, 7), drafter)
+    value, grad = compare(
+        lambda: reference_sft_loss(target, drafter, items, cfg, 7), lambda: trainer_sft_loss(target, drafter, items, cfg, 7), drafter
+    )
     assert value > 1e-3 or grad > 1e-2, (value, grad)

@@ -45,8 +45,15 @@ _RealGenerator = torch.Generator
 aten = torch.ops.aten
 
 # ops whose output shape depends on tensor values: on CUDA the host waits for the device to learn the size
-_DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
-                   aten.unique_consecutive.default, aten._local_scalar_dense.default, aten.equal.default}
+_DATA_DEPENDENT = {
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten._local_scalar_dense.default,
+    aten.equal.default,
+}
 _INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 _COPIES = {aten.copy_.default}
 
@@ -126,9 +133,16 @@ class FakeCudaTensor(torch.Tensor):
     def __new__(cls, inner: torch.Tensor):
         if isinstance(inner, FakeCudaTensor):
             return inner
-        out = torch.Tensor._make_wrapper_subclass(cls, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
-                                                  dtype=inner.dtype, device=inner.device, layout=inner.layout,
-                                                  requires_grad=inner.requires_grad)
+        out = torch.Tensor._make_wrapper_subclass(
+            cls,
+            inner.size(),
+            strides=inner.stride(),
+            storage_offset=inner.storage_offset(),
+            dtype=inner.dtype,
+            device=inner.device,
+            layout=inner.layout,
+            requires_grad=inner.requires_grad,
+        )
         out.inner = inner
         return out
 
@@ -234,8 +248,10 @@ class _Mode(TorchFunctionMode):
         generator = kwargs.get("generator")
         on_device = _is_cuda(device) or any(isinstance(a, FakeCudaTensor) for a in tree_flatten((args, kwargs))[0])
         if generator is not None and getattr(generator, "fake_cuda", False) != on_device:
-            _problem(f"{getattr(func, '__name__', func)}: a {'CUDA' if not on_device else 'CPU'} generator for "
-                     f"{'CPU' if not on_device else 'CUDA'} tensors")
+            _problem(
+                f"{getattr(func, '__name__', func)}: a {'CUDA' if not on_device else 'CPU'} generator for "
+                f"{'CPU' if not on_device else 'CUDA'} tensors"
+            )
         if _is_cuda(device):
             if func in (torch.tensor, torch.as_tensor):
                 _h2d(f"torch.{func.__name__}")
@@ -305,16 +321,24 @@ class FakeCuda(contextlib.AbstractContextManager):
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> FakeCuda:
-        patches = {"torch.Generator": FakeCudaGenerator, "torch.cuda.is_available": lambda: True,
-                   "torch.cuda.device_count": lambda: 1, "torch.cuda.current_device": lambda: 0,
-                   "torch.cuda.set_device": lambda device: None, "torch.cuda.synchronize": lambda device=None: _sync("cuda.synchronize"),
-                   "torch.cuda.Event": _Event, "torch.cuda.is_bf16_supported": lambda *a, **k: True,
-                   "torch.cuda.max_memory_allocated": lambda device=None: 0, "torch.cuda.memory_allocated": lambda device=None: 0,
-                   "torch.cuda.reset_peak_memory_stats": lambda device=None: None, "torch.cuda.get_device_name": lambda device=None: "fake-cuda",
-                   "torch.cuda.empty_cache": lambda: None,
-                   # nn.Module.to would set `param.data` to the fake tensor (which drops the wrapper): make it swap instead
-                   "torch._has_compatible_shallow_copy_type": _compatible,
-                   "torch._C._group_tensors_by_device_and_dtype": _group}
+        patches = {
+            "torch.Generator": FakeCudaGenerator,
+            "torch.cuda.is_available": lambda: True,
+            "torch.cuda.device_count": lambda: 1,
+            "torch.cuda.current_device": lambda: 0,
+            "torch.cuda.set_device": lambda device: None,
+            "torch.cuda.synchronize": lambda device=None: _sync("cuda.synchronize"),
+            "torch.cuda.Event": _Event,
+            "torch.cuda.is_bf16_supported": lambda *a, **k: True,
+            "torch.cuda.max_memory_allocated": lambda device=None: 0,
+            "torch.cuda.memory_allocated": lambda device=None: 0,
+            "torch.cuda.reset_peak_memory_stats": lambda device=None: None,
+            "torch.cuda.get_device_name": lambda device=None: "fake-cuda",
+            "torch.cuda.empty_cache": lambda: None,
+            # nn.Module.to would set `param.data` to the fake tensor (which drops the wrapper): make it swap instead
+            "torch._has_compatible_shallow_copy_type": _compatible,
+            "torch._C._group_tensors_by_device_and_dtype": _group,
+        }
         for target, value in patches.items():
             self._stack.enter_context(mock.patch(target, value))
         self._stack.enter_context(_Mode())

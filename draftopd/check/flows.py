@@ -30,7 +30,9 @@ from ..models.load import tiny_target
 from ..models.target import Target
 
 DRAFT_SHAPE = DrafterConfig(block_size=8, mask_token_id=62)  # MASK: a target row (the reference DFlash format)
-SFT = SFTConfig(steps=2, batch_size=4, anchors_per_seq=8, save_every=1000, autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
+SFT = SFTConfig(
+    steps=2, batch_size=4, anchors_per_seq=8, save_every=1000, autocast="float32", optim=OptimConfig(lr=2e-3, min_warmup_steps=1)
+)
 
 
 @dataclass
@@ -92,7 +94,9 @@ def _sft(bench: Bench, name: str, arch: str = "dflash", cached: bool = False, vo
         items = FeatureCache.open(folder, bench.target, drafter.spec.target_layer_ids, need_final=True)
     if vocab:
         drafter.set_draft_vocab(frequent_tokens(items, bench.target.vocab_size, vocab, "text"))
-    train_sft(bench.target, drafter, items, replace(SFT, loss=loss, labels="greedy" if cached else "text"), bench.out / name, progress=False)
+    train_sft(
+        bench.target, drafter, items, replace(SFT, loss=loss, labels="greedy" if cached else "text"), bench.out / name, progress=False
+    )
     return {"metrics": _metrics(bench.out / name)}
 
 
@@ -102,8 +106,17 @@ def _opd(bench: Bench, name: str, **cfg) -> dict:
 
     loss = LossConfig(mode=cfg.pop("mode", "estimate"))
     rollout = DecodeConfig(max_new_tokens=16, temperature=cfg.pop("temperature", 0.0))
-    opd = OPDConfig(steps=2, prompts_per_rollout=4, rollouts_per_step=1, replay_batch=2, rollout=rollout, autocast="float32",
-                    loss=loss, optim=OptimConfig(lr=2e-3, min_warmup_steps=1), **cfg)
+    opd = OPDConfig(
+        steps=2,
+        prompts_per_rollout=4,
+        rollouts_per_step=1,
+        replay_batch=2,
+        rollout=rollout,
+        autocast="float32",
+        loss=loss,
+        optim=OptimConfig(lr=2e-3, min_warmup_steps=1),
+        **cfg,
+    )
     train_opd(bench.target, bench.drafter(), bench.prompts, opd, bench.out / name, progress=False)
     return {"metrics": _metrics(bench.out / name)}
 
@@ -111,7 +124,16 @@ def _opd(bench: Bench, name: str, **cfg) -> dict:
 def _regenerate(bench: Bench) -> dict:
     prompts = [Prompt(str(i), "bench", (("user", "x"),)) for i in range(len(bench.prompts))]
     cfg = DecodeConfig(max_new_tokens=16, temperature=0.8, seed=3)
-    regenerate(bench.target, prompts, bench.out / "regen.jsonl", cfg, drafter=bench.drafter(), batch_size=4, prompt_ids=bench.prompts, progress=False)
+    regenerate(
+        bench.target,
+        prompts,
+        bench.out / "regen.jsonl",
+        cfg,
+        drafter=bench.drafter(),
+        batch_size=4,
+        prompt_ids=bench.prompts,
+        progress=False,
+    )
     return {"responses": [list(e.response_ids) for e in load_regenerated(bench.out / "regen.jsonl").examples]}
 
 
@@ -121,15 +143,23 @@ def _features(bench: Bench) -> dict:
     layers = bench.drafter().spec.target_layer_ids
     build_feature_cache(bench.target, bench.examples(), bench.out / "features", layers, keep_final=True, shard_tokens=64, progress=False)
     cache = FeatureCache.open(bench.out / "features", bench.target, layers, need_final=True)
-    return {"sequences": len(cache), "greedy": [cache[i].greedy.tolist() for i in range(len(cache))],
-            "feature_sum": round(sum(float(cache[i].features.float().sum()) for i in range(len(cache))), 2)}
+    return {
+        "sequences": len(cache),
+        "greedy": [cache[i].greedy.tolist() for i in range(len(cache))],
+        "feature_sum": round(sum(float(cache[i].features.float().sum()) for i in range(len(cache))), 2),
+    }
 
 
 def _eval(bench: Bench) -> dict:
     from ..eval.evaluate import evaluate
 
-    report = evaluate(bench.target, bench.drafter().to(bench.dtype), EvalConfig(num_prompts=4, bootstrap_resamples=50, decode=DecodeConfig(max_new_tokens=16)),
-                      prompt_sets={"bench": bench.prompts[:4]}, progress=False)
+    report = evaluate(
+        bench.target,
+        bench.drafter().to(bench.dtype),
+        EvalConfig(num_prompts=4, bootstrap_resamples=50, decode=DecodeConfig(max_new_tokens=16)),
+        prompt_sets={"bench": bench.prompts[:4]},
+        progress=False,
+    )
     row = report.row("all")
     return {"tau": round(row.tau, 6), "rounds": row.rounds, "mismatches": row.mismatches}
 
@@ -137,7 +167,9 @@ def _eval(bench: Bench) -> dict:
 def _replay(bench: Bench) -> dict:
     from ..eval.replay import replay_tau
 
-    outputs = [t.output for t in autoregressive_generate(bench.target, bench.prompts, DecodeConfig(max_new_tokens=24, stop_at_eos=False)).traces]
+    outputs = [
+        t.output for t in autoregressive_generate(bench.target, bench.prompts, DecodeConfig(max_new_tokens=24, stop_at_eos=False)).traces
+    ]
     drafter = bench.drafter()
     replayed = replay_tau(bench.target, drafter, bench.prompts, outputs)
     decoded = generate(bench.target, drafter, bench.prompts, DecodeConfig(max_new_tokens=24, stop_at_eos=False))
@@ -152,11 +184,16 @@ def _interop(bench: Bench) -> dict:
     for name, export, load in (("dflash", export_dflash, import_dflash), ("speculators", export_speculators, import_speculators)):
         export(drafter, bench.out / name, bench.target)
         back = load(bench.out / name, bench.target)
-        out[name] = all(torch.equal(a.cpu().float(), b.cpu().float()) for a, b in zip(drafter.state_dict().values(), back.state_dict().values()))
+        out[name] = all(
+            torch.equal(a.cpu().float(), b.cpu().float()) for a, b in zip(drafter.state_dict().values(), back.state_dict().values())
+        )
     from ..models.drafter import save_drafter
 
     save_drafter(drafter, bench.out / "saved")
-    out["saved"] = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(drafter.state_dict().values(), load_drafter(bench.out / "saved", bench.target).state_dict().values()))
+    out["saved"] = all(
+        torch.equal(a.cpu(), b.cpu())
+        for a, b in zip(drafter.state_dict().values(), load_drafter(bench.out / "saved", bench.target).state_dict().values())
+    )
     return out
 
 

@@ -145,8 +145,10 @@ def model_config(name_or_path: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
-        raise ConfigError(f"--target-config {name_or_path}: cannot read a model config there ({type(err).__name__}); give a "
-                          f"config.json, a model folder, or one of {names}") from None
+        raise ConfigError(
+            f"--target-config {name_or_path}: cannot read a model config there ({type(err).__name__}); give a "
+            f"config.json, a model folder, or one of {names}"
+        ) from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise ConfigError(f"--target-config {name_or_path}: not a Hugging Face model config (no model_type)")
     return config

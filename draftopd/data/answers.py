@@ -29,8 +29,9 @@ def sharegpt_answers() -> dict[str, str]:
     return answers
 
 
-def load_answers(tokenizer, *, limit: int, split: str = "train", seed: int = 0, max_prompt_tokens: int = 512,
-                 max_response_tokens: int = 512) -> list[SFTExample]:
+def load_answers(
+    tokenizer, *, limit: int, split: str = "train", seed: int = 0, max_prompt_tokens: int = 512, max_response_tokens: int = 512
+) -> list[SFTExample]:
     """Up to `limit` (prompt, existing answer) examples, answers cut to `max_response_tokens`."""
     prompts = load_prompts("sharegpt", split=split, limit=limit, seed=seed).prompts
     answers = sharegpt_answers()

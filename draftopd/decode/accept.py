@@ -54,7 +54,7 @@ class RowRandom:
         seed = self.seeds[:, None]
         h = _fmix32((counter & _M32) ^ _fmix32(seed & _M32))
         h = _fmix32(h ^ _fmix32(((seed >> 32) & _M32) ^ 0x9E3779B9) ^ (counter >> 32))
-        return ((h >> 8).float() * 2.0 ** -24).view(-1, *shape)
+        return ((h >> 8).float() * 2.0**-24).view(-1, *shape)
 
     def select(self, index: Tensor) -> RowRandom:
         return RowRandom(self.seeds[index], self.draws[index])
@@ -94,8 +94,9 @@ def accept_greedy(target_logits: Tensor, draft: Tensor, limit: Tensor | None = N
     return Acceptance(accepted, choice.gather(1, accepted[:, None])[:, 0])
 
 
-def accept_sampling(target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: Gen,
-                    limit: Tensor | None = None) -> Acceptance:
+def accept_sampling(
+    target_logits: Tensor, draft_logits: Tensor, draft: Tensor, temperature: float, gen: Gen, limit: Tensor | None = None
+) -> Acceptance:
     """target_logits (b, K+1, V), draft_logits (b, K, V) the drafter's logits the drafts were sampled from."""
     p = torch.softmax(target_logits.float() / temperature, -1)
     q = torch.softmax(draft_logits.float() / temperature, -1)

@@ -23,8 +23,8 @@ def lookup(tokens: list[int], ngram: int, k: int) -> list[int]:
         return []
     tail = tokens[-ngram:]
     for i in range(len(tokens) - ngram):  # the occurrence ending at the last token itself is not "earlier"
-        if tokens[i] == tail[0] and tokens[i:i + ngram] == tail:
-            return tokens[i + ngram:i + ngram + k]
+        if tokens[i] == tail[0] and tokens[i : i + ngram] == tail:
+            return tokens[i + ngram : i + ngram + k]
     return []
 
 

@@ -86,8 +86,16 @@ class Round:
     looked_up: list[bool]  # per row: the drafts came from prompt lookup, not the drafter
 
 
-def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, temperature: float, gen,
-                num_drafts: int | None = None, confidence: float = 0.0) -> Draft:
+def draft_block(
+    drafter: Drafter,
+    ctx: DraftContext,
+    anchor: Tensor,
+    anchor_pos: Tensor,
+    temperature: float,
+    gen,
+    num_drafts: int | None = None,
+    confidence: float = 0.0,
+) -> Draft:
     """DFlash fills the block in one forward; EAGLE-3 picks slot k before drafting slot k+1 (`Drafter.draft`).
     `num_drafts` (default K) drafts are proposed; an EAGLE-3 chain stops early once `confidence` rules out every row."""
     pick = lambda step_logits: sample(step_logits, temperature, gen)  # noqa: E731
@@ -95,8 +103,9 @@ def draft_block(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos:
     return Draft(tokens, logits)
 
 
-def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, cfg: DecodeConfig, gen,
-            history: list[list[int]]) -> Proposal:
+def propose(
+    drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, cfg: DecodeConfig, gen, history: list[list[int]]
+) -> Proposal:
     """The round's drafts: prompt lookup's where a row's text (`history`, ending at its anchor) repeats its last
     `lookup_ngram` tokens, else the drafter's block cut by `num_drafts` and `draft_confidence` (`num_drafts` 0: none,
     that row's round is a plain decoding step). Lookup runs on the host over committed text; its drafts reach the
@@ -117,8 +126,12 @@ def propose(drafter: Drafter, ctx: DraftContext, anchor: Tensor, anchor_pos: Ten
     tokens = torch.where(pick, pad_slots(copied.tokens, width, 0), pad_slots(draft.tokens, width, 0))
     logits = torch.where(pick[..., None], pad_slots(copied.logits.to(draft.logits.dtype), width, 0.0), pad_slots(draft.logits, width, 0.0))
     drafted = torch.full_like(anchor, draft.tokens.shape[1]) if limit is None else limit
-    return Proposal(Draft(tokens, logits), torch.where(pick[:, 0], lengths, drafted), looked_up,
-                    None if own is None else max([own] + [len(f) for f in found]))
+    return Proposal(
+        Draft(tokens, logits),
+        torch.where(pick[:, 0], lengths, drafted),
+        looked_up,
+        None if own is None else max([own] + [len(f) for f in found]),
+    )
 
 
 def _lookup_draft(found: list[list[int]], vocab_size: int, device: torch.device) -> tuple[Draft, Tensor]:
@@ -130,8 +143,17 @@ def _lookup_draft(found: list[list[int]], vocab_size: int, device: torch.device)
     return Draft(tokens, point_mass(tokens, vocab_size)), rows[:, 0]
 
 
-def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx: ContextCache, anchor: Tensor,
-                      cfg: DecodeConfig, gen, clock: PhaseClock, history: list[list[int]] = ()) -> Round:
+def speculative_round(
+    target: Target,
+    drafter: Drafter,
+    state: TargetState,
+    ctx: ContextCache,
+    anchor: Tensor,
+    cfg: DecodeConfig,
+    gen,
+    clock: PhaseClock,
+    history: list[list[int]] = (),
+) -> Round:
     """One round for every row: draft, verify, accept, and the verified block's context written into `ctx`. The
     caller commits (`commit_round`) once it has the round on the host. `history`: each row's text up to its anchor
     (prompt lookup reads it). Time in the drafter (drafting and projecting the new context) counts as draft, the
@@ -148,8 +170,9 @@ def speculative_round(target: Target, drafter: Drafter, state: TargetState, ctx:
     acceptance = accept(verified.logits, proposal, cfg.temperature, gen, limit)
     target_logp = token_logprobs(verified.logits[:, :-1], proposal.tokens)
     clock.lap("other")
-    new = drafter.project_context(verified.features, slots_written, torch.ones_like(block, dtype=torch.bool),
-                                  following_tokens(proposal, acceptance))
+    new = drafter.project_context(
+        verified.features, slots_written, torch.ones_like(block, dtype=torch.bool), following_tokens(proposal, acceptance)
+    )
     ctx.write(new, slots_written)
     clock.lap("draft")
     k = slots(cfg, drafter)
@@ -198,7 +221,9 @@ def prompt_following_tokens(prompts: list[list[int]], first: Tensor, pad_id: int
     """The token after each prefill slot, right-padded as `Target.prefill` lays prompts out; each prompt's last token is
     followed by the first new token `first` (b,) (placed on the device: no host sync)."""
     width = max(len(p) for p in prompts)
-    rows = torch.tensor([[len(p) - 1] + list(p[1:]) + [pad_id] * (width - len(p) + 1) for p in prompts], dtype=torch.long, device=first.device)
+    rows = torch.tensor(
+        [[len(p) - 1] + list(p[1:]) + [pad_id] * (width - len(p) + 1) for p in prompts], dtype=torch.long, device=first.device
+    )
     return rows[:, 1:].scatter(1, rows[:, :1], first[:, None])  # one copy to the device
 
 
@@ -209,19 +234,24 @@ def accept(target_logits: Tensor, draft: Draft, temperature: float, gen, limit: 
 
 
 @torch.no_grad()
-def generate(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
-             row_seeds: list[int] | None = None) -> Generation:
+def generate(
+    target: Target, drafter: Drafter, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(), row_seeds: list[int] | None = None
+) -> Generation:
     """Speculative generation for a batch of prompts; lossless at every temperature. One host sync a round (two with
     `draft_confidence`): the round's results come to the host in one copy (`HostRound`)."""
     target.check_prompts(prompts, cfg.max_new_tokens + drafter.block_size)
     if cfg.num_drafts is not None and cfg.num_drafts > drafter.block_size - 1:
-        raise ValueError(f"num_drafts {cfg.num_drafts}: this drafter drafts at most {drafter.block_size - 1} tokens a round (block size {drafter.block_size})")
+        raise ValueError(
+            f"num_drafts {cfg.num_drafts}: this drafter drafts at most {drafter.block_size - 1} tokens a round (block size {drafter.block_size})"
+        )
     gen = generators(cfg.seed, row_seeds, len(prompts), target.device)
     clock, traces = PhaseClock(target.device), [RolloutTrace(list(p)) for p in prompts]
     capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + drafter.block_size
     state, out = target.prefill(prompts, drafter.spec.target_layer_ids, capacity)
     anchor = sample(out.last_logits, cfg.temperature, gen)
-    prompt_ctx = drafter.project_context(out.features, state.positions, state.valid, prompt_following_tokens(prompts, anchor, target.pad_id))
+    prompt_ctx = drafter.project_context(
+        out.features, state.positions, state.valid, prompt_following_tokens(prompts, anchor, target.pad_id)
+    )
     ctx = ContextCache.start(prompt_ctx, state.lengths, state.host_lengths, capacity)
     _append(traces, [[t] for t in anchor.tolist()], target.eos_ids, cfg)
     clock.lap("prefill")
@@ -263,13 +293,27 @@ class HostRound:
     def of(rnd: Round, keep_logits: bool = False) -> HostRound:
         k = rnd.target_logp.shape[1]  # an EAGLE-3 chain stopped by draft_confidence drafted fewer: -1 / NaN past its end
         draft_logp = pad_slots(token_logprobs(rnd.draft.logits, rnd.draft.tokens), k, float("nan"))
-        columns = [rnd.acceptance.accepted[:, None], rnd.acceptance.next_token[:, None], rnd.proposed[:, None],
-                   pad_slots(rnd.draft.tokens, k, -1), rnd.target_logp, draft_logp]
+        columns = [
+            rnd.acceptance.accepted[:, None],
+            rnd.acceptance.next_token[:, None],
+            rnd.proposed[:, None],
+            pad_slots(rnd.draft.tokens, k, -1),
+            rnd.target_logp,
+            draft_logp,
+        ]
         host = torch.cat([c.double() for c in columns], 1).cpu()  # token ids and float32 values are exact in float64
         ints = host[:, : 3 + k].long()
         logits = pad_slots(rnd.draft.logits, k, float("nan")).cpu() if keep_logits else None
-        return HostRound(ints[:, 0].tolist(), ints[:, 1].tolist(), ints[:, 2].tolist(), list(rnd.looked_up), ints[:, 3:],
-                         host[:, 3 + k: 3 + 2 * k].float(), host[:, 3 + 2 * k:].float(), logits)
+        return HostRound(
+            ints[:, 0].tolist(),
+            ints[:, 1].tolist(),
+            ints[:, 2].tolist(),
+            list(rnd.looked_up),
+            ints[:, 3:],
+            host[:, 3 + k : 3 + 2 * k].float(),
+            host[:, 3 + 2 * k :].float(),
+            logits,
+        )
 
     def committed(self) -> list[list[int]]:
         """Each row's committed tokens: its accepted drafts and the target's own token."""
@@ -312,8 +356,9 @@ def _select(gen: Gen, index: Tensor) -> Gen:
 
 
 @torch.no_grad()
-def autoregressive_generate(target: Target, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(),
-                            row_seeds: list[int] | None = None) -> Generation:
+def autoregressive_generate(
+    target: Target, prompts: list[list[int]], cfg: DecodeConfig = DecodeConfig(), row_seeds: list[int] | None = None
+) -> Generation:
     """Baseline: one target forward per token through the same prefill/verify/commit path (one host sync a token)."""
     target.check_prompts(prompts, cfg.max_new_tokens)
     gen = generators(cfg.seed, row_seeds, len(prompts), target.device)

@@ -52,12 +52,21 @@ def summarize(gen: Generation, block_size: int | None = None) -> DecodeStats:
     slot_acc = [sum(1 for r in accepted if r >= k) / max(len(accepted), 1) for k in range(1, slots + 1)]
     per_round = max(gen.timing.rounds, 1) / 1000.0
     return DecodeStats(
-        sequences=len(traces), new_tokens=new_tokens, rounds=rounds,
-        tau=(new_tokens - len(traces)) / max(rounds, 1), slot_acceptance=slot_acc, accepted_histogram=hist,
+        sequences=len(traces),
+        new_tokens=new_tokens,
+        rounds=rounds,
+        tau=(new_tokens - len(traces)) / max(rounds, 1),
+        slot_acceptance=slot_acc,
+        accepted_histogram=hist,
         tokens_per_s=new_tokens / max(gen.timing.total_s, 1e-9),
-        ms_per_round={"draft": gen.timing.draft_s / per_round, "verify": gen.timing.verify_s / per_round,
-                      "other": gen.timing.other_s / per_round, "prefill_total": gen.timing.prefill_s * 1000},
-        looked_up=sum(x for t in traces for x in t.looked_up) / max(len(accepted), 1))
+        ms_per_round={
+            "draft": gen.timing.draft_s / per_round,
+            "verify": gen.timing.verify_s / per_round,
+            "other": gen.timing.other_s / per_round,
+            "prefill_total": gen.timing.prefill_s * 1000,
+        },
+        looked_up=sum(x for t in traces for x in t.looked_up) / max(len(accepted), 1),
+    )
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,9 @@ def ratio_of_sums(num: Sequence[float], den: Sequence[float]) -> float:
     return float(sum(num)) / max(float(sum(den)), _TINY)
 
 
-def bootstrap_ratio_ci(num: Sequence[float], den: Sequence[float], *, resamples: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_ratio_ci(
+    num: Sequence[float], den: Sequence[float], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of R = sum num_i / sum den_i, items i (prompts) resampled with replacement:
     R*_b = sum num_{I_b,i} / sum den_{I_b,i}, interval = quantiles (1 -/+ level)/2 of R*_1..R*_B."""
     if len(num) != len(den):
@@ -137,8 +147,16 @@ def ratio_text(ratio: float, low: float, high: float) -> str:
     return f"{ratio:.3f} [{low:.3f}, {high:.3f}]" + (" (no difference)" if low <= 1 <= high else "")
 
 
-def paired_ratio_ci(num_a: Sequence[float], den_a: Sequence[float], num_b: Sequence[float], den_b: Sequence[float], *,
-                    resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def paired_ratio_ci(
+    num_a: Sequence[float],
+    den_a: Sequence[float],
+    num_b: Sequence[float],
+    den_b: Sequence[float],
+    *,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
     """Paired percentile bootstrap interval of R_b / R_a, R_x = sum num_x,i / sum den_x,i, where item i is the same
     prompt under measurement a and b: each resample draws one index set I_b and uses it for both,
     (sum num_b[I_b] / sum den_b[I_b]) / (sum num_a[I_b] / sum den_a[I_b])."""

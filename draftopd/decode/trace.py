@@ -31,12 +31,12 @@ class RolloutTrace:
     prompt: list[int]
     output: list[int] = field(default_factory=list)
     anchors: list[int] = field(default_factory=list)
-    drafts: list[Tensor] = field(default_factory=list)       # each (K,) long
+    drafts: list[Tensor] = field(default_factory=list)  # each (K,) long
     accepted: list[int] = field(default_factory=list)
-    proposed: list[int] = field(default_factory=list)     # drafts the target checked (<= K)
-    looked_up: list[bool] = field(default_factory=list)   # the round's drafts came from prompt lookup (DecodeConfig.lookup_ngram)
+    proposed: list[int] = field(default_factory=list)  # drafts the target checked (<= K)
+    looked_up: list[bool] = field(default_factory=list)  # the round's drafts came from prompt lookup (DecodeConfig.lookup_ngram)
     target_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
-    draft_logp: list[Tensor] = field(default_factory=list)   # each (K,) float
+    draft_logp: list[Tensor] = field(default_factory=list)  # each (K,) float
     draft_logits: list[Tensor] = field(default_factory=list)  # each (K, V), only with record_draft_logits
     finish: str = ""  # "eos" | "length" | "loop" (DecodeConfig.stop_at_loop)
     loop_watch: LoopWatch | None = field(default=None, repr=False, compare=False)  # only with stop_at_loop
@@ -51,10 +51,14 @@ class RolloutTrace:
 
     def stacked(self) -> dict[str, Tensor]:
         """Round fields as tensors: anchors (M,), drafts (M, K), accepted (M,), proposed (M,), target_logp / draft_logp (M, K)."""
-        return {"anchors": torch.tensor(self.anchors, dtype=torch.long), "drafts": torch.stack(self.drafts),
-                "accepted": torch.tensor(self.accepted, dtype=torch.long),
-                "proposed": torch.tensor(self.proposed or [len(d) for d in self.drafts], dtype=torch.long), "target_logp": torch.stack(self.target_logp),
-                "draft_logp": torch.stack(self.draft_logp)}
+        return {
+            "anchors": torch.tensor(self.anchors, dtype=torch.long),
+            "drafts": torch.stack(self.drafts),
+            "accepted": torch.tensor(self.accepted, dtype=torch.long),
+            "proposed": torch.tensor(self.proposed or [len(d) for d in self.drafts], dtype=torch.long),
+            "target_logp": torch.stack(self.target_logp),
+            "draft_logp": torch.stack(self.draft_logp),
+        }
 
 
 @dataclass

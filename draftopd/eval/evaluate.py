@@ -109,8 +109,10 @@ class EvalReport:
 
     def table(self) -> str:
         """One line per row; intervals are the 95% bootstrap over prompts, e.g. `2.31 [2.10, 2.52]`."""
-        header = (f"{'set':<14} {'prompts':>7} {'tau [95% CI]':>20} {'speedup [95% CI]':>23} {'spec tok/s':>11} "
-                  f"{'AR tok/s':>9} {'match':>7} {'1st div':>7} {'mismatches':>10}")
+        header = (
+            f"{'set':<14} {'prompts':>7} {'tau [95% CI]':>20} {'speedup [95% CI]':>23} {'spec tok/s':>11} "
+            f"{'AR tok/s':>9} {'match':>7} {'1st div':>7} {'mismatches':>10}"
+        )
         lines = [header, "-" * len(header)]
         for r in self.rows:
             tau = f"{r.tau:.2f} [{r.tau_ci[0]:.2f}, {r.tau_ci[1]:.2f}]"
@@ -118,8 +120,10 @@ class EvalReport:
             match = "-" if r.match_rate is None else f"{100 * r.match_rate:.0f}%"
             div = "-" if r.mean_first_divergence is None else f"{r.mean_first_divergence:.1f}"
             mism = "-" if r.mismatches is None else str(r.mismatches)
-            lines.append(f"{r.name[:14]:<14} {r.prompts:>7} {tau:>20} {speed:>23} {r.spec_tokens_per_s:>11.1f} "
-                         f"{r.ar_tokens_per_s:>9.1f} {match:>7} {div:>7} {mism:>10}")
+            lines.append(
+                f"{r.name[:14]:<14} {r.prompts:>7} {tau:>20} {speed:>23} {r.spec_tokens_per_s:>11.1f} "
+                f"{r.ar_tokens_per_s:>9.1f} {match:>7} {div:>7} {mism:>10}"
+            )
         return "\n".join(lines)
 
     @classmethod
@@ -159,8 +163,7 @@ class TauComparison:
         return not self.ci[0] <= 1.0 <= self.ci[1]
 
 
-def compare_tau(a: EvalReport, b: EvalReport, set_name: str = "all", *, resamples: int = 2000,
-                seed: int = 0) -> TauComparison:
+def compare_tau(a: EvalReport, b: EvalReport, set_name: str = "all", *, resamples: int = 2000, seed: int = 0) -> TauComparison:
     """Paired bootstrap of tau_B / tau_A on row `set_name` of two reports over the same prompts (matched by set and
     id): each resample draws one prompt index set I and computes (sum committed_B / sum rounds_B) /
     (sum committed_A / sum rounds_A) over I. Raises ValueError when the reports hold different prompts."""
@@ -186,15 +189,24 @@ def _merge(gens: list[Generation]) -> Generation:
 
 def _counts_only(gen: Generation) -> Generation:
     """`gen` with each trace reduced to the host lists `summarize` reads (no tensors): cheap to gather across ranks."""
-    traces = [RolloutTrace(t.prompt, t.output, t.anchors, accepted=t.accepted, proposed=t.proposed, looked_up=t.looked_up,
-                           finish=t.finish) for t in gen.traces]
+    traces = [
+        RolloutTrace(t.prompt, t.output, t.anchors, accepted=t.accepted, proposed=t.proposed, looked_up=t.looked_up, finish=t.finish)
+        for t in gen.traces
+    ]
     return Generation(traces, gen.timing)
 
 
 def _prompt_stats(set_name: str, prompt_id: str, ar: Generation, sd: Generation, greedy: bool) -> PromptStats:
     a, s = ar.traces[0], sd.traces[0]
-    return PromptStats(set_name, prompt_id, max(len(s.output) - 1, 0), s.rounds, ar.timing.total_s, sd.timing.total_s,
-                       first_divergence(a.output, s.output) if greedy else None)
+    return PromptStats(
+        set_name,
+        prompt_id,
+        max(len(s.output) - 1, 0),
+        s.rounds,
+        ar.timing.total_s,
+        sd.timing.total_s,
+        first_divergence(a.output, s.output) if greedy else None,
+    )
 
 
 def _equality(stats: list[PromptStats], greedy: bool) -> dict:
@@ -203,31 +215,58 @@ def _equality(stats: list[PromptStats], greedy: bool) -> dict:
         return {"match_rate": None, "mean_first_divergence": None, "mismatches": None, "mismatched_ids": ()}
     diverged = [p for p in stats if p.first_divergence is not None]
     mean_div = sum(p.first_divergence for p in diverged) / len(diverged) if diverged else None
-    return {"match_rate": 1 - len(diverged) / len(stats), "mean_first_divergence": mean_div,
-            "mismatches": len(diverged), "mismatched_ids": tuple(p.id for p in diverged)}
+    return {
+        "match_rate": 1 - len(diverged) / len(stats),
+        "mean_first_divergence": mean_div,
+        "mismatches": len(diverged),
+        "mismatched_ids": tuple(p.id for p in diverged),
+    }
 
 
 def _intervals(stats: list[PromptStats], resamples: int, seed: int) -> dict:
     """Bootstrap over prompts: tau = sum committed / sum rounds, speedup = sum AR s / sum speculative s."""
     kw = dict(resamples=resamples, level=LEVEL, seed=seed)
-    return {"tau_ci": bootstrap_ratio_ci([p.committed for p in stats], [p.rounds for p in stats], **kw),
-            "speedup_ci": bootstrap_ratio_ci([p.ar_seconds for p in stats], [p.spec_seconds for p in stats], **kw)}
+    return {
+        "tau_ci": bootstrap_ratio_ci([p.committed for p in stats], [p.rounds for p in stats], **kw),
+        "speedup_ci": bootstrap_ratio_ci([p.ar_seconds for p in stats], [p.spec_seconds for p in stats], **kw),
+    }
 
 
-def _set_result(name: str, ar_gens: list[Generation], sd_gens: list[Generation], block_size: int,
-                stats: list[PromptStats], greedy: bool, cfg: EvalConfig) -> SetResult:
+def _set_result(
+    name: str,
+    ar_gens: list[Generation],
+    sd_gens: list[Generation],
+    block_size: int,
+    stats: list[PromptStats],
+    greedy: bool,
+    cfg: EvalConfig,
+) -> SetResult:
     ar, sd = _merge(ar_gens), _merge(sd_gens)
     a, s = summarize(ar), summarize(sd, block_size)
     ar_ms_tok = a.ms_per_round["verify"] + a.ms_per_round["other"]
     spec_ms = {k: s.ms_per_round[k] for k in ("draft", "verify", "other")}
     denom = spec_ms["draft"] + spec_ms["verify"]
     return SetResult(
-        name=name, prompts=len(sd.traces), tau=s.tau, slot_acceptance=tuple(s.slot_acceptance),
-        accepted_histogram=tuple(s.accepted_histogram), spec_tokens_per_s=s.tokens_per_s, ar_tokens_per_s=a.tokens_per_s,
-        speedup=ar.timing.total_s / max(sd.timing.total_s, 1e-9), ideal_speedup=s.tau * ar_ms_tok / max(denom, 1e-9),
-        spec_ms_per_round=spec_ms, ar_ms_per_token=ar_ms_tok, spec_seconds=sd.timing.total_s, ar_seconds=ar.timing.total_s,
-        spec_new_tokens=s.new_tokens, ar_new_tokens=a.new_tokens, rounds=s.rounds,
-        **_intervals(stats, cfg.bootstrap_resamples, cfg.decode.seed), **_equality(stats, greedy), per_prompt=tuple(stats))
+        name=name,
+        prompts=len(sd.traces),
+        tau=s.tau,
+        slot_acceptance=tuple(s.slot_acceptance),
+        accepted_histogram=tuple(s.accepted_histogram),
+        spec_tokens_per_s=s.tokens_per_s,
+        ar_tokens_per_s=a.tokens_per_s,
+        speedup=ar.timing.total_s / max(sd.timing.total_s, 1e-9),
+        ideal_speedup=s.tau * ar_ms_tok / max(denom, 1e-9),
+        spec_ms_per_round=spec_ms,
+        ar_ms_per_token=ar_ms_tok,
+        spec_seconds=sd.timing.total_s,
+        ar_seconds=ar.timing.total_s,
+        spec_new_tokens=s.new_tokens,
+        ar_new_tokens=a.new_tokens,
+        rounds=s.rounds,
+        **_intervals(stats, cfg.bootstrap_resamples, cfg.decode.seed),
+        **_equality(stats, greedy),
+        per_prompt=tuple(stats),
+    )
 
 
 def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[int]]]]:
@@ -237,15 +276,16 @@ def load_eval_sets(target, cfg: EvalConfig) -> dict[str, list[tuple[str, list[in
         raise TargetError(f"target '{target.name}' has no tokenizer: pass pre-tokenized prompt_sets")
     sets = {}
     for name in cfg.sets:
-        prompts = load_prompts(name, limit=cfg.skip_prompts + cfg.num_prompts, seed=cfg.decode.seed).prompts[cfg.skip_prompts:]
+        prompts = load_prompts(name, limit=cfg.skip_prompts + cfg.num_prompts, seed=cfg.decode.seed).prompts[cfg.skip_prompts :]
         if not prompts:
             raise DataError(f"{name}: no prompts left after --skip-prompts {cfg.skip_prompts}")
         sets[name] = [(p.id, render_prompt(p, target.tokenizer)) for p in prompts]
     return sets
 
 
-def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: dict[str, list[list[int]]] | None = None,
-             progress: bool = True) -> EvalReport:
+def evaluate(
+    target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: dict[str, list[list[int]]] | None = None, progress: bool = True
+) -> EvalReport:
     """tau and speedup of `drafter` on `target`, per prompt set of `cfg.sets` plus an "all" row.
 
     `prompt_sets` (name -> token-id prompts) replaces loading and rendering `cfg.sets` (tests, custom sets).
@@ -254,8 +294,7 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
 
     ddp.init(target.device)
     if prompt_sets is not None:
-        sets = {name: [(f"{name}/{i}", [int(t) for t in ids]) for i, ids in enumerate(prompts)]
-                for name, prompts in prompt_sets.items()}
+        sets = {name: [(f"{name}/{i}", [int(t) for t in ids]) for i, ids in enumerate(prompts)] for name, prompts in prompt_sets.items()}
     else:
         sets = load_eval_sets(target, cfg)
     sets = {name: items for name, items in sets.items() if items}
@@ -285,9 +324,12 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
             a, s = autoregressive_generate(target, [ids], dcfg), generate(target, drafter, [ids], dcfg)
             runs.append((_counts_only(a), _counts_only(s), _prompt_stats(name, prompt_id, a, s, greedy)))
             if strict and runs[-1][2].first_divergence is not None:
-                bar.write(f"MISMATCH: set '{name}' prompt '{prompt_id}': greedy speculative output differs from "
-                          f"autoregressive at new token {runs[-1][2].first_divergence} in {_dtype_name(target.dtype)} "
-                          f"(lossless decoding is broken)", file=sys.stderr)
+                bar.write(
+                    f"MISMATCH: set '{name}' prompt '{prompt_id}': greedy speculative output differs from "
+                    f"autoregressive at new token {runs[-1][2].first_divergence} in {_dtype_name(target.dtype)} "
+                    f"(lossless decoding is broken)",
+                    file=sys.stderr,
+                )
             bar.update(1)
     finally:
         bar.close()
@@ -296,9 +338,16 @@ def evaluate(target, drafter, cfg: EvalConfig = EvalConfig(), *, prompt_sets: di
     for name in [*sets, "all"]:
         kept = [run for run in runs if name in (run[2].set, "all")]
         rows.append(_set_result(name, [r[0] for r in kept], [r[1] for r in kept], drafter.block_size, [r[2] for r in kept], greedy, cfg))
-    config = {**dataclasses.asdict(cfg), "sets": list(sets), "target": target.name, "block_size": drafter.block_size,
-              "pretokenized": prompt_sets is not None, "target_dtype": _dtype_name(target.dtype),
-              "lossless_required": strict and greedy, "ci_level": LEVEL}
+    config = {
+        **dataclasses.asdict(cfg),
+        "sets": list(sets),
+        "target": target.name,
+        "block_size": drafter.block_size,
+        "pretokenized": prompt_sets is not None,
+        "target_dtype": _dtype_name(target.dtype),
+        "lossless_required": strict and greedy,
+        "ci_level": LEVEL,
+    }
     return EvalReport(rows, config)
 
 

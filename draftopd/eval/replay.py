@@ -75,14 +75,15 @@ class ScoredTexts:
 
 
 @torch.no_grad()
-def score_texts(target: Target, layer_ids: tuple[int, ...], prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
-                batch_size: int = 8) -> list[ScoredTexts]:
+def score_texts(
+    target: Target, layer_ids: tuple[int, ...], prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], batch_size: int = 8
+) -> list[ScoredTexts]:
     """One teacher-forced target forward per batch of `prompt + output` texts."""
     if len(prompts) != len(outputs):
         raise ValueError(f"{len(prompts)} prompts but {len(outputs)} outputs")
     scored = []
     for i in range(0, len(prompts), batch_size):
-        ps, os_ = prompts[i:i + batch_size], outputs[i:i + batch_size]
+        ps, os_ = prompts[i : i + batch_size], outputs[i : i + batch_size]
         batch = pad_batch([list(p) + list(o) for p, o in zip(ps, os_)], [len(p) for p in ps], target.pad_id, target.device)
         features = target.score(batch.tokens, batch.valid, tuple(layer_ids)).features
         scored.append(ScoredTexts(batch, features, tuple(layer_ids), tuple(len(o) for o in os_)))
@@ -133,8 +134,9 @@ def replay_scored(drafter: Drafter, scored: Sequence[ScoredTexts]) -> ReplayedTa
     return ReplayedTau(tuple(texts), drafter.block_size)
 
 
-def replay_tau(target: Target, drafter: Drafter, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
-               batch_size: int = 8) -> ReplayedTau:
+def replay_tau(
+    target: Target, drafter: Drafter, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], batch_size: int = 8
+) -> ReplayedTau:
     """tau of greedy speculative decoding on `prompts`, whose greedy outputs (from `autoregressive_generate`, with
     the same target) are `outputs`: what `evaluate` would measure, without decoding."""
     return replay_scored(drafter, score_texts(target, drafter.spec.target_layer_ids, prompts, outputs, batch_size))
@@ -146,6 +148,8 @@ def greedy_references(target: Target, cfg: EvalConfig = EvalConfig()) -> dict[st
     refs = {}
     for name in cfg.sets:
         prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(name, limit=cfg.num_prompts, seed=cfg.decode.seed).prompts]
-        outputs = [list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=cfg.decode.max_new_tokens)).traces]
+        outputs = [
+            list(t.output) for t in autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=cfg.decode.max_new_tokens)).traces
+        ]
         refs[name] = (prompts, outputs)
     return refs

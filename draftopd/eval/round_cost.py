@@ -43,11 +43,11 @@ def measure(target, drafter, context: int, sizes: list[int], repeats: int) -> di
 
     verify_ms = {n: median_ms(lambda n=n: verify(n), repeats) for n in sizes}
     anchor, pos = torch.tensor([prompt[-1]]), state.lengths.clone()
-    feats, following = out.features[:, -drafter.block_size:], torch.tensor([prompt[-drafter.block_size:]])
+    feats, following = out.features[:, -drafter.block_size :], torch.tensor([prompt[-drafter.block_size :]])
 
     def draft():  # EAGLE-3 drafts slot by slot, DFlash in one forward: `Drafter.draft`, as the decoder calls it
         drafter.draft(ctx, anchor, pos, lambda logits: logits.argmax(-1))
-        drafter.project_context(feats, state.positions[:, -feats.shape[1]:], state.valid[:, -feats.shape[1]:], following)
+        drafter.project_context(feats, state.positions[:, -feats.shape[1] :], state.valid[:, -feats.shape[1] :], following)
 
     rows = torch.randint(100, 10000, (2, 384), generator=torch.Generator().manual_seed(1)) % target.vocab_size  # a feature-cache batch
     prefill_ms = median_ms(lambda: target.score(rows, torch.ones_like(rows, dtype=torch.bool), drafter.spec.target_layer_ids), 1)

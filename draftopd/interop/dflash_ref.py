@@ -44,8 +44,17 @@ from ..models.drafter import Drafter, DrafterError, DrafterSpec, check_compatibl
 from ..models.registry import families
 from ..models.target import Target
 
-SUBLAYER = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-            "q_norm": "self_attn", "k_norm": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+SUBLAYER = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "q_norm": "self_attn",
+    "k_norm": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def to_reference_name(name: str) -> str:
@@ -63,19 +72,25 @@ def check_exact(spec: DrafterSpec, target: Target) -> None:
         held = " or ".join(f.named for f in families().values() if f.reference_dflash)
         raise DrafterError(f"only {held} drafter has a reference DFlash format, not {fam.named if fam else spec.arch} one")
     if spec.mask_token_id is None:
-        raise DrafterError("a drafter with a learned MASK vector cannot be exported exactly: the reference DFlash format embeds "
-                           "a target token row as MASK (train with --draft-mask-token-id)")
+        raise DrafterError(
+            "a drafter with a learned MASK vector cannot be exported exactly: the reference DFlash format embeds "
+            "a target token row as MASK (train with --draft-mask-token-id)"
+        )
     if spec.draft_vocab_size is not None:
-        raise DrafterError(f"the reference DFlash format has no reduced vocabulary (this drafter drafts over {spec.draft_vocab_size} "
-                           "tokens; the reference always applies the target's whole lm_head: export with --widen-vocab, the same weights "
-                           "drafting over the whole vocabulary)")
+        raise DrafterError(
+            f"the reference DFlash format has no reduced vocabulary (this drafter drafts over {spec.draft_vocab_size} "
+            "tokens; the reference always applies the target's whole lm_head: export with --widen-vocab, the same weights "
+            "drafting over the whole vocabulary)"
+        )
     check_compatible(spec, target)
     last = spec.num_target_layers - 1
     if any(not 0 <= i <= last for i in spec.target_layer_ids):
         raise DrafterError(f"target_layer_ids {list(spec.target_layer_ids)} outside the target's {spec.num_target_layers} layers")
     if last in spec.target_layer_ids:
-        raise DrafterError(f"target layer id {last} is the target's last layer: the reference reads it after the final norm "
-                           f"(hidden_states[{last + 1}]), draftopd before it, so the drafter would see other features")
+        raise DrafterError(
+            f"target layer id {last} is the target's last layer: the reference reads it after the final norm "
+            f"(hidden_states[{last + 1}]), draftopd before it, so the drafter would see other features"
+        )
     if not 0 <= spec.mask_token_id < spec.vocab_size:
         raise DrafterError(f"mask_token_id {spec.mask_token_id} outside the target's vocabulary of {spec.vocab_size}")
 
@@ -83,14 +98,29 @@ def check_exact(spec: DrafterSpec, target: Target) -> None:
 def reference_config(spec: DrafterSpec, target: Target, dtype: str) -> dict:
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     return {
-        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "dtype": dtype,
-        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": spec.rms_norm_eps, "vocab_size": spec.vocab_size,
-        "max_position_embeddings": target.max_positions, "attention_bias": False, "attention_dropout": 0.0,
-        "rope_parameters": rope, "rope_theta": spec.rope_theta, "use_sliding_window": False, "sliding_window": None,
-        "layer_types": ["full_attention"] * spec.num_layers, "tie_word_embeddings": False,
-        "num_target_layers": spec.num_target_layers, "block_size": spec.block_size,
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "dtype": dtype,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": spec.rms_norm_eps,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": target.max_positions,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rope_parameters": rope,
+        "rope_theta": spec.rope_theta,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "layer_types": ["full_attention"] * spec.num_layers,
+        "tie_word_embeddings": False,
+        "num_target_layers": spec.num_target_layers,
+        "block_size": spec.block_size,
         "dflash_config": {"target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id},
     }
 
@@ -130,7 +160,9 @@ def import_dflash(folder: str | Path, target: Target) -> DFlashDrafter:
     try:
         drafter.load_state_dict({ours[k]: v for k, v in weights.items()})
     except RuntimeError as err:
-        raise DrafterError(f"reference DFlash drafter at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}") from None
+        raise DrafterError(
+            f"reference DFlash drafter at {folder} has weights of the wrong shape: {str(err).splitlines()[-1].strip()}"
+        ) from None
     return drafter
 
 
@@ -147,11 +179,20 @@ def spec_from_config(config: dict, folder: Path) -> DrafterSpec:
         theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
         ids = value("target_layer_ids") or default_layers(int(config["num_target_layers"]), layers)  # the reference's rule
         spec = DrafterSpec(
-            hidden_size=int(config["hidden_size"]), vocab_size=int(config["vocab_size"]), num_target_layers=int(config["num_target_layers"]),
-            target_layer_ids=tuple(int(i) for i in ids), num_layers=layers, block_size=int(value("block_size", 16)),
-            num_heads=int(config["num_attention_heads"]), num_kv_heads=int(config["num_key_value_heads"]), head_dim=int(config["head_dim"]),
-            intermediate_size=int(config["intermediate_size"]), rope_theta=float(theta), rms_norm_eps=float(config["rms_norm_eps"]),
-            mask_token_id=None if mask_id is None else int(mask_id))
+            hidden_size=int(config["hidden_size"]),
+            vocab_size=int(config["vocab_size"]),
+            num_target_layers=int(config["num_target_layers"]),
+            target_layer_ids=tuple(int(i) for i in ids),
+            num_layers=layers,
+            block_size=int(value("block_size", 16)),
+            num_heads=int(config["num_attention_heads"]),
+            num_kv_heads=int(config["num_key_value_heads"]),
+            head_dim=int(config["head_dim"]),
+            intermediate_size=int(config["intermediate_size"]),
+            rope_theta=float(theta),
+            rms_norm_eps=float(config["rms_norm_eps"]),
+            mask_token_id=None if mask_id is None else int(mask_id),
+        )
     except KeyError as err:
         raise DrafterError(f"{folder}/config.json lacks {err} (the reference format wants every shape key)") from None
     except (TypeError, ValueError) as err:
@@ -204,8 +245,7 @@ def _host_clock(module):
 
 
 @torch.no_grad()
-def reference_run(reference, target: Target, prompt: list[int], max_new_tokens: int, stop_ids: list[int] | None,
-                  temperature: float = 0.0):
+def reference_run(reference, target: Target, prompt: list[int], max_new_tokens: int, stop_ids: list[int] | None, temperature: float = 0.0):
     """One prompt through the loop `spec_generate` runs (`dflash_generate`), with `return_stats=True`, which only adds
     timers and the accepted lengths: `.output_ids` (1, prompt + new) and `.acceptance_lengths`, per round the tokens
     it committed (accepted drafts + the target's token, cut at max_new_tokens or a stop token). The first new token
@@ -214,9 +254,15 @@ def reference_run(reference, target: Target, prompt: list[int], max_new_tokens: 
 
     reference.eval()
     with _host_clock(module):
-        return module.dflash_generate(reference, target=target.model, input_ids=torch.tensor([prompt], device=target.device),
-                                      max_new_tokens=max_new_tokens, stop_token_ids=stop_ids, temperature=temperature,
-                                      return_stats=True)
+        return module.dflash_generate(
+            reference,
+            target=target.model,
+            input_ids=torch.tensor([prompt], device=target.device),
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_ids,
+            temperature=temperature,
+            return_stats=True,
+        )
 
 
 def whole_block_rounds(lengths: list[int], max_new_tokens: int, block_size: int) -> int:

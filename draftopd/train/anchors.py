@@ -56,9 +56,14 @@ def random_segments(trace: RolloutTrace, gen: torch.Generator) -> Segments:
     anchors = candidates[torch.randperm(len(candidates), generator=gen)[:rounds]].sort().values
     accepted = real.accepted[torch.randperm(rounds, generator=gen)]
     on, off = torch.ones(rounds, dtype=torch.bool), torch.zeros(rounds, dtype=torch.bool)
-    return Segments(torch.cat([anchors, real.anchors]), torch.cat([accepted, real.accepted]),
-                    torch.cat([torch.zeros_like(real.drafts), real.drafts]), torch.cat([torch.zeros_like(real.target_logp), real.target_logp]),
-                    torch.cat([on, off]), torch.cat([off, on]))
+    return Segments(
+        torch.cat([anchors, real.anchors]),
+        torch.cat([accepted, real.accepted]),
+        torch.cat([torch.zeros_like(real.drafts), real.drafts]),
+        torch.cat([torch.zeros_like(real.target_logp), real.target_logp]),
+        torch.cat([on, off]),
+        torch.cat([off, on]),
+    )
 
 
 def make_segments(trace: RolloutTrace, mode: str, gen: torch.Generator) -> Segments:

@@ -46,8 +46,9 @@ class BlockLabels:
     slots: Tensor
 
 
-def pad_batch(sequences: list[list[int]], response_starts: list[int], pad_id: int, device="cpu",
-              loss_masks: list[Tensor] | None = None) -> SequenceBatch:
+def pad_batch(
+    sequences: list[list[int]], response_starts: list[int], pad_id: int, device="cpu", loss_masks: list[Tensor] | None = None
+) -> SequenceBatch:
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for b, s in enumerate(sequences):
@@ -103,8 +104,12 @@ def teach_online(target: Target, drafter: Drafter, batch: SequenceBatch) -> Teac
 def teach_cached(cached: list, batch: SequenceBatch, device) -> Teacher:
     """Teacher of a batch of `data.features.CachedSequence`s (padded like `batch`)."""
     b, width = batch.tokens.shape
-    pad = lambda key, *shape: torch.stack([torch.cat([getattr(c, key), getattr(c, key).new_zeros(width - len(c.tokens), *shape)])  # noqa: E731
-                                           for c in cached]).to(device)
+    pad = lambda key, *shape: torch.stack(
+        [
+            torch.cat([getattr(c, key), getattr(c, key).new_zeros(width - len(c.tokens), *shape)])  # noqa: E731
+            for c in cached
+        ]
+    ).to(device)
     final = pad("final", cached[0].final.shape[-1]) if cached[0].final is not None else None
     return Teacher(pad("features", cached[0].features.shape[-1]), final, cached_greedy=pad("greedy"))
 
@@ -115,7 +120,7 @@ def add_feature_noise(features: Tensor, scale: float, gen: torch.Generator, shap
     keeps its own, as it does with the anchors, so a torchrun step equals one process's. scale 0: features unchanged."""
     if scale <= 0:
         return features
-    noise = torch.randn((*shape, features.shape[-1]), generator=gen)[rows, :features.shape[1]].to(features.device)
+    noise = torch.randn((*shape, features.shape[-1]), generator=gen)[rows, : features.shape[1]].to(features.device)
     rms = features.float().pow(2).mean(-1, keepdim=True).sqrt()
     return (features.float() + scale * rms * noise).to(features.dtype)
 
@@ -133,8 +138,9 @@ def block_hidden(drafter: Drafter, batch: SequenceBatch, features: Tensor, ancho
     return drafter.hidden(ctx, batch.tokens.gather(1, anchors), anchors, block_tokens)
 
 
-def block_logits(drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False,
-                 block_tokens: Tensor | None = None) -> Tensor:
+def block_logits(
+    drafter: Drafter, batch: SequenceBatch, features: Tensor, anchors: Tensor, draft_vocab: bool = False, block_tokens: Tensor | None = None
+) -> Tensor:
     """Drafter logits (b, n, K, V) for the blocks at `anchors` (b, n), from the scored context; over the draft
     vocabulary (`drafter.forward`) with `draft_vocab`, else over the target's (`draft_logits`, what decoding uses)."""
     ctx, block_tokens = _context(drafter, batch, features, anchors, block_tokens)
@@ -175,8 +181,9 @@ def anchor_candidates(start: int, length: int, loss_mask: Tensor | None = None) 
     return torch.nonzero(loss_mask[:-1] & loss_mask[1:]).flatten()
 
 
-def draw_anchors(starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator,
-                 loss_masks: list[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+def draw_anchors(
+    starts: list[int], lengths: list[int], per_seq: int, gen: torch.Generator, loss_masks: list[Tensor | None] | None = None
+) -> tuple[Tensor, Tensor]:
     """Up to `per_seq` distinct anchors per sequence among its `anchor_candidates` (by default its response positions),
     drawn on the CPU one sequence after another from the sequences' response starts, lengths and loss masks alone (so
     every rank can draw a whole micro-batch's). Returns anchors (b, n) and anchor_valid (b, n); padding anchors are 0."""

@@ -32,7 +32,7 @@ def chunked_sum(fn: Callable[..., tuple[Tensor, ...]], rows: int, *tensors: Tens
     total = tensors[0].shape[0]
     sums: tuple[Tensor, ...] | None = None
     for start in range(0, max(total, 1), rows):
-        part = [t[start:start + rows] for t in tensors]
+        part = [t[start : start + rows] for t in tensors]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in part)
         out = checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part)
         sums = out if sums is None else tuple(a + b for a, b in zip(sums, out))

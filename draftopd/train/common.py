@@ -112,11 +112,13 @@ class Compute:
         if ddp.world_size() == 1:
             return
         names = ("target_tokens", "draft_forward_tokens", "draft_train_tokens", "flops")
-        local = [getattr(self, n) - getattr(start, n) for n in names] + [self.phase_flops.get(p, 0.0) - start.phase_flops.get(p, 0.0) for p in PHASES]
+        local = [getattr(self, n) - getattr(start, n) for n in names] + [
+            self.phase_flops.get(p, 0.0) - start.phase_flops.get(p, 0.0) for p in PHASES
+        ]
         total = ddp.all_sum(torch.tensor(local + [float(p in self.phase_flops) for p in PHASES], dtype=torch.float64)).tolist()
         for n, spent in zip(names, total):
             setattr(self, n, type(getattr(start, n))(getattr(start, n) + spent))
-        for p, spent, seen in zip(PHASES, total[len(names):], total[len(names) + len(PHASES):]):
+        for p, spent, seen in zip(PHASES, total[len(names) :], total[len(names) + len(PHASES) :]):
             if seen:
                 self.phase_flops[p] = start.phase_flops.get(p, 0.0) + spent
 
@@ -233,7 +235,9 @@ def checkpoint_step(folder: Path) -> int | None:
     try:
         return int(json.loads((folder / "config.json").read_text())["step"])
     except (ValueError, KeyError, TypeError) as err:
-        raise RunDirError(f"corrupt checkpoint {folder}: config.json ({type(err).__name__}); delete that folder or choose another --out") from None
+        raise RunDirError(
+            f"corrupt checkpoint {folder}: config.json ({type(err).__name__}); delete that folder or choose another --out"
+        ) from None
 
 
 def recover_checkpoint(out_dir: Path) -> tuple[Path, str] | None:
@@ -261,7 +265,9 @@ def check_fresh(out_dir: Path) -> None:
     """Refuse to start a run from scratch where one exists: its first save would replace the checkpoint and its
     metrics would append to the old run's."""
     metrics = out_dir / "metrics.jsonl"
-    held = [n for n in CHECKPOINT_NAMES if (out_dir / n).exists()] + (["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size else [])
+    held = [n for n in CHECKPOINT_NAMES if (out_dir / n).exists()] + (
+        ["metrics.jsonl"] if metrics.exists() and metrics.stat().st_size else []
+    )
     if held:
         raise RunDirError(f"{out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it or choose another --out")
 
@@ -272,12 +278,15 @@ def check_resumable(folder: Path, drafter: Drafter, trainer: str) -> None:
     model than the flags ask for)."""
     config = json.loads((folder / "config.json").read_text())
     if config.get("trainer") != trainer:
-        raise RunDirError(f"{folder} is a {config.get('trainer')!r} checkpoint, not {trainer!r}: "
-                          "resume it with its own command or choose another --out")
+        raise RunDirError(
+            f"{folder} is a {config.get('trainer')!r} checkpoint, not {trainer!r}: resume it with its own command or choose another --out"
+        )
     want, got = json.loads(json.dumps(asdict(drafter.spec))), config.get("draftopd_spec") or {}
     diff = [f"{k} {got.get(k)} (now {v})" for k, v in want.items() if got.get(k) != v]
     if diff:
-        raise RunDirError(f"{folder} holds a drafter of another shape: {', '.join(diff)}; resume with the same drafter flags or choose another --out")
+        raise RunDirError(
+            f"{folder} holds a drafter of another shape: {', '.join(diff)}; resume with the same drafter flags or choose another --out"
+        )
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -288,8 +297,10 @@ def load_trainer_state(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # an unpickling error (foreign objects), a torn or corrupt file
-        raise RunDirError(f"refusing trainer state {path}: not a checkpoint of plain tensors and numbers ({type(err).__name__}; "
-                          "nothing in it was run); delete that folder or choose another --out") from None
+        raise RunDirError(
+            f"refusing trainer state {path}: not a checkpoint of plain tensors and numbers ({type(err).__name__}; "
+            "nothing in it was run); delete that folder or choose another --out"
+        ) from None
 
 
 @dataclass
@@ -310,8 +321,18 @@ class TrainerState:
     device_type: str = "cpu"  # where this run computes ("cpu", "cuda"), recorded in each checkpoint's config.json
 
     @staticmethod
-    def start(trainer: str, target: Target, drafter: Drafter, optim: OptimConfig, steps: int, seed: int, out_dir: Path, resume: bool,
-              split: tuple[object, str] | None = None, run: RunInfo | None = None) -> TrainerState:
+    def start(
+        trainer: str,
+        target: Target,
+        drafter: Drafter,
+        optim: OptimConfig,
+        steps: int,
+        seed: int,
+        out_dir: Path,
+        resume: bool,
+        split: tuple[object, str] | None = None,
+        run: RunInfo | None = None,
+    ) -> TrainerState:
         """Fresh state (refused where a run exists, see `check_fresh`), or with `resume` the state of the newest
         complete checkpoint, weights loaded into `drafter`. metrics.jsonl is rewound to the step started from.
         Under torchrun, first joins the process group; `split = (config, field)` names the count each step shares
@@ -320,8 +341,16 @@ class TrainerState:
         ddp.init(target.device, split)
         opt, sched = build_optimizer(drafter, optim, steps)
         torch.manual_seed(seed)
-        state = TrainerState(trainer, out_dir, opt, sched, torch.Generator().manual_seed(seed), Compute(), MetricsWriter(out_dir / "metrics.jsonl"),
-                             device_type=target.device.type)
+        state = TrainerState(
+            trainer,
+            out_dir,
+            opt,
+            sched,
+            torch.Generator().manual_seed(seed),
+            Compute(),
+            MetricsWriter(out_dir / "metrics.jsonl"),
+            device_type=target.device.type,
+        )
         if not resume:
             check_fresh(out_dir)
         elif (found := ddp.main_first(lambda: recover_checkpoint(out_dir))) is None:
@@ -350,21 +379,42 @@ class TrainerState:
             self.compute, self.step, self.data_pos = Compute(**saved["compute"]), saved["step"], saved["data_pos"]
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             first = (str(err).strip().splitlines() or [""])[0]
-            raise RunDirError(f"trainer state {folder / 'trainer.pt'} does not fit this run ({type(err).__name__}: {first}); "
-                              "delete that folder or choose another --out") from None
+            raise RunDirError(
+                f"trainer state {folder / 'trainer.pt'} does not fit this run ({type(err).__name__}: {first}); "
+                "delete that folder or choose another --out"
+            ) from None
         drafter.load_state_dict(weights)
 
     def running(self, steps: int, stop_after: int | None, max_flops: float | None = None) -> bool:
         """Another step? Not past `steps`, nor `stop_after` (a simulated kill), nor `max_flops` of compute."""
-        return self.step < steps and (stop_after is None or self.step < stop_after) and (max_flops is None or self.compute.flops < max_flops)
+        return (
+            self.step < steps and (stop_after is None or self.step < stop_after) and (max_flops is None or self.compute.flops < max_flops)
+        )
 
     def save(self, drafter: Drafter) -> None:
         """Rank 0 writes the checkpoint; the others (holding the same state) wait for it."""
-        saved = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "anchor_rng": self.gen.get_state(),
-                 "rng": rng_state(), "compute": asdict(self.compute), "step": self.step, "data_pos": self.data_pos}
+        saved = {
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "anchor_rng": self.gen.get_state(),
+            "rng": rng_state(),
+            "compute": asdict(self.compute),
+            "step": self.step,
+            "data_pos": self.data_pos,
+        }
         if ddp.is_main():
-            save_checkpoint(self.out_dir / "last", drafter, saved, {"trainer": self.trainer, "step": self.step, "flops": self.compute.flops,
-                                                                    "device": self.device_type, "world_size": ddp.world_size()})
+            save_checkpoint(
+                self.out_dir / "last",
+                drafter,
+                saved,
+                {
+                    "trainer": self.trainer,
+                    "step": self.step,
+                    "flops": self.compute.flops,
+                    "device": self.device_type,
+                    "world_size": ddp.world_size(),
+                },
+            )
         ddp.barrier()
 
 
@@ -377,8 +427,14 @@ def placement_note(config: dict, device_type: str, world: int) -> str | None:
     if was_device is None or was_world is None or (was_device, was_world) == (device_type, world):
         return None
     procs = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
-    same = ("every step still trains the same global batch, split across the processes, so the updates are the same up to "
-            "float summation order") if was_world != world else "the same steps follow, equal up to the devices' float rounding"
+    same = (
+        (
+            "every step still trains the same global batch, split across the processes, so the updates are the same up to "
+            "float summation order"
+        )
+        if was_world != world
+        else "the same steps follow, equal up to the devices' float rounding"
+    )
     return f"resuming a run written on {was_device} by {procs(was_world)} on {device_type} with {procs(world)}: {same}"
 
 

@@ -63,8 +63,10 @@ def init(device: torch.device, split: tuple[object, str] | None = None) -> None:
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if split is not None and getattr(*split) % world:
         cfg, name = split
-        raise ConfigError(f"{flag(cfg, name)} {getattr(cfg, name)} is not divisible by the {world} training processes "
-                          "(torchrun --nproc-per-node): each takes an equal share of every batch")
+        raise ConfigError(
+            f"{flag(cfg, name)} {getattr(cfg, name)} is not divisible by the {world} training processes "
+            "(torchrun --nproc-per-node): each takes an equal share of every batch"
+        )
     if world == 1 or dist.is_initialized():
         return
     if device.type == "cuda":

@@ -188,23 +188,39 @@ def stream_sums(per_token_loss: Tensor, weights: Tensor | None = None) -> Stream
 class LossConfig:
     """The single home of the Draft-OPD loss defaults."""
 
-    acc_direction: KLDirection = field(default="forward", metadata={"help": "accepted stream's KL: forward KL(p || q) or reverse KL(q || p)",
-                                                                     "choices": KL_DIRECTIONS})
-    rej_direction: KLDirection = field(default="reverse", metadata={"help": "rejected stream's KL (as --loss-acc-direction)",
-                                                                     "choices": KL_DIRECTIONS})
-    mode: KLMode = field(default="estimate", metadata={"help": "exact (full vocabulary; re-verifies rejected blocks) or estimate "
-                                                               "(single-token estimators from the observed tokens' log-probs)",
-                                                       "choices": ("exact", "estimate")})
+    acc_direction: KLDirection = field(
+        default="forward", metadata={"help": "accepted stream's KL: forward KL(p || q) or reverse KL(q || p)", "choices": KL_DIRECTIONS}
+    )
+    rej_direction: KLDirection = field(
+        default="reverse", metadata={"help": "rejected stream's KL (as --loss-acc-direction)", "choices": KL_DIRECTIONS}
+    )
+    mode: KLMode = field(
+        default="estimate",
+        metadata={
+            "help": "exact (full vocabulary; re-verifies rejected blocks) or estimate "
+            "(single-token estimators from the observed tokens' log-probs)",
+            "choices": ("exact", "estimate"),
+        },
+    )
     gamma: float = field(default=0.8, metadata={"help": "rejected-stream decay: slot k weighs gamma^(k-1)"})
     lam_acc: float = field(default=1.0, metadata={"help": "accepted stream's weight"})
     lam_rej: float = field(default=1.0, metadata={"help": "rejected stream's weight"})
     use_rejected: bool = field(default=True, metadata={"help": "train the rejected stream"})
-    rej_slots: Literal["all", "first", "wrong"] = field(default="all", metadata={"help": "rejected proposals trained: all (slots "
-                                                        "r+1..K), first (slot r+1 only) or wrong (all but those equal to the final text)",
-                                                        "choices": ("all", "first", "wrong")})
-    aggregation: Literal["paper", "pooled"] = field(default="pooled", metadata={
-        "help": "paper (the mean of each stream's mean) or pooled (one sum over both streams' tokens: the authors' code)",
-        "choices": ("paper", "pooled")})
+    rej_slots: Literal["all", "first", "wrong"] = field(
+        default="all",
+        metadata={
+            "help": "rejected proposals trained: all (slots "
+            "r+1..K), first (slot r+1 only) or wrong (all but those equal to the final text)",
+            "choices": ("all", "first", "wrong"),
+        },
+    )
+    aggregation: Literal["paper", "pooled"] = field(
+        default="pooled",
+        metadata={
+            "help": "paper (the mean of each stream's mean) or pooled (one sum over both streams' tokens: the authors' code)",
+            "choices": ("paper", "pooled"),
+        },
+    )
     clamp: float = field(default=10.0, metadata={"help": "estimators clamped to [-clamp, clamp]"})
     floor: float = field(default=-10.0, metadata={"help": "log-prob floor inside the forward estimator"})
 

@@ -74,19 +74,35 @@ from .tracking import RunInfo, memory_metrics
 @dataclass(frozen=True)
 class OPDConfig:
     steps: int = field(default=20, metadata={"help": "optimizer steps"})
-    prompts_per_rollout: int = field(default=4, metadata={"help": "prompts a rollout batch (a ragged batch through the speculative decoder)"})
+    prompts_per_rollout: int = field(
+        default=4, metadata={"help": "prompts a rollout batch (a ragged batch through the speculative decoder)"}
+    )
     rollouts_per_step: int = field(default=2, metadata={"help": "rollout batches accumulated into one optimizer step"})
     replay_batch: int = field(default=4, metadata={"help": "traces a replay micro-batch"})
-    anchors: str = field(default="error", metadata={"help": "error (the method) or random (ablation: the accepted stream at random "
-                                                            "positions)", "choices": ("error", "random")})
+    anchors: str = field(
+        default="error",
+        metadata={
+            "help": "error (the method) or random (ablation: the accepted stream at random positions)",
+            "choices": ("error", "random"),
+        },
+    )
     save_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     max_flops: float | None = field(default=None, metadata={"help": "stop once this much compute is spent (compute-matched runs)"})
-    autocast: str = field(default="auto", metadata={
-        "help": "the replay's drafter forward (and backward) under bf16 autocast, as SFT's: auto = bfloat16 where it is fast (CUDA, "
-                "AVX512-BF16 CPUs); weights, AdamW state and the losses stay float32", "choices": AUTOCAST})
-    rollout: DecodeConfig = field(default_factory=lambda: DecodeConfig(max_new_tokens=96), metadata={
-        "help": "the rollouts' decoding (the paper: greedy; temperature > 0 is lossless speculative sampling), every slot drafted; "
-                "its seed is the run's (prompt order, anchors, sampling)"})
+    autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "the replay's drafter forward (and backward) under bf16 autocast, as SFT's: auto = bfloat16 where it is fast (CUDA, "
+            "AVX512-BF16 CPUs); weights, AdamW state and the losses stay float32",
+            "choices": AUTOCAST,
+        },
+    )
+    rollout: DecodeConfig = field(
+        default_factory=lambda: DecodeConfig(max_new_tokens=96),
+        metadata={
+            "help": "the rollouts' decoding (the paper: greedy; temperature > 0 is lossless speculative sampling), every slot drafted; "
+            "its seed is the run's (prompt order, anchors, sampling)"
+        },
+    )
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "the two streams' losses"})
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4), metadata={"help": "optimizer and schedule"})
 
@@ -155,8 +171,15 @@ class ReplayResult:
     teacher_s: float  # time in the target's replay forwards (teacher-forced score + re-verify)
 
 
-def stream_masks(accepted: torch.Tensor, acc_on: torch.Tensor, rej_on: torch.Tensor, label_mask: torch.Tensor, slots: torch.Tensor,
-                 cfg: LossConfig, right: torch.Tensor | None = None):
+def stream_masks(
+    accepted: torch.Tensor,
+    acc_on: torch.Tensor,
+    rej_on: torch.Tensor,
+    label_mask: torch.Tensor,
+    slots: torch.Tensor,
+    cfg: LossConfig,
+    right: torch.Tensor | None = None,
+):
     """Accepted stream: slots k <= r+1 whose label exists, in segments that feed it. Rejected: slots k > r (the
     drafter's rejected proposals; only k = r+1 with `rej_slots="first"`; with `"wrong"` not where `right`, the
     proposal equals the final text's token), weighted gamma^(k-1). Shapes (b, M, K)."""
@@ -199,11 +222,20 @@ def collate(target: Target, drafter: Drafter, traces: list[RolloutTrace], segmen
     device = target.device
     seq = pad_batch([t.tokens for t in traces], [len(t.prompt) for t in traces], target.pad_id, device)
     width, k = max(len(s.anchors) for s in segments), drafter.block_size - 1
-    pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs]).to(device)  # noqa: E731
-    return ReplayBatch(seq, pad([s.anchors for s in segments], (), 0), pad([s.accepted for s in segments], (), 0),
-                       pad([s.acc_on for s in segments], (), False), pad([s.rej_on for s in segments], (), False),
-                       pad([s.drafts for s in segments], (k,), 0), pad([s.target_logp for s in segments], (k,), 0.0),
-                       traces, segments)
+    pad = lambda xs, shape, fill: torch.stack([torch.cat([x, torch.full((width - len(x), *shape), fill, dtype=x.dtype)]) for x in xs]).to(
+        device
+    )  # noqa: E731
+    return ReplayBatch(
+        seq,
+        pad([s.anchors for s in segments], (), 0),
+        pad([s.accepted for s in segments], (), 0),
+        pad([s.acc_on for s in segments], (), False),
+        pad([s.rej_on for s in segments], (), False),
+        pad([s.drafts for s in segments], (k,), 0),
+        pad([s.target_logp for s in segments], (k,), 0.0),
+        traces,
+        segments,
+    )
 
 
 def reverify(target: Target, rb: ReplayBatch) -> torch.Tensor:
@@ -231,8 +263,9 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig, a
     lab = block_labels(rb.seq, rb.anchors, rb.valid, drafter.block_size)
     # a sequential drafter (EAGLE-3) replays its own drafts where the rejected stream is trained, the text elsewhere
     chain = torch.where(rb.rej_on[..., None], rb.drafts, lab.labels)[..., :-1]
-    acc_mask, rej_mask, rej_w = stream_masks(rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg,
-                                             proposal_right(rb.drafts, lab.labels, lab.mask))
+    acc_mask, rej_mask, rej_w = stream_masks(
+        rb.accepted, rb.acc_on, rb.rej_on, lab.mask, lab.slots, cfg, proposal_right(rb.drafts, lab.labels, lab.mask)
+    )
     pos = (rb.anchors[..., None] + lab.slots - 1).clamp(max=rb.seq.tokens.shape[1] - 1)  # p of token a+k sits at a+k-1
     exact = cfg.mode == "exact"
     t0 = time.perf_counter()
@@ -259,12 +292,25 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig, a
     flat = lambda x: x.flatten(0, 2)  # noqa: E731  (b, M, K, ...) -> (b*M*K, ...)
     with train_autocast(autocast, target.device):
         hidden = block_hidden(drafter, rb.seq, scored.features, rb.anchors, block_tokens=chain)
-        acc_sum, rej_sum = chunked_sum(chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(drafts),
-                                       flat(acc_mask.float()), flat(rej_w), flat(p_acc), flat(p_rej))
+        acc_sum, rej_sum = chunked_sum(
+            chunk_loss,
+            chunk_rows(logit_width(drafter)),
+            flat(hidden),
+            flat(labels),
+            flat(drafts),
+            flat(acc_mask.float()),
+            flat(rej_w),
+            flat(p_acc),
+            flat(p_rej),
+        )
     c = stream_counts(rb.traces, rb.segments, drafter.block_size, cfg)
-    return ReplayResult(StreamSums(acc_sum, float(c.acc_tokens), c.acc_tokens), StreamSums(rej_sum, c.rej_weight, c.rej_tokens),
-                        sum(rb.lengths) + (sum(map(len, rb.rej_segments)) * (drafter.block_size - 1) if exact else 0),
-                        rb.replayed * drafter.block_size, teacher_s)
+    return ReplayResult(
+        StreamSums(acc_sum, float(c.acc_tokens), c.acc_tokens),
+        StreamSums(rej_sum, c.rej_weight, c.rej_tokens),
+        sum(rb.lengths) + (sum(map(len, rb.rej_segments)) * (drafter.block_size - 1) if exact else 0),
+        rb.replayed * drafter.block_size,
+        teacher_s,
+    )
 
 
 def next_token_logprobs(target: Target, final: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -289,14 +335,24 @@ def rollout_batch(prompts: list[list[int]], cfg: OPDConfig, start: int) -> tuple
     return batch, seeds if cfg.rollout.temperature > 0 else None
 
 
-def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: OPDConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, Drafter, Compute], None] | None = None, run: RunInfo | None = None) -> Path:
+def train_opd(
+    target: Target,
+    drafter: Drafter,
+    prompts: list[list[int]],
+    cfg: OPDConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[int, Drafter, Compute], None] | None = None,
+    run: RunInfo | None = None,
+) -> Path:
     """Draft-OPD on `prompts` (token ids) against `target`; trains `drafter` in place, returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); resume, folder rules and `run` as `train_sft`."""
     out_dir = Path(out_dir)
-    st = TrainerState.start("draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.rollout.seed, out_dir, resume,
-                             split=(cfg, "prompts_per_rollout"), run=run)
+    st = TrainerState.start(
+        "draft-opd", target, drafter, cfg.optim, cfg.steps, cfg.rollout.seed, out_dir, resume, split=(cfg, "prompts_per_rollout"), run=run
+    )
     compute = st.compute
     target_params, draft_params = param_counts(target, drafter)
     drafter.checkpoint_layers = cfg.optim.checkpoint_layers
@@ -323,12 +379,14 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         st.opt.zero_grad(set_to_none=True)
         losses, teacher_s = torch.zeros(3, device=target.device), 0.0  # total, acc, rej: summed on the device
         for i in range(0, len(own), cfg.replay_batch):
-            mine = own[i:i + cfg.replay_batch]
+            mine = own[i : i + cfg.replay_batch]
             rb = collate(target, drafter, [traces[j] for j in mine], [segments[j] for j in mine])
             res = replay(target, drafter, rb, cfg.loss, cfg.autocast)
             loss = combine_streams(res.acc, res.rej, acc_norm, rej_norm, cfg.loss)
             loss.backward()
-            losses += torch.stack([loss.detach(), res.acc.loss_sum.detach() / max(acc_norm, 1e-9), res.rej.loss_sum.detach() / max(rej_norm, 1e-9)])
+            losses += torch.stack(
+                [loss.detach(), res.acc.loss_sum.detach() / max(acc_norm, 1e-9), res.rej.loss_sum.detach() / max(rej_norm, 1e-9)]
+            )
             teacher_s += res.teacher_s
             compute.add_target(res.target_tokens, target_params)
             compute.add_draft_train(res.draft_tokens, draft_params)
@@ -344,12 +402,26 @@ def train_opd(target: Target, drafter: Drafter, prompts: list[list[int]], cfg: O
         t3 = time.perf_counter()
         stats = summarize(Generation(traces, Timing()), drafter.block_size)
         late = rejected_late_match(traces)
-        row = {"rollout/tau": stats.tau, **{f"rollout/slot_acc_{k + 1}": a for k, a in enumerate(stats.slot_acceptance)},
-               "rollout/rej_late_match": late.rate, "rollout/rej_late_n": late.count, "rollout/sequences": len(traces),
-               "rollout/acc_tokens": acc_norm, "rollout/rej_weight": rej_norm,
-               "train/loss": total, "train/loss_acc": acc_loss, "train/loss_rej": rej_loss, "train/grad_norm": grad,
-               "train/lr": st.sched.get_last_lr()[0], "time/rollout_s": t1 - t0, "time/replay_s": t2 - t1, "time/replay_teacher_s": teacher_s,
-               "time/update_s": t3 - t2, **compute.metrics(), **memory_metrics(target.device)}
+        row = {
+            "rollout/tau": stats.tau,
+            **{f"rollout/slot_acc_{k + 1}": a for k, a in enumerate(stats.slot_acceptance)},
+            "rollout/rej_late_match": late.rate,
+            "rollout/rej_late_n": late.count,
+            "rollout/sequences": len(traces),
+            "rollout/acc_tokens": acc_norm,
+            "rollout/rej_weight": rej_norm,
+            "train/loss": total,
+            "train/loss_acc": acc_loss,
+            "train/loss_rej": rej_loss,
+            "train/grad_norm": grad,
+            "train/lr": st.sched.get_last_lr()[0],
+            "time/rollout_s": t1 - t0,
+            "time/replay_s": t2 - t1,
+            "time/replay_teacher_s": teacher_s,
+            "time/update_s": t3 - t2,
+            **compute.metrics(),
+            **memory_metrics(target.device),
+        }
         st.metrics.write(step, row)
         bar.update(1)
         bar.set_postfix(tau=f"{stats.tau:.2f}", loss=f"{total:.3f}")

@@ -58,8 +58,9 @@ class StepResult:
     draft_tokens: int
 
 
-def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator,
-                    rows: slice = slice(None)) -> StepResult:
+def sft_micro_batch(
+    target: Target, drafter: Drafter, items: list, cfg: SFTConfig, gen: torch.Generator, rows: slice = slice(None)
+) -> StepResult:
     """Forward one micro-batch -> loss numerator and stats. `items` are examples (prompt_ids, response_ids, optional
     loss_mask), scored online by the target, or `CachedSequence`s of the feature cache. Logits, labels and soft targets live in the
     draft vocabulary; labels outside a reduced vocabulary are skipped. Anchors are drawn for all of `items`, then
@@ -98,10 +99,12 @@ def sft_micro_batch(target: Target, drafter: Drafter, items: list, cfg: SFTConfi
     with train_autocast(cfg.autocast, target.device):  # the loss upcasts to float32
         hidden = block_hidden(drafter, batch, features, anchors)
         flat = lambda x: x.flatten(0, 2)  # noqa: E731  (b, n, K, ...) -> (b*n*K, ...)
-        loss_sum, correct = chunked_sum(chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(weights),
-                                        flat(slot), flat(final))
-    return StepResult(loss_sum, weights.sum(), correct, mask.sum((0, 1)), 0 if cached else sum(map(len, seqs)),
-                      trained * drafter.block_size)
+        loss_sum, correct = chunked_sum(
+            chunk_loss, chunk_rows(logit_width(drafter)), flat(hidden), flat(labels), flat(weights), flat(slot), flat(final)
+        )
+    return StepResult(
+        loss_sum, weights.sum(), correct, mask.sum((0, 1)), 0 if cached else sum(map(len, seqs)), trained * drafter.block_size
+    )
 
 
 def batch_items(examples, order: list[int], rows: slice) -> list:
@@ -122,9 +125,18 @@ def slot_decay(cfg: SFTConfig, block_size: int) -> float:
     return cfg.slot_decay if cfg.slot_decay is not None else (7.0 if block_size >= 16 else 4.0)
 
 
-def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, out_dir: str | Path, resume: bool = False,
-              progress: bool = True, stop_after: int | None = None,
-              on_step: Callable[[int, Drafter, Compute], None] | None = None, run: RunInfo | None = None) -> Path:
+def train_sft(
+    target: Target,
+    drafter: Drafter,
+    examples: list,
+    cfg: SFTConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_step: Callable[[int, Drafter, Compute], None] | None = None,
+    run: RunInfo | None = None,
+) -> Path:
     """Train `drafter` in place against `target` (online features, or the cache's); returns the final checkpoint folder.
     `stop_after` ends early (a simulated kill); `cfg.max_flops` ends the run once that much compute is spent
     (compute-matched comparisons). Without `resume` an `out_dir` that holds a run is refused (`common.RunDirError`).
@@ -158,10 +170,18 @@ def train_sft(target: Target, drafter: Drafter, examples: list, cfg: SFTConfig, 
         compute.add_ranks(spent)
         correct, count = ddp.all_sum(sum(r.slot_correct for r in results)), ddp.all_sum(sum(r.slot_count for r in results))
         k = len(correct)
-        host = torch.cat([ddp.all_sum(loss.detach())[None], grad_norm.float()[None], correct.float(), count.float()]).tolist()  # the step's one host sync
-        row = {"train/loss": host[0], "train/grad_norm": host[1], "train/lr": st.sched.get_last_lr()[0],
-               **{f"train/acc_slot_{i + 1}": c / max(n, 1) for i, (c, n) in enumerate(zip(host[2:2 + k], host[2 + k:]))},
-               **compute.metrics(), "time/step_s": time.perf_counter() - t0, **memory_metrics(target.device)}
+        host = torch.cat(
+            [ddp.all_sum(loss.detach())[None], grad_norm.float()[None], correct.float(), count.float()]
+        ).tolist()  # the step's one host sync
+        row = {
+            "train/loss": host[0],
+            "train/grad_norm": host[1],
+            "train/lr": st.sched.get_last_lr()[0],
+            **{f"train/acc_slot_{i + 1}": c / max(n, 1) for i, (c, n) in enumerate(zip(host[2 : 2 + k], host[2 + k :]))},
+            **compute.metrics(),
+            "time/step_s": time.perf_counter() - t0,
+            **memory_metrics(target.device),
+        }
         if step % cfg.log_every == 0 or step == cfg.steps or cfg.max_flops is not None:
             st.metrics.write(step, row)
         bar.update(1)

@@ -154,11 +154,19 @@ def environment(device: Any, dtype: Any) -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"packages": versions, "python": platform.python_version(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "packages": versions,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cuda": torch.version.cuda,
+        "dtype": str(dtype).removeprefix("torch."),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _write(path: Path, text: str) -> None:

@@ -29,10 +29,37 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPE_SFT = ["--draft-num-layers", "2", "--draft-block-size", "8", "--draft-target-layer-ids", "1", "10", "19", "27",
-              "--draft-mask-token-id", "16", "--draft-vocab-size", "8192", "--labels", "greedy", "--loss", "kl",
-              "--steps", "420", "--batch-size", "8", "--anchors-per-seq", "64", "--save-every", "50",
-              "--optim-lr", "2e-3", "--dtype", "float32"]
+RECIPE_SFT = [
+    "--draft-num-layers",
+    "2",
+    "--draft-block-size",
+    "8",
+    "--draft-target-layer-ids",
+    "1",
+    "10",
+    "19",
+    "27",
+    "--draft-mask-token-id",
+    "16",
+    "--draft-vocab-size",
+    "8192",
+    "--labels",
+    "greedy",
+    "--loss",
+    "kl",
+    "--steps",
+    "420",
+    "--batch-size",
+    "8",
+    "--anchors-per-seq",
+    "64",
+    "--save-every",
+    "50",
+    "--optim-lr",
+    "2e-3",
+    "--dtype",
+    "float32",
+]
 
 
 def subset(cache: Path, shards: list[int], out: Path) -> None:
@@ -78,6 +105,7 @@ def report(replay: Path, full_cache: Path, plot: Path | None) -> None:
         print(f"| {seqs:,} answers, {tokens:,} tokens (`{path}`) | " + " | ".join(cells) + f" | {slots[0]:.2f} / {slots[1]:.2f} |")
     if plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -114,8 +142,12 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--replay", type=Path, required=True)
-    r.add_argument("--full-cache", type=Path, default=Path("runs/recipe/features"),
-                   help="the whole cache, for a drafter that is not an arm's sft-K (default: what `./run recipe` writes)")
+    r.add_argument(
+        "--full-cache",
+        type=Path,
+        default=Path("runs/recipe/features"),
+        help="the whole cache, for a drafter that is not an arm's sft-K (default: what `./run recipe` writes)",
+    )
     r.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     if args.cmd == "subset":

@@ -72,8 +72,14 @@ def opd_cmd(args) -> None:
     prompts = opd_prompts(args, target, drafter.spec.target_layer_ids)
     budget = args.budget_tflops * 1e12
     steps = max(1, round(budget / H.OPD_FLOPS_PER_UPDATE))
-    cfg = replace(H.OPD, steps=steps, rollout=replace(H.OPD.rollout, seed=args.seed), max_flops=budget, save_every=2,
-                  loss=replace(H.OPD.loss, use_rejected=not args.no_rejected))
+    cfg = replace(
+        H.OPD,
+        steps=steps,
+        rollout=replace(H.OPD.rollout, seed=args.seed),
+        max_flops=budget,
+        save_every=2,
+        loss=replace(H.OPD.loss, use_rejected=not args.no_rejected),
+    )
     print(f"{run.name}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
     t0, curve = time.time(), [H.point(0, Compute(), H.replay_all(drafter, scored), time.time())]
 
@@ -108,20 +114,46 @@ def report_cmd(args) -> None:
         reps[name] = H.replay_all(drafter, scored[layers])
         if args.timing:
             timed = measure(target, drafter, 300, [1, drafter.block_size], args.repeats)
-            cost[name] = {"draft_ms": timed["draft_ms"], "step_ms": timed["verify_ms"][1], "verify_ms": timed["verify_ms"][drafter.block_size]}
+            cost[name] = {
+                "draft_ms": timed["draft_ms"],
+                "step_ms": timed["verify_ms"][1],
+                "verify_ms": timed["verify_ms"][drafter.block_size],
+            }
         print(f"{name}: tau {reps[name]['all'].tau:.3f}", flush=True)
-    lines = ["| drafter | " + " | ".join(H.SETS) + " | all [95% CI] | slot 1 / 2 / 3 / 4 acceptance | draft per round (x plain step) | ideal speedup |",
-             "|---|" + "---|" * (len(H.SETS) + 4)]
+    lines = [
+        "| drafter | "
+        + " | ".join(H.SETS)
+        + " | all [95% CI] | slot 1 / 2 / 3 / 4 acceptance | draft per round (x plain step) | ideal speedup |",
+        "|---|" + "---|" * (len(H.SETS) + 4),
+    ]
     for name, rep in reps.items():
         lo, hi = rep["all"].tau_ci()
         slots = " / ".join(f"{a:.3f}" for a in rep["all"].slot_acceptance()[:4])
         c = cost.get(name)
-        timing = (f"{c['draft_ms']:.1f} ms ({c['draft_ms'] / c['step_ms']:.2f}) | "
-                  f"{rep['all'].tau * c['step_ms'] / (c['verify_ms'] + c['draft_ms']):.2f}x") if c else "- | -"
-        lines.append(f"| {name} | " + " | ".join(f"{rep[s].tau:.3f}" for s in H.SETS) + f" | {rep['all'].tau:.3f} [{lo:.3f}, {hi:.3f}] | {slots} | {timing} |")
+        timing = (
+            (
+                f"{c['draft_ms']:.1f} ms ({c['draft_ms'] / c['step_ms']:.2f}) | "
+                f"{rep['all'].tau * c['step_ms'] / (c['verify_ms'] + c['draft_ms']):.2f}x"
+            )
+            if c
+            else "- | -"
+        )
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{rep[s].tau:.3f}" for s in H.SETS)
+            + f" | {rep['all'].tau:.3f} [{lo:.3f}, {hi:.3f}] | {slots} | {timing} |"
+        )
     lines += ["", "| ratio (paired over the same 120 prompts) | tau ratio [95% CI] |", "|---|---|"]
-    pairs = [("sft-eagle3", "sft-dflash"), ("opd-eagle3", "opd-dflash"), ("opd-dflash", "sft-dflash"), ("opd-eagle3", "sft-eagle3"),
-             ("opd-dflash-norej", "sft-dflash"), ("opd-eagle3-norej", "sft-eagle3"), ("opd-dflash", "opd-dflash-norej"), ("opd-eagle3", "opd-eagle3-norej")]
+    pairs = [
+        ("sft-eagle3", "sft-dflash"),
+        ("opd-eagle3", "opd-dflash"),
+        ("opd-dflash", "sft-dflash"),
+        ("opd-eagle3", "sft-eagle3"),
+        ("opd-dflash-norej", "sft-dflash"),
+        ("opd-eagle3-norej", "sft-eagle3"),
+        ("opd-dflash", "opd-dflash-norej"),
+        ("opd-eagle3", "opd-eagle3-norej"),
+    ]
     summary = {"tau": {n: {s: r.tau for s, r in rep.items()} for n, rep in reps.items()}, "cost": cost, "ratios": {}}
     for a, b in pairs:
         if a in reps and b in reps:
@@ -129,17 +161,22 @@ def report_cmd(args) -> None:
             ratio, lo, hi = H.paired([t.committed for t in tb], [t.rounds for t in tb], [t.committed for t in ta], [t.rounds for t in ta])
             lines.append(f"| {a} / {b} | {ratio_text(ratio, lo, hi)} |")
             summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi]}
-    lines += ["", "| Draft-OPD arm | TFLOPs | rollout tau first / last update | slot-1 acceptance first / last | rejected-stream weight share, first update | late-match rate first / last |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| Draft-OPD arm | TFLOPs | rollout tau first / last update | slot-1 acceptance first / last | rejected-stream weight share, first update | late-match rate first / last |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in sorted(out.glob("opd-*")):
         metrics = run / "train" / "metrics.jsonl"
         if metrics.exists():
             rows = [json.loads(x) for x in metrics.read_text().splitlines()]
             f, la = rows[0], rows[-1]
             share = f["rollout/rej_weight"] / (f["rollout/rej_weight"] + f["rollout/acc_tokens"])
-            lines.append(f"| {run.name} | {la['compute/flops'] / 1e12:.0f} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | "
-                         f"{f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | {share:.2f} | "
-                         f"{f['rollout/rej_late_match']:.3f} / {la['rollout/rej_late_match']:.3f} |")
+            lines.append(
+                f"| {run.name} | {la['compute/flops'] / 1e12:.0f} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | "
+                f"{f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | {share:.2f} | "
+                f"{f['rollout/rej_late_match']:.3f} / {la['rollout/rej_late_match']:.3f} |"
+            )
     lines.append("")
     for name, path in found.items():
         metrics = path.parent / "metrics.jsonl"
@@ -155,8 +192,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cmd", choices=("opd", "report"))
     parser.add_argument("arch", nargs="?", choices=ARCHS)
-    parser.add_argument("--out", required=True, help="folder holding the SFT drafters sft-dflash/ and sft-eagle3/ (written by the "
-                        "`./run sft` commands above); the Draft-OPD runs and the report go there too")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder holding the SFT drafters sft-dflash/ and sft-eagle3/ (written by the "
+        "`./run sft` commands above); the Draft-OPD runs and the report go there too",
+    )
     parser.add_argument("--refs", required=True, help="folder of `opd_headline.py refs`'s refs.json")
     parser.add_argument("--features", help="opd: the SFT feature cache (its prompts are left out of Draft-OPD's)")
     parser.add_argument("--regenerated", help="opd: regenerated answers whose prompts Draft-OPD rolls out on")

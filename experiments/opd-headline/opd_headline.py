@@ -68,7 +68,9 @@ def refs_cmd(args) -> None:
     ev, out = EvalConfig(), {}
     for name in SETS:
         source, split = ("sharegpt", "heldout") if name == "sharegpt-heldout" else (name, "all")
-        prompts = [render_prompt(p, target.tokenizer) for p in load_prompts(source, split=split, limit=ev.num_prompts, seed=ev.decode.seed).prompts]
+        prompts = [
+            render_prompt(p, target.tokenizer) for p in load_prompts(source, split=split, limit=ev.num_prompts, seed=ev.decode.seed).prompts
+        ]
         gen = autoregressive_generate(target, prompts, DecodeConfig(max_new_tokens=ev.decode.max_new_tokens))
         out[name] = {"prompts": prompts, "outputs": [t.output for t in gen.traces]}
         print(f"{name}: {len(prompts)} greedy references", flush=True)
@@ -85,7 +87,7 @@ def arm_cmd(args) -> None:
     drafter = load_drafter(args.start, target)
     scored = {name: score_texts(target, drafter.spec.target_layer_ids, r["prompts"], r["outputs"]) for name, r in refs.items()}
     examples = load_regenerated(args.regenerated).examples
-    old, new = examples[:args.trained_on], examples[args.trained_on:]
+    old, new = examples[: args.trained_on], examples[args.trained_on :]
     if args.old_regenerated:
         old = load_regenerated(args.old_regenerated).examples
     curve_path = run / "curve.json"
@@ -93,6 +95,7 @@ def arm_cmd(args) -> None:
     t0 = time.time()
     if not curve:
         from draftopd.train.common import Compute
+
         curve.append(point(0, Compute(), replay_all(drafter, scored), t0))
     every = args.curve_every
 
@@ -109,8 +112,15 @@ def arm_cmd(args) -> None:
         cfg = opd_variant(args.arm, steps=steps, seed=args.seed, max_flops=budget, optim=replace(OPD.optim, lr=args.lr))
         prompts = [list(e.prompt_ids) for e in new]
         print(f"{args.arm}: {len(prompts)} prompts, {steps} updates planned, stop at {args.budget_tflops} TFLOPs", flush=True)
-        train_opd(target, drafter, prompts, cfg, run / "train", resume=True,
-                  on_step=lambda s, d, c: on_step(s, d, c, s if (s == steps or c.flops >= budget) else -1))
+        train_opd(
+            target,
+            drafter,
+            prompts,
+            cfg,
+            run / "train",
+            resume=True,
+            on_step=lambda s, d, c: on_step(s, d, c, s if (s == steps or c.flops >= budget) else -1),
+        )
     else:
         steps = round(budget / SFT_FLOPS_PER_STEP)  # the cosine schedule spans the steps the budget allows
         cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget, optim=replace(SFT.optim, lr=args.lr))
@@ -150,8 +160,13 @@ def report_cmd(args) -> None:
     def row(name, pt):
         rep = ReplayedTau(tuple(texts_of(pt)), 8)
         lo, hi = rep.tau_ci()
-        return (f"| {name} | {pt['flops'] / 1e12:.0f} | " + " | ".join(f"{pt['tau'][s]:.3f}" for s in SETS)
-                + f" | {rep.tau:.3f} [{lo:.3f}, {hi:.3f}] | " + "/".join(f"{a:.2f}" for a in pt["slot_acceptance"][:3]) + " |")
+        return (
+            f"| {name} | {pt['flops'] / 1e12:.0f} | "
+            + " | ".join(f"{pt['tau'][s]:.3f}" for s in SETS)
+            + f" | {rep.tau:.3f} [{lo:.3f}, {hi:.3f}] | "
+            + "/".join(f"{a:.2f}" for a in pt["slot_acceptance"][:3])
+            + " |"
+        )
 
     lines.append(row("start", start))
     for name, c in curves.items():
@@ -166,6 +181,7 @@ def report_cmd(args) -> None:
         if arm.startswith("opd"):
             pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-old") if f"{ref}-s{seed}" in curves]
             pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
+
     def nearest(ref: str, arm: str) -> dict:  # the reference's curve point nearest in compute to the arm's final point
         return min(curves[ref], key=lambda p: abs(p["flops"] - curves[arm][-1]["flops"]))  # (ablations ran at a smaller budget)
 
@@ -177,6 +193,7 @@ def report_cmd(args) -> None:
         at = "" if b == "start" else f" at {pb['flops'] / 1e12:.0f} TFLOPs"
         lines.append(f"| {a} / {b}{at} | {ratio_text(ratio, lo, hi)} |")
         summary["ratios"][f"{a}/{b}"] = {"ratio": ratio, "ci": [lo, hi], "ref_flops": pb["flops"], "flops": pa["flops"]}
+
     def pooled(points: list[dict]) -> list[list[int]]:  # each prompt's committed tokens and rounds, summed over seeds
         per_prompt = list(zip(*(texts_of(p) for p in points)))
         return [[sum(t.committed for t in ts) for ts in per_prompt], [sum(t.rounds for t in ts) for ts in per_prompt]]
@@ -190,16 +207,24 @@ def report_cmd(args) -> None:
                 at = "/".join(f"{p['flops'] / 1e12:.0f}" for p in refs)
                 lines.append(f"| {arm} / {ref}, seeds {', '.join(seeds)} pooled (at {at} TFLOPs) | {ratio_text(ratio, lo, hi)} |")
                 summary["ratios"][f"{arm}/{ref} pooled"] = {"ratio": ratio, "ci": [lo, hi], "seeds": seeds}
-    lines += ["", "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
-              "first rejected slot that equal the final token, first / last update |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| Draft-OPD arm | rollout tau first / last update | slot-1 acceptance first / last | rejected proposals after the "
+        "first rejected slot that equal the final token, first / last update |",
+        "|---|---|---|---|",
+    ]
     for name in curves:
         metrics = out / name / "train" / "metrics.jsonl"
         if name.startswith("opd") and metrics.exists():
             rows = [json.loads(x) for x in metrics.read_text().splitlines()]
             f, la = rows[0], rows[-1]
-            lines.append(f"| {name} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | {f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | "
-                         f"{f['rollout/rej_late_match']:.3f} of {f['rollout/rej_late_n']} / {la['rollout/rej_late_match']:.3f} of {la['rollout/rej_late_n']} |")
-            summary.setdefault("rollouts", {})[name] = {k: [f[k], la[k]] for k in ("rollout/tau", "rollout/slot_acc_1", "rollout/rej_late_match")}
+            lines.append(
+                f"| {name} | {f['rollout/tau']:.3f} / {la['rollout/tau']:.3f} | {f['rollout/slot_acc_1']:.3f} / {la['rollout/slot_acc_1']:.3f} | "
+                f"{f['rollout/rej_late_match']:.3f} of {f['rollout/rej_late_n']} / {la['rollout/rej_late_match']:.3f} of {la['rollout/rej_late_n']} |"
+            )
+            summary.setdefault("rollouts", {})[name] = {
+                k: [f[k], la[k]] for k in ("rollout/tau", "rollout/slot_acc_1", "rollout/rej_late_match")
+            }
     print("\n".join(lines))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -219,9 +244,16 @@ def plot(curves: dict, start: dict, path: Path) -> None:
     for name, c in curves.items():
         arm, seed = name.rsplit("-s", 1)
         main = arm in ("opd", "sft-new", "sft-old")
-        ax.plot([p["flops"] / 1e12 for p in c], [p["tau"]["all"] for p in c], {"0": "-", "1": "--"}.get(seed, ":"),
-                marker="o", markersize=3 if main else 2, linewidth=2 if main else 1, label=name,
-                color=colors[arms.index(arm) % 20])
+        ax.plot(
+            [p["flops"] / 1e12 for p in c],
+            [p["tau"]["all"] for p in c],
+            {"0": "-", "1": "--"}.get(seed, ":"),
+            marker="o",
+            markersize=3 if main else 2,
+            linewidth=2 if main else 1,
+            label=name,
+            color=colors[arms.index(arm) % 20],
+        )
     ax.set_xlabel("compute after the SFT start (TFLOPs, same counter for every arm)")
     ax.set_ylabel("held-out greedy tau (120 prompts, replay)")
     ax.set_title("Draft-OPD vs continued SFT on the embedded target (2-core CPU)")
@@ -240,16 +272,26 @@ def main() -> None:
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--start", help="arm: the start drafter folder (the H200 drafter, the bundled drafter, ...)")
     parser.add_argument("--regenerated", help="arm: regenerated answers (JSONL[.gz]); the first --trained-on are the start's own")
-    parser.add_argument("--trained-on", type=int, default=768, help="the first N records of --regenerated are the start's "
-                        "own answers (sft-old trains on them); Draft-OPD's prompts and sft-new's answers are the rest")
+    parser.add_argument(
+        "--trained-on",
+        type=int,
+        default=768,
+        help="the first N records of --regenerated are the start's "
+        "own answers (sft-old trains on them); Draft-OPD's prompts and sft-new's answers are the rest",
+    )
     parser.add_argument("--old-regenerated", help="the start's own answers for sft-old, when they are not in --regenerated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget-tflops", type=float, default=100.0, help="every arm stops at this compute (same counter)")
     parser.add_argument("--curve-every", type=int, default=4, help="Draft-OPD: a curve point every N updates")
     parser.add_argument("--sft-points", type=int, default=5, help="SFT arms: curve points at N equal fractions of the matched compute")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of every arm (the authors': 3e-4); "
-                        "give each value its own --out (with a copy of refs.json), so the report compares like with like")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=3e-4,
+        help="peak learning rate of every arm (the authors': 3e-4); "
+        "give each value its own --out (with a copy of refs.json), so the report compares like with like",
+    )
     args = parser.parse_args()
     if args.cmd == "arm" and args.arm is None:
         parser.error("arm needs its name")

@@ -61,7 +61,7 @@ def sft_gradient(target, drafter, examples: list, params: list[torch.Tensor], se
     """Gradient of continued SFT's loss (`draftopd.headline.SFT`) over `examples`, normalised as one step."""
     gen, sums, weight = torch.Generator().manual_seed(seed), 0.0, 0.0
     for i in range(0, len(examples), SFT.batch_size):
-        res = sft_micro_batch(target, drafter, examples[i:i + SFT.batch_size], SFT, gen)
+        res = sft_micro_batch(target, drafter, examples[i : i + SFT.batch_size], SFT, gen)
         sums, weight = sums + flat_grad(res.loss_sum, params), weight + res.weight_sum
     return sums / max(weight, 1e-9)
 
@@ -90,7 +90,7 @@ def stream_grads(target, drafter, traces: list, cfg, params: list[torch.Tensor])
     g_acc = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     g_rej = torch.zeros_like(g_acc)
     for i in range(0, len(traces), cfg.replay_batch):
-        rb = collate(target, drafter, traces[i:i + cfg.replay_batch], segments[i:i + cfg.replay_batch])
+        rb = collate(target, drafter, traces[i : i + cfg.replay_batch], segments[i : i + cfg.replay_batch])
         res = replay(target, drafter, rb, lc)
         g_acc += flat_grad(lc.lam_acc * res.acc.loss_sum / denom, params)
         if lc.use_rejected and res.rej.tokens:
@@ -100,8 +100,11 @@ def stream_grads(target, drafter, traces: list, cfg, params: list[torch.Tensor])
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="an opd_headline.py folder: its refs.json (`opd_headline.py refs --out`); "
-                    "stream_gradients-sSEED.json is written there")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="an opd_headline.py folder: its refs.json (`opd_headline.py refs --out`); stream_gradients-sSEED.json is written there",
+    )
     ap.add_argument("--start", default="draftopd/drafters/smollm2-135m-dflash")
     ap.add_argument("--regenerated", required=True, help="the headline's prompt pool and continued SFT's answers (its --regenerated)")
     ap.add_argument("--trained-on", type=int, default=0)
@@ -119,14 +122,20 @@ def main() -> None:
     drafter.eval()  # no dropout: every gradient here is of the same function
     params = [p for p in drafter.parameters() if p.requires_grad]
     refs = json.loads((out / "refs.json").read_text())
-    heldout = [SFTExample(f"{name}-{i}", tuple(r["prompts"][i]), tuple(r["outputs"][i]))
-               for name, r in refs.items() for i in range(min(args.heldout_per_set, len(r["prompts"])))]
+    heldout = [
+        SFTExample(f"{name}-{i}", tuple(r["prompts"][i]), tuple(r["outputs"][i]))
+        for name, r in refs.items()
+        for i in range(min(args.heldout_per_set, len(r["prompts"])))
+    ]
     g_h = sft_gradient(target, drafter, heldout, params, args.seed)
     halves = [sft_gradient(target, drafter, heldout[j::2], params, args.seed) for j in (0, 1)]
-    new = load_regenerated(args.regenerated).examples[args.trained_on:]
-    g_s = sft_gradient(target, drafter, new[:args.sft_examples], params, args.seed)
-    print(f"held-out gradient over {len(heldout)} answers; cos between its halves {cos(*halves):.3f}; "
-          f"continued SFT's gradient: cos with it {cos(g_s, g_h):.3f}, sign step {cos(g_s.sign(), g_h):.3f}", flush=True)
+    new = load_regenerated(args.regenerated).examples[args.trained_on :]
+    g_s = sft_gradient(target, drafter, new[: args.sft_examples], params, args.seed)
+    print(
+        f"held-out gradient over {len(heldout)} answers; cos between its halves {cos(*halves):.3f}; "
+        f"continued SFT's gradient: cos with it {cos(g_s, g_h):.3f}, sign step {cos(g_s.sign(), g_h):.3f}",
+        flush=True,
+    )
     prompts = [list(e.prompt_ids) for e in new]
     traces_by_temp: dict[float, list] = {}
     rows = []
@@ -136,23 +145,42 @@ def main() -> None:
             traces_by_temp[cfg.rollout.temperature] = rollouts(target, drafter, prompts, cfg)
         s = stream_grads(target, drafter, traces_by_temp[cfg.rollout.temperature], cfg, params)
         g = s["g_acc"] + s["g_rej"]
-        row = {"variant": name, "n_acc": s["n_acc"], "w_rej": s["w_rej"], "norm_acc": float(s["g_acc"].norm()),
-               "norm_rej": float(s["g_rej"].norm()), "cos_acc_rej": cos(s["g_acc"], s["g_rej"]),
-               "cos_acc_H": cos(s["g_acc"], g_h), "cos_rej_H": cos(s["g_rej"], g_h), "cos_H": cos(g, g_h),
-               "cos_sign_H": cos(g.sign(), g_h), "cos_S": cos(g, g_s)}
+        row = {
+            "variant": name,
+            "n_acc": s["n_acc"],
+            "w_rej": s["w_rej"],
+            "norm_acc": float(s["g_acc"].norm()),
+            "norm_rej": float(s["g_rej"].norm()),
+            "cos_acc_rej": cos(s["g_acc"], s["g_rej"]),
+            "cos_acc_H": cos(s["g_acc"], g_h),
+            "cos_rej_H": cos(s["g_rej"], g_h),
+            "cos_H": cos(g, g_h),
+            "cos_sign_H": cos(g.sign(), g_h),
+            "cos_S": cos(g, g_s),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    summary = {"heldout_answers": len(heldout), "cos_heldout_halves": cos(*halves), "sft": {"cos_H": cos(g_s, g_h),
-               "cos_sign_H": cos(g_s.sign(), g_h), "norm": float(g_s.norm())}, "variants": rows}
+    summary = {
+        "heldout_answers": len(heldout),
+        "cos_heldout_halves": cos(*halves),
+        "sft": {"cos_H": cos(g_s, g_h), "cos_sign_H": cos(g_s.sign(), g_h), "norm": float(g_s.norm())},
+        "variants": rows,
+    }
     (out / f"stream_gradients-s{args.seed}.json").write_text(json.dumps(summary, indent=1))
-    print("\n| variant | n_acc | w_rej | |g_acc| | |g_rej| | cos(g_acc, g_rej) | cos(g_acc, g_H) | cos(g_rej, g_H) | cos(g, g_H) "
-          "| cos(sign g, g_H) | cos(g, g_S) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| variant | n_acc | w_rej | |g_acc| | |g_rej| | cos(g_acc, g_rej) | cos(g_acc, g_H) | cos(g_rej, g_H) | cos(g, g_H) "
+        "| cos(sign g, g_H) | cos(g, g_S) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['variant']} | {r['n_acc']:.0f} | {r['w_rej']:.0f} | {r['norm_acc']:.3f} | {r['norm_rej']:.3f} | "
-              f"{r['cos_acc_rej']:+.3f} | {r['cos_acc_H']:+.3f} | {r['cos_rej_H']:+.3f} | {r['cos_H']:+.3f} | "
-              f"{r['cos_sign_H']:+.3f} | {r['cos_S']:+.3f} |")
-    print(f"| continued SFT (g_S) | | | {summary['sft']['norm']:.3f} | | | | | {summary['sft']['cos_H']:+.3f} | "
-          f"{summary['sft']['cos_sign_H']:+.3f} | 1 |")
+        print(
+            f"| {r['variant']} | {r['n_acc']:.0f} | {r['w_rej']:.0f} | {r['norm_acc']:.3f} | {r['norm_rej']:.3f} | "
+            f"{r['cos_acc_rej']:+.3f} | {r['cos_acc_H']:+.3f} | {r['cos_rej_H']:+.3f} | {r['cos_H']:+.3f} | "
+            f"{r['cos_sign_H']:+.3f} | {r['cos_S']:+.3f} |"
+        )
+    print(
+        f"| continued SFT (g_S) | | | {summary['sft']['norm']:.3f} | | | | | {summary['sft']['cos_H']:+.3f} | "
+        f"{summary['sft']['cos_sign_H']:+.3f} | 1 |"
+    )
     print(f"\ncos(g_H of one half of the held-out answers, of the other half) = {summary['cos_heldout_halves']:.3f}")
 
 

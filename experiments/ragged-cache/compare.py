@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, tempfile, time, torch
 torch.set_num_threads(int(sys.argv[2]))
 import draftopd
@@ -69,7 +69,7 @@ else:
     rows = [json.loads(l) for l in open(out + "/metrics.jsonl")]
     print(json.dumps({"update_s": [r["time/rollout_s"] + r["time/replay_s"] + r["time/update_s"] for r in rows],
                       "rollout_tau": [r["rollout/tau"] for r in rows]}))
-'''
+"""
 
 
 def checkout(commit: str) -> Path:
@@ -80,9 +80,13 @@ def checkout(commit: str) -> Path:
 
 
 def run(tree: Path, what: str, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, what, str(args.threads), str(args.new_tokens), str(args.updates)],
-                         cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, what, str(args.threads), str(args.new_tokens), str(args.updates)],
+        cwd=tree,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise SystemExit(f"{tree.name} {what} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,7 +107,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"old": [], "new": []}
     try:
         for r in range(args.repeats):
-            for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 row = {"run": r, "tree": name, **run(trees[name], "decode", args), **run(trees[name], "update", args)}
                 results[name].append(row)
                 print(json.dumps(row), flush=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS = "de05d35"  # the commit that added the harness and the flows
 
-CHILD = r'''
+CHILD = r"""
 import json, tempfile, torch
 from collections import Counter
 from dataclasses import replace
@@ -50,12 +50,13 @@ with FakeCuda() as fake:
     with fake.count() as r:
         train_sft(b.target, d, ex, replace(SFT, steps=10), tempfile.mkdtemp(), progress=False, stop_after=3)
 print(json.dumps({"mix_sites": dict(sites), "decode": rounds, "sft_syncs_per_step": r.total_syncs / 3}))
-'''
+"""
 
 
 def run(tree: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD], cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD], cwd=tree, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -73,15 +74,18 @@ def main() -> None:
             check.mkdir()
             (check / "__init__.py").touch()
             for name in ("fake_cuda.py", "flows.py"):
-                text = subprocess.run(["git", "-C", str(ROOT), "show", f"{HARNESS}:draftopd/check/{name}"], capture_output=True, text=True,
-                                      check=True).stdout
+                text = subprocess.run(
+                    ["git", "-C", str(ROOT), "show", f"{HARNESS}:draftopd/check/{name}"], capture_output=True, text=True, check=True
+                ).stdout
                 (check / name).write_text(text.replace(' autocast="float32",', ""))
         results = {"old": run(old), "new": run(ROOT)}
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False)
     for name, r in results.items():
-        print(f"{name}: {len(r['mix_sites'])} device-mix sites ({sum(r['mix_sites'].values())} mixed ops); SFT syncs a step "
-              f"{r['sft_syncs_per_step']:.1f}")
+        print(
+            f"{name}: {len(r['mix_sites'])} device-mix sites ({sum(r['mix_sites'].values())} mixed ops); SFT syncs a step "
+            f"{r['sft_syncs_per_step']:.1f}"
+        )
         for site, n in sorted(r["mix_sites"].items(), key=lambda kv: -kv[1]):
             print(f"    {n:4d}  {site}")
         for mode, row in r["decode"].items():

@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("arm", choices=("fixed", "regen", "old", "new", "more", "continue"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafter", default=None, help="start drafter of the old/new/more/continue arms")
-    parser.add_argument("--regenerated", default=None, help="regenerated answers: the H200 run's (train_at_scale.py) or a `draftopd regenerate` file")
+    parser.add_argument(
+        "--regenerated", default=None, help="regenerated answers: the H200 run's (train_at_scale.py) or a `draftopd regenerate` file"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="fixed/regen arms: drafter init and anchor sampling seed")
     parser.add_argument("--block-size", type=int, default=8, help="fixed/regen arms: the drafter's block size")
@@ -59,8 +61,13 @@ def main() -> None:
     parser.add_argument("--anchors-per-seq", type=int, default=64, help="fixed/regen arms: anchors a sequence (384: every position)")
     parser.add_argument("--feature-noise", type=float, default=0.0, help="fixed/regen arms: SFTConfig.feature_noise")
     parser.add_argument("--steps", type=int, default=120, help="fixed/regen/continue arms: SFT steps")
-    parser.add_argument("--copy-target-layers", type=int, nargs="+", default=None,
-                        help="fixed/regen arms: the drafter layers start as copies of these target layers, one per layer (default: random)")
+    parser.add_argument(
+        "--copy-target-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fixed/regen arms: the drafter layers start as copies of these target layers, one per layer (default: random)",
+    )
     args = parser.parse_args()
     if args.arm in ("old", "new", "more", "continue") and args.drafter is None:
         parser.error(f"the {args.arm} arm continues a drafter: pass --drafter")
@@ -70,13 +77,34 @@ def main() -> None:
     target = load_target("smollm2-135m", dtype=torch.bfloat16)
     regenerated = load_regenerated(args.regenerated).examples if args.regenerated else []
     if args.arm in ("fixed", "regen"):
-        examples = regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
-        drafter = new_drafter(target, DrafterConfig(num_layers=args.num_layers, block_size=args.block_size, target_layer_ids=tuple(args.target_layer_ids), mask_token_id=16, vocab_size=8192,
-                                                   copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None),
-                              seed=args.seed)
+        examples = (
+            regenerated[-1000:] if args.arm == "regen" else load_answers(target.tokenizer, limit=1300, max_response_tokens=384)[:1000]
+        )
+        drafter = new_drafter(
+            target,
+            DrafterConfig(
+                num_layers=args.num_layers,
+                block_size=args.block_size,
+                target_layer_ids=tuple(args.target_layer_ids),
+                mask_token_id=16,
+                vocab_size=8192,
+                copy_target_layers=tuple(args.copy_target_layers) if args.copy_target_layers else None,
+            ),
+            seed=args.seed,
+        )
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, 8192, labels="text"))
-        cfg = SFTConfig(steps=args.steps, batch_size=8, anchors_per_seq=args.anchors_per_seq, loss="kl", labels="text" if args.arm == "regen" else "greedy",
-                        save_every=args.steps, seed=args.seed, slot_decay=args.slot_decay, feature_noise=args.feature_noise, optim=OptimConfig(lr=2e-3))
+        cfg = SFTConfig(
+            steps=args.steps,
+            batch_size=8,
+            anchors_per_seq=args.anchors_per_seq,
+            loss="kl",
+            labels="text" if args.arm == "regen" else "greedy",
+            save_every=args.steps,
+            seed=args.seed,
+            slot_decay=args.slot_decay,
+            feature_noise=args.feature_noise,
+            optim=OptimConfig(lr=2e-3),
+        )
     elif args.arm == "more":
         examples = load_answers(target.tokenizer, limit=3500, max_response_tokens=384)[-1200:]
         drafter = load_drafter(args.drafter, target)
@@ -85,8 +113,15 @@ def main() -> None:
         examples = {"old": regenerated[:TRAINED_ON], "new": regenerated[TRAINED_ON:]}.get(args.arm, regenerated)
         drafter = load_drafter(args.drafter, target)
         steps = args.steps if args.arm == "continue" else 100
-        cfg = SFTConfig(steps=steps, batch_size=8, anchors_per_seq=64, loss="kl", labels="text", save_every=50 if args.arm == "continue" else 100,
-                        optim=OptimConfig(lr=3e-4))
+        cfg = SFTConfig(
+            steps=steps,
+            batch_size=8,
+            anchors_per_seq=64,
+            loss="kl",
+            labels="text",
+            save_every=50 if args.arm == "continue" else 100,
+            optim=OptimConfig(lr=3e-4),
+        )
     print(f"{args.arm}: {len(examples)} answers, {sum(len(e.response_ids) for e in examples)} response tokens", flush=True)
     t = time.time()
     train_sft(target, drafter, examples, cfg, args.out, progress=True)

@@ -31,14 +31,29 @@ from draftopd.train.opd import OPDConfig
 
 FULL_SFT = SFTConfig(steps=400, batch_size=4, anchors_per_seq=24, save_every=50, optim=OptimConfig(lr=1e-3))
 FULL = ExperimentConfig(
-    start=None, prompt_offset=0,
-    train_prompts=240, regen_max_new_tokens=96, regen_batch=8, drafter=DrafterConfig(num_layers=2, block_size=8),
+    start=None,
+    prompt_offset=0,
+    train_prompts=240,
+    regen_max_new_tokens=96,
+    regen_batch=8,
+    drafter=DrafterConfig(num_layers=2, block_size=8),
     sft=FULL_SFT,
-    opd=OPDConfig(steps=20, prompts_per_rollout=4, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=96), save_every=5,
-                  loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=5e-4, min_warmup_steps=1)),
+    opd=OPDConfig(
+        steps=20,
+        prompts_per_rollout=4,
+        rollouts_per_step=1,
+        rollout=DecodeConfig(max_new_tokens=96),
+        save_every=5,
+        loss=LossConfig(mode="exact", aggregation="paper"),
+        optim=OptimConfig(lr=5e-4, min_warmup_steps=1),
+    ),
     continued_sft=replace(FULL_SFT, optim=replace(FULL_SFT.optim, lr=5e-4)),
-    curve_prompts=8, curve_every=5, eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=96)), ablation_steps=6,
-    synthetic=False)
+    curve_prompts=8,
+    curve_every=5,
+    eval=EvalConfig(num_prompts=3, decode=DecodeConfig(max_new_tokens=96)),
+    ablation_steps=6,
+    synthetic=False,
+)
 
 
 def main() -> None:

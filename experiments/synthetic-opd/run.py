@@ -36,9 +36,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = StudyConfig(seeds=tuple(args.seeds), arms=tuple(args.arms), low_arms=tuple(args.low_arms), opd_updates=args.opd_updates)
     if args.quick:
-        cfg = replace(cfg, start_prompts=200, rollout_prompts=128, eval_prompts=40, tuning_prompts=40, new_tokens=64, opd_updates=2,
-                      start_sft=SFTConfig(steps=300, batch_size=16, anchors_per_seq=32, save_every=100, optim=OptimConfig(lr=2e-3)),
-                      low_every=10, low_tau=(1.3, 2.5), resamples=200)
+        cfg = replace(
+            cfg,
+            start_prompts=200,
+            rollout_prompts=128,
+            eval_prompts=40,
+            tuning_prompts=40,
+            new_tokens=64,
+            opd_updates=2,
+            start_sft=SFTConfig(steps=300, batch_size=16, anchors_per_seq=32, save_every=100, optim=OptimConfig(lr=2e-3)),
+            low_every=10,
+            low_tau=(1.3, 2.5),
+            resamples=200,
+        )
     t0 = time.time()
     log = lambda line: print(f"[{time.time() - t0:7.0f} s] {line}", flush=True)  # noqa: E731
     summary = run_study(cfg, args.out, log=log)

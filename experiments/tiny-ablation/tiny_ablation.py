@@ -49,22 +49,41 @@ def run_seed(seed: int, sft_steps: int, opd_steps: int, sharpness: float, work: 
         return summarize(generate(target, drafter, heldout, DecodeConfig(max_new_tokens=32, stop_at_eos=False)), 8).tau
 
     start = new_drafter(target, DrafterConfig(block_size=8), seed=seed)
-    train_sft(target, start, train, SFTConfig(steps=sft_steps, batch_size=8, anchors_per_seq=16, seed=seed, optim=OptimConfig(lr=3e-3)), work / f"sft{seed}", progress=False)
+    train_sft(
+        target,
+        start,
+        train,
+        SFTConfig(steps=sft_steps, batch_size=8, anchors_per_seq=16, seed=seed, optim=OptimConfig(lr=3e-3)),
+        work / f"sft{seed}",
+        progress=False,
+    )
     seq = torch.tensor([list(train[0].prompt_ids + train[0].response_ids)])
     with torch.no_grad():
-        p_top = torch.softmax(target.model(seq).logits[0, len(train[0].prompt_ids) - 1:-1], -1).max(-1).values.mean()
+        p_top = torch.softmax(target.model(seq).logits[0, len(train[0].prompt_ids) - 1 : -1], -1).max(-1).values.mean()
     print(f"seed {seed}: mean target probability of its greedy tokens {float(p_top):.2f}", flush=True)
     result = {"sft start": tau(start)}
-    base = OPDConfig(steps=opd_steps, prompts_per_rollout=8, rollouts_per_step=1, rollout=DecodeConfig(max_new_tokens=32, seed=seed),
-                     loss=LossConfig(mode="exact", aggregation="paper"), optim=OptimConfig(lr=2e-3, min_warmup_steps=1))
+    base = OPDConfig(
+        steps=opd_steps,
+        prompts_per_rollout=8,
+        rollouts_per_step=1,
+        rollout=DecodeConfig(max_new_tokens=32, seed=seed),
+        loss=LossConfig(mode="exact", aggregation="paper"),
+        optim=OptimConfig(lr=2e-3, min_warmup_steps=1),
+    )
     for name in ABLATIONS:
         drafter = copy.deepcopy(start)
         train_opd(target, drafter, prompts[:64], _ablation_config(base, name), work / f"{name}{seed}", progress=False)
         result[f"draft-opd {name}"] = tau(drafter)
     flops = json.loads((work / f"full{seed}" / "metrics.jsonl").read_text().splitlines()[-1])["compute/flops"]
     drafter = copy.deepcopy(start)
-    train_sft(target, drafter, train, SFTConfig(steps=10 * opd_steps, batch_size=8, anchors_per_seq=16, seed=seed + 1, max_flops=flops,
-                                        optim=OptimConfig(lr=2e-3)), work / f"cont{seed}", progress=False)
+    train_sft(
+        target,
+        drafter,
+        train,
+        SFTConfig(steps=10 * opd_steps, batch_size=8, anchors_per_seq=16, seed=seed + 1, max_flops=flops, optim=OptimConfig(lr=2e-3)),
+        work / f"cont{seed}",
+        progress=False,
+    )
     result["continued sft (equal FLOPs)"] = tau(drafter)
     return result
 

@@ -40,8 +40,10 @@ def main() -> None:
     with opener(args.regenerated, "rt") as f:
         records = [json.loads(line) for line in f if line.strip()]
     greedy = [(i, r) for i, r in enumerate(records) if r["settings"]["temperature"] == 0.0]
-    sets = {"trained-on": [r for i, r in greedy if i < args.trained_first][: args.texts],
-            "unseen": [r for i, r in greedy if i >= args.trained_first][: args.texts]}
+    sets = {
+        "trained-on": [r for i, r in greedy if i < args.trained_first][: args.texts],
+        "unseen": [r for i, r in greedy if i >= args.trained_first][: args.texts],
+    }
     target = load_target(args.target, dtype=getattr(torch, args.dtype))
     drafter = load_drafter(args.drafter, target).to(target.dtype)
     print("| answers | texts | tau [95% CI] | slot 1 / 2 / 3 acceptance |\n|---|---|---|---|")

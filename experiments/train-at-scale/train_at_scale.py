@@ -66,16 +66,21 @@ def make_pack(target, train_limit: int, max_prompt_tokens: int = 512) -> dict:
         ids = render_prompt(p, target.tokenizer)
         if len(ids) <= max_prompt_tokens:
             train.append([p.id, ids])
-    evals = {name: [[p.id, render_prompt(p, target.tokenizer)] for p in load_prompts(name, limit=ev.num_prompts, seed=ev.decode.seed).prompts]
-             for name in ev.sets}
+    evals = {
+        name: [[p.id, render_prompt(p, target.tokenizer)] for p in load_prompts(name, limit=ev.num_prompts, seed=ev.decode.seed).prompts]
+        for name in ev.sets
+    }
     return {"target": target.name, "train": train, "eval": evals}
 
 
 def tiny_pack(target, n_train: int = 64) -> dict:
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, target.vocab_size - 1, (n,), generator=g).tolist()  # noqa: E731
-    return {"target": target.name, "train": [[f"t{i}", rand(8 + i % 9)] for i in range(n_train)],
-            "eval": {s: [[f"{s}{i}", rand(6 + i % 5)] for i in range(6)] for s in ("a", "b")}}
+    return {
+        "target": target.name,
+        "train": [[f"t{i}", rand(8 + i % 9)] for i in range(n_train)],
+        "eval": {s: [[f"{s}{i}", rand(6 + i % 5)] for i in range(6)] for s in ("a", "b")},
+    }
 
 
 def weights_sha(target) -> str:
@@ -119,7 +124,7 @@ def split_controls(records: list[dict], examples: list, n: int, new_tokens: int)
     is memorisation: the sign that more data, not more steps, is what the drafter needs."""
     greedy = sorted((stable_hash("heldout", r["id"]), r["id"]) for r in records if r["settings"].get("temperature") == 0.0)
     held = {rid for _, rid in greedy[:n]}
-    seen = [rid for _, rid in greedy[n:2 * n]]
+    seen = [rid for _, rid in greedy[n : 2 * n]]
     by_id = {e.id: e for e in examples}
     ref = lambda ids: ([list(by_id[i].prompt_ids) for i in ids], [list(by_id[i].response_ids)[:new_tokens] for i in ids])  # noqa: E731
     controls = {"sharegpt-heldout": ref(sorted(held)), "sharegpt-trained": ref(seen)} if n and len(greedy) >= 2 * n else {}
@@ -149,18 +154,29 @@ def regenerate_stage(target, pack: dict, out: Path, args, summary: dict) -> None
     for i, start in enumerate(range(0, len(train), args.regen_batch)):
         if time.time() > stop:
             break
-        chunk = train[start:start + args.regen_batch]
+        chunk = train[start : start + args.regen_batch]
         prompts = [Prompt(pid, "sharegpt", (("user", ""),)) for pid, _ in chunk]
-        cfg = DecodeConfig(max_new_tokens=args.regen_new_tokens, temperature=temps[i % len(temps)], seed=args.seed,
-                           stop_at_loop=args.trim_loops)  # what trimming would cut is never decoded
-        s = regenerate(target, prompts, path, cfg, batch_size=args.regen_batch, prompt_ids=[ids for _, ids in chunk], progress=False,
-                       max_prompt_tokens=args.max_prompt_tokens)
+        cfg = DecodeConfig(
+            max_new_tokens=args.regen_new_tokens, temperature=temps[i % len(temps)], seed=args.seed, stop_at_loop=args.trim_loops
+        )  # what trimming would cut is never decoded
+        s = regenerate(
+            target,
+            prompts,
+            path,
+            cfg,
+            batch_size=args.regen_batch,
+            prompt_ids=[ids for _, ids in chunk],
+            progress=False,
+            max_prompt_tokens=args.max_prompt_tokens,
+        )
         stats["chunks"] += 1
         stats["records"] += s.written
         stats["tokens"] += s.tokens
         stats["seconds"] += s.seconds
         stats["looped"] += s.looped
-        log(f"regenerate chunk {i} T={cfg.temperature}: {s.written} answers, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):.0f} tok/s")
+        log(
+            f"regenerate chunk {i} T={cfg.temperature}: {s.written} answers, {s.tokens} tokens, {s.tokens / max(s.seconds, 1e-9):.0f} tok/s"
+        )
     stats["tokens_per_s"] = stats["tokens"] / max(stats["seconds"], 1e-9)
     summary["regenerate"] = stats
 
@@ -169,8 +185,13 @@ def drafter_config(args, target) -> DrafterConfig:
     layers = tuple(int(x) for x in args.target_layers.split(",")) if args.target_layers else None
     if layers and max(layers) >= target.num_layers:
         layers = None  # tiny targets: DFlash's rule
-    return DrafterConfig(num_layers=args.layers, block_size=args.block_size, target_layer_ids=layers, vocab_size=args.draft_vocab,
-                         mask_token_id=default_mask_token(target))
+    return DrafterConfig(
+        num_layers=args.layers,
+        block_size=args.block_size,
+        target_layer_ids=layers,
+        vocab_size=args.draft_vocab,
+        mask_token_id=default_mask_token(target),
+    )
 
 
 class OutOfTime(Exception):
@@ -181,8 +202,17 @@ def train_stage(target, examples: list, out: Path, args, summary: dict, scored: 
     drafter = new_drafter(target, drafter_config(args, target), seed=args.seed)
     if args.draft_vocab is not None:
         drafter.set_draft_vocab(frequent_tokens(examples, target.vocab_size, args.draft_vocab, labels="text"))
-    base = SFTConfig(steps=10_000, batch_size=args.batch_size, anchors_per_seq=args.anchors, loss="kl", labels="text",
-                     save_every=10_000, log_every=10, seed=args.seed, optim=OptimConfig(lr=args.lr))
+    base = SFTConfig(
+        steps=10_000,
+        batch_size=args.batch_size,
+        anchors_per_seq=args.anchors,
+        loss="kl",
+        labels="text",
+        save_every=10_000,
+        log_every=10,
+        seed=args.seed,
+        optim=OptimConfig(lr=args.lr),
+    )
     # calibrate: a few steps on a copy (the first pays for kernel selection), one replay of every reference
     stamps: list[float] = []
 
@@ -190,8 +220,12 @@ def train_stage(target, examples: list, out: Path, args, summary: dict, scored: 
         sync(target)
         stamps.append(time.perf_counter())
 
-    train_sft(target, copy.deepcopy(drafter), examples, base, out / "calibrate", progress=False, stop_after=args.calibrate_steps, on_step=stamp)
-    skip = 1 if len(stamps) > 2 else 0  # after the first two steps: on the H200 a 6-step mean with them said 323 ms, the run then averaged 147
+    train_sft(
+        target, copy.deepcopy(drafter), examples, base, out / "calibrate", progress=False, stop_after=args.calibrate_steps, on_step=stamp
+    )
+    skip = (
+        1 if len(stamps) > 2 else 0
+    )  # after the first two steps: on the H200 a 6-step mean with them said 323 ms, the run then averaged 147
     step_s = (stamps[-1] - stamps[skip]) / max(len(stamps) - 1 - skip, 1)  # (--calibrate-steps 2 used to give 0 here)
     t = time.perf_counter()
     start = replay_all(drafter, scored)
@@ -255,10 +289,15 @@ def run(args) -> None:
     device = resolve_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    summary: dict = {"args": vars(args), "python": platform.python_version(), "torch": torch.__version__,
-                     "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"}
+    summary: dict = {
+        "args": vars(args),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+    }
     try:
         import transformers
+
         summary["transformers"] = transformers.__version__
     except ImportError:
         pass
@@ -278,8 +317,10 @@ def run(args) -> None:
         else:
             pack = make_pack(target, args.train_prompts)
     summary["target"] = {"name": target.name, "dtype": str(target.dtype), "weights_sha256": weights_sha(target)}
-    log(f"target {target.name} on {device} ({target.dtype}); weights sha256 {summary['target']['weights_sha256'][:16]}; "
-        f"{len(pack['train'])} train prompts, eval {', '.join(f'{k} {len(v)}' for k, v in pack['eval'].items())}")
+    log(
+        f"target {target.name} on {device} ({target.dtype}); weights sha256 {summary['target']['weights_sha256'][:16]}; "
+        f"{len(pack['train'])} train prompts, eval {', '.join(f'{k} {len(v)}' for k, v in pack['eval'].items())}"
+    )
     save()
 
     refs = references(target, pack, args.eval_new_tokens)
@@ -290,7 +331,10 @@ def run(args) -> None:
 
     regen_path = out / "regenerated.jsonl"
     if args.regenerated:  # answers regenerated earlier (same target) come first; regeneration then adds new prompts
-        with (gzip.open(args.regenerated, "rt") if args.regenerated.endswith(".gz") else open(args.regenerated)) as src, open(regen_path, "a") as dst:
+        with (
+            gzip.open(args.regenerated, "rt") if args.regenerated.endswith(".gz") else open(args.regenerated) as src,
+            open(regen_path, "a") as dst,
+        ):
             dst.write(src.read())
     regenerate_stage(target, pack, out, args, summary)
     records = [json.loads(line) for line in regen_path.read_text().splitlines() if line.strip()]
@@ -307,8 +351,9 @@ def run(args) -> None:
     drafter = train_stage(target, examples, out, args, summary, scored)
     save_drafter(drafter, out / "drafter", extra={"made_by": "experiments/train-at-scale/train_at_scale.py", "args": vars(args)})
     final = replay_all(drafter, scored)
-    summary["final"] = {k: {"tau": v.tau, "tau_ci": v.tau_ci(), "slot_acceptance": v.slot_acceptance(), "texts": len(v.texts)}
-                        for k, v in final.items()}
+    summary["final"] = {
+        k: {"tau": v.tau, "tau_ci": v.tau_ci(), "slot_acceptance": v.slot_acceptance(), "texts": len(v.texts)} for k, v in final.items()
+    }
     log("final replay tau: " + " ".join(f"{k} {v.tau:.2f} [{v.tau_ci()[0]:.2f}, {v.tau_ci()[1]:.2f}]" for k, v in final.items()))
     save()
     if time.time() < T0 + args.budget_s - 5:
@@ -342,8 +387,14 @@ def main() -> None:
     r.add_argument("--regen-new-tokens", type=int, default=384)
     r.add_argument("--regen-temperatures", default="0.0,0.7")
     r.add_argument("--regenerated", default=None, help="regenerated JSONL(.gz) of this target to train on too (regeneration adds to it)")
-    r.add_argument("--trim-loops", action="store_true", help="stop regenerating an answer where it starts looping and train on it cut there (decode/loops.py)")
-    r.add_argument("--control-answers", type=int, default=32, help="greedy answers held out of training (and as many seen ones) for the curve")
+    r.add_argument(
+        "--trim-loops",
+        action="store_true",
+        help="stop regenerating an answer where it starts looping and train on it cut there (decode/loops.py)",
+    )
+    r.add_argument(
+        "--control-answers", type=int, default=32, help="greedy answers held out of training (and as many seen ones) for the curve"
+    )
     r.add_argument("--max-prompt-tokens", type=int, default=512)
     r.add_argument("--eval-new-tokens", type=int, default=96)
     r.add_argument("--layers", type=int, default=2)

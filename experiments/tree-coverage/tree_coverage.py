@@ -34,8 +34,25 @@ from draftopd.eval.replay import anchor_logits, greedy_references, score_texts, 
 from draftopd.models.drafter import load_drafter  # noqa: E402
 from draftopd.models.load import load_target  # noqa: E402
 
-SHAPES = [(1,), (1, 1), (1,) * 7, (2,), (3,), (4,), (2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 2), (4, 1, 1), (8, 1),
-          (4, 2, 1), (8, 2), (16, 1)]
+SHAPES = [
+    (1,),
+    (1, 1),
+    (1,) * 7,
+    (2,),
+    (3,),
+    (4,),
+    (2, 1),
+    (3, 1),
+    (4, 1),
+    (2, 2),
+    (3, 2),
+    (4, 2),
+    (4, 1, 1),
+    (8, 1),
+    (4, 2, 1),
+    (8, 2),
+    (16, 1),
+]
 NEVER = 1 << 30  # rank of a token the drafter cannot propose (outside its draft vocabulary, or past the text's end)
 
 
@@ -47,7 +64,7 @@ def target_ranks(drafter, scored) -> list[torch.Tensor]:
         truth = drafter.target_to_draft(truth)
         rank = (logits.float() > logits.float().gather(-1, truth.clamp(min=0)[..., None])).sum(-1)
         rank[(truth < 0) | ~inside] = NEVER
-        ranks += [rank[i, :max(length - 1, 0)] for i, length in enumerate(s.lengths)]
+        ranks += [rank[i, : max(length - 1, 0)] for i, length in enumerate(s.lengths)]
     return ranks
 
 
@@ -87,7 +104,7 @@ def main() -> None:
         texts = [tree_rounds(r, shape, r.shape[0] + 1) for r in ranks]
         committed, rounds = [t.committed for t in texts], [t.rounds for t in texts]
         tau, ci = sum(committed) / sum(rounds), bootstrap_ratio_ci(committed, rounds)
-        width = 1 + sum(math.prod(shape[:d + 1]) for d in range(len(shape)))
+        width = 1 + sum(math.prod(shape[: d + 1]) for d in range(len(shape)))
         shapes["x".join(map(str, shape))] = {"width": width, "tau": tau, "tau_ci": ci}
         print(f"| {'x'.join(map(str, shape))} | {width} | {tau:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] |")
     if args.json:
