@@ -304,8 +304,11 @@ def compare(
 
 
 # ---- the study ------------------------------------------------------------------------------------------------------
-def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Data, the start drafters, every arm x seed x budget, scores and comparisons (module docstring); cached under `out`."""
+def run_study(
+    cfg: StudyConfig, out: str | Path, progress: bool = True, log: Callable[[str], None] = print, cached_only: bool = False
+) -> dict:
+    """Data, the start drafters, every arm x seed x budget, scores and comparisons (module docstring); cached under `out`.
+    `cached_only`: train nothing, summarize the arms already scored (a study still running, or stopped early)."""
     from .models.load import load_target
 
     out = Path(out)
@@ -318,6 +321,8 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
         "eval": Scorer(target, data.eval_prompts, data.eval_outputs, layers),
         "tuning": Scorer(target, data.tuning_prompts, data.tuning_outputs, layers),
     }
+    if cached_only and not all((out / "starts" / name / "config.json").exists() for name in ("plateau", "low")):
+        raise ConfigError(f"{out}: no start drafters yet, nothing to summarize")
     train_starts(target, data, cfg, out / "starts", evaluate["tuning"], log)
     results: dict = {}
     for start_name, arms in (("plateau", cfg.arms), ("low", cfg.low_arms)):
@@ -328,6 +333,8 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
                 for budget in ("both",) if ARMS[name].kind == "opd" else cfg.budgets:
                     key = f"{name}/{budget}/seed{seed}"
                     folder = out / start_name / name / budget / f"seed{seed}"
+                    if cached_only and not (folder / "scores.json").exists():
+                        continue
                     results[start_name]["runs"][key] = cached_json(
                         folder / "scores.json",
                         lambda: _score_arm(
@@ -336,7 +343,8 @@ def run_study(cfg: StudyConfig, out: str | Path, progress: bool = True, log: Cal
                         dict,
                     )
     summary = summarize_study(results, cfg)
-    _write(out / "summary.json", {"config": _jsonable(asdict(cfg)), "results": results, "summary": summary})
+    name = "summary.partial.json" if cached_only else "summary.json"
+    _write(out / name, {"config": _jsonable(asdict(cfg)), "results": results, "summary": summary})
     return summary
 
 

@@ -96,6 +96,11 @@ def test_run_study_end_to_end_on_a_tiny_synthetic_target(tiny_synthetic, tmp_pat
     stamp = (tmp_path / "study" / "summary.json").stat().st_mtime_ns
     again = run_study(cfg, tmp_path / "study", progress=False, log=lambda line: (_ for _ in ()).throw(AssertionError(line)))
     assert again == summary and (tmp_path / "study" / "summary.json").stat().st_mtime_ns >= stamp
+    # cached_only summarizes what is scored and trains nothing: here everything, so the same summary
+    partial = run_study(cfg, tmp_path / "study", progress=False, log=lambda line: None, cached_only=True)
+    assert partial == summary and (tmp_path / "study" / "summary.partial.json").is_file()
+    with pytest.raises(ConfigError, match="nothing to summarize"):
+        run_study(cfg, tmp_path / "empty", progress=False, cached_only=True)
 
 
 def test_demo_synthetic_part_on_a_tiny_synthetic_target(tiny_synthetic, tmp_path, one_thread):

@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--opd-updates", type=int, default=StudyConfig.opd_updates)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="toy sizes, to check the pipeline (minutes)")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="train nothing: summarize the arms already scored (summary.partial.md / .json)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -51,9 +54,9 @@ def main() -> None:
         )
     t0 = time.time()
     log = lambda line: print(f"[{time.time() - t0:7.0f} s] {line}", flush=True)  # noqa: E731
-    summary = run_study(cfg, args.out, log=log)
+    summary = run_study(cfg, args.out, log=log, cached_only=args.cached_only)
     print(format_summary(summary))
-    (Path(args.out) / "summary.md").write_text(format_summary(summary) + "\n")
+    (Path(args.out) / ("summary.partial.md" if args.cached_only else "summary.md")).write_text(format_summary(summary) + "\n")
     print(json.dumps({"seconds": round(time.time() - t0)}))
 
 
