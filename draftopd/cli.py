@@ -882,7 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiment import ExperimentConfig
 
     demo = sub.add_parser(
-        "demo", help="the whole pipeline at small scale on the embedded target (10 min 30 s measured on 2 cores: AMD EPYC, 2026-12-01)"
+        "demo",
+        help="the whole pipeline at small scale on the embedded target (10 min 30 s on 2 cores: AMD EPYC, 2026-12-01), "
+        "then on the synthetic target (--no-synthetic skips it)",
     )
     exp_help = lambda name: f"{field_help(ExperimentConfig, name)} (default {getattr(ExperimentConfig, name)})".replace("%", "%%")  # noqa: E731
     demo.add_argument("--target", default=ExperimentConfig.target, help=exp_help("target"))

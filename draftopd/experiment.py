@@ -1,6 +1,6 @@
 """The whole pipeline, shared by `draftopd demo` and the headline benchmark (10 min 30 s on 2 cores for the embedded part,
-measured 2026-12-01 on an AMD EPYC; the synthetic part adds a few minutes, and about 6 more the first time, when its
-target is built).
+measured 2026-12-01 on an AMD EPYC; the synthetic part is not timed yet at its full size: its start SFT is 800 steps of
+the synthetic study's 4,000, and its target is built once, about 6 minutes, on first use).
 
 start drafter (the bundled SFT drafter for the embedded target, or an SFT warm start built here on the demo's
 own regenerated answers) -> from that start, equal compute of (a) continued SFT on the target's answers to fresh
