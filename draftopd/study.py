@@ -2,7 +2,7 @@
 
 An *arm* is a way to go on training a start checkpoint: continued SFT on the start's own data; SFT on the target's
 greedy answers to the rollout prompts, hard (cross-entropy) or soft (KL to the target's distribution); Draft-OPD with
-the authors' recipe (`draftopd opd`'s defaults) or one of its ablations (`ARMS`). Every arm runs with each of
+the authors' recipe (`draftopd opd`'s defaults), one of its ablations, or a switch of this project (`ARMS`). Every arm runs with each of
 `seeds`, to one of two budgets (`StudyConfig.budget`):
 - `flops`: the same compute for every arm, counted as the trainers count it (`train/common.Compute`: target
   forwards 2 x params a token, drafter training 6 x its params a token, Draft-OPD's rollouts included); the budget
@@ -65,6 +65,9 @@ ARMS: dict[str, Arm] = {
     "opd-forward-only": Arm("opd", loss_changes=(("rej_direction", "forward"),)),
     "opd-reverse-only": Arm("opd", loss_changes=(("acc_direction", "reverse"),)),
     "opd-no-decay": Arm("opd", loss_changes=(("gamma", 1.0),)),
+    # switches of this project (not the paper's ablations): hard labels on the accepted stream, with and without the rejected one
+    "opd-hard-accepted": Arm("opd", loss_changes=(("acc_loss", "ce"),)),
+    "opd-hard-accepted-no-rejected": Arm("opd", loss_changes=(("acc_loss", "ce"), ("use_rejected", False))),
 }
 
 

@@ -133,7 +133,9 @@ def reference_opd_loss(target, drafter, traces, segments, cfg: LossConfig) -> to
             for k in range(1, BLOCK):
                 if seg.acc_on[m] and k <= r + 1 and a + k < len(tokens):
                     logp = next_logp(target, tokens[: a + k])  # the true prefix
-                    if cfg.mode == "exact":
+                    if cfg.acc_loss == "ce":  # hard label: the final text's token
+                        term = -logq_target[k - 1][tokens[a + k]]
+                    elif cfg.mode == "exact":
                         term = kl(cfg.acc_direction, in_draft_vocab(drafter, logp), logq_draft[k - 1])
                     else:
                         term = estimate(cfg.acc_direction, float(logp[tokens[a + k]]), logq_target[k - 1][tokens[a + k]], cfg)
@@ -176,6 +178,8 @@ OPD_CASES = {
     "exact": LossConfig(mode="exact"),
     "paper-exact": LossConfig(mode="exact", aggregation="paper"),
     "first-rejected": LossConfig(rej_slots="first", gamma=0.5),
+    "hard-accepted": LossConfig(acc_loss="ce"),
+    "hard-accepted-exact": LossConfig(acc_loss="ce", mode="exact"),
 }
 
 

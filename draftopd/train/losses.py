@@ -26,6 +26,10 @@ proposal that equals the token the final text has at that position: a DFlash slo
 before it, so a late slot can propose the right token after a wrong earlier slot, and reverse KL on it would
 push a right token down; this project's switch, not the paper's).
 
+The accepted stream's loss itself is a switch too: ``acc_loss="kl"`` (the method: the KL above) or ``"ce"``,
+cross-entropy ``-log q(token)`` on the final text's token, SFT's hard labels (under greedy verification that token is
+the target's greedy token; greedy acceptance needs ``q``'s argmax there, not ``q = p``). This project's switch.
+
 Aggregation over a training step (``L_acc`` = mean over accepted tokens,
 ``L_rej = sum_rej w l / sum_rej w``):
 
@@ -205,6 +209,14 @@ class LossConfig:
     gamma: float = field(default=0.8, metadata={"help": "rejected-stream decay: slot k weighs gamma^(k-1)"})
     lam_acc: float = field(default=1.0, metadata={"help": "accepted stream's weight"})
     lam_rej: float = field(default=1.0, metadata={"help": "rejected stream's weight"})
+    acc_loss: Literal["kl", "ce"] = field(
+        default="kl",
+        metadata={
+            "help": "accepted stream's loss: kl (the method: --loss-acc-direction, --loss-mode) or ce (cross-entropy on the final "
+            "text's token, SFT's hard labels; with greedy rollouts the target's greedy token)",
+            "choices": ("kl", "ce"),
+        },
+    )
     use_rejected: bool = field(default=True, metadata={"help": "train the rejected stream"})
     rej_slots: Literal["all", "first", "wrong"] = field(
         default="all",
@@ -228,7 +240,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         """Raises `ConfigError` naming the `--loss-*` flag; both weights 0 would leave no loss to train on."""
-        for name in ("acc_direction", "rej_direction", "mode", "aggregation", "rej_slots"):
+        for name in ("acc_direction", "rej_direction", "mode", "aggregation", "rej_slots", "acc_loss"):
             check_choice(self, name)
         check_number(self, "gamma", 0, 1, above=True)
         check_number(self, "lam_acc", 0)

@@ -15,7 +15,7 @@ One optimizer step (`train_opd`, the story function):
 4. **loss**: accepted stream (slots 1..r+1, labels = final response tokens, `p` on the true prefix) and
    rejected stream (slots r+1..K, tokens = the drafter's own proposals, `p` given the draft prefix, decayed
    by gamma^(k-1); or only slot r+1; or only the proposals that differ from the final text), each KL direction
-   and exact/estimate form a switch (`losses.py`). The step's token counts are computed before the replay so
+   and exact/estimate form a switch, and so is cross-entropy on the accepted stream's tokens (`losses.py`). The step's token counts are computed before the replay so
    accumulated micro-batches normalise by tokens.
    Defaults follow the authors' code: single-token estimators with their clamps, pooled aggregation, lr 3e-4
    cosine with 5% warm-up (at least `OptimConfig.min_warmup_steps`).
@@ -278,14 +278,16 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig, a
 
     def chunk_loss(hidden, label, draft, acc_w, rej_weight, p_acc_part, p_rej_part):
         q_logits = drafter.head(hidden)
+        q_logp = None if exact and cfg.acc_loss == "kl" else torch.log_softmax(q_logits.float(), -1)
+        at = lambda ids: torch.where(ids >= 0, q_logp.gather(-1, ids.clamp(min=0)[:, None])[:, 0], float("-inf"))  # noqa: E731
         if exact:  # over the draft vocabulary, p renormalised there (a reduced head's q is 0 elsewhere, as SFT's soft labels)
             acc_tok = kl_exact(draft_vocab_logits(target, drafter, p_acc_part), q_logits, cfg.acc_direction)
             rej_tok = kl_exact(draft_vocab_logits(target, drafter, p_rej_part), q_logits, cfg.rej_direction)
         else:  # a token outside a reduced vocabulary has q = 0 (log q = -inf), as over the target's vocabulary
-            q_logp = torch.log_softmax(q_logits, -1)
-            at = lambda ids: torch.where(ids >= 0, q_logp.gather(-1, ids.clamp(min=0)[:, None])[:, 0], float("-inf"))  # noqa: E731
             acc_tok = kl_estimate(p_acc_part, at(label), cfg.acc_direction, cfg.clamp, cfg.floor)
             rej_tok = kl_estimate(p_rej_part, at(draft), cfg.rej_direction, cfg.clamp, cfg.floor)
+        if cfg.acc_loss == "ce":  # hard labels; a token outside a reduced vocabulary cannot be learnt and adds nothing
+            acc_tok = torch.where(label >= 0, -at(label), 0.0)
         zero = acc_tok.new_zeros(())
         return torch.where(acc_w > 0, acc_tok * acc_w, zero).sum(), torch.where(rej_weight > 0, rej_tok * rej_weight, zero).sum()
 
