@@ -1,6 +1,6 @@
 """What one speculative round costs on this machine: target verify of n tokens and one drafter block, per dtype.
 
-    python benchmarks/bench_verify.py [--drafter runs/recipe/sft/last] [--context 300] [--repeats 7]
+    python benchmarks/bench_verify.py [--drafter runs/recipe/sft/last] [--context 300] [--repeats 7] [--linear]
 
 For each dtype: the target's forward over n = 1..16 new tokens on a `--context`-token KV cache (the cache is
 rolled back after every call, so each is the same forward), median of `--repeats`, as milliseconds and as a
@@ -29,7 +29,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8, 10, 12, 16], help="tokens a verify (1 first)")
+    parser.add_argument(
+        "--linear",
+        action="store_true",
+        help="also time the target's largest linear layer alone at each size (where a multi-token verify's cost comes from)",
+    )
     args = parser.parse_args()
+    if args.sizes[0] != 1:
+        parser.error("--sizes must start with 1 (the one-token step every size is compared with)")
     torch.set_num_threads(args.threads)
     target = load_target(args.target)
     if args.drafter:
@@ -37,7 +45,7 @@ def main() -> None:
     else:
         drafter = new_drafter(target, DrafterConfig(num_layers=2, block_size=8, vocab_size=8192))
         drafter.set_draft_vocab(torch.arange(8192))
-    sizes = [1, 2, 4, 6, 8, 10, 12, 16]
+    sizes = args.sizes
     print(
         f"target {args.target}, {args.context}-token cache, drafter {args.drafter or 'new'} (block {drafter.block_size}), "
         f"{args.threads} threads, median of {args.repeats}\n"
@@ -61,6 +69,31 @@ def main() -> None:
             + " / ".join(f"{x:.2f}x" for x in ideal)
             + f" | {r['prefill_tok_s']:.0f} |"
         )
+    if args.linear:
+        linear_table(target, args.dtypes, sizes, args.repeats)
+
+
+def linear_table(target, dtypes: list[str], sizes: list[int], repeats: int) -> None:
+    """The largest linear layer of the target's decoder (by weight size) timed alone on n rows, as a multiple of one
+    row: a matrix-vector product streams the weights once, a multi-row product may take a slower kernel."""
+    import time
+
+    layer = max((m for m in target.model.base_model.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.weight.numel())
+    print(f"\nlargest decoder linear {tuple(layer.weight.shape)}, median of {repeats * 5} calls\n")
+    print("| dtype | one row (ms) | " + " | ".join(f"{n} rows" for n in sizes[1:]) + " |")
+    print("|---|---|" + "---|" * (len(sizes) - 1))
+    for name in dtypes:
+        weight = layer.weight.detach().to(getattr(torch, name))
+        ms = {}
+        for n in sizes:
+            x = torch.randn(1, n, weight.shape[1], dtype=weight.dtype)
+            times = []
+            for _ in range(repeats * 5):
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(x, weight)
+                times.append(time.perf_counter() - t0)
+            ms[n] = 1000 * sorted(times)[len(times) // 2]
+        print(f"| {name} | {ms[1]:.3f} | " + " | ".join(f"{ms[n] / ms[1]:.2f}x" for n in sizes[1:]) + " |")
 
 
 if __name__ == "__main__":
