@@ -884,7 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline at small scale on the embedded target (10 min 30 s on 2 cores: AMD EPYC, 2026-12-01), "
-        "then on the synthetic target (--no-synthetic skips it)",
+        "then on the synthetic target (--no-synthetic skips it; 11 min 30 s on one thread of the same host, 2026-12-08, "
+        "plus about 6 min to build the target the first time)",
     )
     exp_help = lambda name: f"{field_help(ExperimentConfig, name)} (default {getattr(ExperimentConfig, name)})".replace("%", "%%")  # noqa: E731
     demo.add_argument("--target", default=ExperimentConfig.target, help=exp_help("target"))

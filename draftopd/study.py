@@ -418,8 +418,10 @@ def summarize_study(results: dict, cfg: StudyConfig) -> dict:
                 for a in runs:
                     if a != "opd":
                         versus[f"{a} / opd"] = asdict(compare("opd", evals["opd"], a, evals[a], cfg.resamples))
-                if best_sft:
-                    versus["opd / best sft"] = asdict(compare(best_sft, evals[best_sft], "opd", evals["opd"], cfg.resamples))
+            if best_sft:  # every Draft-OPD arm (the recipe, each ablation, each switch) against the best SFT arm
+                for a in runs:
+                    if ARMS[a].kind == "opd":
+                        versus[f"{a} / best sft"] = asdict(compare(best_sft, evals[best_sft], a, evals[a], cfg.resamples))
             out[f"{start_name}/{budget}"] = {
                 "start_tau": Scores(**res["start"]["eval"]).tau,
                 "best_sft": best_sft,
@@ -435,13 +437,13 @@ def format_summary(summary: dict) -> str:
         lines += [
             f"### {key} (start tau {part['start_tau']:.3f}; best SFT arm on the tuning prompts: {part['best_sft']})",
             "",
-            "| arm | seeds | TFLOPs | eval tau | vs opd |",
-            "|---|---|---|---|---|",
+            f"| arm | seeds | TFLOPs | eval tau | vs opd | vs best SFT ({part['best_sft']}) |",
+            "|---|---|---|---|---|---|",
         ]
+        text = lambda c: "" if c is None else Comparison(**{**c, "ci": tuple(c["ci"])}).text()  # noqa: E731
         for arm, row in part["arms"].items():
-            c = part["comparisons"].get(f"{arm} / opd")
-            vs = "" if c is None else Comparison(**{**c, "ci": tuple(c["ci"])}).text()
-            lines.append(f"| {arm} | {row['seeds']} | {row['tflops']:.2f} | {row['tau']:.3f} | {vs} |")
+            vs_opd, vs_sft = (text(part["comparisons"].get(f"{arm} / {other}")) for other in ("opd", "best sft"))
+            lines.append(f"| {arm} | {row['seeds']} | {row['tflops']:.2f} | {row['tau']:.3f} | {vs_opd} | {vs_sft} |")
         c = part["comparisons"].get("opd / best sft")
         if c:
             lines += ["", f"Draft-OPD / best SFT ({part['best_sft']}): {Comparison(**{**c, 'ci': tuple(c['ci'])}).text()}", ""]
