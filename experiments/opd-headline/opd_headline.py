@@ -23,7 +23,8 @@ steps on its 768 answers, the first 768 records of R). Arms, each from that star
   prompts of R's records after the first `--trained-on`, which the start never saw (a prompt pool disjoint from its
   SFT data); 16 rollouts of up to 128 tokens per update (2 batches of 8), sized for a 2-core CPU.
 - `sft-new`: continued SFT on the target's answers to those same prompts (the data-matched control: the same
-  prompts, the target's text instead of rollouts); `sft-old`: on the start's own answers (the plateau).
+  prompts, the target's text instead of rollouts), soft labels; `sft-new-ce`: the same with hard labels (cross-entropy
+  on the answers' tokens); `sft-old`: on the start's own answers (the plateau).
   Every arm stops at `--budget-tflops` of compute (the same counter: `train/common.Compute`).
 - ablations (`draftopd.headline.ABLATIONS`) `opd-random` (accepted stream at random anchors, the real rejected stream
   kept), `opd-fwd` (forward KL on both streams), `opd-rev` (reverse on both), `opd-nodecay` (gamma 1), `opd-norej`
@@ -123,7 +124,8 @@ def arm_cmd(args) -> None:
         )
     else:
         steps = round(budget / SFT_FLOPS_PER_STEP)  # the cosine schedule spans the steps the budget allows
-        cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget, optim=replace(SFT.optim, lr=args.lr))
+        loss = "ce" if args.arm == "sft-new-ce" else SFT.loss
+        cfg = replace(SFT, steps=steps, seed=args.seed, max_flops=budget, loss=loss, optim=replace(SFT.optim, lr=args.lr))
         data = old if args.arm == "sft-old" else new
         print(f"{args.arm}: {len(data)} answers, {steps} steps planned, stop at {args.budget_tflops} TFLOPs", flush=True)
         marks = [budget * k / args.sft_points for k in range(1, args.sft_points + 1)]  # curve points at equal compute steps
@@ -179,7 +181,9 @@ def report_cmd(args) -> None:
     arm_seed = {n: tuple(n.rsplit("-s", 1)) for n in curves}  # "opd-fwd-s1" -> ("opd-fwd", "1")
     for n, (arm, seed) in arm_seed.items():
         if arm.startswith("opd"):
-            pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-old") if f"{ref}-s{seed}" in curves]
+            pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-new-ce", "sft-old") if f"{ref}-s{seed}" in curves]
+        if arm == "sft-new-ce" and f"sft-new-s{seed}" in curves:
+            pairs.append((n, f"sft-new-s{seed}"))
             pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
 
     def nearest(ref: str, arm: str) -> dict:  # the reference's curve point nearest in compute to the arm's final point
@@ -198,8 +202,9 @@ def report_cmd(args) -> None:
         per_prompt = list(zip(*(texts_of(p) for p in points)))
         return [[sum(t.committed for t in ts) for ts in per_prompt], [sum(t.rounds for t in ts) for ts in per_prompt]]
 
-    for arm in sorted({a for a, _ in arm_seed.values() if a.startswith("opd")}):  # an OPD arm against sft-new (and opd), pooled over seeds
-        for ref in ("sft-new", "opd") if arm != "opd" else ("sft-new",):
+    for arm in sorted({a for a, _ in arm_seed.values() if a.startswith("opd") or a == "sft-new-ce"}):  # against sft-new (and opd), pooled
+        refs_of = {"opd": ("sft-new", "sft-new-ce"), "sft-new-ce": ("sft-new",)}
+        for ref in refs_of.get(arm, ("sft-new", "sft-new-ce", "opd")):
             seeds = sorted(x for a, x in arm_seed.values() if a == arm and f"{ref}-s{x}" in curves)
             if len(seeds) > 1:
                 refs = [nearest(f"{ref}-s{x}", f"{arm}-s{x}") for x in seeds]
@@ -243,7 +248,7 @@ def plot(curves: dict, start: dict, path: Path) -> None:
     arms = list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in curves))
     for name, c in curves.items():
         arm, seed = name.rsplit("-s", 1)
-        main = arm in ("opd", "sft-new", "sft-old")
+        main = arm in ("opd", "sft-new", "sft-new-ce", "sft-old")
         ax.plot(
             [p["flops"] / 1e12 for p in c],
             [p["tau"]["all"] for p in c],
@@ -267,7 +272,7 @@ def plot(curves: dict, start: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cmd", choices=("refs", "arm", "report"))
-    parser.add_argument("arm", nargs="?", choices=(*ABLATIONS, "sft-new", "sft-old"))
+    parser.add_argument("arm", nargs="?", choices=(*ABLATIONS, "sft-new", "sft-new-ce", "sft-old"))
     parser.add_argument("--out", default="runs/headline-cpu")
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--start", help="arm: the start drafter folder (the H200 drafter, the bundled drafter, ...)")
