@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from draftopd.config import DrafterConfig
-from draftopd.eval.round_cost import measure
+from draftopd.eval.round_cost import measure, median_ms
 from draftopd.models.drafter import load_drafter, new_drafter
 from draftopd.models.load import load_target
 
@@ -76,23 +76,14 @@ def main() -> None:
 def linear_table(target, dtypes: list[str], sizes: list[int], repeats: int) -> None:
     """The largest linear layer of the target's decoder (by weight size) timed alone on n rows, as a multiple of one
     row: a matrix-vector product streams the weights once, a multi-row product may take a slower kernel."""
-    import time
-
     layer = max((m for m in target.model.base_model.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.weight.numel())
     print(f"\nlargest decoder linear {tuple(layer.weight.shape)}, median of {repeats * 5} calls\n")
     print("| dtype | one row (ms) | " + " | ".join(f"{n} rows" for n in sizes[1:]) + " |")
     print("|---|---|" + "---|" * (len(sizes) - 1))
     for name in dtypes:
         weight = layer.weight.detach().to(getattr(torch, name))
-        ms = {}
-        for n in sizes:
-            x = torch.randn(1, n, weight.shape[1], dtype=weight.dtype)
-            times = []
-            for _ in range(repeats * 5):
-                t0 = time.perf_counter()
-                torch.nn.functional.linear(x, weight)
-                times.append(time.perf_counter() - t0)
-            ms[n] = 1000 * sorted(times)[len(times) // 2]
+        rows = {n: torch.randn(1, n, weight.shape[1], dtype=weight.dtype) for n in sizes}
+        ms = {n: median_ms(lambda n=n: torch.nn.functional.linear(rows[n], weight), repeats * 5) for n in sizes}
         print(f"| {name} | {ms[1]:.3f} | " + " | ".join(f"{ms[n] / ms[1]:.2f}x" for n in sizes[1:]) + " |")
 
 

@@ -280,14 +280,18 @@ def replay(target: Target, drafter: Drafter, rb: ReplayBatch, cfg: LossConfig, a
         q_logits = drafter.head(hidden)
         q_logp = None if exact and cfg.acc_loss == "kl" else torch.log_softmax(q_logits.float(), -1)
         at = lambda ids: torch.where(ids >= 0, q_logp.gather(-1, ids.clamp(min=0)[:, None])[:, 0], float("-inf"))  # noqa: E731
-        if exact:  # over the draft vocabulary, p renormalised there (a reduced head's q is 0 elsewhere, as SFT's soft labels)
-            acc_tok = kl_exact(draft_vocab_logits(target, drafter, p_acc_part), q_logits, cfg.acc_direction)
-            rej_tok = kl_exact(draft_vocab_logits(target, drafter, p_rej_part), q_logits, cfg.rej_direction)
-        else:  # a token outside a reduced vocabulary has q = 0 (log q = -inf), as over the target's vocabulary
-            acc_tok = kl_estimate(p_acc_part, at(label), cfg.acc_direction, cfg.clamp, cfg.floor)
-            rej_tok = kl_estimate(p_rej_part, at(draft), cfg.rej_direction, cfg.clamp, cfg.floor)
+        # exact: over the draft vocabulary, p renormalised there (a reduced head's q is 0 elsewhere, as SFT's soft labels);
+        # estimate: a token outside a reduced vocabulary has q = 0 (log q = -inf), as over the target's vocabulary
         if cfg.acc_loss == "ce":  # hard labels; a token outside a reduced vocabulary cannot be learnt and adds nothing
             acc_tok = torch.where(label >= 0, -at(label), 0.0)
+        elif exact:
+            acc_tok = kl_exact(draft_vocab_logits(target, drafter, p_acc_part), q_logits, cfg.acc_direction)
+        else:
+            acc_tok = kl_estimate(p_acc_part, at(label), cfg.acc_direction, cfg.clamp, cfg.floor)
+        if exact:
+            rej_tok = kl_exact(draft_vocab_logits(target, drafter, p_rej_part), q_logits, cfg.rej_direction)
+        else:
+            rej_tok = kl_estimate(p_rej_part, at(draft), cfg.rej_direction, cfg.clamp, cfg.floor)
         zero = acc_tok.new_zeros(())
         return torch.where(acc_w > 0, acc_tok * acc_w, zero).sum(), torch.where(rej_weight > 0, rej_tok * rej_weight, zero).sum()
 

@@ -182,9 +182,9 @@ def report_cmd(args) -> None:
     for n, (arm, seed) in arm_seed.items():
         if arm.startswith("opd"):
             pairs += [(n, f"{ref}-s{seed}") for ref in ("sft-new", "sft-new-ce", "sft-old") if f"{ref}-s{seed}" in curves]
+            pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
         if arm == "sft-new-ce" and f"sft-new-s{seed}" in curves:
             pairs.append((n, f"sft-new-s{seed}"))
-            pairs += [(n, f"opd-s{seed}")] if arm != "opd" and f"opd-s{seed}" in curves else []
 
     def nearest(ref: str, arm: str) -> dict:  # the reference's curve point nearest in compute to the arm's final point
         return min(curves[ref], key=lambda p: abs(p["flops"] - curves[arm][-1]["flops"]))  # (ablations ran at a smaller budget)
